@@ -1,0 +1,355 @@
+"""The storage seam: every statement tokendb sends goes through here.
+
+Domain modules write SQL and hand it to :func:`read`, :func:`write` or
+:func:`transaction`; this module owns the rest:
+
+* **Which connection.** Tortoise's own pool for the models' connection, so
+  tokendb shares the pool (and the transaction, when the caller is inside
+  ``tortoise.transactions.in_transaction()``) with the application's ORM code.
+  Statements go to the asyncpg connection directly: the same wire cost as
+  hand-written asyncpg, with asyncpg's prepared-statement cache.
+* **Bounded waits.** Acquiring a pooled connection and releasing it are
+  bounded by ``acquire_timeout``; server-side ``statement_timeout`` and
+  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`.
+  Transactions are opened with asyncpg's own ``Connection.transaction()``,
+  not Tortoise's pooled transaction context, which leaks its connection when
+  ``BEGIN`` fails on a dead connection (tortoise-orm 1.1.9): enough killed
+  backends and every later caller would hang on an empty pool.
+* **Retries.** A deadlock or serialization failure rolls the whole
+  transaction back, so when tokendb owns the transaction it simply runs it
+  again (bounded, with jittered backoff). Inside the caller's transaction it
+  cannot, and the error is raised instead.
+* **Translation.** Driver and ORM errors become :class:`~tokendb.errors.TokenDBError`
+  leaves (:func:`translate`); connection loss says whether the outcome of a
+  write is unknown.
+
+Integrity errors (``asyncpg.UniqueViolationError`` …) are *not* translated on
+the way out of :func:`read`/:func:`write`/:func:`transaction`: the domain
+module that sent the statement knows what a violated constraint means (an
+email taken, a reference reused) and translates it itself. The public
+functions are wrapped in :func:`translated`, which turns whatever is left
+into a ``TokenDBError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+from tortoise.backends.base.client import (
+    BaseDBAsyncClient,
+    PoolConnectionWrapper,
+    TransactionalDBClient,
+)
+from tortoise.exceptions import BaseORMException
+from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
+
+from tokendb.errors import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseTimeout,
+    DatabaseUnavailable,
+    TokenDBError,
+)
+
+__all__ = [
+    "Settings",
+    "configure",
+    "read",
+    "settings",
+    "transaction",
+    "translate",
+    "translated",
+    "write",
+]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+Record = asyncpg.Record
+Connection = asyncpg.Connection
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime knobs of the seam, set by :func:`tokendb.init`."""
+
+    acquire_timeout: float = 10.0
+    """Seconds to wait for a free pooled connection (and for its release)."""
+    max_attempts: int = 8
+    """Attempts of a transaction that hit a deadlock or serialization failure."""
+
+
+_settings = Settings()
+
+
+def settings() -> Settings:
+    return _settings
+
+
+def configure(new: Settings) -> None:
+    global _settings
+    _settings = new
+
+
+# Errors that mean "the connection (or server) is gone": nothing about the
+# statement itself was wrong.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash, terminate_backend
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    ConnectionError,
+    OSError,
+)
+_RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+
+
+def _is_connection_loss(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return False  # 57014 is an OperatorInterventionError but means a timeout
+    if isinstance(exc, _CONNECTION_LOST):
+        return True
+    # asyncpg raises InterfaceError("connection is closed") for a connection
+    # that died while idle in the pool or was closed under us.
+    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
+def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBError:
+    """The :class:`TokenDBError` that stands for a driver/ORM error ``exc``.
+
+    ``outcome_unknown`` marks connection loss after a write was sent.
+    """
+    if isinstance(exc, TokenDBError):
+        return exc
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return DatabaseTimeout(
+            "the statement was cancelled (statement_timeout); nothing was written",
+            sqlstate=sqlstate,
+        )
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+        return DatabaseTimeout(
+            "a row lock was not granted within lock_timeout (a hot row?); nothing was written",
+            sqlstate=sqlstate,
+        )
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return DatabaseTimeout("timed out waiting for the database", outcome_unknown=outcome_unknown)
+    if _is_connection_loss(exc):
+        if outcome_unknown:
+            message = (
+                f"lost the database connection after the write was sent ({exc}); "
+                "the outcome is unknown: retry with the same reference_id to be safe"
+            )
+        else:
+            message = f"the database is unavailable: {exc}"
+        return DatabaseUnavailable(message, outcome_unknown=outcome_unknown, sqlstate=sqlstate)
+    if isinstance(exc, _RETRYABLE):
+        return DatabaseUnavailable(
+            f"transaction rolled back by a concurrency conflict ({exc}); it is safe to retry",
+            sqlstate=sqlstate,
+        )
+    if isinstance(
+        exc,
+        (
+            asyncpg.exceptions.UndefinedTableError,
+            asyncpg.exceptions.UndefinedColumnError,
+            asyncpg.exceptions.UndefinedObjectError,
+        ),
+    ):
+        return ConfigurationError(
+            f"the database schema is missing or outdated ({exc}); "
+            "run `aerich upgrade` or `await tokendb.migrate()`"
+        )
+    if isinstance(exc, TortoiseConfigurationError):
+        return ConfigurationError(
+            f"tokendb is not initialised ({exc}); call `await tokendb.init()` first"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return DatabaseError(
+            f"the database rejected the statement: {exc}",
+            sqlstate=sqlstate,
+            constraint=getattr(exc, "constraint_name", None),
+        )
+    if isinstance(exc, (asyncpg.InterfaceError, BaseORMException)):
+        return DatabaseError(f"database error: {exc}")
+    return DatabaseError(f"unexpected error talking to the database: {exc!r}")
+
+
+_TRANSLATED: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    BaseORMException,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
+
+
+def translated(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Decorate a public coroutine so that no driver/ORM error escapes it."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await func(*args, **kwargs)
+        except _TRANSLATED as exc:
+            raise translate(exc) from exc
+
+    return wrapper
+
+
+def _client() -> BaseDBAsyncClient:
+    # Imported here: tokendb.models imports nothing from this module, and the
+    # models' connection is resolved per call so the caller's transaction
+    # (a TransactionWrapper in Tortoise's context) is honoured.
+    from tokendb.models import User
+
+    try:
+        return User._meta.db
+    except TortoiseConfigurationError as exc:
+        raise ConfigurationError(
+            "tokendb is not initialised: call `await tokendb.init()` "
+            "(or use `async with tokendb.connect():`) first"
+        ) from exc
+
+
+def in_caller_transaction() -> bool:
+    """True when the current task is inside the caller's own Tortoise transaction."""
+    return isinstance(_client(), TransactionalDBClient)
+
+
+@contextmanager
+def _unavailable_on_loss(*, outcome_unknown: bool) -> Iterator[None]:
+    try:
+        yield
+    except TokenDBError:
+        raise
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise translate(exc, outcome_unknown=outcome_unknown) from exc
+    except BaseException as exc:
+        if _is_connection_loss(exc):
+            raise translate(exc, outcome_unknown=outcome_unknown) from exc
+        raise
+
+
+@asynccontextmanager
+async def connection() -> AsyncIterator[Connection]:
+    """A connection for the current call: the caller's transaction's, or one from the pool.
+
+    Waiting for the pool is bounded by ``acquire_timeout``
+    (:class:`DatabaseTimeout`); an unreachable server is :class:`DatabaseUnavailable`.
+    """
+    client = _client()
+    if isinstance(client, TransactionalDBClient):
+        async with client.acquire_connection() as conn:
+            yield conn
+        return
+    pool = await _pool(client)
+    timeout = _settings.acquire_timeout
+    with _unavailable_on_loss(outcome_unknown=False):
+        try:
+            conn = await pool.acquire(timeout=timeout)
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise DatabaseTimeout(
+                f"no pooled connection became free within {timeout:g} s "
+                "(pool too small for the load, or the database is stuck)"
+            ) from exc
+    try:
+        yield conn
+    finally:
+        try:
+            await pool.release(conn, timeout=timeout)
+        except Exception:  # noqa: BLE001 - a broken connection must not mask the real error
+            conn.terminate()
+
+
+async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
+    # Tortoise creates its pool lazily on first use; reuse its own guarded
+    # initialisation so tokendb and the ORM share one pool.
+    wrapper: PoolConnectionWrapper[Any] = PoolConnectionWrapper(client, client._pool_init_lock)
+    with _unavailable_on_loss(outcome_unknown=False):
+        try:
+            await asyncio.wait_for(wrapper.ensure_connection(), _settings.acquire_timeout)
+        except BaseORMException as exc:
+            raise DatabaseUnavailable(f"the database is unavailable: {exc}") from exc
+    pool: asyncpg.Pool = client._pool  # type: ignore[attr-defined]
+    return pool
+
+
+async def read(sql: str, *args: Any) -> list[Record]:
+    """Run a read-only statement and return its rows."""
+    async with connection() as conn:
+        with _unavailable_on_loss(outcome_unknown=False):
+            return await conn.fetch(sql, *args)
+
+
+async def write(sql: str, *args: Any) -> list[Record]:
+    """Run one writing statement (its own transaction unless the caller has one); return its rows.
+
+    A deadlock or serialization failure is retried when tokendb owns the
+    transaction. Connection loss after the statement was sent raises
+    :class:`DatabaseUnavailable` with ``outcome_unknown=True``.
+    """
+
+    async def once(conn: Connection) -> list[Record]:
+        return await conn.fetch(sql, *args)
+
+    return await _with_retries(lambda: _write_once(once))
+
+
+async def _write_once(body: Callable[[Connection], Awaitable[list[Record]]]) -> list[Record]:
+    async with connection() as conn:
+        with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
+            return await body(conn)
+
+
+async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:
+    """Run ``body(conn)`` in a transaction (a savepoint inside the caller's) and return its result.
+
+    ``body`` may be run more than once: after a deadlock or serialization
+    failure the transaction is rolled back and run again, so it must not have
+    side effects outside the database. Raising from ``body`` rolls back.
+    Connection loss before COMMIT is :class:`DatabaseUnavailable` (nothing was
+    written); during COMMIT it is ``outcome_unknown=True``.
+    """
+    return await _with_retries(lambda: _transaction_once(body))
+
+
+async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
+    async with connection() as conn:
+        tx = conn.transaction()
+        with _unavailable_on_loss(outcome_unknown=False):
+            await tx.start()
+        try:
+            with _unavailable_on_loss(outcome_unknown=False):
+                result = await body(conn)
+        except BaseException:
+            if not conn.is_closed():
+                try:
+                    await tx.rollback()
+                except Exception:  # noqa: BLE001 - the original error is what matters
+                    conn.terminate()
+            raise
+        with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
+            await tx.commit()
+        return result
+
+
+async def _with_retries(attempt: Callable[[], Awaitable[T]]) -> T:
+    retries_allowed = not in_caller_transaction()
+    max_attempts = _settings.max_attempts
+    for number in range(1, max_attempts + 1):
+        try:
+            return await attempt()
+        except _RETRYABLE:
+            if not retries_allowed or number == max_attempts:
+                raise
+        # Jittered exponential backoff: colliding transactions rarely collide again.
+        await asyncio.sleep(random.uniform(0, 0.002 * 2**number))
+    raise AssertionError("unreachable")  # pragma: no cover

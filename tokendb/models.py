@@ -1,0 +1,176 @@
+"""The five tables of tokendb as thin Tortoise models.
+
+Models hold fields, ``Meta`` and ``__str__`` only; every operation lives in the
+domain modules (:mod:`tokendb.users`, :mod:`tokendb.api_keys`,
+:mod:`tokendb.ledger`, :mod:`tokendb.chats`). What the database enforces on top
+of these declarations (CHECKs, DB defaults, the case-insensitive email index,
+the idempotency index, access-path indexes) is written by hand in the Aerich
+migrations under ``migrations/tokendb/``.
+
+``repr()`` and ``str()`` never show ``password_hash`` or ``key_hash``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from uuid import UUID
+
+from tortoise import fields
+from tortoise.models import Model
+
+from tokendb.ids import new_id
+
+__all__ = [
+    "ApiKey",
+    "ChatMessage",
+    "ChatSession",
+    "MessageRole",
+    "TokenTransaction",
+    "TransactionType",
+    "User",
+    "UserRole",
+]
+
+
+class UserRole(StrEnum):
+    ADMIN = "admin"
+    USER = "user"
+
+
+class TransactionType(StrEnum):
+    TOPUP = "topup"
+    USAGE = "usage"
+    REFUND = "refund"
+    BONUS = "bonus"
+
+
+class MessageRole(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+class User(Model):
+    id = fields.UUIDField(primary_key=True, default=new_id)
+    email = fields.CharField(max_length=255, unique=True)
+    password_hash = fields.CharField(max_length=255)
+    name = fields.CharField(max_length=100)
+    role = fields.CharEnumField(UserRole, max_length=5, default=UserRole.USER)
+    token_balance = fields.IntField(default=100)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    api_keys: fields.ReverseRelation[ApiKey]
+    transactions: fields.ReverseRelation[TokenTransaction]
+    chat_sessions: fields.ReverseRelation[ChatSession]
+
+    class Meta:
+        table = "users"
+
+    def __str__(self) -> str:
+        return f"User({self.email}, {self.role}, balance={self.token_balance})"
+
+    def __repr__(self) -> str:
+        return f"<User id={self.id} email={self.email!r} role={self.role!s}>"
+
+
+class ApiKey(Model):
+    id = fields.UUIDField(primary_key=True, default=new_id)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "tokendb.User", related_name="api_keys", on_delete=fields.CASCADE
+    )
+    key_hash = fields.CharField(max_length=255, unique=True)
+    key_prefix = fields.CharField(max_length=20)
+    name = fields.CharField(max_length=100)
+    permissions = fields.JSONField[list[str]](default=list)
+    is_active = fields.BooleanField(default=True)
+    last_used_at = fields.DatetimeField(null=True)
+    expires_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    user_id: UUID
+
+    class Meta:
+        table = "api_keys"
+
+    def __str__(self) -> str:
+        return f"ApiKey({self.key_prefix}…, {self.name})"
+
+    def __repr__(self) -> str:
+        return f"<ApiKey id={self.id} prefix={self.key_prefix!r} active={self.is_active}>"
+
+
+class TokenTransaction(Model):
+    id = fields.UUIDField(primary_key=True, default=new_id)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "tokendb.User", related_name="transactions", on_delete=fields.RESTRICT
+    )
+    amount = fields.IntField()
+    type = fields.CharEnumField(TransactionType, max_length=6)
+    description = fields.TextField(null=True)
+    reference_id = fields.UUIDField(null=True)
+    balance_after = fields.IntField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    user_id: UUID
+
+    class Meta:
+        table = "token_transactions"
+
+    def __str__(self) -> str:
+        return f"TokenTransaction({self.type}, {self.amount:+d}, balance_after={self.balance_after})"
+
+    def __repr__(self) -> str:
+        return (
+            f"<TokenTransaction id={self.id} type={self.type!s} amount={self.amount} "
+            f"balance_after={self.balance_after}>"
+        )
+
+
+class ChatSession(Model):
+    id = fields.UUIDField(primary_key=True, default=new_id)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "tokendb.User", related_name="chat_sessions", on_delete=fields.CASCADE
+    )
+    api_key: fields.ForeignKeyRelation[ApiKey] = fields.ForeignKeyField(
+        "tokendb.ApiKey", related_name="chat_sessions", on_delete=fields.RESTRICT
+    )
+    tokens_used = fields.IntField(default=0)
+    model = fields.CharField(max_length=50)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    ended_at = fields.DatetimeField(null=True)
+
+    messages: fields.ReverseRelation[ChatMessage]
+    user_id: UUID
+    api_key_id: UUID
+
+    class Meta:
+        table = "chat_sessions"
+
+    def __str__(self) -> str:
+        return f"ChatSession({self.model}, tokens_used={self.tokens_used})"
+
+    def __repr__(self) -> str:
+        return f"<ChatSession id={self.id} model={self.model!r} tokens_used={self.tokens_used}>"
+
+
+class ChatMessage(Model):
+    id = fields.UUIDField(primary_key=True, default=new_id)
+    session: fields.ForeignKeyRelation[ChatSession] = fields.ForeignKeyField(
+        "tokendb.ChatSession", related_name="messages", on_delete=fields.CASCADE
+    )
+    role = fields.CharEnumField(MessageRole, max_length=9)
+    content = fields.TextField()
+    tokens = fields.IntField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    session_id: UUID
+
+    class Meta:
+        table = "chat_messages"
+
+    def __str__(self) -> str:
+        return f"ChatMessage({self.role}, tokens={self.tokens})"
+
+    def __repr__(self) -> str:
+        return f"<ChatMessage id={self.id} role={self.role!s} tokens={self.tokens}>"
