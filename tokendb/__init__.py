@@ -1,8 +1,128 @@
-"""tokendb: the async PostgreSQL data layer of an LLM API platform."""
+"""tokendb: the async PostgreSQL data layer of an LLM API platform.
 
+Users with a token balance, hashed API keys, an append-only token ledger that
+never overdraws or loses a charge, and chat sessions whose messages are
+billed. Every public name is importable from here::
+
+    import tokendb
+
+    async with tokendb.connect("postgres://postgres@127.0.0.1/tokendb"):
+        user = await tokendb.create_user(email="ada@example.com", password="…", name="Ada")
+        await tokendb.charge(user=user, amount=42, reference_id=request_id)
+"""
+
+from tokendb.api_keys import issue_api_key as issue_api_key
+from tokendb.api_keys import list_api_keys as list_api_keys
+from tokendb.api_keys import revoke_api_key as revoke_api_key
+from tokendb.api_keys import verify_api_key as verify_api_key
+from tokendb.chats import ChatDiscrepancy as ChatDiscrepancy
+from tokendb.chats import add_message as add_message
+from tokendb.chats import audit_chats as audit_chats
+from tokendb.chats import end_chat as end_chat
+from tokendb.chats import get_chat as get_chat
+from tokendb.chats import list_chats as list_chats
+from tokendb.chats import list_messages as list_messages
+from tokendb.chats import start_chat as start_chat
 from tokendb.connection import close as close
 from tokendb.connection import connect as connect
 from tokendb.connection import init as init
 from tokendb.connection import migrate as migrate
-from tokendb.errors import *  # noqa: F403
-from tokendb.models import *  # noqa: F403
+from tokendb.errors import ApiKeyExpired as ApiKeyExpired
+from tokendb.errors import ApiKeyRevoked as ApiKeyRevoked
+from tokendb.errors import ChatSessionEnded as ChatSessionEnded
+from tokendb.errors import ConfigurationError as ConfigurationError
+from tokendb.errors import DatabaseError as DatabaseError
+from tokendb.errors import DatabaseTimeout as DatabaseTimeout
+from tokendb.errors import DatabaseUnavailable as DatabaseUnavailable
+from tokendb.errors import EmailTaken as EmailTaken
+from tokendb.errors import InsufficientTokens as InsufficientTokens
+from tokendb.errors import InvalidApiKey as InvalidApiKey
+from tokendb.errors import InvalidCredentials as InvalidCredentials
+from tokendb.errors import NotFound as NotFound
+from tokendb.errors import PermissionDenied as PermissionDenied
+from tokendb.errors import ReferenceConflict as ReferenceConflict
+from tokendb.errors import RefundExceedsCharge as RefundExceedsCharge
+from tokendb.errors import TokenDBError as TokenDBError
+from tokendb.errors import ValidationError as ValidationError
+from tokendb.ledger import LedgerDiscrepancy as LedgerDiscrepancy
+from tokendb.ledger import audit_ledger as audit_ledger
+from tokendb.ledger import charge as charge
+from tokendb.ledger import get_balance as get_balance
+from tokendb.ledger import grant_bonus as grant_bonus
+from tokendb.ledger import list_transactions as list_transactions
+from tokendb.ledger import refund as refund
+from tokendb.ledger import top_up as top_up
+from tokendb.models import ApiKey as ApiKey
+from tokendb.models import ChatMessage as ChatMessage
+from tokendb.models import ChatSession as ChatSession
+from tokendb.models import MessageRole as MessageRole
+from tokendb.models import TokenTransaction as TokenTransaction
+from tokendb.models import TransactionType as TransactionType
+from tokendb.models import User as User
+from tokendb.models import UserRole as UserRole
+from tokendb.users import authenticate as authenticate
+from tokendb.users import change_password as change_password
+from tokendb.users import create_user as create_user
+from tokendb.users import get_user as get_user
+from tokendb.users import list_users as list_users
+from tokendb.users import set_role as set_role
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiKey",
+    "ApiKeyExpired",
+    "ApiKeyRevoked",
+    "ChatDiscrepancy",
+    "ChatMessage",
+    "ChatSession",
+    "ChatSessionEnded",
+    "ConfigurationError",
+    "DatabaseError",
+    "DatabaseTimeout",
+    "DatabaseUnavailable",
+    "EmailTaken",
+    "InsufficientTokens",
+    "InvalidApiKey",
+    "InvalidCredentials",
+    "LedgerDiscrepancy",
+    "MessageRole",
+    "NotFound",
+    "PermissionDenied",
+    "ReferenceConflict",
+    "RefundExceedsCharge",
+    "TokenDBError",
+    "TokenTransaction",
+    "TransactionType",
+    "User",
+    "UserRole",
+    "ValidationError",
+    "add_message",
+    "audit_chats",
+    "audit_ledger",
+    "authenticate",
+    "change_password",
+    "charge",
+    "close",
+    "connect",
+    "create_user",
+    "end_chat",
+    "get_balance",
+    "get_chat",
+    "get_user",
+    "grant_bonus",
+    "init",
+    "issue_api_key",
+    "list_api_keys",
+    "list_chats",
+    "list_messages",
+    "list_transactions",
+    "list_users",
+    "migrate",
+    "refund",
+    "revoke_api_key",
+    "set_role",
+    "start_chat",
+    "top_up",
+    "verify_api_key",
+]

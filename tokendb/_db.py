@@ -48,6 +48,7 @@ from tortoise.backends.base.client import (
     TransactionalDBClient,
 )
 from tortoise.exceptions import BaseORMException
+from tortoise.models import Model
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 
 from tokendb.errors import (
@@ -305,8 +306,21 @@ async def write(sql: str, *args: Any) -> list[Record]:
 
 async def _write_once(body: Callable[[Connection], Awaitable[list[Record]]]) -> list[Record]:
     async with connection() as conn:
-        with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
+        if in_caller_transaction():
+            # A savepoint, so a refused statement (a constraint that fired)
+            # does not abort the caller's whole transaction.
+            async with conn.transaction():
+                return await body(conn)
+        with _unavailable_on_loss(outcome_unknown=True):
             return await body(conn)
+
+
+M = TypeVar("M", bound=Model)
+
+
+def to_model(model: type[M], record: Record | dict[str, Any]) -> M:
+    """A model instance from a row holding all of the model's columns."""
+    return model._init_from_db(**record)
 
 
 async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:

@@ -1,0 +1,39 @@
+"""tokendb's own suite dogfoods its pytest plugin (tokendb.testing, loaded via pytest11).
+
+Every module runs against the throw-away database ``tokendb_db`` creates and
+migrates through Aerich, so a constraint missing from the migrations fails
+here. After each module the books must balance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest_asyncio
+
+import tokendb
+
+
+@pytest_asyncio.fixture(scope="module", autouse=True, loop_scope="session")
+async def books_balance_after_module(tokendb_db: str) -> AsyncIterator[None]:
+    yield
+    assert await tokendb.audit_ledger() == []
+    assert await tokendb.audit_chats() == []
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def raw(tokendb_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to the test database, around the Python layer.
+
+    Whatever it does happens inside a transaction that is rolled back, so
+    backstop tests cannot leave broken books behind.
+    """
+    conn = await asyncpg.connect(tokendb_db)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        yield conn
+    finally:
+        await tx.rollback()
+        await conn.close()

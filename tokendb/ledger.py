@@ -1,0 +1,413 @@
+"""The token ledger: every change of a balance is an append-only row.
+
+Design
+======
+
+``users.token_balance`` is a cache of ``Σ token_transactions.amount`` for the
+user, kept exact by writing both in **one SQL statement** (:data:`_MOVE`)::
+
+    UPDATE users SET token_balance = token_balance + delta
+     WHERE id = user AND token_balance + delta >= 0        -- the row lock is taken here
+    → INSERT INTO token_transactions (..., balance_after, created_at = clock_timestamp())
+
+*Why it cannot race.* The ``UPDATE`` takes the user's row lock. A concurrent
+movement for the same user blocks on that lock and, when it is released,
+PostgreSQL re-evaluates the ``WHERE`` against the committed balance
+(READ COMMITTED's re-check), so ``token_balance + delta >= 0`` is judged on
+the real balance: no read-then-write in Python, no overdraft, no lost update.
+The ledger row is inserted from the ``UPDATE``'s ``RETURNING`` in the same
+statement, so a balance never changes without its row. ``created_at`` is
+``clock_timestamp()`` evaluated *after* the lock, so one user's rows in
+``(created_at, id)`` order follow their ``balance_after`` chain.
+
+*Idempotency.* A movement with a ``reference_id`` is skipped when a row with
+the same ``(user, type, reference_id)`` exists; two concurrent first attempts
+both pass that check (same snapshot) but the partial unique index
+``token_transactions_idempotency_key`` rejects the second statement as a
+whole, and the caller gets the first row back. Same reference, different
+amount: :class:`ReferenceConflict`.
+
+*Backstops.* The database refuses what Python already refuses:
+``users_token_balance_nonnegative``, the sign of ``amount`` per type, the
+idempotency index, refunds within their charge (a trigger), and the ledger
+is append-only (a trigger). :func:`audit_ledger` checks the books.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from tokendb import _args, _db
+from tokendb.errors import (
+    InsufficientTokens,
+    NotFound,
+    ReferenceConflict,
+    RefundExceedsCharge,
+    ValidationError,
+)
+from tokendb.ids import new_id
+from tokendb.models import TokenTransaction, TransactionType, User
+
+__all__ = [
+    "LedgerDiscrepancy",
+    "audit_ledger",
+    "charge",
+    "get_balance",
+    "grant_bonus",
+    "list_transactions",
+    "refund",
+    "top_up",
+]
+
+MAX_DESCRIPTION_LENGTH = 1000
+_IDEMPOTENCY_INDEX = "token_transactions_idempotency_key"
+
+_MOVE = """
+WITH prior AS (
+    SELECT 1 FROM token_transactions
+    WHERE $5::uuid IS NOT NULL AND $3 <> 'refund'  -- refunds share their charge's id
+      AND user_id = $1 AND type = $3 AND reference_id = $5
+), moved AS (
+    UPDATE users
+    SET token_balance = token_balance + $2, updated_at = clock_timestamp()
+    WHERE id = $1 AND token_balance + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
+    RETURNING id, token_balance
+)
+INSERT INTO token_transactions
+    (id, user_id, amount, type, description, reference_id, balance_after, created_at)
+SELECT $4, id, $2, $3, $6, $5, token_balance, clock_timestamp() FROM moved
+RETURNING *
+"""
+
+
+def _description(value: Any) -> str | None:
+    return _args.optional_text(value, "description", max_length=MAX_DESCRIPTION_LENGTH)
+
+
+async def _move(
+    *,
+    user: Any,
+    amount: Any,
+    kind: TransactionType,
+    description: Any,
+    reference_id: Any,
+) -> TokenTransaction:
+    """Validate, then move ``amount`` tokens (debited for ``usage``) in one statement."""
+    user_id = _args.ref_id(user, "user", User)
+    requested = _args.positive_amount(amount)
+    text = _description(description)
+    reference = _args.optional_uuid(reference_id, "reference_id")
+    delta = -requested if kind is TransactionType.USAGE else requested
+
+    for _ in range(3):
+        try:
+            rows = await _db.write(
+                _MOVE, user_id, delta, kind.value, new_id(), reference, text
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != _IDEMPOTENCY_INDEX or reference is None:
+                raise
+            rows = []  # a concurrent first attempt with this reference won
+        except asyncpg.NumericValueOutOfRangeError as exc:
+            raise ValidationError(
+                "amount", f"would take the balance past {_args.INT4_MAX}"
+            ) from exc
+        if rows:
+            return _db.to_model(TokenTransaction, rows[0])
+
+        # Nothing moved: a repeat, an unknown user, or not enough tokens.
+        if reference is not None:
+            existing = await _find_reference(user_id, kind, reference)
+            if existing is not None:
+                return _as_repeat(existing, delta)
+        balance = await _balance_or_none(user_id)
+        if balance is None:
+            raise NotFound("user", user_id)
+        if delta < 0 and balance + delta < 0:
+            raise InsufficientTokens(user_id, balance, requested)
+        # The refusal no longer holds (e.g. a top-up landed meanwhile): try again.
+    raise InsufficientTokens(user_id, await _balance_or_none(user_id) or 0, requested)
+
+
+async def _find_reference(
+    user_id: UUID, kind: TransactionType, reference: UUID
+) -> TokenTransaction | None:
+    rows = await _db.read(
+        "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3",
+        user_id, kind.value, reference,
+    )
+    return _db.to_model(TokenTransaction, rows[0]) if rows else None
+
+
+def _as_repeat(existing: TokenTransaction, delta: int) -> TokenTransaction:
+    if existing.amount != delta:
+        assert existing.reference_id is not None
+        raise ReferenceConflict(
+            existing.reference_id,
+            existing_amount=abs(existing.amount),
+            requested_amount=abs(delta),
+        )
+    return existing
+
+
+async def _balance_or_none(user_id: UUID) -> int | None:
+    rows = await _db.read("SELECT token_balance FROM users WHERE id = $1", user_id)
+    return int(rows[0]["token_balance"]) if rows else None
+
+
+@_db.translated
+async def charge(
+    *,
+    user: User | UUID | str,
+    amount: int,
+    description: str | None = None,
+    reference_id: UUID | str | None = None,
+) -> TokenTransaction:
+    """Debit ``amount`` tokens from ``user``; return the ``usage`` row (negative amount).
+
+    Race-free: the balance check and the debit are one conditional UPDATE.
+    With ``reference_id``, a repeat returns the original row and moves
+    nothing, however many run concurrently.
+
+    Raises :class:`InsufficientTokens` (``.balance``, ``.requested``; nothing
+    written), :class:`ReferenceConflict` (same reference, other amount),
+    :class:`NotFound` and :class:`ValidationError` (``amount`` must be a
+    positive ``int`` that fits the integer column).
+    """
+    return await _move(
+        user=user, amount=amount, kind=TransactionType.USAGE,
+        description=description, reference_id=reference_id,
+    )
+
+
+@_db.translated
+async def top_up(
+    *,
+    user: User | UUID | str,
+    amount: int,
+    description: str | None = None,
+    reference_id: UUID | str | None = None,
+) -> TokenTransaction:
+    """Credit ``amount`` purchased tokens to ``user``; return the ``topup`` row.
+
+    Pass the payment's id as ``reference_id`` so a retried webhook credits
+    once. Raises :class:`ValidationError` (also when the balance would
+    overflow), :class:`ReferenceConflict` and :class:`NotFound`.
+    """
+    return await _move(
+        user=user, amount=amount, kind=TransactionType.TOPUP,
+        description=description, reference_id=reference_id,
+    )
+
+
+@_db.translated
+async def grant_bonus(
+    *,
+    user: User | UUID | str,
+    amount: int,
+    description: str | None = None,
+    reference_id: UUID | str | None = None,
+) -> TokenTransaction:
+    """Credit ``amount`` free tokens to ``user``; return the ``bonus`` row. Raises as :func:`top_up`."""
+    return await _move(
+        user=user, amount=amount, kind=TransactionType.BONUS,
+        description=description, reference_id=reference_id,
+    )
+
+
+_LOCK_CHARGE = """
+SELECT t.user_id, t.amount, t.type, u.token_balance
+FROM token_transactions t JOIN users u ON u.id = t.user_id
+WHERE t.id = $1 AND ($2::uuid IS NULL OR t.user_id = $2)
+FOR UPDATE OF u
+"""
+
+_REFUNDED = """
+SELECT coalesce(sum(amount), 0) AS refunded FROM token_transactions
+WHERE reference_id = $1 AND type = 'refund'
+"""
+
+
+@_db.translated
+async def refund(
+    *,
+    transaction: TokenTransaction | UUID | str,
+    amount: int | None = None,
+    description: str | None = None,
+    user: User | UUID | str | None = None,
+) -> TokenTransaction:
+    """Give back tokens of a ``usage`` row; return the ``refund`` row.
+
+    ``amount=None`` refunds whatever is still refundable; partial refunds add
+    up to at most the charge, also when they run concurrently (they
+    serialise on the user's row lock, taken before the refunded sum is
+    read). The refund's ``reference_id`` is the usage row's id. With
+    ``user``, the charge must belong to that user.
+
+    A refund has no idempotency key of its own: ``amount=None`` is naturally
+    safe to retry (the second call finds nothing left and raises).
+
+    Raises :class:`RefundExceedsCharge` (``.refundable``, ``.requested``),
+    :class:`NotFound` (unknown charge, or another user's) and
+    :class:`ValidationError` (not a ``usage`` row, bad amount).
+    """
+    charge_id = _args.ref_id(transaction, "transaction", TokenTransaction)
+    owner = None if user is None else _args.ref_id(user, "user", User)
+    requested = None if amount is None else _args.positive_amount(amount)
+    text = _description(description)
+
+    async def body(conn: asyncpg.Connection) -> TokenTransaction:
+        # Statement 1 takes the user's row lock; statement 2 then reads the
+        # refunds with a fresh snapshot that includes every refund committed
+        # before the lock was granted.
+        locked = await conn.fetchrow(_LOCK_CHARGE, charge_id, owner)
+        if locked is None:
+            raise NotFound("transaction", charge_id)
+        if locked["type"] != TransactionType.USAGE.value:
+            raise ValidationError(
+                "transaction", f"only usage rows can be refunded, this is {locked['type']}"
+            )
+        refunded = await conn.fetchval(_REFUNDED, charge_id)
+        refundable = -int(locked["amount"]) - int(refunded)
+        wanted = refundable if requested is None else requested
+        if wanted <= 0 or wanted > refundable:
+            raise RefundExceedsCharge(charge_id, refundable, wanted)
+        row = await conn.fetchrow(
+            _MOVE,
+            locked["user_id"], wanted, TransactionType.REFUND.value, new_id(), charge_id,
+            text if text is not None else f"refund of {charge_id}",
+        )
+        assert row is not None  # the lock is ours and credits have no floor
+        return _db.to_model(TokenTransaction, row)
+
+    try:
+        return await _db.transaction(body)
+    except asyncpg.NumericValueOutOfRangeError as exc:
+        raise ValidationError("amount", f"would take the balance past {_args.INT4_MAX}") from exc
+
+
+@_db.translated
+async def get_balance(*, user: User | UUID | str) -> int:
+    """``user``'s current token balance. Raises :class:`NotFound`."""
+    user_id = _args.ref_id(user, "user", User)
+    balance = await _balance_or_none(user_id)
+    if balance is None:
+        raise NotFound("user", user_id)
+    return balance
+
+
+_PAGE_FIRST = """
+SELECT * FROM token_transactions WHERE user_id = $1
+ORDER BY created_at DESC, id DESC LIMIT $2
+"""
+_PAGE_BEFORE = """
+SELECT * FROM token_transactions
+WHERE user_id = $1 AND (created_at, id) < ($3, $4)
+ORDER BY created_at DESC, id DESC LIMIT $2
+"""
+
+
+@_db.translated
+async def list_transactions(
+    *,
+    user: User | UUID | str,
+    limit: int = 50,
+    before: TokenTransaction | UUID | str | None = None,
+) -> list[TokenTransaction]:
+    """``user``'s ledger rows, newest first, ``limit`` (1–1000) per page.
+
+    Keyset pagination on ``(created_at, id)``, never OFFSET, so page 1,000
+    costs what page 1 costs: pass the last row of the previous page as
+    ``before``. Raises :class:`NotFound` (unknown user or ``before`` row).
+    """
+    user_id = _args.ref_id(user, "user", User)
+    page = _args.page_limit(limit)
+    if before is None:
+        rows = await _db.read(_PAGE_FIRST, user_id, page)
+        if not rows and await _balance_or_none(user_id) is None:
+            raise NotFound("user", user_id)
+    else:
+        created_at, cursor_id = await _cursor(before)
+        rows = await _db.read(_PAGE_BEFORE, user_id, page, created_at, cursor_id)
+    return [_db.to_model(TokenTransaction, row) for row in rows]
+
+
+async def _cursor(before: Any) -> tuple[datetime, UUID]:
+    if isinstance(before, TokenTransaction):
+        return before.created_at, before.id
+    cursor_id = _args.uuid_value(before, "before")
+    rows = await _db.read("SELECT created_at FROM token_transactions WHERE id = $1", cursor_id)
+    if not rows:
+        raise NotFound("transaction", cursor_id)
+    return rows[0]["created_at"], cursor_id
+
+
+@dataclass(frozen=True)
+class LedgerDiscrepancy:
+    """A user whose books do not balance.
+
+    ``balance`` is ``users.token_balance``; ``ledger_sum`` the sum of their
+    rows; ``broken_links`` counts rows whose ``balance_after`` is not the
+    previous row's plus the amount (in ``(created_at, id)`` order), the first
+    of them being ``first_broken_transaction``.
+    """
+
+    user_id: UUID
+    balance: int
+    ledger_sum: int
+    broken_links: int
+    first_broken_transaction: UUID | None
+
+
+_AUDIT = """
+WITH chain AS (
+    SELECT user_id, id, amount, balance_after, created_at,
+           lag(balance_after, 1, 0) OVER (
+               PARTITION BY user_id ORDER BY created_at, id
+           ) AS previous_after
+    FROM token_transactions
+    WHERE $1::uuid IS NULL OR user_id = $1
+), books AS (
+    SELECT user_id,
+           sum(amount) AS ledger_sum,
+           count(*) FILTER (WHERE previous_after + amount <> balance_after) AS broken_links,
+           (array_agg(id ORDER BY created_at, id)
+               FILTER (WHERE previous_after + amount <> balance_after))[1] AS first_broken
+    FROM chain GROUP BY user_id
+)
+SELECT u.id AS user_id, u.token_balance AS balance,
+       coalesce(b.ledger_sum, 0) AS ledger_sum,
+       coalesce(b.broken_links, 0) AS broken_links,
+       b.first_broken
+FROM users u LEFT JOIN books b ON b.user_id = u.id
+WHERE ($1::uuid IS NULL OR u.id = $1)
+  AND (u.token_balance <> coalesce(b.ledger_sum, 0) OR coalesce(b.broken_links, 0) > 0)
+ORDER BY u.id
+"""
+
+
+@_db.translated
+async def audit_ledger(*, user: User | UUID | str | None = None) -> list[LedgerDiscrepancy]:
+    """Check the books: every user (or just ``user``) whose balance ≠ Σ amounts
+    or whose ``balance_after`` chain is broken. Empty when the books balance.
+
+    One read over the ledger (a sort per user); cheap enough to run after
+    every test module and from the CLI.
+    """
+    user_id = None if user is None else _args.ref_id(user, "user", User)
+    rows = await _db.read(_AUDIT, user_id)
+    return [
+        LedgerDiscrepancy(
+            user_id=row["user_id"],
+            balance=int(row["balance"]),
+            ledger_sum=int(row["ledger_sum"]),
+            broken_links=int(row["broken_links"]),
+            first_broken_transaction=row["first_broken"],
+        )
+        for row in rows
+    ]
