@@ -48,9 +48,11 @@ ALTER TABLE "token_transactions"
     ADD CONSTRAINT "token_transactions_type_valid"
         CHECK ("type" IN ('topup', 'usage', 'refund', 'bonus')),
     ADD CONSTRAINT "token_transactions_amount_nonzero" CHECK ("amount" <> 0),
+    -- Debits are negative, credits positive. (An unknown type is left to
+    -- token_transactions_type_valid, so each violation names one constraint.)
     ADD CONSTRAINT "token_transactions_amount_sign" CHECK (
-        ("type" = 'usage' AND "amount" < 0)
-        OR ("type" IN ('topup', 'refund', 'bonus') AND "amount" > 0)
+        ("type" <> 'usage' OR "amount" < 0)
+        AND ("type" NOT IN ('topup', 'refund', 'bonus') OR "amount" > 0)
     ),
     ADD CONSTRAINT "token_transactions_balance_after_nonnegative" CHECK ("balance_after" >= 0);
 ALTER TABLE "chat_sessions"

@@ -1,0 +1,429 @@
+"""The migrated schema, read from the catalog, and proof that every constraint bites.
+
+Every statement here goes around the Python layer (raw SQL on the ``raw``
+connection, rolled back afterwards), so a constraint missing from the
+migrations fails a test even though the Python checks would have caught the
+bad input first.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+TABLES = {"users", "api_keys", "token_transactions", "chat_sessions", "chat_messages"}
+
+# table -> column -> (data_type, nullable, default or None)
+COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
+    "users": {
+        "id": ("uuid", False, "gen_random_uuid()"),
+        "email": ("character varying(255)", False, None),
+        "password_hash": ("character varying(255)", False, None),
+        "name": ("character varying(100)", False, None),
+        "role": ("character varying(5)", False, "'user'::character varying"),
+        "token_balance": ("integer", False, "100"),
+        "created_at": ("timestamp with time zone", False, "now()"),
+        "updated_at": ("timestamp with time zone", False, "now()"),
+    },
+    "api_keys": {
+        "id": ("uuid", False, "gen_random_uuid()"),
+        "user_id": ("uuid", False, None),
+        "key_hash": ("character varying(255)", False, None),
+        "key_prefix": ("character varying(20)", False, None),
+        "name": ("character varying(100)", False, None),
+        "permissions": ("jsonb", False, "'[]'::jsonb"),
+        "is_active": ("boolean", False, "true"),
+        "last_used_at": ("timestamp with time zone", True, None),
+        "expires_at": ("timestamp with time zone", True, None),
+        "created_at": ("timestamp with time zone", False, "now()"),
+    },
+    "token_transactions": {
+        "id": ("uuid", False, "gen_random_uuid()"),
+        "user_id": ("uuid", False, None),
+        "amount": ("integer", False, None),
+        "type": ("character varying(6)", False, None),
+        "description": ("text", True, None),
+        "reference_id": ("uuid", True, None),
+        "balance_after": ("integer", False, None),
+        "created_at": ("timestamp with time zone", False, "now()"),
+    },
+    "chat_sessions": {
+        "id": ("uuid", False, "gen_random_uuid()"),
+        "user_id": ("uuid", False, None),
+        "api_key_id": ("uuid", False, None),
+        "tokens_used": ("integer", False, "0"),
+        "model": ("character varying(50)", False, None),
+        "created_at": ("timestamp with time zone", False, "now()"),
+        "ended_at": ("timestamp with time zone", True, None),
+    },
+    "chat_messages": {
+        "id": ("uuid", False, "gen_random_uuid()"),
+        "session_id": ("uuid", False, None),
+        "role": ("character varying(9)", False, None),
+        "content": ("text", False, None),
+        "tokens": ("integer", False, None),
+        "created_at": ("timestamp with time zone", False, "now()"),
+    },
+}
+
+# (table, column) -> (referenced table, ON DELETE rule)
+FOREIGN_KEYS = {
+    ("api_keys", "user_id"): ("users", "CASCADE"),
+    ("chat_sessions", "user_id"): ("users", "CASCADE"),
+    ("chat_sessions", "api_key_id"): ("api_keys", "RESTRICT"),
+    ("chat_messages", "session_id"): ("chat_sessions", "CASCADE"),
+    ("token_transactions", "user_id"): ("users", "RESTRICT"),
+}
+
+CHECKS = {
+    "users_token_balance_nonnegative",
+    "users_role_valid",
+    "api_keys_permissions_array",
+    "token_transactions_type_valid",
+    "token_transactions_amount_nonzero",
+    "token_transactions_amount_sign",
+    "token_transactions_balance_after_nonnegative",
+    "chat_sessions_tokens_used_nonnegative",
+    "chat_messages_tokens_nonnegative",
+    "chat_messages_role_valid",
+}
+
+# index name -> (unique, definition fragment)
+INDEXES = {
+    "users_email_lower_key": (True, "(lower((email)::text))"),
+    "token_transactions_idempotency_key": (
+        True,
+        "(user_id, type, reference_id) WHERE ((reference_id IS NOT NULL) "
+        "AND ((type)::text <> 'refund'::text))",
+    ),
+    "api_keys_user_id_idx": (False, "(user_id)"),
+    "token_transactions_user_created_idx": (False, "(user_id, created_at DESC, id DESC)"),
+    "chat_sessions_user_created_idx": (False, "(user_id, created_at)"),
+    "chat_messages_session_created_idx": (False, "(session_id, created_at, id)"),
+    "token_transactions_refunds_idx": (False, "(reference_id) WHERE ((type)::text = 'refund'::text)"),
+}
+
+
+async def test_all_five_tables_exist(raw: asyncpg.Connection) -> None:
+    rows = await raw.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+    )
+    assert TABLES <= {row["table_name"] for row in rows}
+
+
+@pytest.mark.parametrize("table", sorted(COLUMNS))
+async def test_columns_types_nullability_and_defaults(raw: asyncpg.Connection, table: str) -> None:
+    rows = await raw.fetch(
+        """
+        SELECT a.attname AS name,
+               format_type(a.atttypid, a.atttypmod) AS type,
+               NOT a.attnotnull AS nullable,
+               pg_get_expr(d.adbin, d.adrelid) AS default
+        FROM pg_attribute a
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        """,
+        table,
+    )
+    actual = {row["name"]: (row["type"], row["nullable"], row["default"]) for row in rows}
+    assert actual == COLUMNS[table]
+
+
+async def test_foreign_keys_and_on_delete_rules(raw: asyncpg.Connection) -> None:
+    rows = await raw.fetch(
+        """
+        SELECT c.conrelid::regclass::text AS table_name, a.attname AS column_name,
+               c.confrelid::regclass::text AS target,
+               CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'r' THEN 'RESTRICT'
+                    WHEN 'a' THEN 'NO ACTION' WHEN 'n' THEN 'SET NULL' ELSE 'SET DEFAULT' END
+                   AS on_delete
+        FROM pg_constraint c
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+        WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace
+        """
+    )
+    actual = {
+        (row["table_name"], row["column_name"]): (row["target"], row["on_delete"]) for row in rows
+    }
+    assert actual == FOREIGN_KEYS
+
+
+async def test_every_check_constraint_exists(raw: asyncpg.Connection) -> None:
+    rows = await raw.fetch(
+        "SELECT conname FROM pg_constraint WHERE contype = 'c' "
+        "AND connamespace = 'public'::regnamespace"
+    )
+    assert {row["conname"] for row in rows} == CHECKS
+
+
+@pytest.mark.parametrize("name", sorted(INDEXES))
+async def test_index_exists_with_its_definition(raw: asyncpg.Connection, name: str) -> None:
+    definition = await raw.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND indexname = $1", name
+    )
+    unique, fragment = INDEXES[name]
+    assert definition is not None, f"index {name} is missing"
+    assert definition.startswith("CREATE UNIQUE INDEX" if unique else "CREATE INDEX")
+    assert definition.endswith(fragment)
+
+
+# --- the constraints reject bad rows ---------------------------------------------------
+
+
+async def insert_user(raw: asyncpg.Connection, email: str | None = None, **columns: object) -> uuid.UUID:
+    """Insert a user with raw SQL relying on the DB defaults; return its id."""
+    values = {"email": email or f"{uuid.uuid4().hex[:8]}@example.com",
+              "password_hash": "x", "name": "n", **columns}
+    names = ", ".join(values)
+    params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    user_id: uuid.UUID = await raw.fetchval(
+        f"INSERT INTO users ({names}) VALUES ({params}) RETURNING id", *values.values()
+    )
+    return user_id
+
+
+async def insert_key(raw: asyncpg.Connection, user_id: uuid.UUID) -> uuid.UUID:
+    key_id: uuid.UUID = await raw.fetchval(
+        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) "
+        "VALUES ($1, $2, 'sk_live_abcd', 'k') RETURNING id",
+        user_id, uuid.uuid4().hex,
+    )
+    return key_id
+
+
+async def insert_session(raw: asyncpg.Connection, user_id: uuid.UUID) -> uuid.UUID:
+    key_id = await insert_key(raw, user_id)
+    session_id: uuid.UUID = await raw.fetchval(
+        "INSERT INTO chat_sessions (user_id, api_key_id, model) VALUES ($1, $2, 'm') RETURNING id",
+        user_id, key_id,
+    )
+    return session_id
+
+
+async def assert_rejected(
+    raw: asyncpg.Connection,
+    error: type[asyncpg.PostgresError],
+    constraint: str,
+    sql: str,
+    *args: object,
+) -> None:
+    """``sql`` fails with ``error`` naming ``constraint``; the transaction stays usable."""
+    with pytest.raises(error) as info:
+        async with raw.transaction():  # a savepoint, rolled back by the error
+            await raw.execute(sql, *args)
+    assert info.value.constraint_name == constraint
+
+
+async def test_db_defaults_fill_raw_inserts(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    user = await raw.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+    assert user["token_balance"] == 100
+    assert user["role"] == "user"
+    assert user["created_at"] is not None and user["updated_at"] is not None
+    key_id = await insert_key(raw, user_id)
+    key = await raw.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+    assert key["permissions"] == "[]"
+    assert key["is_active"] is True
+    assert key["created_at"] is not None
+    session_id = await insert_session(raw, user_id)
+    assert await raw.fetchval("SELECT tokens_used FROM chat_sessions WHERE id = $1", session_id) == 0
+
+
+async def test_balance_cannot_go_negative(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, "users_token_balance_nonnegative",
+        "UPDATE users SET token_balance = -1 WHERE id = $1", user_id,
+    )
+
+
+async def test_role_only_takes_its_values(raw: asyncpg.Connection) -> None:
+    await insert_user(raw, role="admin")
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, "users_role_valid",
+        "INSERT INTO users (email, password_hash, name, role) VALUES ('r@x.io', 'x', 'n', 'root')",
+    )
+
+
+async def test_email_unique_case_insensitively(raw: asyncpg.Connection) -> None:
+    await insert_user(raw, email="ada@example.com")
+    await assert_rejected(
+        raw, asyncpg.UniqueViolationError, "users_email_lower_key",
+        "INSERT INTO users (email, password_hash, name) VALUES ('ADA@Example.com', 'x', 'n')",
+    )
+    await assert_rejected(
+        raw, asyncpg.UniqueViolationError, "users_email_key",
+        "INSERT INTO users (email, password_hash, name) VALUES ('ada@example.com', 'x', 'n')",
+    )
+
+
+async def test_key_hash_unique_and_permissions_an_array(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    await raw.execute(
+        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) VALUES ($1, 'h', 'p', 'k')",
+        user_id,
+    )
+    await assert_rejected(
+        raw, asyncpg.UniqueViolationError, "api_keys_key_hash_key",
+        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) VALUES ($1, 'h', 'p', 'k')",
+        user_id,
+    )
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, "api_keys_permissions_array",
+        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name, permissions) "
+        "VALUES ($1, 'h2', 'p', 'k', '{\"a\": 1}')",
+        user_id,
+    )
+
+
+LEDGER_INSERT = (
+    "INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id) "
+    "VALUES ($1, $2, $3, $4, $5)"
+)
+
+
+@pytest.mark.parametrize(
+    ("amount", "kind", "balance_after", "constraint"),
+    [
+        (0, "topup", 100, "token_transactions_amount_nonzero"),
+        (-5, "topup", 100, "token_transactions_amount_sign"),
+        (-5, "bonus", 100, "token_transactions_amount_sign"),
+        (5, "usage", 100, "token_transactions_amount_sign"),
+        (5, "gift", 100, "token_transactions_type_valid"),
+        (5, "topup", -1, "token_transactions_balance_after_nonnegative"),
+    ],
+)
+async def test_ledger_row_checks(
+    raw: asyncpg.Connection, amount: int, kind: str, balance_after: int, constraint: str
+) -> None:
+    user_id = await insert_user(raw)
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, constraint,
+        LEDGER_INSERT, user_id, amount, kind, balance_after, None,
+    )
+
+
+async def test_valid_signs_are_accepted(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    for amount, kind in [(5, "topup"), (5, "bonus"), (-5, "usage")]:
+        await raw.execute(LEDGER_INSERT, user_id, amount, kind, 100, None)
+
+
+async def test_idempotency_index_rejects_a_second_movement(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    reference = uuid.uuid4()
+    await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 95, reference)
+    await assert_rejected(
+        raw, asyncpg.UniqueViolationError, "token_transactions_idempotency_key",
+        LEDGER_INSERT, user_id, -5, "usage", 90, reference,
+    )
+    # The same reference is fine for another type and for another user.
+    await raw.execute(LEDGER_INSERT, user_id, 5, "topup", 95, reference)
+    await raw.execute(LEDGER_INSERT, await insert_user(raw), -5, "usage", 95, reference)
+    # Without a reference there is no idempotency key at all.
+    await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 90, None)
+    await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 85, None)
+
+
+async def test_refunds_share_their_charge_reference(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    charge_id = await raw.fetchval(
+        LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 90, None
+    )
+    await raw.execute(LEDGER_INSERT, user_id, 4, "refund", 94, charge_id)
+    await raw.execute(LEDGER_INSERT, user_id, 6, "refund", 100, charge_id)
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, "token_transactions_refund_within_charge",
+        LEDGER_INSERT, user_id, 1, "refund", 101, charge_id,
+    )
+
+
+async def test_refund_must_target_a_usage_row_of_the_same_user(raw: asyncpg.Connection) -> None:
+    owner = await insert_user(raw)
+    other = await insert_user(raw)
+    charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", owner, -10, "usage", 90, None)
+    topup_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", owner, 10, "topup", 100, None)
+    for user_id, reference in [(other, charge_id), (owner, topup_id), (owner, uuid.uuid4())]:
+        await assert_rejected(
+            raw, asyncpg.CheckViolationError, "token_transactions_refund_target",
+            LEDGER_INSERT, user_id, 1, "refund", 91, reference,
+        )
+
+
+async def test_ledger_is_append_only(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    tx_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, 5, "topup", 105, None)
+    await assert_rejected(
+        raw, asyncpg.RestrictViolationError, "token_transactions_append_only",
+        "UPDATE token_transactions SET amount = 50 WHERE id = $1", tx_id,
+    )
+    await assert_rejected(
+        raw, asyncpg.RestrictViolationError, "token_transactions_append_only",
+        "DELETE FROM token_transactions WHERE id = $1", tx_id,
+    )
+
+
+async def test_ledger_rows_are_never_removed_by_a_cascade(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    await raw.execute(LEDGER_INSERT, user_id, 5, "topup", 105, None)
+    await assert_rejected(
+        raw, asyncpg.ForeignKeyViolationError, "token_transactions_user_id_fkey",
+        "DELETE FROM users WHERE id = $1", user_id,
+    )
+
+
+async def test_sessions_keep_their_api_key(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    session_id = await insert_session(raw, user_id)
+    key_id = await raw.fetchval("SELECT api_key_id FROM chat_sessions WHERE id = $1", session_id)
+    await assert_rejected(
+        raw, asyncpg.ForeignKeyViolationError, "chat_sessions_api_key_id_fkey",
+        "DELETE FROM api_keys WHERE id = $1", key_id,
+    )
+
+
+async def test_deleting_a_user_without_ledger_rows_cascades(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    session_id = await insert_session(raw, user_id)
+    await raw.execute(
+        "INSERT INTO chat_messages (session_id, role, content, tokens) VALUES ($1, 'user', 'hi', 0)",
+        session_id,
+    )
+    # Sessions (and their messages) go first, so the RESTRICT on api keys does not fire.
+    await raw.execute("DELETE FROM chat_sessions WHERE user_id = $1", user_id)
+    await raw.execute("DELETE FROM users WHERE id = $1", user_id)
+    assert await raw.fetchval("SELECT count(*) FROM api_keys WHERE user_id = $1", user_id) == 0
+    assert await raw.fetchval(
+        "SELECT count(*) FROM chat_messages WHERE session_id = $1", session_id
+    ) == 0
+
+
+async def test_deleting_a_session_cascades_to_its_messages(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    session_id = await insert_session(raw, user_id)
+    await raw.execute(
+        "INSERT INTO chat_messages (session_id, role, content, tokens) VALUES ($1, 'user', 'hi', 0)",
+        session_id,
+    )
+    await raw.execute("DELETE FROM chat_sessions WHERE id = $1", session_id)
+    assert await raw.fetchval(
+        "SELECT count(*) FROM chat_messages WHERE session_id = $1", session_id
+    ) == 0
+
+
+@pytest.mark.parametrize(
+    ("sql", "constraint"),
+    [
+        ("UPDATE chat_sessions SET tokens_used = -1 WHERE id = $1",
+         "chat_sessions_tokens_used_nonnegative"),
+        ("INSERT INTO chat_messages (session_id, role, content, tokens) "
+         "VALUES ($1, 'user', 'x', -1)", "chat_messages_tokens_nonnegative"),
+        ("INSERT INTO chat_messages (session_id, role, content, tokens) "
+         "VALUES ($1, 'robot', 'x', 1)", "chat_messages_role_valid"),
+    ],
+)
+async def test_chat_checks(raw: asyncpg.Connection, sql: str, constraint: str) -> None:
+    session_id = await insert_session(raw, await insert_user(raw))
+    await assert_rejected(raw, asyncpg.CheckViolationError, constraint, sql, session_id)
