@@ -8,10 +8,10 @@ migrations from code (the same as ``aerich upgrade``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tortoise import Tortoise
 
@@ -19,7 +19,9 @@ from tokendb import _db
 from tokendb.config import APP_LABEL, config_from_env
 from tokendb.errors import ConfigurationError, TokenDBError
 
-__all__ = ["close", "connect", "init", "migrate", "migrations_location"]
+__all__ = ["close", "connect", "init", "migrate", "migrations_location", "run_aerich"]
+
+T = TypeVar("T")
 
 
 def migrations_location() -> Path:
@@ -118,6 +120,20 @@ async def migrate(database_url: str | None = None) -> list[str]:
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
     """
+
+    async def upgrade(command: Any) -> list[str]:
+        applied: list[str] = await command.upgrade(run_in_transaction=True)
+        return applied
+
+    return await run_aerich(database_url, upgrade)
+
+
+async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``action(command)`` with an initialised ``aerich.Command`` for tokendb's app.
+
+    A fresh Tortoise context in a child task: Aerich closes the connections
+    of whatever context it runs in, and must not close the application's.
+    """
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
 
@@ -126,19 +142,15 @@ async def migrate(database_url: str | None = None) -> list[str]:
     credentials["minsize"], credentials["maxsize"] = 1, 1
     location = str(migrations_location())
 
-    async def upgrade() -> list[str]:
-        # A fresh Tortoise context in a child task: Aerich closes the
-        # connections of whatever context it runs in, and must not close the
-        # application's.
+    async def isolated() -> T:
         _current_context.set(None)
         with TortoiseContext() as context:
             await context.init(config=config)
             try:
                 command = Command(tortoise_config=config, app=APP_LABEL, location=location)
                 await command.init()
-                applied: list[str] = await command.upgrade(run_in_transaction=True)
-                return applied
+                return await action(command)
             finally:
                 await context.close_connections()
 
-    return await asyncio.create_task(upgrade())
+    return await asyncio.create_task(isolated())
