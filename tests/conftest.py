@@ -37,3 +37,4 @@ async def raw(tokendb_db: str) -> AsyncIterator[asyncpg.Connection]:
     finally:
         await tx.rollback()
         await conn.close()
+

@@ -1,0 +1,124 @@
+"""Configuration: DATABASE_URL → Tortoise config, pool sizing, clear errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import tokendb
+from tokendb import config
+from tokendb.errors import ConfigurationError
+
+
+def test_builder_passes_url_parameters_through() -> None:
+    built = config.tortoise_config("postgres://u:pw@db.internal:6543/app?minsize=16&maxsize=16")
+    connection = built["connections"]["default"]
+    assert connection["engine"] == "tortoise.backends.asyncpg"
+    credentials = connection["credentials"]
+    assert (credentials["host"], credentials["port"], credentials["database"]) == (
+        "db.internal", 6543, "app",
+    )
+    assert (credentials["user"], credentials["password"]) == ("u", "pw")
+    assert (credentials["minsize"], credentials["maxsize"]) == (16, 16)
+    assert built["apps"]["tokendb"]["models"] == ["tokendb.models", "aerich.models"]
+    assert built["use_tz"] is True and built["timezone"] == "UTC"
+
+
+def test_pool_is_sized_explicitly() -> None:
+    credentials = config.tortoise_config("postgres://h/db")["connections"]["default"]["credentials"]
+    assert credentials["maxsize"] == config.DEFAULT_POOL_MAX_SIZE > 5
+    sized = config.tortoise_config("postgres://h/db?maxsize=8", min_size=2, max_size=30)
+    assert sized["connections"]["default"]["credentials"]["maxsize"] == 30
+    assert sized["connections"]["default"]["credentials"]["minsize"] == 2
+
+
+def test_postgresql_scheme_and_socket_host_are_accepted() -> None:
+    config.tortoise_config("postgresql://postgres@localhost/tokendb")
+    built = config.tortoise_config("postgres://postgres@/tokendb?host=/tmp/pg")
+    assert built["connections"]["default"]["credentials"]["host"] == "/tmp/pg"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "   ",
+        "not a url",
+        "mysql://root@localhost/db",
+        "postgres://localhost",
+        "postgres://localhost:notaport/db",
+        "postgres:///db",
+        "postgres://h/db?minsize=9&maxsize=3",
+        "postgres://h/db?maxsize=lots",
+    ],
+)
+def test_malformed_urls_name_the_variable(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        config.tortoise_config(url)
+    assert info.value.variable == "DATABASE_URL"
+    assert "DATABASE_URL" in str(info.value)
+
+
+def test_passwords_are_masked_in_errors() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        config.tortoise_config("mysql://root:hunter2@localhost/db")
+    assert "hunter2" not in str(info.value)
+    assert config.mask_url("postgres://u:hunter2@h/db") == "postgres://u:***@h/db"
+
+
+def test_missing_database_url_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    with pytest.raises(ConfigurationError) as info:
+        config.resolve_database_url(None)
+    assert info.value.variable == "DATABASE_URL"
+    with pytest.raises(ConfigurationError):
+        _ = config.TORTOISE_ORM
+
+
+def test_env_file_is_read_without_overriding_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    from pathlib import Path
+
+    directory = Path(str(tmp_path))
+    (directory / ".env").write_text(
+        "DATABASE_URL=postgres://from-file/db\nTOKENDB_POOL_MAX_SIZE=7\n"
+    )
+    monkeypatch.chdir(directory)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("TOKENDB_POOL_MAX_SIZE", raising=False)
+    orm = importlib.reload(config).TORTOISE_ORM
+    assert orm["connections"]["default"]["credentials"]["host"] == "from-file"
+    assert orm["connections"]["default"]["credentials"]["maxsize"] == 7
+    monkeypatch.setenv("DATABASE_URL", "postgres://from-env/db")
+    orm = config.TORTOISE_ORM
+    assert orm["connections"]["default"]["credentials"]["host"] == "from-env"
+
+
+def test_aerich_reads_tortoise_orm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/anything")
+    assert config.TORTOISE_ORM["apps"]["tokendb"]["default_connection"] == "default"
+
+
+async def test_init_with_a_malformed_url_raises_before_connecting() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        await tokendb.init("http://example.com/db")
+    assert "database_url" in str(info.value)
+
+
+async def test_unreachable_server_is_database_unavailable(tokendb_db: str) -> None:
+    # Port 1 on loopback refuses connections. init() replaces the process-wide
+    # configuration, so the session's is restored afterwards.
+    try:
+        with pytest.raises(tokendb.DatabaseUnavailable) as info:
+            await tokendb.init("postgres://postgres@127.0.0.1:1/nowhere", acquire_timeout=5)
+        assert info.value.outcome_unknown is False
+        with pytest.raises(ConfigurationError):  # the failed init left nothing half-open
+            await tokendb.get_balance(user="00000000-0000-0000-0000-000000000000")
+    finally:
+        await tokendb.init(tokendb_db, min_size=1, max_size=20)
+    assert await tokendb.audit_ledger() == []

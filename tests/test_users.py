@@ -1,0 +1,205 @@
+"""Tests for tokendb.users and tokendb.passwords."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+import tokendb
+from tokendb import passwords
+from tokendb.models import TransactionType, UserRole
+
+from tests.helpers import table_counts
+
+PASSWORD = "correct horse battery"
+
+
+async def test_create_user_normalizes_email_and_writes_the_signup_bonus(tokendb_clean: str) -> None:
+    user = await tokendb.create_user(email="  Ada.Lovelace@Example.COM ", password=PASSWORD, name=" Ada ")
+    assert user.email == "ada.lovelace@example.com"
+    assert user.name == "Ada"
+    assert user.role is UserRole.USER
+    assert user.token_balance == 100
+    assert user.password_hash.startswith("$argon2id$")
+    assert PASSWORD not in user.password_hash
+    [bonus] = await tokendb.list_transactions(user=user)
+    assert (bonus.type, bonus.amount, bonus.balance_after) == (TransactionType.BONUS, 100, 100)
+    assert bonus.description == "signup bonus"
+    assert await tokendb.audit_ledger(user=user) == []
+
+
+async def test_signup_bonus_is_configurable(tokendb_clean: str) -> None:
+    user = await tokendb.create_user(
+        email="zero@example.com", password=PASSWORD, name="Z", signup_bonus=0
+    )
+    assert user.token_balance == 0
+    assert await tokendb.list_transactions(user=user) == []
+    assert await tokendb.audit_ledger() == []
+
+
+async def test_role_accepts_member_or_string(tokendb_clean: str) -> None:
+    admin = await tokendb.create_user(email="a@example.com", password=PASSWORD, name="A", role="admin")
+    assert admin.role is UserRole.ADMIN
+    demoted = await tokendb.set_role(user=admin.id, role=UserRole.USER)
+    assert demoted.role is UserRole.USER
+    assert (await tokendb.get_user(user_id=admin.id)).role is UserRole.USER
+
+
+async def test_duplicate_email_in_any_case_is_email_taken(tokendb_clean: str, make_user) -> None:
+    await make_user(email="grace@example.com")
+    before = await table_counts()
+    with pytest.raises(tokendb.EmailTaken) as info:
+        await make_user(email="GRACE@example.com")
+    assert info.value.email == "grace@example.com"
+    assert await table_counts() == before
+
+
+async def test_concurrent_signups_with_one_email_create_one_user(tokendb_clean: str) -> None:
+    results = await asyncio.gather(
+        *(
+            tokendb.create_user(email=f"Race@Example.com{' ' * i}", password=PASSWORD, name="R")
+            for i in range(8)
+        ),
+        return_exceptions=True,
+    )
+    created = [r for r in results if isinstance(r, tokendb.User)]
+    assert len(created) == 1
+    assert all(isinstance(r, tokendb.EmailTaken) for r in results if r not in created)
+    assert (await table_counts())["token_transactions"] == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"email": "not-an-email"}, "email"),
+        ({"email": "a@b"}, "email"),
+        ({"email": 42}, "email"),
+        ({"email": "x" * 250 + "@example.com"}, "email"),
+        ({"name": ""}, "name"),
+        ({"name": "   "}, "name"),
+        ({"name": "n" * 101}, "name"),
+        ({"name": "nul\x00byte"}, "name"),
+        ({"password": "short"}, "password"),
+        ({"password": None}, "password"),
+        ({"password": "p" * 2000}, "password"),
+        ({"role": "root"}, "role"),
+        ({"signup_bonus": -1}, "signup_bonus"),
+        ({"signup_bonus": True}, "signup_bonus"),
+    ],
+)
+async def test_bad_input_is_rejected_before_any_write(
+    tokendb_clean: str, changes: dict[str, object], field: str
+) -> None:
+    arguments: dict[str, object] = {"email": "ok@example.com", "password": PASSWORD, "name": "Ok"}
+    arguments.update(changes)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.create_user(**arguments)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert await table_counts() == before
+
+
+async def test_authenticate(tokendb_clean: str, make_user) -> None:
+    user = await make_user(email="linus@example.com", password=PASSWORD)
+    assert (await tokendb.authenticate(email="LINUS@example.com ", password=PASSWORD)).id == user.id
+    for email, password in [
+        ("linus@example.com", "wrong password"),
+        ("nobody@example.com", PASSWORD),
+        ("not an email", PASSWORD),
+        ("linus@example.com", None),
+    ]:
+        with pytest.raises(tokendb.InvalidCredentials) as info:
+            await tokendb.authenticate(email=email, password=password)  # type: ignore[arg-type]
+        assert str(info.value) == "invalid email or password"
+
+
+async def test_unknown_email_still_verifies_a_hash(
+    tokendb_clean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str | None] = []
+    real = passwords.verify_password
+
+    async def counting(password_hash: str | None, password: str) -> bool:
+        calls.append(password_hash)
+        return await real(password_hash, password)
+
+    monkeypatch.setattr(passwords, "verify_password", counting)
+    with pytest.raises(tokendb.InvalidCredentials):
+        await tokendb.authenticate(email="ghost@example.com", password=PASSWORD)
+    assert calls == [None]  # the dummy hash was verified
+
+
+async def test_login_rehashes_when_parameters_changed(tokendb_clean: str, make_user) -> None:
+    user = await make_user(email="old@example.com", password=PASSWORD)
+    passwords.configure(time_cost=2, memory_cost=2048, parallelism=1)
+    try:
+        logged_in = await tokendb.authenticate(email="old@example.com", password=PASSWORD)
+        assert logged_in.password_hash != user.password_hash
+        assert "m=2048,t=2" in logged_in.password_hash
+        assert not passwords.needs_rehash(logged_in.password_hash)
+        stored = await tokendb.get_user(user_id=user.id)
+        assert stored.password_hash == logged_in.password_hash
+    finally:
+        passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
+    # The new hash still verifies after the parameters changed back.
+    await tokendb.authenticate(email="old@example.com", password=PASSWORD)
+
+
+async def test_get_user_by_id_or_email(tokendb_clean: str, make_user) -> None:
+    user = await make_user(email="kay@example.com")
+    assert (await tokendb.get_user(user_id=user.id)).email == "kay@example.com"
+    assert (await tokendb.get_user(user_id=str(user.id))).id == user.id
+    assert (await tokendb.get_user(email="KAY@example.com")).id == user.id
+    missing = uuid.uuid4()
+    with pytest.raises(tokendb.NotFound) as info:
+        await tokendb.get_user(user_id=missing)
+    assert (info.value.entity, info.value.key) == ("user", missing)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.get_user(email="nobody@example.com")
+    with pytest.raises(tokendb.ValidationError):
+        await tokendb.get_user()
+    with pytest.raises(tokendb.ValidationError):
+        await tokendb.get_user(user_id=user.id, email="kay@example.com")
+    with pytest.raises(tokendb.ValidationError) as bad:
+        await tokendb.get_user(user_id="not-a-uuid")
+    assert bad.value.field == "user_id"
+
+
+async def test_list_users_pages_in_creation_order(tokendb_clean: str, make_user) -> None:
+    created = [await make_user() for _ in range(5)]
+    first = await tokendb.list_users(limit=2)
+    second = await tokendb.list_users(limit=2, after=first[-1])
+    third = await tokendb.list_users(limit=2, after=second[-1].id)
+    assert [u.id for u in first + second + third] == [u.id for u in created]
+
+
+async def test_change_password(tokendb_clean: str, make_user) -> None:
+    user = await make_user(email="pw@example.com", password=PASSWORD)
+    with pytest.raises(tokendb.InvalidCredentials):
+        await tokendb.change_password(user=user, new_password="new password 1", current_password="nope")
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.change_password(user=user, new_password="short")
+    assert info.value.field == "new_password"
+    await tokendb.authenticate(email="pw@example.com", password=PASSWORD)  # unchanged so far
+    await tokendb.change_password(user=user, new_password="new password 1", current_password=PASSWORD)
+    with pytest.raises(tokendb.InvalidCredentials):
+        await tokendb.authenticate(email="pw@example.com", password=PASSWORD)
+    await tokendb.authenticate(email="pw@example.com", password="new password 1")
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.change_password(user=uuid.uuid4(), new_password="new password 2")
+
+
+async def test_set_role_unknown_user_and_bad_role(tokendb_clean: str, make_user) -> None:
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.set_role(user=uuid.uuid4(), role="admin")
+    user = await make_user()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.set_role(user=user, role="superuser")
+    assert info.value.field == "role"
+
+
+def test_repr_and_str_never_show_the_password_hash() -> None:
+    user = tokendb.User(email="a@example.com", password_hash="$argon2id$SECRET", name="A")
+    assert "SECRET" not in repr(user) and "SECRET" not in str(user)
