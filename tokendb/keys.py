@@ -75,7 +75,7 @@ def normalize_permissions(permissions: Iterable[str] | None) -> list[str]:
     """
     if permissions is None:
         return list(DEFAULT_PERMISSIONS)
-    if isinstance(permissions, (str, bytes)) or not isinstance(permissions, Iterable):
+    if not isinstance(permissions, (list, tuple)):
         raise ValidationError("permissions", "must be a list of scope strings")
     result: list[str] = []
     for scope in permissions:

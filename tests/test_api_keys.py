@@ -1,0 +1,178 @@
+"""Tests for tokendb.api_keys."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import tokendb
+from tokendb import _db, keys
+from tests.helpers import table_counts
+
+
+async def test_issue_returns_the_plaintext_once_and_stores_only_its_hash(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    api_key, secret = await tokendb.issue_api_key(user=user, name="laptop")
+    assert keys.is_well_formed(secret)
+    assert api_key.key_hash == keys.hash_key(secret)
+    assert api_key.key_prefix == secret[:12]
+    assert api_key.permissions == ["*"]
+    assert api_key.is_active and api_key.last_used_at is None and api_key.expires_at is None
+    rows = await _db.read("SELECT * FROM api_keys")
+    assert all(secret not in str(value) for row in rows for value in row.values())
+    assert secret not in repr(api_key) and secret not in str(api_key)
+    assert api_key.key_hash not in repr(api_key)
+
+
+async def test_verify_returns_the_key_with_its_user_loaded(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    issued, secret = await tokendb.issue_api_key(user=user.id, name="k", permissions=["chat"])
+    verified = await tokendb.verify_api_key(secret=secret, permission="chat")
+    assert verified.id == issued.id
+    assert verified.user.id == user.id  # loaded: no await, no query
+    assert verified.user.email == user.email
+    assert verified.last_used_at is not None
+
+
+async def test_last_used_at_is_throttled_and_forward_only(tokendb_clean: str, make_api_key) -> None:
+    api_key, secret = await make_api_key()
+    first = (await tokendb.verify_api_key(secret=secret)).last_used_at
+    second = (await tokendb.verify_api_key(secret=secret)).last_used_at
+    assert first is not None and second == first  # within 60 s: no write
+
+    # Make the stored value look old; the next verify moves it forward.
+    await _db.write(
+        "UPDATE api_keys SET last_used_at = last_used_at - interval '2 minutes' WHERE id = $1",
+        api_key.id,
+    )
+    third = (await tokendb.verify_api_key(secret=secret)).last_used_at
+    assert third is not None and third > first
+
+    # With a zero interval every verify writes, and never backwards.
+    stamps = [
+        (await tokendb.verify_api_key(secret=secret, touch_interval=0)).last_used_at
+        for _ in range(3)
+    ]
+    assert stamps == sorted(stamps) and stamps[0] >= third  # type: ignore[type-var]
+
+
+async def test_concurrent_verifies_of_a_hot_key_write_once(tokendb_clean: str, make_api_key) -> None:
+    api_key, secret = await make_api_key()
+    results = await asyncio.gather(*(tokendb.verify_api_key(secret=secret) for _ in range(50)))
+    stored = (await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id))[0]
+    assert {r.last_used_at for r in results} == {stored["last_used_at"]}
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["", "garbage", "sk_live_" + "a" * 40, "sk_live_" + "a" * 20, "sk_live_'; DROP TABLE users; --"],
+)
+async def test_unknown_or_malformed_keys_are_invalid(
+    tokendb_clean: str, make_api_key, secret: str
+) -> None:
+    await make_api_key()
+    with pytest.raises(tokendb.InvalidApiKey) as info:
+        await tokendb.verify_api_key(secret=secret)
+    assert type(info.value) is tokendb.InvalidApiKey
+
+
+async def test_a_truncated_key_is_invalid(tokendb_clean: str, make_api_key) -> None:
+    _, secret = await make_api_key()
+    for cut in (secret[:-1], secret[:20], secret + "x"):
+        with pytest.raises(tokendb.InvalidApiKey):
+            await tokendb.verify_api_key(secret=cut)
+
+
+async def test_revoked_key(tokendb_clean: str, make_api_key) -> None:
+    api_key, secret = await make_api_key()
+    revoked = await tokendb.revoke_api_key(api_key=api_key)
+    assert revoked.is_active is False
+    assert (await tokendb.revoke_api_key(api_key=api_key.id)).is_active is False  # idempotent
+    with pytest.raises(tokendb.ApiKeyRevoked) as info:
+        await tokendb.verify_api_key(secret=secret)
+    assert info.value.key_prefix == api_key.key_prefix
+    assert isinstance(info.value, tokendb.InvalidApiKey)
+    last_used = (await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id))[0]
+    assert last_used["last_used_at"] is None  # a refused key is not touched
+
+
+async def test_expired_key(tokendb_clean: str, make_api_key) -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=5)
+    api_key, secret = await make_api_key(expires_at=soon)
+    await tokendb.verify_api_key(secret=secret)
+    await _db.write(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", api_key.id
+    )
+    with pytest.raises(tokendb.ApiKeyExpired) as info:
+        await tokendb.verify_api_key(secret=secret)
+    assert info.value.expired_at < datetime.now(UTC)
+    assert isinstance(info.value, tokendb.InvalidApiKey)
+
+
+async def test_permissions(tokendb_clean: str, make_api_key) -> None:
+    _, narrow = await make_api_key(permissions=["chat"])
+    _, wide = await make_api_key()  # default ["*"]
+    _, empty = await make_api_key(permissions=[])
+    await tokendb.verify_api_key(secret=narrow, permission="chat")
+    await tokendb.verify_api_key(secret=wide, permission="billing")
+    await tokendb.verify_api_key(secret=empty)  # valid, just unprivileged
+    for secret in (narrow, empty):
+        with pytest.raises(tokendb.PermissionDenied) as info:
+            await tokendb.verify_api_key(secret=secret, permission="billing")
+        assert info.value.permission == "billing"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "n" * 101}, "name"),
+        ({"permissions": "chat"}, "permissions"),
+        ({"permissions": ["CHAT"]}, "permissions"),
+        ({"expires_at": datetime(2020, 1, 1, tzinfo=UTC)}, "expires_at"),
+        ({"expires_at": datetime(2099, 1, 1)}, "expires_at"),
+        ({"expires_at": "tomorrow"}, "expires_at"),
+        ({"user": "nope"}, "user"),
+    ],
+)
+async def test_issue_rejects_bad_input_before_writing(
+    tokendb_clean: str, make_user, changes: dict[str, object], field: str
+) -> None:
+    user = await make_user()
+    arguments: dict[str, object] = {"user": user, "name": "k"}
+    arguments.update(changes)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.issue_api_key(**arguments)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert await table_counts() == before
+
+
+async def test_issue_for_unknown_user(tokendb_clean: str) -> None:
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.issue_api_key(user=uuid.uuid4(), name="k")
+    assert (await table_counts())["api_keys"] == 0
+
+
+async def test_list_and_revoke_with_owner_check(tokendb_clean: str, make_user) -> None:
+    alice, bob = await make_user(), await make_user()
+    first, _ = await tokendb.issue_api_key(user=alice, name="one")
+    second, _ = await tokendb.issue_api_key(user=alice, name="two")
+    bobs, _ = await tokendb.issue_api_key(user=bob, name="bob's")
+    assert [k.id for k in await tokendb.list_api_keys(user=alice)] == [first.id, second.id]
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.revoke_api_key(api_key=bobs, user=alice)
+    assert (await tokendb.list_api_keys(user=bob))[0].is_active  # untouched
+    await tokendb.revoke_api_key(api_key=first, user=alice)
+    active = await tokendb.list_api_keys(user=alice, include_revoked=False)
+    assert [k.id for k in active] == [second.id]
+    assert await tokendb.list_api_keys(user=await make_user()) == []
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_api_keys(user=uuid.uuid4())
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.revoke_api_key(api_key=uuid.uuid4())
