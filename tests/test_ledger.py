@@ -1,14 +1,250 @@
-"""Tests for tokendb.ledger."""
+"""Tests for tokendb.ledger: movements, idempotency, refunds, pagination, audit."""
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+
 import tokendb
+from tokendb import _db
+from tokendb.models import TransactionType
+from tests.helpers import table_counts
+
+INT4_MAX = 2**31 - 1
 
 
-async def test_charge_debits_and_records_usage_row(tokendb_clean: str, make_user) -> None:
+async def test_charge_debits_and_records_a_usage_row(tokendb_clean: str, make_user) -> None:
     user = await make_user()
     tx = await tokendb.charge(user=user, amount=40, description="completion")
-    assert tx.amount == -40
-    assert tx.type is tokendb.TransactionType.USAGE
-    assert tx.balance_after == 60
+    assert (tx.type, tx.amount, tx.balance_after) == (TransactionType.USAGE, -40, 60)
+    assert tx.description == "completion" and tx.user_id == user.id
     assert await tokendb.get_balance(user=user) == 60
+    stored = await tokendb.get_user(user_id=user.id)
+    assert stored.updated_at > user.updated_at  # set by hand: QuerySet.update skips auto_now
+
+
+@pytest.mark.parametrize(
+    ("operation", "kind", "sign"),
+    [
+        (tokendb.top_up, TransactionType.TOPUP, 1),
+        (tokendb.grant_bonus, TransactionType.BONUS, 1),
+        (tokendb.charge, TransactionType.USAGE, -1),
+    ],
+)
+async def test_each_movement_type(tokendb_clean: str, make_user, operation, kind, sign) -> None:
+    user = await make_user()
+    tx = await operation(user=user.id, amount=25)
+    assert (tx.type, tx.amount, tx.balance_after) == (kind, sign * 25, 100 + sign * 25)
+    assert await tokendb.get_balance(user=str(user.id)) == 100 + sign * 25
+
+
+async def test_insufficient_tokens_writes_nothing(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    before = await table_counts()
+    with pytest.raises(tokendb.InsufficientTokens) as info:
+        await tokendb.charge(user=user, amount=101)
+    assert (info.value.user_id, info.value.balance, info.value.requested) == (user.id, 100, 101)
+    assert await table_counts() == before
+    await tokendb.charge(user=user, amount=100)  # exactly the balance is fine
+    assert await tokendb.get_balance(user=user) == 0
+
+
+@pytest.mark.parametrize(
+    "amount", [0, -1, -100, 1.5, 2.0, True, False, "10", None, INT4_MAX + 1, 10**30]
+)
+@pytest.mark.parametrize("operation", [tokendb.charge, tokendb.top_up, tokendb.grant_bonus])
+async def test_bad_amounts_are_rejected_before_writing(
+    tokendb_clean: str, make_user, operation, amount: object
+) -> None:
+    user = await make_user()
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await operation(user=user, amount=amount)
+    assert info.value.field == "amount"
+    assert await table_counts() == before
+
+
+async def test_a_credit_that_would_overflow_the_balance_is_rejected(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    await tokendb.top_up(user=user, amount=INT4_MAX - 100)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.top_up(user=user, amount=1)
+    assert info.value.field == "amount"
+    assert await table_counts() == before
+
+
+async def test_unknown_user(tokendb_clean: str) -> None:
+    missing = uuid.uuid4()
+    for operation in (tokendb.charge, tokendb.top_up, tokendb.grant_bonus):
+        with pytest.raises(tokendb.NotFound) as info:
+            await operation(user=missing, amount=1)
+        assert info.value.key == missing
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.get_balance(user=missing)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_transactions(user=missing)
+    assert (await table_counts())["token_transactions"] == 0
+
+
+@pytest.mark.parametrize("operation", [tokendb.charge, tokendb.top_up, tokendb.grant_bonus])
+async def test_a_repeat_with_the_same_reference_moves_once(
+    tokendb_clean: str, make_user, operation
+) -> None:
+    user = await make_user()
+    reference = uuid.uuid4()
+    first = await operation(user=user, amount=10, reference_id=reference)
+    again = await operation(user=user, amount=10, reference_id=str(reference))
+    assert again.id == first.id and again.reference_id == reference
+    assert len(await tokendb.list_transactions(user=user)) == 2  # signup bonus + one movement
+    before = await table_counts()
+    with pytest.raises(tokendb.ReferenceConflict) as info:
+        await operation(user=user, amount=11, reference_id=reference)
+    assert (info.value.reference_id, info.value.existing_amount, info.value.requested_amount) == (
+        reference, 10, 11,
+    )
+    assert await table_counts() == before
+
+
+async def test_a_repeat_returns_the_original_even_when_the_balance_is_now_short(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    reference = uuid.uuid4()
+    first = await tokendb.charge(user=user, amount=100, reference_id=reference)
+    assert (await tokendb.charge(user=user, amount=100, reference_id=reference)).id == first.id
+
+
+async def test_references_are_scoped_by_user_and_type(tokendb_clean: str, make_user) -> None:
+    alice, bob = await make_user(), await make_user()
+    reference = uuid.uuid4()
+    a = await tokendb.charge(user=alice, amount=5, reference_id=reference)
+    b = await tokendb.charge(user=bob, amount=5, reference_id=reference)
+    c = await tokendb.top_up(user=alice, amount=5, reference_id=reference)
+    assert len({a.id, b.id, c.id}) == 3
+
+
+async def test_refund_full_partial_and_never_more_than_charged(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    charge = await tokendb.charge(user=user, amount=30)
+    part = await tokendb.refund(transaction=charge, amount=10)
+    assert (part.type, part.amount, part.reference_id) == (TransactionType.REFUND, 10, charge.id)
+    assert part.balance_after == 80
+    before = await table_counts()
+    with pytest.raises(tokendb.RefundExceedsCharge) as info:
+        await tokendb.refund(transaction=charge.id, amount=21)
+    assert (info.value.transaction_id, info.value.refundable, info.value.requested) == (
+        charge.id, 20, 21,
+    )
+    assert await table_counts() == before
+    rest = await tokendb.refund(transaction=str(charge.id))
+    assert rest.amount == 20 and rest.balance_after == 100
+    with pytest.raises(tokendb.RefundExceedsCharge) as nothing_left:
+        await tokendb.refund(transaction=charge)
+    assert nothing_left.value.refundable == 0
+
+
+async def test_only_usage_rows_are_refundable(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    topup = await tokendb.top_up(user=user, amount=5)
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.refund(transaction=topup)
+    assert info.value.field == "transaction"
+    charge = await tokendb.charge(user=user, amount=5)
+    refund = await tokendb.refund(transaction=charge)
+    with pytest.raises(tokendb.ValidationError):
+        await tokendb.refund(transaction=refund)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.refund(transaction=uuid.uuid4())
+    for amount in (0, -3, 2.5, True):
+        with pytest.raises(tokendb.ValidationError):
+            await tokendb.refund(transaction=charge, amount=amount)  # type: ignore[arg-type]
+
+
+async def test_a_refund_cannot_target_another_users_charge(tokendb_clean: str, make_user) -> None:
+    alice, bob = await make_user(), await make_user()
+    charge = await tokendb.charge(user=alice, amount=10)
+    before = await table_counts()
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.refund(transaction=charge, user=bob)
+    assert await table_counts() == before
+    refund = await tokendb.refund(transaction=charge, user=alice)
+    assert refund.user_id == alice.id
+
+
+async def test_list_transactions_is_newest_first_with_keyset_pages(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    for amount in range(1, 8):
+        await tokendb.top_up(user=user, amount=amount)
+    everything = await tokendb.list_transactions(user=user, limit=100)
+    assert [tx.amount for tx in everything] == [7, 6, 5, 4, 3, 2, 1, 100]
+    pages, before = [], None
+    while page := await tokendb.list_transactions(user=user, limit=3, before=before):
+        pages.append([tx.id for tx in page])
+        before = page[-1] if len(pages) % 2 else page[-1].id  # instance or id both work
+    assert [len(p) for p in pages] == [3, 3, 2]
+    assert sum(pages, []) == [tx.id for tx in everything]
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_transactions(user=user, before=uuid.uuid4())
+    for limit in (0, 1001, "5"):
+        with pytest.raises(tokendb.ValidationError):
+            await tokendb.list_transactions(user=user, limit=limit)  # type: ignore[arg-type]
+
+
+async def test_rows_follow_the_balance_after_chain(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    await tokendb.top_up(user=user, amount=50)
+    charge = await tokendb.charge(user=user, amount=70)
+    await tokendb.refund(transaction=charge, amount=20)
+    chain = list(reversed(await tokendb.list_transactions(user=user)))
+    balance = 0
+    for tx in chain:
+        balance += tx.amount
+        assert tx.balance_after == balance
+    assert balance == await tokendb.get_balance(user=user) == 100
+
+
+async def _tamper(sql: str, *args: object) -> None:
+    """Change committed rows around the Python layer, triggers off (superuser test server)."""
+
+    async def body(conn) -> None:  # type: ignore[no-untyped-def]
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(sql, *args)
+
+    await _db.transaction(body)
+
+
+async def test_audit_finds_broken_books(tokendb_clean: str, make_user) -> None:
+    user, bystander = await make_user(), await make_user()
+    topup = await tokendb.top_up(user=user, amount=10)
+    assert await tokendb.audit_ledger() == []
+    try:
+        await _tamper("UPDATE users SET token_balance = 115 WHERE id = $1", user.id)
+        await _tamper("UPDATE token_transactions SET balance_after = 999 WHERE id = $1", topup.id)
+        expected = tokendb.LedgerDiscrepancy(
+            user_id=user.id, balance=115, ledger_sum=110, broken_links=1,
+            first_broken_transaction=topup.id,
+        )
+        assert await tokendb.audit_ledger() == [expected]
+        assert await tokendb.audit_ledger(user=user) == [expected]
+        assert await tokendb.audit_ledger(user=bystander) == []
+    finally:
+        await _tamper("UPDATE users SET token_balance = 110 WHERE id = $1", user.id)
+        await _tamper("UPDATE token_transactions SET balance_after = 110 WHERE id = $1", topup.id)
+    assert await tokendb.audit_ledger() == []
+
+
+async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    try:
+        await _tamper("DELETE FROM token_transactions WHERE user_id = $1", user.id)
+        [found] = await tokendb.audit_ledger()
+        assert (found.balance, found.ledger_sum, found.broken_links) == (100, 0, 0)
+    finally:
+        await _tamper("UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
+    assert await tokendb.audit_ledger() == []
