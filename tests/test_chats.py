@@ -1,0 +1,190 @@
+"""Tests for tokendb.chats: sessions, billed messages, pagination, ownership."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import tokendb
+from tokendb import _db
+from tokendb.models import MessageRole, TransactionType
+from tests.helpers import table_counts
+
+
+@pytest.fixture
+def chat(make_api_key):  # type: ignore[no-untyped-def]
+    """``await chat(model=..., **key_options)`` → (session, api_key, user)."""
+
+    async def factory(model: str = "gpt-4o", **key_options):  # type: ignore[no-untyped-def]
+        api_key, _ = await make_api_key(**key_options)
+        session = await tokendb.start_chat(api_key=api_key, model=model)
+        return session, api_key, await tokendb.get_user(user_id=api_key.user_id)
+
+    return factory
+
+
+async def test_start_chat_bills_the_keys_user(tokendb_clean: str, chat) -> None:
+    session, api_key, user = await chat(model="claude-3")
+    assert session.user_id == user.id and session.api_key_id == api_key.id
+    assert (session.tokens_used, session.model, session.ended_at) == (0, "claude-3", None)
+
+
+async def test_add_message_stores_counts_and_charges_atomically(tokendb_clean: str, chat) -> None:
+    session, _, user = await chat()
+    message = await tokendb.add_message(session=session, role="user", content="Hi!", tokens=12)
+    assert (message.role, message.content, message.tokens) == (MessageRole.USER, "Hi!", 12)
+    assert message.session_id == session.id
+    assert (await tokendb.get_chat(session=session)).tokens_used == 12
+    [usage, _bonus] = await tokendb.list_transactions(user=user)
+    assert (usage.type, usage.amount, usage.balance_after) == (TransactionType.USAGE, -12, 88)
+    assert usage.reference_id == message.id
+    assert usage.description == "chat message (gpt-4o)"
+
+
+async def test_zero_token_messages_write_no_ledger_row(tokendb_clean: str, chat) -> None:
+    session, _, user = await chat()
+    await tokendb.add_message(session=session.id, role=MessageRole.SYSTEM, content="", tokens=0)
+    assert len(await tokendb.list_transactions(user=user)) == 1  # only the signup bonus
+    assert (await tokendb.get_chat(session=session)).tokens_used == 0
+    assert len(await tokendb.list_messages(session=session)) == 1
+
+
+async def test_insufficient_tokens_stores_nothing(tokendb_clean: str, chat) -> None:
+    session, _, user = await chat()
+    await tokendb.add_message(session=session, role="user", content="a", tokens=90)
+    before = await table_counts()
+    with pytest.raises(tokendb.InsufficientTokens) as info:
+        await tokendb.add_message(session=session, role="assistant", content="b", tokens=11)
+    assert (info.value.user_id, info.value.balance, info.value.requested) == (user.id, 10, 11)
+    assert await table_counts() == before
+    await tokendb.add_message(session=session, role="assistant", content="b", tokens=10)
+    assert await tokendb.get_balance(user=user) == 0
+
+
+async def test_ended_session_takes_no_messages(tokendb_clean: str, chat) -> None:
+    session, _, _ = await chat()
+    ended = await tokendb.end_chat(session=session)
+    assert ended.ended_at is not None
+    again = await tokendb.end_chat(session=session.id)
+    assert again.ended_at == ended.ended_at  # idempotent: the first end stays
+    before = await table_counts()
+    with pytest.raises(tokendb.ChatSessionEnded) as info:
+        await tokendb.add_message(session=session, role="user", content="late", tokens=1)
+    assert info.value.session_id == session.id
+    assert await table_counts() == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"role": "robot"}, "role"),
+        ({"role": None}, "role"),
+        ({"content": None}, "content"),
+        ({"content": "nul\x00"}, "content"),
+        ({"content": "\ud800"}, "content"),
+        ({"tokens": -1}, "tokens"),
+        ({"tokens": 1.0}, "tokens"),
+        ({"tokens": True}, "tokens"),
+        ({"tokens": 2**31}, "tokens"),
+        ({"session": "not-a-uuid"}, "session"),
+    ],
+)
+async def test_add_message_rejects_bad_input_before_writing(
+    tokendb_clean: str, chat, changes: dict[str, object], field: str
+) -> None:
+    session, _, _ = await chat()
+    arguments: dict[str, object] = {"session": session, "role": "user", "content": "x", "tokens": 1}
+    arguments.update(changes)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.add_message(**arguments)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert await table_counts() == before
+
+
+async def test_unknown_session(tokendb_clean: str) -> None:
+    missing = uuid.uuid4()
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.add_message(session=missing, role="user", content="x", tokens=1)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.end_chat(session=missing)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_messages(session=missing)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.get_chat(session=missing)
+
+
+async def test_start_chat_needs_a_valid_key(tokendb_clean: str, make_api_key) -> None:
+    revoked, _ = await make_api_key()
+    await tokendb.revoke_api_key(api_key=revoked)
+    expiring, _ = await make_api_key(expires_at=datetime.now(UTC) + timedelta(minutes=1))
+    await _db.write(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", expiring.id
+    )
+    before = await table_counts()
+    with pytest.raises(tokendb.ApiKeyRevoked):
+        await tokendb.start_chat(api_key=revoked, model="m")
+    with pytest.raises(tokendb.ApiKeyExpired) as info:
+        await tokendb.start_chat(api_key=expiring.id, model="m")
+    assert info.value.expired_at is not None
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.start_chat(api_key=uuid.uuid4(), model="m")
+    valid, _ = await make_api_key()
+    for model in ("", "m" * 51, None, "nul\x00"):
+        with pytest.raises(tokendb.ValidationError) as bad:
+            await tokendb.start_chat(api_key=valid, model=model)  # type: ignore[arg-type]
+        assert bad.value.field == "model"
+    assert (await table_counts())["chat_sessions"] == before["chat_sessions"]
+
+
+async def test_ownership_checks(tokendb_clean: str, chat, make_user) -> None:
+    session, api_key, owner = await chat()
+    stranger = await make_user()
+    before = await table_counts()
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.start_chat(api_key=api_key, model="m", user=stranger)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.add_message(session=session, role="user", content="x", tokens=1, user=stranger)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.end_chat(session=session, user=stranger)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_messages(session=session, user=stranger)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.get_chat(session=session, user=stranger.id)
+    assert await table_counts() == before
+    await tokendb.add_message(session=session, role="user", content="x", tokens=1, user=owner)
+
+
+async def test_messages_page_oldest_first(tokendb_clean: str, chat) -> None:
+    session, _, _ = await chat()
+    sent = [
+        await tokendb.add_message(session=session, role="user", content=str(i), tokens=1)
+        for i in range(7)
+    ]
+    pages, after = [], None
+    while page := await tokendb.list_messages(session=session, limit=3, after=after):
+        pages.append(page)
+        after = page[-1]
+    assert [m.content for page in pages for m in page] == [str(i) for i in range(7)]
+    assert [len(p) for p in pages] == [3, 3, 1]
+    other, _, _ = await chat()
+    with pytest.raises(tokendb.NotFound):  # a cursor from another session
+        await tokendb.list_messages(session=other, after=sent[0])
+
+
+async def test_list_chats_newest_first(tokendb_clean: str, make_api_key) -> None:
+    api_key, _ = await make_api_key()
+    sessions = [await tokendb.start_chat(api_key=api_key, model=f"m{i}") for i in range(5)]
+    first = await tokendb.list_chats(user=api_key.user_id, limit=2)
+    rest = await tokendb.list_chats(user=api_key.user_id, limit=10, before=first[-1])
+    assert [s.id for s in first + rest] == [s.id for s in reversed(sessions)]
+
+
+async def test_chat_invariant_holds(tokendb_clean: str, chat) -> None:
+    session, _, _ = await chat()
+    for tokens in (3, 0, 5, 9):
+        await tokendb.add_message(session=session, role="assistant", content="t", tokens=tokens)
+    assert (await tokendb.get_chat(session=session)).tokens_used == 17
+    assert await tokendb.audit_chats() == []
