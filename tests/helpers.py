@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 async def table_counts() -> dict[str, int]:
-    """Rows per tokendb table plus the sum of all balances: equal before and after = nothing written."""
+    """Rows per tokendb table and summed counters: equal before and after = nothing written."""
     from tokendb import _db
     from tokendb.testing import TABLES
 

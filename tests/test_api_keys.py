@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tokendb
-from tokendb import _db, keys
 from tests.helpers import table_counts
+from tokendb import _db, keys
 
 
 async def test_issue_returns_the_plaintext_once_and_stores_only_its_hash(
@@ -61,7 +61,9 @@ async def test_last_used_at_is_throttled_and_forward_only(tokendb_clean: str, ma
     assert stamps == sorted(stamps) and stamps[0] >= third  # type: ignore[type-var]
 
 
-async def test_concurrent_verifies_of_a_hot_key_write_once(tokendb_clean: str, make_api_key) -> None:
+async def test_concurrent_verifies_of_a_hot_key_write_once(
+    tokendb_clean: str, make_api_key
+) -> None:
     api_key, secret = await make_api_key()
     results = await asyncio.gather(*(tokendb.verify_api_key(secret=secret) for _ in range(50)))
     stored = (await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id))[0]
@@ -70,7 +72,13 @@ async def test_concurrent_verifies_of_a_hot_key_write_once(tokendb_clean: str, m
 
 @pytest.mark.parametrize(
     "secret",
-    ["", "garbage", "sk_live_" + "a" * 40, "sk_live_" + "a" * 20, "sk_live_'; DROP TABLE users; --"],
+    [
+        "",
+        "garbage",
+        "sk_live_" + "a" * 40,
+        "sk_live_" + "a" * 20,
+        "sk_live_'; DROP TABLE users; --",
+    ],
 )
 async def test_unknown_or_malformed_keys_are_invalid(
     tokendb_clean: str, make_api_key, secret: str

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tokendb
+from tests.helpers import table_counts
 from tokendb import _db
 from tokendb.models import MessageRole, TransactionType
-from tests.helpers import table_counts
 
 
 @pytest.fixture
@@ -146,7 +146,9 @@ async def test_ownership_checks(tokendb_clean: str, chat, make_user) -> None:
     with pytest.raises(tokendb.NotFound):
         await tokendb.start_chat(api_key=api_key, model="m", user=stranger)
     with pytest.raises(tokendb.NotFound):
-        await tokendb.add_message(session=session, role="user", content="x", tokens=1, user=stranger)
+        await tokendb.add_message(
+            session=session, role="user", content="x", tokens=1, user=stranger
+        )
     with pytest.raises(tokendb.NotFound):
         await tokendb.end_chat(session=session, user=stranger)
     with pytest.raises(tokendb.NotFound):

@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 import tokendb
-from tokendb import _db
 from tests.helpers import table_counts
+from tokendb import _db
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,11 @@ async def settle(calls):  # type: ignore[no-untyped-def]
 
 
 def successes(results: list[object], kind: type) -> list[object]:
-    unexpected = [r for r in results if isinstance(r, BaseException) and not isinstance(r, tokendb.InsufficientTokens)]
+    unexpected = [
+        r
+        for r in results
+        if isinstance(r, BaseException) and not isinstance(r, tokendb.InsufficientTokens)
+    ]
     assert unexpected == [], unexpected[:3]
     return [r for r in results if isinstance(r, kind)]
 
@@ -120,7 +124,8 @@ async def test_messages_racing_a_short_balance_and_end_chat(make_api_key, funded
     calls.insert(40, tokendb.end_chat(session=session))
     results = await settle(calls)
     unexpected = [
-        r for r in results
+        r
+        for r in results
         if isinstance(r, BaseException)
         and not isinstance(r, (tokendb.InsufficientTokens, tokendb.ChatSessionEnded))
     ]
@@ -152,7 +157,8 @@ async def test_many_users_charged_and_chatting_at_once(make_api_key, funded_user
             )
     results = await settle(calls)
     unexpected = [
-        r for r in results
+        r
+        for r in results
         if isinstance(r, BaseException) and not isinstance(r, tokendb.InsufficientTokens)
     ]
     assert unexpected == []

@@ -17,7 +17,9 @@ def test_builder_passes_url_parameters_through() -> None:
     assert connection["engine"] == "tortoise.backends.asyncpg"
     credentials = connection["credentials"]
     assert (credentials["host"], credentials["port"], credentials["database"]) == (
-        "db.internal", 6543, "app",
+        "db.internal",
+        6543,
+        "app",
     )
     assert (credentials["user"], credentials["password"]) == ("u", "pw")
     assert (credentials["minsize"], credentials["maxsize"]) == (16, 16)

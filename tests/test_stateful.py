@@ -93,8 +93,14 @@ def make_machine(loop: asyncio.AbstractEventLoop) -> type[RuleBasedStateMachine]
         def new_reference(self) -> uuid.UUID:
             return uuid.uuid4()
 
-        def _move(self, operation: Any, kind: str, user_id: uuid.UUID, amount: int,
-                  reference: uuid.UUID | None) -> tokendb.TokenTransaction | None:
+        def _move(
+            self,
+            operation: Any,
+            kind: str,
+            user_id: uuid.UUID,
+            amount: int,
+            reference: uuid.UUID | None,
+        ) -> tokendb.TokenTransaction | None:
             delta = -amount if kind == "usage" else amount
             key = (user_id, kind, reference) if reference is not None else None
             if key is not None and key in self.books.references:
@@ -124,8 +130,7 @@ def make_machine(loop: asyncio.AbstractEventLoop) -> type[RuleBasedStateMachine]
                 self.books.references[key] = (delta, tx.id)
             return tx
 
-        @rule(target=charges, user=users, amount=amounts,
-              reference=st.none() | references)
+        @rule(target=charges, user=users, amount=amounts, reference=st.none() | references)
         def charge(self, user: uuid.UUID, amount: int, reference: uuid.UUID | None) -> Any:
             tx = self._move(tokendb.charge, "usage", user, amount, reference)
             if tx is None:

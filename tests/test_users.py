@@ -8,16 +8,17 @@ import uuid
 import pytest
 
 import tokendb
+from tests.helpers import table_counts
 from tokendb import passwords
 from tokendb.models import TransactionType, UserRole
-
-from tests.helpers import table_counts
 
 PASSWORD = "correct horse battery"
 
 
 async def test_create_user_normalizes_email_and_writes_the_signup_bonus(tokendb_clean: str) -> None:
-    user = await tokendb.create_user(email="  Ada.Lovelace@Example.COM ", password=PASSWORD, name=" Ada ")
+    user = await tokendb.create_user(
+        email="  Ada.Lovelace@Example.COM ", password=PASSWORD, name=" Ada "
+    )
     assert user.email == "ada.lovelace@example.com"
     assert user.name == "Ada"
     assert user.role is UserRole.USER
@@ -40,7 +41,9 @@ async def test_signup_bonus_is_configurable(tokendb_clean: str) -> None:
 
 
 async def test_role_accepts_member_or_string(tokendb_clean: str) -> None:
-    admin = await tokendb.create_user(email="a@example.com", password=PASSWORD, name="A", role="admin")
+    admin = await tokendb.create_user(
+        email="a@example.com", password=PASSWORD, name="A", role="admin"
+    )
     assert admin.role is UserRole.ADMIN
     demoted = await tokendb.set_role(user=admin.id, role=UserRole.USER)
     assert demoted.role is UserRole.USER
@@ -178,12 +181,16 @@ async def test_list_users_pages_in_creation_order(tokendb_clean: str, make_user)
 async def test_change_password(tokendb_clean: str, make_user) -> None:
     user = await make_user(email="pw@example.com", password=PASSWORD)
     with pytest.raises(tokendb.InvalidCredentials):
-        await tokendb.change_password(user=user, new_password="new password 1", current_password="nope")
+        await tokendb.change_password(
+            user=user, new_password="new password 1", current_password="nope"
+        )
     with pytest.raises(tokendb.ValidationError) as info:
         await tokendb.change_password(user=user, new_password="short")
     assert info.value.field == "new_password"
     await tokendb.authenticate(email="pw@example.com", password=PASSWORD)  # unchanged so far
-    await tokendb.change_password(user=user, new_password="new password 1", current_password=PASSWORD)
+    await tokendb.change_password(
+        user=user, new_password="new password 1", current_password=PASSWORD
+    )
     with pytest.raises(tokendb.InvalidCredentials):
         await tokendb.authenticate(email="pw@example.com", password=PASSWORD)
     await tokendb.authenticate(email="pw@example.com", password="new password 1")

@@ -48,8 +48,8 @@ from tortoise.backends.base.client import (
     TransactionalDBClient,
 )
 from tortoise.exceptions import BaseORMException
-from tortoise.models import Model
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
+from tortoise.models import Model
 
 from tokendb.errors import (
     ConfigurationError,
@@ -231,7 +231,7 @@ def _unavailable_on_loss(*, outcome_unknown: bool) -> Iterator[None]:
         yield
     except TokenDBError:
         raise
-    except (asyncio.TimeoutError, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise translate(exc, outcome_unknown=outcome_unknown) from exc
     except BaseException as exc:
         if _is_connection_loss(exc):
@@ -256,7 +256,7 @@ async def connection() -> AsyncIterator[Connection]:
     with _unavailable_on_loss(outcome_unknown=False):
         try:
             conn = await pool.acquire(timeout=timeout)
-        except (asyncio.TimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise DatabaseTimeout(
                 f"no pooled connection became free within {timeout:g} s "
                 "(pool too small for the load, or the database is stuck)"
@@ -266,7 +266,7 @@ async def connection() -> AsyncIterator[Connection]:
     finally:
         try:
             await pool.release(conn, timeout=timeout)
-        except Exception:  # noqa: BLE001 - a broken connection must not mask the real error
+        except Exception:
             conn.terminate()
 
 
@@ -347,7 +347,7 @@ async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
             if not conn.is_closed():
                 try:
                     await tx.rollback()
-                except Exception:  # noqa: BLE001 - the original error is what matters
+                except Exception:
                     conn.terminate()
             raise
         with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
