@@ -98,7 +98,7 @@ async def test_models_and_migrations_agree(server_url: str, tmp_path: Path) -> N
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(migrations_location(), tmp_path / "migrations")
     shutil.copy(repo / "pyproject.toml", tmp_path / "pyproject.toml")
-    before = sorted((tmp_path / "migrations" / "tokendb").glob("*.py"))  # noqa: ASYNC240
+    before = sorted((tmp_path / "migrations" / "tokendb").glob("*.py"))
     async with throwaway_database(server_url, prefix="tokendb_mig") as url:
         await tokendb.migrate(url)
         result = await asyncio.to_thread(
@@ -112,4 +112,4 @@ async def test_models_and_migrations_agree(server_url: str, tmp_path: Path) -> N
         )
     assert result.returncode == 0, result.stderr
     assert "No changes detected" in result.stdout
-    assert sorted((tmp_path / "migrations" / "tokendb").glob("*.py")) == before  # noqa: ASYNC240
+    assert sorted((tmp_path / "migrations" / "tokendb").glob("*.py")) == before
