@@ -73,6 +73,7 @@ def text(
     """A string without NUL bytes (PostgreSQL text cannot hold them), of a bounded length."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
+    value = str(value)
     if strip:
         value = value.strip()
     if "\x00" in value:

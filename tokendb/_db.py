@@ -73,7 +73,8 @@ __all__ = [
 T = TypeVar("T")
 P = ParamSpec("P")
 Record = asyncpg.Record
-Connection = asyncpg.Connection
+# A pooled connection is handed out as a proxy; both speak the same API.
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True)
@@ -273,13 +274,14 @@ async def connection() -> AsyncIterator[Connection]:
 async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
     # Tortoise creates its pool lazily on first use; reuse its own guarded
     # initialisation so tokendb and the ORM share one pool.
-    wrapper: PoolConnectionWrapper[Any] = PoolConnectionWrapper(client, client._pool_init_lock)
+    lock: asyncio.Lock = getattr(client, "_pool_init_lock")  # noqa: B009 - not in the base type
+    wrapper: PoolConnectionWrapper[Any] = PoolConnectionWrapper(client, lock)
     with _unavailable_on_loss(outcome_unknown=False):
         try:
             await asyncio.wait_for(wrapper.ensure_connection(), _settings.acquire_timeout)
         except BaseORMException as exc:
             raise DatabaseUnavailable(f"the database is unavailable: {exc}") from exc
-    pool: asyncpg.Pool = client._pool  # type: ignore[attr-defined]
+    pool: asyncpg.Pool = getattr(client, "_pool")  # noqa: B009 - not in the base type
     return pool
 
 

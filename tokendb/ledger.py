@@ -261,7 +261,7 @@ async def refund(
     requested = None if amount is None else _args.positive_amount(amount)
     text = _description(description)
 
-    async def body(conn: asyncpg.Connection) -> TokenTransaction:
+    async def body(conn: _db.Connection) -> TokenTransaction:
         # Statement 1 takes the user's row lock; statement 2 then reads the
         # refunds with a fresh snapshot that includes every refund committed
         # before the lock was granted.
