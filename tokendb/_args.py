@@ -73,20 +73,18 @@ def text(
     """A string without NUL bytes (PostgreSQL text cannot hold them), of a bounded length."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
-    value = str(value)
-    if strip:
-        value = value.strip()
-    if "\x00" in value:
+    result: str = value.strip() if strip else value
+    if "\x00" in result:
         raise ValidationError(field, "must not contain NUL characters")
-    if len(value) < min_length:
+    if len(result) < min_length:
         raise ValidationError(
             field, "must not be empty" if min_length == 1 else f"needs {min_length}+ characters"
         )
-    if len(value) > max_length:
-        raise ValidationError(field, f"must be at most {max_length} characters, got {len(value)}")
-    if has_lone_surrogate(value):
+    if len(result) > max_length:
+        raise ValidationError(field, f"must be at most {max_length} characters, got {len(result)}")
+    if has_lone_surrogate(result):
         raise ValidationError(field, "is not valid Unicode (lone surrogate)")
-    return value
+    return result
 
 
 def optional_text(value: Any, field: str, *, max_length: int) -> str | None:
