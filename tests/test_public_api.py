@@ -1,0 +1,97 @@
+"""The public surface: flat exports, keyword-only operations, documented contracts, one error tree."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import tokendb
+import tokendb.errors
+
+DOMAIN_MODULES = {"tokendb.users", "tokendb.api_keys", "tokendb.ledger", "tokendb.chats"}
+
+OPERATIONS = [
+    getattr(tokendb, name)
+    for name in tokendb.__all__
+    if inspect.iscoroutinefunction(getattr(tokendb, name))
+    and getattr(tokendb, name).__module__ in DOMAIN_MODULES
+]
+
+
+def test_everything_in___all___is_importable_and_nothing_private() -> None:
+    assert sorted(tokendb.__all__) == tokendb.__all__
+    for name in tokendb.__all__:
+        assert not name.startswith("_")
+        assert hasattr(tokendb, name), name
+
+
+def test_there_are_operations_for_every_domain() -> None:
+    assert {op.__module__ for op in OPERATIONS} == DOMAIN_MODULES
+    assert len(OPERATIONS) >= 20
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.__name__)
+def test_operations_take_keyword_arguments_only(operation) -> None:  # type: ignore[no-untyped-def]
+    parameters = inspect.signature(operation).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters), operation
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.__name__)
+def test_operations_document_their_contract(operation) -> None:  # type: ignore[no-untyped-def]
+    doc = inspect.getdoc(operation) or ""
+    assert len(doc.splitlines()[0]) > 10, operation
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [*OPERATIONS, tokendb.init, tokendb.close, tokendb.migrate],
+    ids=lambda op: op.__name__,
+)
+def test_operations_translate_driver_errors(operation) -> None:  # type: ignore[no-untyped-def]
+    # @_db.translated wraps the function; the wrapper is what turns asyncpg,
+    # OSError and Tortoise errors into TokenDBError leaves.
+    assert hasattr(operation, "__wrapped__"), f"{operation.__name__} is not @_db.translated"
+
+
+def test_one_exception_tree() -> None:
+    classes = [
+        obj
+        for obj in vars(tokendb.errors).values()
+        if isinstance(obj, type)
+        and issubclass(obj, Exception)
+        and obj.__module__ == "tokendb.errors"
+    ]
+    assert len(classes) >= 16
+    for cls in classes:
+        assert issubclass(cls, tokendb.TokenDBError), cls
+        assert getattr(tokendb, cls.__name__) is cls, f"{cls.__name__} not exported"
+    for leaf in (tokendb.ApiKeyRevoked, tokendb.ApiKeyExpired):
+        assert issubclass(leaf, tokendb.InvalidApiKey)
+    assert issubclass(tokendb.DatabaseTimeout, tokendb.DatabaseUnavailable)
+
+
+def test_errors_carry_their_facts() -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    user_id, reference = uuid.uuid4(), uuid.uuid4()
+    insufficient = tokendb.InsufficientTokens(user_id, 5, 9)
+    assert (insufficient.user_id, insufficient.balance, insufficient.requested) == (user_id, 5, 9)
+    conflict = tokendb.ReferenceConflict(reference, existing_amount=3, requested_amount=4)
+    assert conflict.reference_id == reference
+    refund = tokendb.RefundExceedsCharge(reference, 2, 3)
+    assert (refund.transaction_id, refund.refundable, refund.requested) == (reference, 2, 3)
+    expired = tokendb.ApiKeyExpired("sk_live_abcd", datetime(2020, 1, 1, tzinfo=UTC))
+    assert expired.expired_at.year == 2020
+    assert tokendb.PermissionDenied("chat").permission == "chat"
+    assert tokendb.EmailTaken("a@b.io").email == "a@b.io"
+    assert tokendb.ChatSessionEnded(reference).session_id == reference
+    validation = tokendb.ValidationError("amount", "must be positive")
+    assert (validation.field, validation.reason) == ("amount", "must be positive")
+
+
+def test_package_is_typed() -> None:
+    from pathlib import Path
+
+    assert (Path(tokendb.__file__).parent / "py.typed").exists()
