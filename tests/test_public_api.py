@@ -1,4 +1,4 @@
-"""The public surface: flat exports, keyword-only operations, documented contracts, one error tree."""
+"""The public surface: flat exports, keyword-only operations, documented contracts, errors."""
 
 from __future__ import annotations
 
