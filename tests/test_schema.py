@@ -266,40 +266,46 @@ async def test_role_only_takes_its_values(raw: asyncpg.Connection) -> None:
 
 
 async def test_email_unique_case_insensitively(raw: asyncpg.Connection) -> None:
-    await insert_user(raw, email="ada@example.com")
+    email = f"ada-{uuid.uuid4().hex[:8]}@example.com"
+    await insert_user(raw, email=email)
     await assert_rejected(
         raw,
         asyncpg.UniqueViolationError,
         "users_email_lower_key",
-        "INSERT INTO users (email, password_hash, name) VALUES ('ADA@Example.com', 'x', 'n')",
+        "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')",
+        email.upper(),
     )
     await assert_rejected(
         raw,
         asyncpg.UniqueViolationError,
         "users_email_key",
-        "INSERT INTO users (email, password_hash, name) VALUES ('ada@example.com', 'x', 'n')",
+        "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')",
+        email,
     )
 
 
 async def test_key_hash_unique_and_permissions_an_array(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
+    key_hash = uuid.uuid4().hex
     await raw.execute(
-        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) VALUES ($1, 'h', 'p', 'k')",
+        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) VALUES ($1, $2, 'p', 'k')",
         user_id,
+        key_hash,
     )
     await assert_rejected(
         raw,
         asyncpg.UniqueViolationError,
         "api_keys_key_hash_key",
-        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) VALUES ($1, 'h', 'p', 'k')",
+        "INSERT INTO api_keys (user_id, key_hash, key_prefix, name) VALUES ($1, $2, 'p', 'k')",
         user_id,
+        key_hash,
     )
     await assert_rejected(
         raw,
         asyncpg.CheckViolationError,
         "api_keys_permissions_array",
         "INSERT INTO api_keys (user_id, key_hash, key_prefix, name, permissions) "
-        "VALUES ($1, 'h2', 'p', 'k', '{\"a\": 1}')",
+        "VALUES ($1, gen_random_uuid()::text, 'p', 'k', '{\"a\": 1}')",
         user_id,
     )
 

@@ -44,6 +44,7 @@ import asyncpg
 
 from tokendb import _args, _db
 from tokendb.errors import (
+    DatabaseUnavailable,
     InsufficientTokens,
     NotFound,
     ReferenceConflict,
@@ -131,7 +132,9 @@ async def _move(
         if delta < 0 and balance + delta < 0:
             raise InsufficientTokens(user_id, balance, requested)
         # The refusal no longer holds (e.g. a top-up landed meanwhile): try again.
-    raise InsufficientTokens(user_id, await _balance_or_none(user_id) or 0, requested)
+    raise DatabaseUnavailable(
+        f"the movement for user {user_id} kept being refused under contention; retry"
+    )
 
 
 async def _find_reference(
