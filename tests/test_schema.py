@@ -509,3 +509,54 @@ async def test_deleting_a_session_cascades_to_its_messages(raw: asyncpg.Connecti
 async def test_chat_checks(raw: asyncpg.Connection, sql: str, constraint: str) -> None:
     session_id = await insert_session(raw, await insert_user(raw))
     await assert_rejected(raw, asyncpg.CheckViolationError, constraint, sql, session_id)
+
+
+async def test_truncating_the_ledger_is_refused(raw: asyncpg.Connection) -> None:
+    await assert_rejected(
+        raw,
+        asyncpg.RestrictViolationError,
+        "token_transactions_append_only",
+        "TRUNCATE token_transactions",
+    )
+    await assert_rejected(
+        raw,
+        asyncpg.RestrictViolationError,
+        "token_transactions_append_only",
+        "TRUNCATE users CASCADE",
+    )
+
+
+async def test_a_balance_only_changes_with_its_ledger_row(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw, token_balance=0)
+    # Deferred to COMMIT; made immediate here so the savepoint sees it.
+    await raw.execute("SET CONSTRAINTS users_balance_follows_ledger IMMEDIATE")
+    await assert_rejected(
+        raw,
+        asyncpg.CheckViolationError,
+        "users_balance_follows_ledger",
+        "UPDATE users SET token_balance = 50 WHERE id = $1",
+        user_id,
+    )
+    # The same change with its ledger row in the same statement is accepted.
+    await raw.execute(
+        "WITH moved AS (UPDATE users SET token_balance = 50 WHERE id = $1 RETURNING id) "
+        "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+        "SELECT id, 50, 'topup', 50 FROM moved",
+        user_id,
+    )
+    # Other columns stay freely editable.
+    await raw.execute("UPDATE users SET name = 'renamed' WHERE id = $1", user_id)
+
+
+async def test_revocation_is_final(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    key_id = await insert_key(raw, user_id)
+    await raw.execute("UPDATE api_keys SET is_active = false, name = 'old' WHERE id = $1", key_id)
+    for sql in (
+        "UPDATE api_keys SET is_active = true WHERE id = $1",
+        "UPDATE api_keys SET key_hash = 'other' WHERE id = $1",
+    ):
+        await assert_rejected(
+            raw, asyncpg.CheckViolationError, "api_keys_revocation_final", sql, key_id
+        )
+    await raw.execute("UPDATE api_keys SET name = 'renamed' WHERE id = $1", key_id)

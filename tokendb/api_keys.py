@@ -12,6 +12,7 @@ row lock).
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -114,15 +115,20 @@ async def issue_api_key(
     return _db.to_model(ApiKey, rows[0]), secret
 
 
+MAX_TOUCH_INTERVAL = timedelta(days=365)
+
+
 def _touch_interval(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         interval = value
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or not 0 <= value <= MAX_TOUCH_INTERVAL.total_seconds():
+            raise ValidationError("touch_interval", "must be between 0 s and 365 days")
         interval = timedelta(seconds=value)
     else:
         raise ValidationError("touch_interval", "must be a timedelta or a number of seconds")
-    if interval < timedelta(0):
-        raise ValidationError("touch_interval", "must not be negative")
+    if not timedelta(0) <= interval <= MAX_TOUCH_INTERVAL:
+        raise ValidationError("touch_interval", "must be between 0 s and 365 days")
     return interval
 
 
@@ -154,6 +160,12 @@ async def verify_api_key(
     api_key = _db.to_model(ApiKey, {column: row[column] for column in _KEY_COLUMNS})
     if row["touched_at"] is not None:
         api_key.last_used_at = row["touched_at"]
+    elif _was_stale(api_key, row["checked_at"], interval):
+        # A concurrent verify won the race to touch it (our UPDATE re-checked
+        # the row after its commit and skipped): report what it wrote.
+        current = await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id)
+        if current:
+            api_key.last_used_at = current[0]["last_used_at"]
     user = _db.to_model(User, {column: row[f"user_{column}"] for column in _USER_COLUMNS})
     api_key._user = user  # what select_related("user") would set: api_key.user is loaded
     if not api_key.is_active:
@@ -163,6 +175,14 @@ async def verify_api_key(
     if permission is not None and not keys.grants(api_key.permissions, permission):
         raise PermissionDenied(permission, api_key.key_prefix)
     return api_key
+
+
+def _was_stale(api_key: ApiKey, checked_at: datetime, interval: timedelta) -> bool:
+    if not api_key.is_active or (
+        api_key.expires_at is not None and api_key.expires_at <= checked_at
+    ):
+        return False
+    return api_key.last_used_at is None or api_key.last_used_at < checked_at - interval
 
 
 @_db.translated

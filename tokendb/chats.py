@@ -11,13 +11,12 @@ deadlock with each other or with the ledger (which locks only users).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db
+from tokendb import _args, _db, _keyset
 from tokendb.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
@@ -220,23 +219,16 @@ async def list_chats(
             user_id, page,
         )
     else:
-        created_at, cursor_id = await _session_cursor(before)
+        created_at, cursor_id = await _keyset.cursor(
+            before, ChatSession, field="before", entity="chat session",
+            owner_column="user_id", owner_id=user_id,
+        )
         rows = await _db.read(
             "SELECT * FROM chat_sessions WHERE user_id = $1 AND (created_at, id) < ($3, $4) "
             "ORDER BY created_at DESC, id DESC LIMIT $2",
             user_id, page, created_at, cursor_id,
         )
     return [_db.to_model(ChatSession, row) for row in rows]
-
-
-async def _session_cursor(before: Any) -> tuple[datetime, UUID]:
-    if isinstance(before, ChatSession):
-        return before.created_at, before.id
-    cursor_id = _args.uuid_value(before, "before")
-    rows = await _db.read("SELECT created_at FROM chat_sessions WHERE id = $1", cursor_id)
-    if not rows:
-        raise NotFound("chat session", cursor_id)
-    return rows[0]["created_at"], cursor_id
 
 
 _MESSAGES_FIRST = """
@@ -274,14 +266,11 @@ async def list_messages(
     if after is None:
         rows = await _db.read(_MESSAGES_FIRST, session_id, page)
     else:
-        cursor_id = _args.ref_id(after, "after", ChatMessage)
-        cursor = await _db.read(
-            "SELECT created_at FROM chat_messages WHERE id = $1 AND session_id = $2",
-            cursor_id, session_id,
+        created_at, cursor_id = await _keyset.cursor(
+            after, ChatMessage, field="after", entity="chat message",
+            owner_column="session_id", owner_id=session_id,
         )
-        if not cursor:
-            raise NotFound("chat message", cursor_id)
-        rows = await _db.read(_MESSAGES_AFTER, session_id, page, cursor[0]["created_at"], cursor_id)
+        rows = await _db.read(_MESSAGES_AFTER, session_id, page, created_at, cursor_id)
     return [_db.to_model(ChatMessage, row) for row in rows]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -25,7 +25,6 @@ __all__ = [
     "APP_LABEL",
     "DEFAULT_POOL_MAX_SIZE",
     "DEFAULT_POOL_MIN_SIZE",
-    "TORTOISE_ORM",
     "database_url_from_env",
     "mask_url",
     "tortoise_config",
@@ -46,15 +45,20 @@ _URL_EXAMPLE = "postgres://user:password@127.0.0.1:5432/tokendb"
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for error messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
+    """``url`` with its password replaced by ``***``, for error messages and logs.
+
+    Works on text rather than on ``urlsplit``: a password with an unencoded
+    ``/``, ``#`` or ``?`` does not parse as a password, and must be hidden all
+    the same. Everything between ``user:`` and the last ``@`` is masked.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "<redacted>" if "@" in url else url
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _parse_pool_size(value: str, name: str, variable: str) -> int:
@@ -109,8 +113,12 @@ def tortoise_config(
             problem = "it names no database"
         else:
             _ = parts.port  # raises ValueError for a non-numeric port
-    except ValueError as exc:
-        problem = str(exc)
+    except ValueError:
+        # Not str(exc): it can quote part of the password back.
+        problem = (
+            "its host or port does not parse; percent-encode special characters "
+            "(/ # ? @ :) in the user name and password"
+        )
     if problem is not None:
         raise ConfigurationError(
             f"{variable} is not a usable PostgreSQL URL ({problem}): {mask_url(database_url)!r}; "
@@ -119,11 +127,11 @@ def tortoise_config(
         )
     try:
         connection = expand_db_url(database_url)
-    except (TortoiseConfigurationError, ValueError) as exc:
+    except (TortoiseConfigurationError, ValueError):
         raise ConfigurationError(
-            f"{variable} is not a usable PostgreSQL URL ({exc}): {mask_url(database_url)!r}",
+            f"{variable} is not a usable PostgreSQL URL: {mask_url(database_url)!r}",
             variable=variable,
-        ) from exc
+        ) from None
 
     credentials: dict[str, Any] = connection["credentials"]
     for key, given, default in (

@@ -36,13 +36,12 @@ is append-only (a trigger). :func:`audit_ledger` checks the books.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db
+from tokendb import _args, _db, _keyset
 from tokendb.errors import (
     DatabaseUnavailable,
     InsufficientTokens,
@@ -326,7 +325,8 @@ async def list_transactions(
 
     Keyset pagination on ``(created_at, id)``, never OFFSET, so page 1,000
     costs what page 1 costs: pass the last row of the previous page as
-    ``before``. Raises :class:`NotFound` (unknown user or ``before`` row).
+    ``before``. Raises :class:`NotFound` (unknown user, or a ``before`` row
+    that is not this user's).
     """
     user_id = _args.ref_id(user, "user", User)
     page = _args.page_limit(limit)
@@ -335,19 +335,12 @@ async def list_transactions(
         if not rows and await _balance_or_none(user_id) is None:
             raise NotFound("user", user_id)
     else:
-        created_at, cursor_id = await _cursor(before)
+        created_at, cursor_id = await _keyset.cursor(
+            before, TokenTransaction, field="before", entity="transaction",
+            owner_column="user_id", owner_id=user_id,
+        )
         rows = await _db.read(_PAGE_BEFORE, user_id, page, created_at, cursor_id)
     return [_db.to_model(TokenTransaction, row) for row in rows]
-
-
-async def _cursor(before: Any) -> tuple[datetime, UUID]:
-    if isinstance(before, TokenTransaction):
-        return before.created_at, before.id
-    cursor_id = _args.uuid_value(before, "before")
-    rows = await _db.read("SELECT created_at FROM token_transactions WHERE id = $1", cursor_id)
-    if not rows:
-        raise NotFound("transaction", cursor_id)
-    return rows[0]["created_at"], cursor_id
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,11 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
 
 def _verify(hasher: PasswordHasher, password_hash: str, password: str) -> bool:
+    # surrogatepass: a lone surrogate (json.loads('"\\ud800"') makes one) must
+    # be a wrong password, not a UnicodeEncodeError. Valid text encodes as usual.
+    secret = password.encode("utf-8", "surrogatepass")
     try:
-        return hasher.verify(password_hash, password)
+        return hasher.verify(password_hash, secret)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

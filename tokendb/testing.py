@@ -115,7 +115,12 @@ async def truncate_all() -> None:
     """Empty tokendb's tables (keeping Aerich's migration history)."""
     from tokendb import _db
 
-    await _db.write(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    async def truncate(conn: _db.Connection) -> None:
+        # The ledger refuses TRUNCATE unless this transaction says it is a test harness.
+        await conn.execute("SET LOCAL tokendb.allow_truncate = on")
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+
+    await _db.transaction(truncate)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -124,7 +124,7 @@ async def authenticate(*, email: str, password: str) -> User:
     timing does not tell them apart. A hash made with older argon2 parameters
     is replaced on success.
     """
-    if not isinstance(password, str):
+    if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidCredentials()
     try:
         normalized = normalize_email(email)
@@ -203,25 +203,34 @@ async def change_password(
 ) -> User:
     """Set a new password; when ``current_password`` is given it must match first.
 
+    With ``current_password`` the write is conditional on the hash it was
+    checked against, so it cannot overwrite a password changed meanwhile.
+
     Raises :class:`ValidationError` for a too-short password,
-    :class:`InvalidCredentials` when ``current_password`` is wrong and
-    :class:`NotFound` for an unknown user.
+    :class:`InvalidCredentials` when ``current_password`` is wrong (or the
+    password changed meanwhile) and :class:`NotFound` for an unknown user.
     """
     user_id = _args.ref_id(user, "user", User)
     password = _password(new_password, "new_password")
+    checked_hash: str | None = None
     if current_password is not None:
+        if not isinstance(current_password, str) or len(current_password) > MAX_PASSWORD_LENGTH:
+            raise InvalidCredentials()
         rows = await _db.read("SELECT password_hash FROM users WHERE id = $1", user_id)
         if not rows:
             raise NotFound("user", user_id)
-        if not await passwords.verify_password(rows[0]["password_hash"], current_password):
+        checked_hash = rows[0]["password_hash"]
+        if not await passwords.verify_password(checked_hash, current_password):
             raise InvalidCredentials()
     new_hash = await passwords.hash_password(password)
     rows = await _db.write(
         "UPDATE users SET password_hash = $2, updated_at = clock_timestamp() "
-        "WHERE id = $1 RETURNING *",
-        user_id, new_hash,
+        "WHERE id = $1 AND ($3::text IS NULL OR password_hash = $3) RETURNING *",
+        user_id, new_hash, checked_hash,
     )
     if not rows:
+        if checked_hash is not None:
+            raise InvalidCredentials()  # changed since we checked it
         raise NotFound("user", user_id)
     return _db.to_model(User, rows[0])
 

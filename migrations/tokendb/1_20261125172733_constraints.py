@@ -80,9 +80,14 @@ CREATE INDEX "chat_sessions_user_created_idx" ON "chat_sessions" ("user_id", "cr
 CREATE INDEX "chat_messages_session_created_idx"
     ON "chat_messages" ("session_id", "created_at", "id");
 
--- The ledger is append-only: rows are corrected by new rows, never edited.
+-- The ledger is append-only: rows are corrected by new rows, never edited,
+-- deleted or truncated. (A test harness may empty the tables with
+-- SET LOCAL tokendb.allow_truncate = on; nothing else can.)
 CREATE FUNCTION "tokendb_ledger_append_only"() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF TG_OP = 'TRUNCATE' AND current_setting('tokendb.allow_truncate', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     RAISE EXCEPTION 'token_transactions is append-only: % refused', TG_OP
         USING ERRCODE = 'restrict_violation', CONSTRAINT = 'token_transactions_append_only';
 END
@@ -90,6 +95,55 @@ $$;
 CREATE TRIGGER "token_transactions_append_only"
     BEFORE UPDATE OR DELETE ON "token_transactions"
     FOR EACH ROW EXECUTE FUNCTION "tokendb_ledger_append_only"();
+CREATE TRIGGER "token_transactions_no_truncate"
+    BEFORE TRUNCATE ON "token_transactions"
+    FOR EACH STATEMENT EXECUTE FUNCTION "tokendb_ledger_append_only"();
+
+-- A balance only changes together with its ledger row: at commit, a user's
+-- token_balance must equal the balance_after of their newest row. Catches a
+-- stale ORM instance saved back over a charge (Model.save() writes every
+-- column), and any raw UPDATE that bypasses the ledger. Deferred, because the
+-- ledger row may be written after the balance within one transaction.
+CREATE FUNCTION "tokendb_balance_follows_ledger"() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    current_balance integer;
+    last_after integer;
+BEGIN
+    SELECT "token_balance" INTO current_balance FROM "users" WHERE "id" = NEW."id";
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT "balance_after" INTO last_after FROM "token_transactions"
+        WHERE "user_id" = NEW."id" ORDER BY "created_at" DESC, "id" DESC LIMIT 1;
+    IF last_after IS DISTINCT FROM current_balance THEN
+        RAISE EXCEPTION 'token_balance of user % is % but its ledger says %: '
+            'balances change only through the ledger', NEW."id", current_balance, last_after
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'users_balance_follows_ledger';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE CONSTRAINT TRIGGER "users_balance_follows_ledger"
+    AFTER UPDATE OF "token_balance" ON "users"
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (OLD."token_balance" IS DISTINCT FROM NEW."token_balance")
+    EXECUTE FUNCTION "tokendb_balance_follows_ledger"();
+
+-- Revocation is final, and a key never changes hands or secret.
+CREATE FUNCTION "tokendb_api_key_immutable"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'API key %: revocation is final and key_hash/user_id never change', OLD."id"
+        USING ERRCODE = 'check_violation', CONSTRAINT = 'api_keys_revocation_final';
+END
+$$;
+CREATE TRIGGER "api_keys_revocation_final"
+    BEFORE UPDATE ON "api_keys"
+    FOR EACH ROW WHEN (
+        (NOT OLD."is_active" AND NEW."is_active")
+        OR OLD."key_hash" <> NEW."key_hash"
+        OR OLD."user_id" <> NEW."user_id"
+    )
+    EXECUTE FUNCTION "tokendb_api_key_immutable"();
 
 -- A refund must point at a usage row of the same user, and all refunds of a
 -- charge together never exceed it.
@@ -98,8 +152,11 @@ DECLARE
     charged integer;
     refunded bigint;
 BEGIN
+    -- Lock the charge first: concurrent refunds of it then add up one at a
+    -- time (the sum below is read with a snapshot taken after the lock).
     SELECT -"amount" INTO charged FROM "token_transactions"
-        WHERE "id" = NEW."reference_id" AND "user_id" = NEW."user_id" AND "type" = 'usage';
+        WHERE "id" = NEW."reference_id" AND "user_id" = NEW."user_id" AND "type" = 'usage'
+        FOR UPDATE;
     IF charged IS NULL THEN
         RAISE EXCEPTION 'refund % does not reference a usage row of its user', NEW."id"
             USING ERRCODE = 'check_violation', CONSTRAINT = 'token_transactions_refund_target';
@@ -124,6 +181,11 @@ async def downgrade(db: BaseDBAsyncClient) -> str:
     return """
 DROP TRIGGER IF EXISTS "token_transactions_refund_within_charge" ON "token_transactions";
 DROP FUNCTION IF EXISTS "tokendb_refund_within_charge"();
+DROP TRIGGER IF EXISTS "api_keys_revocation_final" ON "api_keys";
+DROP FUNCTION IF EXISTS "tokendb_api_key_immutable"();
+DROP TRIGGER IF EXISTS "users_balance_follows_ledger" ON "users";
+DROP FUNCTION IF EXISTS "tokendb_balance_follows_ledger"();
+DROP TRIGGER IF EXISTS "token_transactions_no_truncate" ON "token_transactions";
 DROP TRIGGER IF EXISTS "token_transactions_append_only" ON "token_transactions";
 DROP FUNCTION IF EXISTS "tokendb_ledger_append_only"();
 
