@@ -16,7 +16,7 @@ from typing import Any
 from tortoise import Tortoise
 
 from tokendb import _db
-from tokendb.config import APP_LABEL, config_from_env
+from tokendb.config import APP_LABEL, config_for, resolve_database_async
 from tokendb.errors import ConfigurationError, TokenDBError
 
 __all__ = ["close", "connect", "init", "migrate", "migrations_location"]
@@ -52,7 +52,8 @@ async def init(
     """Initialise Tortoise with tokendb's models and open the connection pool.
 
     ``database_url`` defaults to ``DATABASE_URL`` (read from the environment
-    or ``.env``). URL parameters pass through to Tortoise, so
+    or ``.env``), else to tokendb's embedded server (``tokendb[embedded]``),
+    which is started if need be and migrated here. URL parameters pass through to Tortoise, so
     ``?minsize=16&maxsize=16`` sizes the pool; ``min_size``/``max_size`` win
     over the URL. Every wait is bounded: ``acquire_timeout`` seconds for a
     pooled connection, and the server cancels a statement after
@@ -66,7 +67,10 @@ async def init(
     Raises :class:`ConfigurationError` for a missing or malformed URL and
     :class:`DatabaseUnavailable` when the server cannot be reached.
     """
-    config = config_from_env(database_url)
+    database = await resolve_database_async(database_url)
+    if database.embedded:
+        await migrate(database.url)
+    config = config_for(database)
     credentials = config["connections"]["default"]["credentials"]
     if min_size is not None:
         credentials["minsize"] = min_size
@@ -114,6 +118,9 @@ async def connect(database_url: str | None = None, **options: Any) -> AsyncItera
 async def migrate(database_url: str | None = None) -> list[str]:
     """Apply tokendb's pending Aerich migrations (``aerich upgrade``); return the files applied.
 
+    ``database_url`` is resolved as by :func:`init` (``DATABASE_URL``, else the
+    embedded server).
+
     Each migration runs in its own transaction, so a failing one leaves the
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
@@ -121,7 +128,7 @@ async def migrate(database_url: str | None = None) -> list[str]:
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
 
-    config = config_from_env(database_url)
+    config = config_for(await resolve_database_async(database_url))
     credentials = config["connections"]["default"]["credentials"]
     credentials["minsize"], credentials["maxsize"] = 1, 1
     location = str(migrations_location())
