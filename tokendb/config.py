@@ -33,6 +33,7 @@ __all__ = [
     "config_for",
     "config_from_env",
     "data_dir_from_env",
+    "embedded_allowed_from_env",
     "database_url_from_env",
     "mask_url",
     "resolve_database",
@@ -209,6 +210,12 @@ def data_dir_from_env() -> Path:
     return Path(raw).expanduser() if raw else Path.home() / ".tokendb"
 
 
+def embedded_allowed_from_env() -> bool:
+    """False when ``TOKENDB_EMBEDDED`` is ``0``/``false``/``no``/``off``: never start the embedded server."""
+    load_env_file()
+    return os.environ.get("TOKENDB_EMBEDDED", "").strip().lower() not in {"0", "false", "no", "off"}
+
+
 def _configured(database_url: str | None) -> ResolvedDatabase | None:
     if database_url is not None:
         return ResolvedDatabase(database_url, "database_url", embedded=False)
@@ -218,13 +225,23 @@ def _configured(database_url: str | None) -> ResolvedDatabase | None:
     return None
 
 
+def _check_embedded_allowed() -> None:
+    if not embedded_allowed_from_env():
+        raise ConfigurationError(
+            "DATABASE_URL is not set (and TOKENDB_EMBEDDED=off forbids the embedded server): "
+            f"export it or put it in .env, e.g. DATABASE_URL={_URL_EXAMPLE}",
+            variable="DATABASE_URL",
+        )
+
+
 def resolve_database(database_url: str | None) -> ResolvedDatabase:
     """The database to use. This is tokendb's one resolution rule:
 
     1. ``database_url`` when given;
     2. else ``DATABASE_URL`` (from the environment or ``.env``);
     3. else the embedded server (:mod:`tokendb.embedded`, data dir
-       ``TOKENDB_DATA_DIR`` or ``~/.tokendb``), started if need be.
+       ``TOKENDB_DATA_DIR`` or ``~/.tokendb``), started if need be, unless
+       ``TOKENDB_EMBEDDED=off`` (for deployments that must never fall back).
 
     Starting the embedded server blocks; async code calls
     :func:`resolve_database_async`. Raises :class:`ConfigurationError`
@@ -236,6 +253,7 @@ def resolve_database(database_url: str | None) -> ResolvedDatabase:
         return configured
     from tokendb import embedded
 
+    _check_embedded_allowed()
     return ResolvedDatabase(
         embedded.ensure_server(data_dir_from_env()), "TOKENDB_DATA_DIR", embedded=True
     )
@@ -248,6 +266,7 @@ async def resolve_database_async(database_url: str | None) -> ResolvedDatabase:
         return configured
     from tokendb import embedded
 
+    _check_embedded_allowed()
     url = await embedded.ensure_server_async(data_dir_from_env())
     return ResolvedDatabase(url, "TOKENDB_DATA_DIR", embedded=True)
 

@@ -67,6 +67,7 @@ __all__ = [
     "cluster_dir",
     "ensure_server",
     "ensure_server_async",
+    "install_sigterm_handler",
     "is_available",
     "server_status",
     "stop_server",
@@ -276,7 +277,7 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def _install_sigterm_handler() -> None:
+def install_sigterm_handler() -> None:
     """Make SIGTERM exit normally; only from the main thread, only over the default handler."""
     if threading.current_thread() is not threading.main_thread():
         return
@@ -389,7 +390,7 @@ def _before_wheel_cleanup(server: Any, pgdata: Path) -> None:
 
 async def ensure_server_async(data_dir: Path, *, keep_running: bool = False) -> str:
     """:func:`ensure_server` in a worker thread, so the event loop never blocks on it."""
-    _install_sigterm_handler()  # signal handlers can only be set from the main thread
+    install_sigterm_handler()  # signal handlers can only be set from the main thread
     return await asyncio.to_thread(ensure_server, data_dir, keep_running=keep_running)
 
 
