@@ -33,8 +33,8 @@ __all__ = [
     "config_for",
     "config_from_env",
     "data_dir_from_env",
-    "embedded_allowed_from_env",
     "database_url_from_env",
+    "embedded_allowed_from_env",
     "mask_url",
     "resolve_database",
     "resolve_database_async",
@@ -211,7 +211,7 @@ def data_dir_from_env() -> Path:
 
 
 def embedded_allowed_from_env() -> bool:
-    """False when ``TOKENDB_EMBEDDED`` is ``0``/``false``/``no``/``off``: never start the embedded server."""
+    """False when ``TOKENDB_EMBEDDED`` is ``0``/``false``/``no``/``off``: no embedded server."""
     load_env_file()
     return os.environ.get("TOKENDB_EMBEDDED", "").strip().lower() not in {"0", "false", "no", "off"}
 

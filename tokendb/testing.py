@@ -152,7 +152,9 @@ def _asyncpg_dsn(url: str) -> str:
 
 
 @asynccontextmanager
-async def throwaway_database(server_url: str, *, prefix: str = "tokendb_test") -> AsyncIterator[str]:
+async def throwaway_database(
+    server_url: str, *, prefix: str = "tokendb_test"
+) -> AsyncIterator[str]:
     """Create an empty database on ``server_url``, yield its URL, drop it afterwards.
 
     The drop uses ``WITH (FORCE)``, so connections left open by a failing
@@ -182,9 +184,9 @@ async def truncate_all() -> None:
 
 
 def _async_fixture(**options: Any) -> Callable[[F], F]:
-    """``pytest_asyncio.fixture(**options)``, or without pytest-asyncio a fixture that fails clearly."""
+    """``pytest_asyncio.fixture(**options)``; without pytest-asyncio, a fixture failing clearly."""
     if pytest_asyncio is not None:
-        return pytest_asyncio.fixture(**options)  # type: ignore[no-any-return]
+        return pytest_asyncio.fixture(**options)
 
     def decorate(func: F) -> F:
         @functools.wraps(func)
@@ -197,7 +199,7 @@ def _async_fixture(**options: Any) -> Callable[[F], F]:
 
         del unavailable.__wrapped__  # pytest must not see the coroutine function
         scope = options.get("scope", "function")
-        return pytest.fixture(scope=scope)(unavailable)  # type: ignore[return-value]
+        return pytest.fixture(scope=scope)(unavailable)
 
     return decorate
 
@@ -252,7 +254,7 @@ def make_user(tokendb_db: str) -> Any:
 
 @pytest.fixture
 def make_api_key(make_user: Any) -> Any:
-    """``await make_api_key(user=None, name="test key", **options)`` returns ``(ApiKey, secret)``."""
+    """``await make_api_key(user=None, name="test key", **options)`` → ``(ApiKey, secret)``."""
 
     async def factory(
         *, user: User | uuid.UUID | None = None, name: str = "test key", **options: Any
