@@ -19,7 +19,16 @@ from tokendb import _db
 from tokendb.config import APP_LABEL, config_for, resolve_database_async
 from tokendb.errors import ConfigurationError, TokenDBError
 
-__all__ = ["close", "connect", "init", "migrate", "migrations_location"]
+__all__ = [
+    "check_connection",
+    "close",
+    "connect",
+    "init",
+    "init_config",
+    "is_initialised",
+    "migrate",
+    "migrations_location",
+]
 
 
 def migrations_location() -> Path:
@@ -53,12 +62,12 @@ async def init(
 
     ``database_url`` defaults to ``DATABASE_URL`` (read from the environment
     or ``.env``), else to tokendb's embedded server (``tokendb[embedded]``),
-    which is started if need be and migrated here. URL parameters pass through to Tortoise, so
-    ``?minsize=16&maxsize=16`` sizes the pool; ``min_size``/``max_size`` win
-    over the URL. Every wait is bounded: ``acquire_timeout`` seconds for a
-    pooled connection, and the server cancels a statement after
-    ``statement_timeout`` seconds or a row-lock wait after ``lock_timeout``
-    seconds (``None`` disables either), raising
+    which is started if need be and migrated here. URL parameters pass
+    through to Tortoise, so ``?minsize=16&maxsize=16`` sizes the pool;
+    ``min_size``/``max_size`` win over the URL. Every wait is bounded:
+    ``acquire_timeout`` seconds for a pooled connection, and the server
+    cancels a statement after ``statement_timeout`` seconds or a row-lock
+    wait after ``lock_timeout`` seconds (``None`` disables either), raising
     :class:`~tokendb.errors.DatabaseTimeout`.
 
     The pool is opened and checked before returning, so a wrong URL fails
@@ -66,6 +75,35 @@ async def init(
 
     Raises :class:`ConfigurationError` for a missing or malformed URL and
     :class:`DatabaseUnavailable` when the server cannot be reached.
+    """
+    config = await init_config(
+        database_url,
+        min_size=min_size,
+        max_size=max_size,
+        acquire_timeout=acquire_timeout,
+        statement_timeout=statement_timeout,
+        lock_timeout=lock_timeout,
+    )
+    if Tortoise.is_inited():
+        await Tortoise.close_connections()
+    await Tortoise.init(config=config, _enable_global_fallback=True)
+    await check_connection()
+
+
+async def init_config(
+    database_url: str | None = None,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    acquire_timeout: float = 10.0,
+    statement_timeout: float | None = 30.0,
+    lock_timeout: float | None = 10.0,
+) -> dict[str, Any]:
+    """The first half of :func:`init`, for integrations that call ``Tortoise.init`` themselves.
+
+    Resolves the database (migrating the embedded server), sets the storage
+    seam's timeouts and returns the Tortoise config to initialise with; call
+    :func:`check_connection` after ``Tortoise.init``. Same arguments as :func:`init`.
     """
     database = await resolve_database_async(database_url)
     if database.embedded:
@@ -82,16 +120,31 @@ async def init(
     if lock_timeout is not None:
         server_settings.setdefault("lock_timeout", f"{int(lock_timeout * 1000)}ms")
     credentials["server_settings"] = server_settings
-
     _db.configure(_db.Settings(acquire_timeout=acquire_timeout))
-    if Tortoise.is_inited():
-        await Tortoise.close_connections()
-    await Tortoise.init(config=config, _enable_global_fallback=True)
+    return config
+
+
+@_db.translated
+async def check_connection() -> None:
+    """Open the pool and run ``SELECT 1``; on failure close the connections and raise."""
     try:
         await _db.read("SELECT 1")
     except TokenDBError:
         await Tortoise.close_connections()
         raise
+
+
+def is_initialised() -> bool:
+    """True when tokendb's models are bound to a connection in the current Tortoise context."""
+    from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
+
+    from tokendb.models import User
+
+    try:
+        User._meta.db  # noqa: B018 - resolving the connection is the check
+    except TortoiseConfigurationError:
+        return False
+    return True
 
 
 @_db.translated
