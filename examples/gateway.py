@@ -11,8 +11,6 @@ cannot pay for the reply, the request fails with 402 and only the prompt
 (already processed) stays billed.
 """
 
-from __future__ import annotations
-
 from typing import Annotated
 from uuid import UUID
 

@@ -262,3 +262,24 @@ def test_resolution_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert config.data_dir_from_env() == Path.home() / "somewhere"
     monkeypatch.delenv("TOKENDB_DATA_DIR")
     assert config.data_dir_from_env() == Path.home() / ".tokendb"
+
+
+def test_uvicorn_on_the_embedded_server_stops_it_on_sigterm(data_dir: Path) -> None:
+    # uvicorn exits by re-raising SIGTERM with the default handler: no atexit.
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "examples.gateway:app", "--port", "0"],
+        cwd=root, env=child_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            if "Application startup complete" in line:
+                break
+        assert embedded.server_status(data_dir).running
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        server.kill()
+    assert wait_until(lambda: not embedded.server_status(data_dir).running)

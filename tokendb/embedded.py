@@ -68,6 +68,7 @@ __all__ = [
     "ensure_server",
     "ensure_server_async",
     "install_sigterm_handler",
+    "release",
     "is_available",
     "server_status",
     "stop_server",
@@ -332,7 +333,8 @@ def _ensure_database(info: _PidFile) -> None:
 
 
 _lock = threading.Lock()
-_attached: dict[Path, str] = {}
+_attached: dict[Path, str] = {}  # cluster → URL, for the servers this process uses
+_servers: dict[Path, Any] = {}  # cluster → the wheel's server object
 
 
 def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
@@ -369,9 +371,10 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
                 f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); "
                 f"its log is {pgdata / 'log'}"
             ) from exc
-        if pgdata not in _attached:
+        if pgdata not in _servers:
             # Registered after the wheel's own atexit hook, so it runs first.
             atexit.register(_before_wheel_cleanup, server, pgdata)
+            _servers[pgdata] = server
         info = _read_pid_file(pgdata)
         if info is None:
             raise DatabaseUnavailable(f"the embedded PostgreSQL server in {pgdata} is not running")
@@ -389,6 +392,25 @@ def _before_wheel_cleanup(server: Any, pgdata: Path) -> None:
     with _backend().lock:
         _prune_handles(pgdata)
         server.cleanup_mode = None if (pgdata / PIN_FILE).exists() else "stop"
+
+
+def release() -> None:
+    """Detach this process from the embedded servers it uses now, instead of at exit.
+
+    The last process to detach stops a server (unless it is pinned). For
+    hosts whose exit skips ``atexit``: uvicorn ends a SIGTERM'd server by
+    re-raising the signal with the default handler, so the lifespan
+    integrations call this at shutdown. Blocking, like :func:`ensure_server`.
+    """
+    with _lock:
+        for pgdata, server in list(_servers.items()):
+            _before_wheel_cleanup(server, pgdata)
+            server._cleanup()
+            atexit.unregister(server._cleanup)
+            type(server)._instances.pop(pgdata, None)  # a later start attaches afresh
+            del _servers[pgdata]
+            _attached.pop(pgdata, None)
+        atexit.unregister(_before_wheel_cleanup)
 
 
 async def ensure_server_async(data_dir: Path, *, keep_running: bool = False) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from tokendb import connection
+from tokendb import connection, embedded
 
 
 class TokenDBRegistration:
@@ -17,6 +18,8 @@ class TokenDBRegistration:
       with tokendb's pool size and timeouts; ``apps`` adds the application's
       own Tortoise apps on the same connection.
     * The pool is checked at startup, so a wrong URL fails the lifespan.
+    * At shutdown it lets go of the embedded server, if it used one
+      (:func:`tokendb.embedded.release`).
     * If tokendb is already initialised when the app starts (the pytest
       plugin's ``tokendb_db``, or a script that called :func:`tokendb.init`),
       the app uses that connection and leaves it open at shutdown: Tortoise
@@ -59,6 +62,9 @@ class TokenDBRegistration:
         if self._tokendb_owner:
             await super().close_orm()  # type: ignore[misc]
             self._tokendb_owner = False
+            # uvicorn exits a SIGTERM'd server by re-raising the signal, which
+            # skips atexit: let go of an embedded server now.
+            await asyncio.to_thread(embedded.release)
 
 
 def lifespan_for(
