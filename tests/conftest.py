@@ -14,6 +14,8 @@ import pytest_asyncio
 
 import tokendb
 
+pytest_plugins = ["pytester"]  # tests/test_testing.py runs downstream suites
+
 
 @pytest_asyncio.fixture(scope="module", autouse=True, loop_scope="session")
 async def books_balance_after_module(tokendb_db: str) -> AsyncIterator[None]:
