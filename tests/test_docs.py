@@ -59,7 +59,8 @@ async def bash(script: str, **env: str) -> str:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 300)
-    assert process.returncode == 0, f"{script}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
+    report = f"{script}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
+    assert process.returncode == 0, report
     return out.decode()
 
 
@@ -141,7 +142,8 @@ async def test_gateway_block(tokendb_clean: str) -> None:
     port = str(free_port())
     lines = block.replace("localhost:8000", f"localhost:{port}").replace("8000", port).splitlines()
     assert lines[0].startswith("uvicorn examples.gateway:app") and lines[0].endswith("&")
-    wait = f"for _ in $(seq 300); do curl -sf localhost:{port}/docs >/dev/null && break; sleep 0.1; done"
+    ready = f"curl -sf localhost:{port}/docs >/dev/null"
+    wait = f"for _ in $(seq 300); do {ready} && break; sleep 0.1; done"
     script = "\n".join(["trap 'kill %1' EXIT", lines[0], wait, *lines[1:]])
     out = await bash(script, DATABASE_URL=tokendb_clean)
     assert '"content":"You said: hello there"' in out

@@ -198,7 +198,8 @@ def test_db_start_pins_the_server_until_db_stop(data_dir: Path) -> None:
         assert url.startswith("postgresql://postgres@/tokendb?host=")
         assert url in started.stdout
         # A command that attaches and exits leaves the pinned server running.
-        assert tokendb_cli(data_dir, "tokens", "history", "--user", "nobody@example.com").returncode == 1
+        missing = tokendb_cli(data_dir, "tokens", "history", "--user", "nobody@example.com")
+        assert missing.returncode == 1
         status = embedded.server_status(data_dir)
         assert status.running and status.pinned and status.url == url
         # Another process can use the URL directly, as DATABASE_URL.

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_gateway() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gateway_example", ROOT / "examples" / "gateway.py")
+    path = ROOT / "examples" / "gateway.py"
+    spec = importlib.util.spec_from_file_location("gateway_example", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -1,4 +1,4 @@
-"""tokendb.contrib.starlette: TokenDBError → HTTP, and the lifespan registration in a Starlette app."""
+"""tokendb.contrib.starlette: TokenDBError → HTTP, and the lifespan registration."""
 
 from __future__ import annotations
 

@@ -68,8 +68,8 @@ __all__ = [
     "ensure_server",
     "ensure_server_async",
     "install_sigterm_handler",
-    "release",
     "is_available",
+    "release",
     "server_status",
     "stop_server",
 ]
