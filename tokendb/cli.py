@@ -464,54 +464,45 @@ def keys_verify(
 AmountOption = Annotated[int, typer.Option("--amount", "-a", help="Whole tokens, at least 1.")]
 
 
-def _move(
-    ctx: typer.Context,
-    operation: Callable[..., Awaitable[tokendb.TokenTransaction]],
-    user: str,
-    amount: int,
-    description: str | None,
-    reference_id: str | None,
-    as_json: bool,
-) -> None:
-    async def action() -> tokendb.TokenTransaction:
-        return await operation(
-            user=await _user_id(user), amount=amount,
-            description=description, reference_id=reference_id,
-        )
+def _movement(
+    operation: Callable[..., Awaitable[tokendb.TokenTransaction]], summary: str, example: str
+) -> Callable[..., None]:
+    """A ``tokens`` command that moves tokens with ``operation`` (top_up, charge)."""
 
-    _emit(_run(ctx, action), as_json=as_json, title="Ledger row")
+    def command(
+        ctx: typer.Context,
+        user: UserOption,
+        amount: AmountOption,
+        description: DescriptionOption = None,
+        reference_id: ReferenceOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        async def action() -> tokendb.TokenTransaction:
+            return await operation(
+                user=await _user_id(user), amount=amount,
+                description=description, reference_id=reference_id,
+            )
 
+        _emit(_run(ctx, action), as_json=as_json, title="Ledger row")
 
-@tokens_app.command("topup")
-def tokens_topup(
-    ctx: typer.Context,
-    user: UserOption,
-    amount: AmountOption,
-    description: DescriptionOption = None,
-    reference_id: ReferenceOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Credit purchased tokens.
-
-    Example: tokendb tokens topup --user ada@example.com --amount 1000 -d "invoice 42"
-    """
-    _move(ctx, tokendb.top_up, user, amount, description, reference_id, as_json)
+    command.__doc__ = f"{summary}\n\nExample: {example}"
+    return command
 
 
-@tokens_app.command("charge")
-def tokens_charge(
-    ctx: typer.Context,
-    user: UserOption,
-    amount: AmountOption,
-    description: DescriptionOption = None,
-    reference_id: ReferenceOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Debit tokens (refused, with nothing written, if the balance is too low).
-
-    Example: tokendb tokens charge --user ada@example.com --amount 40 -d completion
-    """
-    _move(ctx, tokendb.charge, user, amount, description, reference_id, as_json)
+tokens_app.command("topup")(
+    _movement(
+        tokendb.top_up,
+        "Credit purchased tokens.",
+        'tokendb tokens topup --user ada@example.com --amount 1000 -d "invoice 42"',
+    )
+)
+tokens_app.command("charge")(
+    _movement(
+        tokendb.charge,
+        "Debit tokens (refused, with nothing written, if the balance is too low).",
+        "tokendb tokens charge --user ada@example.com --amount 40 -d completion",
+    )
+)
 
 
 @tokens_app.command("refund")

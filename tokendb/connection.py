@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from tortoise import Tortoise
 
@@ -20,6 +20,7 @@ from tokendb.config import APP_LABEL, config_for, resolve_database_async
 from tokendb.errors import ConfigurationError, TokenDBError
 
 __all__ = [
+    "InitOptions",
     "check_connection",
     "close",
     "connect",
@@ -29,6 +30,11 @@ __all__ = [
     "migrate",
     "migrations_location",
 ]
+
+
+DEFAULT_ACQUIRE_TIMEOUT = 10.0
+DEFAULT_STATEMENT_TIMEOUT = 30.0
+DEFAULT_LOCK_TIMEOUT = 10.0
 
 
 def migrations_location() -> Path:
@@ -54,9 +60,9 @@ async def init(
     *,
     min_size: int | None = None,
     max_size: int | None = None,
-    acquire_timeout: float = 10.0,
-    statement_timeout: float | None = 30.0,
-    lock_timeout: float | None = 10.0,
+    acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+    statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> None:
     """Initialise Tortoise with tokendb's models and open the connection pool.
 
@@ -90,14 +96,18 @@ async def init(
     await check_connection()
 
 
+class InitOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`init` besides the URL."""
+
+    min_size: int | None
+    max_size: int | None
+    acquire_timeout: float
+    statement_timeout: float | None
+    lock_timeout: float | None
+
+
 async def init_config(
-    database_url: str | None = None,
-    *,
-    min_size: int | None = None,
-    max_size: int | None = None,
-    acquire_timeout: float = 10.0,
-    statement_timeout: float | None = 30.0,
-    lock_timeout: float | None = 10.0,
+    database_url: str | None = None, **options: Unpack[InitOptions]
 ) -> dict[str, Any]:
     """The first half of :func:`init`, for integrations that call ``Tortoise.init`` themselves.
 
@@ -105,6 +115,10 @@ async def init_config(
     seam's timeouts and returns the Tortoise config to initialise with; call
     :func:`check_connection` after ``Tortoise.init``. Same arguments as :func:`init`.
     """
+    min_size, max_size = options.get("min_size"), options.get("max_size")
+    statement_timeout = options.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT)
+    lock_timeout = options.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
+    acquire_timeout = options.get("acquire_timeout", DEFAULT_ACQUIRE_TIMEOUT)
     database = await resolve_database_async(database_url)
     if database.embedded:
         await migrate(database.url)

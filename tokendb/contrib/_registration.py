@@ -29,12 +29,15 @@ class TokenDBRegistration:
     app: Any
     config: Any
 
-    def _configure_tokendb(
+    def __init__(
         self,
-        database_url: str | None,
-        apps: Mapping[str, Mapping[str, Any]] | None,
-        options: Mapping[str, Any],
+        app: Any = None,
+        database_url: str | None = None,
+        *,
+        apps: Mapping[str, Mapping[str, Any]] | None = None,
+        **options: Any,
     ) -> None:
+        super().__init__(app)  # type: ignore[call-arg]
         self._tokendb_url = database_url
         self._tokendb_apps = dict(apps or {})
         self._tokendb_options = dict(options)

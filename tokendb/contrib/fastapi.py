@@ -19,7 +19,7 @@ schemas are in :mod:`tokendb.contrib.schemas`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -54,17 +54,6 @@ class RegisterTokenDB(TokenDBRegistration, RegisterTortoise):
 
     Takes the arguments of :class:`tokendb.contrib.starlette.RegisterTokenDB`.
     """
-
-    def __init__(
-        self,
-        app: FastAPI | None = None,
-        database_url: str | None = None,
-        *,
-        apps: Mapping[str, Mapping[str, Any]] | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(app)
-        self._configure_tokendb(database_url, apps, options)
 
 
 def lifespan(

@@ -23,7 +23,7 @@ the error class only: its message may describe the deployment.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -82,17 +82,6 @@ class RegisterTokenDB(TokenDBRegistration, RegisterTortoise):
     of :func:`tokendb.init`; ``apps`` adds your own Tortoise apps
     (``{"myapp": {"models": ["myapp.models"]}}``) on tokendb's connection.
     """
-
-    def __init__(
-        self,
-        app: Starlette,
-        database_url: str | None = None,
-        *,
-        apps: Mapping[str, Mapping[str, Any]] | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(app)
-        self._configure_tokendb(database_url, apps, options)
 
 
 def lifespan(
