@@ -254,6 +254,7 @@ def resolve_database(database_url: str | None) -> ResolvedDatabase:
     from tokendb import embedded
 
     _check_embedded_allowed()
+    embedded.install_sigterm_handler()
     return ResolvedDatabase(
         embedded.ensure_server(data_dir_from_env()), "TOKENDB_DATA_DIR", embedded=True
     )
