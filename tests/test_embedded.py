@@ -284,3 +284,27 @@ def test_uvicorn_on_the_embedded_server_stops_it_on_sigterm(data_dir: Path) -> N
     finally:
         server.kill()
     assert wait_until(lambda: not embedded.server_status(data_dir).running)
+
+
+def test_a_process_whose_server_was_stopped_under_it_starts_it_again(data_dir: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from tokendb import embedded
+
+        data_dir = Path(sys.argv[1])
+        first = embedded.ensure_server(data_dir)
+        assert embedded.stop_server(data_dir)
+        second = embedded.ensure_server(data_dir)
+        assert embedded.server_status(data_dir).running
+        print(first == second)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)], env=child_env(data_dir),
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+    assert wait_until(lambda: not embedded.server_status(data_dir).running)

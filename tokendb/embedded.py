@@ -359,6 +359,9 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
                 (pgdata / PIN_FILE).touch()
             return _attached[pgdata]
         pgdata.parent.mkdir(parents=True, exist_ok=True)
+        if pgdata in _servers:
+            # Stopped under us (`tokendb db stop`): make the wheel start it afresh.
+            type(_servers[pgdata])._instances.pop(pgdata, None)
         if pgdata.exists():
             with backend.lock:
                 _clear_stale_pid_file(pgdata)
@@ -371,7 +374,7 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
                 f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); "
                 f"its log is {pgdata / 'log'}"
             ) from exc
-        if pgdata not in _servers:
+        if _servers.get(pgdata) is not server:
             # Registered after the wheel's own atexit hook, so it runs first.
             atexit.register(_before_wheel_cleanup, server, pgdata)
             _servers[pgdata] = server
