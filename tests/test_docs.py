@@ -94,14 +94,10 @@ async def test_command_line_block(tokendb_clean: str) -> None:
 
 
 @pytest.mark.skipif(not embedded.is_available(), reason="needs tokendb[embedded]")
-async def test_db_block_on_the_embedded_server(tmp_path: Path) -> None:
+async def test_db_block_on_the_embedded_server(embedded_data_dir: Path) -> None:
     block = blocks("Command line", "bash")[1]
-    data_dir = tmp_path / "data"
     script = block + '\ntest -n "$DATABASE_URL" && echo "url: $DATABASE_URL"\n'
-    try:
-        out = await bash(script, DATABASE_URL="", TOKENDB_DATA_DIR=str(data_dir))
-    finally:
-        embedded.stop_server(data_dir)
+    out = await bash(script, DATABASE_URL="", TOKENDB_DATA_DIR=str(embedded_data_dir))
     assert "url: postgresql://postgres@/tokendb?host=" in out
     assert "Stopped the embedded server." in out
 

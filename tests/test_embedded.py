@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,11 +75,9 @@ def wait_until(condition: object, timeout: float = 30.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def data_dir(embedded_data_dir: Path) -> Path:
     """One data dir for the module (initdb once); the server is stopped at the end."""
-    path = tmp_path_factory.mktemp("embedded")
-    yield path
-    embedded.stop_server(path)
+    return embedded_data_dir
 
 
 def test_demo_runs_on_the_embedded_server_and_stops_it_at_exit(data_dir: Path) -> None:
@@ -308,3 +305,16 @@ def test_a_process_whose_server_was_stopped_under_it_starts_it_again(data_dir: P
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
     assert wait_until(lambda: not embedded.server_status(data_dir).running)
+
+
+def test_a_pid_file_left_by_a_failed_initdb_is_cleared(data_dir: Path) -> None:
+    # initdb's single-user backend writes its PID negated; a failed initdb can leave it.
+    cluster = embedded.cluster_dir(data_dir)
+    assert not embedded.server_status(data_dir).running
+    (cluster / "postmaster.pid").write_text(
+        f"-3925\n{cluster}\n{int(time.time())}\n5432\n\n\n  0 0\n"
+    )
+    assert not embedded.server_status(data_dir).running
+    result = tokendb_cli(data_dir, "users", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "removing stale" in result.stderr

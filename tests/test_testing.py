@@ -101,16 +101,16 @@ def test_without_pytest_asyncio_the_plugin_loads_and_fixtures_fail_clearly(
 
 @pytest.mark.skipif(not embedded.is_available(), reason="needs tokendb[embedded]")
 def test_with_no_server_configured_the_suite_runs_on_the_embedded_server(
-    downstream: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    downstream: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, embedded_data_dir: Path
 ) -> None:
     # As on a fresh machine: nothing configured, nothing on the default port.
     downstream.makeconftest(
         "import tokendb.testing\n"
         "tokendb.testing.DEFAULT_TEST_DATABASE_URL = 'postgres://postgres@127.0.0.1:1/postgres'\n"
     )
-    monkeypatch.setenv("TOKENDB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TOKENDB_DATA_DIR", str(embedded_data_dir))
     result = downstream.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
     assert "host=" in (downstream.path / "used_url.txt").read_text()  # the Unix socket
-    status = embedded.server_status(tmp_path / "data")
+    status = embedded.server_status(embedded_data_dir)
     assert status.initialised and not status.running  # stopped when pytest exited

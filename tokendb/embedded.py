@@ -215,6 +215,8 @@ def _is_postmaster(info: _PidFile) -> bool:
     """True when ``info.pid`` is the postgres process that wrote the pid file."""
     import psutil
 
+    if info.pid <= 0:  # a single-user backend's (initdb's) file, left by a failed initdb
+        return False
     try:
         process = psutil.Process(info.pid)
         return "postgres" in process.name() and (
@@ -369,7 +371,9 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
         try:
             with _c_locale():
                 server = backend.get_server(pgdata, cleanup_mode="stop")
-        except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
+        except (
+            subprocess.SubprocessError, OSError, RuntimeError, AssertionError, ValueError
+        ) as exc:
             raise DatabaseUnavailable(
                 f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); "
                 f"its log is {pgdata / 'log'}"
