@@ -7,6 +7,7 @@ file, the plugin loaded through the ``pytest11`` entry point.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -56,10 +57,9 @@ def downstream(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> py
     return pytester
 
 
-async def database_exists(server_url: str, url: str) -> bool:
+async def database_exists(server_url: str, name: str) -> bool:
     conn = await asyncpg.connect(server_url.replace("asyncpg://", "postgres://", 1))
     try:
-        name = url.rsplit("/", 1)[1].split("?")[0]
         return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
     finally:
         await conn.close()
@@ -71,9 +71,11 @@ async def test_a_downstream_suite_gets_a_throwaway_database(
     server = admin_server_url(request.config)
     result = downstream.runpytest_subprocess("--tokendb-url", server, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
-    used = (downstream.path / "used_url.txt").read_text()
-    assert used.startswith(server.rsplit("/", 1)[0]) and "tokendb_test_" in used
-    assert not await database_exists(server, used)  # dropped at the end of the session
+    used = urlsplit((downstream.path / "used_url.txt").read_text())
+    admin = urlsplit(server)
+    assert (used.netloc, used.query) == (admin.netloc, admin.query)  # the same server
+    assert used.path.startswith("/tokendb_test_")
+    assert not await database_exists(server, used.path[1:])  # dropped at the end
 
 
 def test_no_fixture_is_autouse(downstream: pytest.Pytester) -> None:
