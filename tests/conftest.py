@@ -7,12 +7,36 @@ here. After each module the books must balance.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
+import pytest
 import pytest_asyncio
 
 import tokendb
+from tokendb import embedded
+
+pytest_plugins = ["pytester"]  # tests/test_testing.py runs downstream suites
+
+
+@pytest.fixture(scope="module")
+def embedded_data_dir() -> Iterator[Path]:
+    """A data dir for the module's embedded server, outside pytest's temp root.
+
+    Every pytest session (a concurrent one, a pytester child) resets
+    /tmp/pytest-of-<user> to mode 0700, which locks the server's system user
+    out of a cluster below it when running as root.
+    """
+    path = Path(tempfile.mkdtemp(prefix="tokendb-embedded-"))
+    try:
+        yield path / "data"
+    finally:
+        if embedded.is_available():
+            embedded.stop_server(path / "data")
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", autouse=True, loop_scope="session")

@@ -73,6 +73,7 @@ def test_missing_database_url_is_a_configuration_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: object
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TOKENDB_EMBEDDED", "off")  # else the embedded server is the fallback
     monkeypatch.chdir(tmp_path)  # no .env here
     with pytest.raises(ConfigurationError) as info:
         config.resolve_database_url(None)

@@ -6,14 +6,17 @@ CLI). Everything else takes the database URL as an argument.
 ``TORTOISE_ORM`` is what Aerich loads (``[tool.aerich] tortoise_orm =
 "tokendb.config.TORTOISE_ORM"``). It is computed on first access, from
 ``DATABASE_URL`` (a ``.env`` file in the working directory is read first and
-never overrides the real environment), so importing this module never fails
-and a missing variable is reported as a :class:`~tokendb.errors.ConfigurationError`
-naming it.
+never overrides the real environment), or from the embedded server when
+``DATABASE_URL`` is unset (:func:`resolve_database` is the one place that
+rule lives). Importing this module never fails; a missing setting is
+reported as a :class:`~tokendb.errors.ConfigurationError` naming it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,8 +28,16 @@ __all__ = [
     "APP_LABEL",
     "DEFAULT_POOL_MAX_SIZE",
     "DEFAULT_POOL_MIN_SIZE",
+    "ResolvedDatabase",
+    "config_for",
+    "config_from_env",
+    "data_dir_from_env",
     "database_url_from_env",
+    "embedded_allowed_from_env",
     "mask_url",
+    "resolve_database",
+    "resolve_database_async",
+    "resolve_database_url",
     "tortoise_config",
 ]
 
@@ -188,34 +199,103 @@ def pool_sizes_from_env() -> tuple[int | None, int | None]:
     return sizes[0], sizes[1]
 
 
-def resolve_database_url(database_url: str | None) -> str:
-    """The URL to use: ``database_url`` when given, else ``DATABASE_URL``.
+@dataclass(frozen=True)
+class ResolvedDatabase:
+    """The database tokendb will use, and where its URL came from."""
 
-    Raises :class:`ConfigurationError` naming ``DATABASE_URL`` when neither is set.
-    """
+    url: str
+    variable: str
+    """The setting the URL came from, for errors: ``database_url``, ``DATABASE_URL`` or
+    ``TOKENDB_DATA_DIR`` (the embedded server)."""
+    embedded: bool
+    """True for tokendb's own embedded server (which tokendb migrates by itself)."""
+
+
+def data_dir_from_env() -> Path:
+    """Where the embedded server keeps its cluster: ``TOKENDB_DATA_DIR``, else ``~/.tokendb``."""
+    load_env_file()
+    raw = os.environ.get("TOKENDB_DATA_DIR", "").strip()
+    return Path(raw).expanduser() if raw else Path.home() / ".tokendb"
+
+
+def embedded_allowed_from_env() -> bool:
+    """False when ``TOKENDB_EMBEDDED`` is ``0``/``false``/``no``/``off``: no embedded server."""
+    load_env_file()
+    return os.environ.get("TOKENDB_EMBEDDED", "").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _configured(database_url: str | None) -> ResolvedDatabase | None:
     if database_url is not None:
-        return database_url
+        return ResolvedDatabase(database_url, "database_url", embedded=False)
     url = database_url_from_env()
-    if url is None:
+    if url is not None:
+        return ResolvedDatabase(url, "DATABASE_URL", embedded=False)
+    return None
+
+
+def _check_embedded_allowed() -> None:
+    if not embedded_allowed_from_env():
         raise ConfigurationError(
-            "DATABASE_URL is not set: export it or put it in .env, e.g. "
-            f"DATABASE_URL={_URL_EXAMPLE}",
+            "DATABASE_URL is not set (and TOKENDB_EMBEDDED=off forbids the embedded server): "
+            f"export it or put it in .env, e.g. DATABASE_URL={_URL_EXAMPLE}",
             variable="DATABASE_URL",
         )
-    return url
+
+
+def resolve_database(database_url: str | None) -> ResolvedDatabase:
+    """The database to use. This is tokendb's one resolution rule:
+
+    1. ``database_url`` when given;
+    2. else ``DATABASE_URL`` (from the environment or ``.env``);
+    3. else the embedded server (:mod:`tokendb.embedded`, data dir
+       ``TOKENDB_DATA_DIR`` or ``~/.tokendb``), started if need be, unless
+       ``TOKENDB_EMBEDDED=off`` (for deployments that must never fall back).
+
+    Starting the embedded server blocks; async code calls
+    :func:`resolve_database_async`. Raises :class:`ConfigurationError`
+    naming ``DATABASE_URL`` and the ``tokendb[embedded]`` extra when neither
+    a URL nor the embedded wheel is there.
+    """
+    configured = _configured(database_url)
+    if configured is not None:
+        return configured
+    from tokendb import embedded
+
+    _check_embedded_allowed()
+    embedded.install_sigterm_handler()
+    return ResolvedDatabase(
+        embedded.ensure_server(data_dir_from_env()), "TOKENDB_DATA_DIR", embedded=True
+    )
+
+
+async def resolve_database_async(database_url: str | None) -> ResolvedDatabase:
+    """:func:`resolve_database` for async code: the embedded server starts off the event loop."""
+    configured = _configured(database_url)
+    if configured is not None:
+        return configured
+    from tokendb import embedded
+
+    _check_embedded_allowed()
+    url = await embedded.ensure_server_async(data_dir_from_env())
+    return ResolvedDatabase(url, "TOKENDB_DATA_DIR", embedded=True)
+
+
+def resolve_database_url(database_url: str | None) -> str:
+    """The URL of :func:`resolve_database` (blocking when the embedded server must start)."""
+    return resolve_database(database_url).url
+
+
+def config_for(database: ResolvedDatabase) -> dict[str, Any]:
+    """The Tortoise config for ``database``, pool sized from the env."""
+    min_size, max_size = pool_sizes_from_env()
+    return tortoise_config(
+        database.url, min_size=min_size, max_size=max_size, variable=database.variable
+    )
 
 
 def config_from_env(database_url: str | None = None) -> dict[str, Any]:
-    """The Tortoise config for ``database_url`` or ``DATABASE_URL``, pool sized from the env."""
-    explicit = database_url is not None
-    url = resolve_database_url(database_url)
-    min_size, max_size = pool_sizes_from_env()
-    return tortoise_config(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        variable="database_url" if explicit else "DATABASE_URL",
-    )
+    """The Tortoise config for :func:`resolve_database`, pool sized from the env."""
+    return config_for(resolve_database(database_url))
 
 
 def __getattr__(name: str) -> Any:

@@ -11,17 +11,32 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from tortoise import Tortoise
 
 from tokendb import _db
-from tokendb.config import APP_LABEL, config_from_env
+from tokendb.config import APP_LABEL, config_for, resolve_database_async
 from tokendb.errors import ConfigurationError, TokenDBError
 
-__all__ = ["close", "connect", "init", "migrate", "migrations_location", "run_aerich"]
+__all__ = [
+    "InitOptions",
+    "check_connection",
+    "close",
+    "connect",
+    "init",
+    "init_config",
+    "is_initialised",
+    "migrate",
+    "migrations_location",
+    "run_aerich",
+]
 
 T = TypeVar("T")
+
+DEFAULT_ACQUIRE_TIMEOUT = 10.0
+DEFAULT_STATEMENT_TIMEOUT = 30.0
+DEFAULT_LOCK_TIMEOUT = 10.0
 
 
 def migrations_location() -> Path:
@@ -47,19 +62,20 @@ async def init(
     *,
     min_size: int | None = None,
     max_size: int | None = None,
-    acquire_timeout: float = 10.0,
-    statement_timeout: float | None = 30.0,
-    lock_timeout: float | None = 10.0,
+    acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+    statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> None:
     """Initialise Tortoise with tokendb's models and open the connection pool.
 
     ``database_url`` defaults to ``DATABASE_URL`` (read from the environment
-    or ``.env``). URL parameters pass through to Tortoise, so
-    ``?minsize=16&maxsize=16`` sizes the pool; ``min_size``/``max_size`` win
-    over the URL. Every wait is bounded: ``acquire_timeout`` seconds for a
-    pooled connection, and the server cancels a statement after
-    ``statement_timeout`` seconds or a row-lock wait after ``lock_timeout``
-    seconds (``None`` disables either), raising
+    or ``.env``), else to tokendb's embedded server (``tokendb[embedded]``),
+    which is started if need be and migrated here. URL parameters pass
+    through to Tortoise, so ``?minsize=16&maxsize=16`` sizes the pool;
+    ``min_size``/``max_size`` win over the URL. Every wait is bounded:
+    ``acquire_timeout`` seconds for a pooled connection, and the server
+    cancels a statement after ``statement_timeout`` seconds or a row-lock
+    wait after ``lock_timeout`` seconds (``None`` disables either), raising
     :class:`~tokendb.errors.DatabaseTimeout`.
 
     The pool is opened and checked before returning, so a wrong URL fails
@@ -68,7 +84,47 @@ async def init(
     Raises :class:`ConfigurationError` for a missing or malformed URL and
     :class:`DatabaseUnavailable` when the server cannot be reached.
     """
-    config = config_from_env(database_url)
+    config = await init_config(
+        database_url,
+        min_size=min_size,
+        max_size=max_size,
+        acquire_timeout=acquire_timeout,
+        statement_timeout=statement_timeout,
+        lock_timeout=lock_timeout,
+    )
+    if Tortoise.is_inited():
+        await Tortoise.close_connections()
+    await Tortoise.init(config=config, _enable_global_fallback=True)
+    await check_connection()
+
+
+class InitOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`init` besides the URL."""
+
+    min_size: int | None
+    max_size: int | None
+    acquire_timeout: float
+    statement_timeout: float | None
+    lock_timeout: float | None
+
+
+async def init_config(
+    database_url: str | None = None, **options: Unpack[InitOptions]
+) -> dict[str, Any]:
+    """The first half of :func:`init`, for integrations that call ``Tortoise.init`` themselves.
+
+    Resolves the database (migrating the embedded server), sets the storage
+    seam's timeouts and returns the Tortoise config to initialise with; call
+    :func:`check_connection` after ``Tortoise.init``. Same arguments as :func:`init`.
+    """
+    min_size, max_size = options.get("min_size"), options.get("max_size")
+    statement_timeout = options.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT)
+    lock_timeout = options.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
+    acquire_timeout = options.get("acquire_timeout", DEFAULT_ACQUIRE_TIMEOUT)
+    database = await resolve_database_async(database_url)
+    if database.embedded:
+        await migrate(database.url)
+    config = config_for(database)
     credentials = config["connections"]["default"]["credentials"]
     if min_size is not None:
         credentials["minsize"] = min_size
@@ -80,16 +136,31 @@ async def init(
     if lock_timeout is not None:
         server_settings.setdefault("lock_timeout", f"{int(lock_timeout * 1000)}ms")
     credentials["server_settings"] = server_settings
-
     _db.configure(_db.Settings(acquire_timeout=acquire_timeout))
-    if Tortoise.is_inited():
-        await Tortoise.close_connections()
-    await Tortoise.init(config=config, _enable_global_fallback=True)
+    return config
+
+
+@_db.translated
+async def check_connection() -> None:
+    """Open the pool and run ``SELECT 1``; on failure close the connections and raise."""
     try:
         await _db.read("SELECT 1")
     except TokenDBError:
         await Tortoise.close_connections()
         raise
+
+
+def is_initialised() -> bool:
+    """True when tokendb's models are bound to a connection in the current Tortoise context."""
+    from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
+
+    from tokendb.models import User
+
+    try:
+        User._meta.db  # noqa: B018 - resolving the connection is the check
+    except TortoiseConfigurationError:
+        return False
+    return True
 
 
 @_db.translated
@@ -116,6 +187,9 @@ async def connect(database_url: str | None = None, **options: Any) -> AsyncItera
 async def migrate(database_url: str | None = None) -> list[str]:
     """Apply tokendb's pending Aerich migrations (``aerich upgrade``); return the files applied.
 
+    ``database_url`` is resolved as by :func:`init` (``DATABASE_URL``, else the
+    embedded server).
+
     Each migration runs in its own transaction, so a failing one leaves the
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
@@ -137,7 +211,7 @@ async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
 
-    config = config_from_env(database_url)
+    config = config_for(await resolve_database_async(database_url))
     credentials = config["connections"]["default"]["credentials"]
     credentials["minsize"], credentials["maxsize"] = 1, 1
     location = str(migrations_location())

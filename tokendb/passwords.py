@@ -14,7 +14,7 @@ import secrets
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-__all__ = ["configure", "hash_password", "needs_rehash", "verify_password"]
+__all__ = ["configure", "current_parameters", "hash_password", "needs_rehash", "verify_password"]
 
 _hasher = PasswordHasher()
 _dummy_hash: str | None = None
@@ -39,6 +39,15 @@ def configure(
         parallelism=parallelism if parallelism is not None else defaults.parallelism,
     )
     _dummy_hash = None
+
+
+def current_parameters() -> dict[str, int]:
+    """The cost parameters in force, as keyword arguments for :func:`configure`."""
+    return {
+        "time_cost": _hasher.time_cost,
+        "memory_cost": _hasher.memory_cost,
+        "parallelism": _hasher.parallelism,
+    }
 
 
 async def hash_password(password: str) -> str:

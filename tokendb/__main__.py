@@ -1,0 +1,5 @@
+"""``python -m tokendb``: the ``tokendb`` command."""
+
+from tokendb.cli import main
+
+main()

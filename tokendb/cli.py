@@ -1,0 +1,668 @@
+"""The ``tokendb`` command: a thin shell over the library.
+
+Each command opens the database (``--database-url``, else ``DATABASE_URL``,
+else the embedded server; see :func:`tokendb.config.resolve_database`), calls
+one public operation and prints the result: a rich table, or JSON with
+``--json``. A :class:`~tokendb.TokenDBError` becomes a one-line ``Error: …``
+on stderr and exit code 1, never a traceback. Secrets are printed once, by
+``keys issue``; password and key hashes never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+from uuid import UUID
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from tortoise.models import Model
+
+import tokendb
+from tokendb import config, embedded
+from tokendb.errors import TokenDBError
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+HIDDEN_FIELDS = frozenset({"password_hash", "key_hash"})
+"""Columns never printed, in tables or JSON."""
+
+app = typer.Typer(
+    name="tokendb",
+    help="tokendb: users, API keys, a token ledger and billed chats on PostgreSQL.\n\n"
+    "The database is --database-url, else DATABASE_URL (environment or .env), "
+    "else tokendb's embedded server (pip install 'tokendb[embedded]').\n\n"
+    "Example: tokendb demo",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+users_app = typer.Typer(
+    help="Create and look up users.\n\nExample: tokendb users list", no_args_is_help=True
+)
+keys_app = typer.Typer(
+    help="Issue, list, verify and revoke API keys.\n\n"
+    "Example: tokendb keys list --user ada@example.com",
+    no_args_is_help=True,
+)
+tokens_app = typer.Typer(
+    help="Move tokens and read the ledger.\n\n"
+    "Example: tokendb tokens balance --user ada@example.com",
+    no_args_is_help=True,
+)
+db_app = typer.Typer(
+    help="Manage the embedded PostgreSQL server (used when DATABASE_URL is unset).\n\n"
+    "Example: tokendb db start",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+UserOption = Annotated[str, typer.Option("--user", "-u", help="The user's id or email.")]
+DescriptionOption = Annotated[
+    str | None, typer.Option("--description", "-d", help="Shown in the ledger.")
+]
+ReferenceOption = Annotated[
+    str | None,
+    typer.Option("--reference-id", help="Idempotency key (a UUID): a repeat moves nothing."),
+]
+
+
+@dataclasses.dataclass
+class _State:
+    database_url: str | None = None
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="PostgreSQL URL (default: DATABASE_URL, else the embedded server).",
+            metavar="URL",
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = _State(database_url=database_url)
+
+
+# --- plumbing ---------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(ctx: typer.Context, action: Callable[[], Awaitable[T]], *, connect: bool = True) -> T:
+    """Run ``action`` with tokendb connected; a TokenDBError becomes a one-line error."""
+    state: _State = ctx.ensure_object(_State)
+
+    async def main() -> T:
+        if not connect:
+            return await action()
+        async with tokendb.connect(state.database_url):
+            return await action()
+
+    try:
+        return asyncio.run(main())
+    except TokenDBError as exc:
+        _fail(_escape(str(exc)))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", "\\[")
+
+
+def _public(value: Any) -> Any:
+    """A model or dataclass as a dict of its fields (hidden columns left out); else ``value``."""
+    if isinstance(value, Model):
+        return {
+            name: getattr(value, name)
+            for name in value._meta.fields_db_projection
+            if name not in HIDDEN_FIELDS
+        }
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data."""
+    value = _public(value)
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (UUID, Path)):
+        return str(value)
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(item) for item in value)
+    return str(value)
+
+
+def _emit(value: Any, *, as_json: bool, title: str | None = None) -> None:
+    """Print a model, a list of models or a dataclass: as JSON, or as a rich table."""
+    if as_json:
+        typer.echo(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
+        return
+    if isinstance(value, list):
+        rows = [_public(item) for item in value]
+        table = Table(title=title)
+        columns = list(rows[0]) if rows else ["(none)"]
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*(_escape(_cell(row[column])) for column in columns))
+        out.print(table)
+        return
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, item in _public(value).items():
+        table.add_row(key, _escape(_cell(item)))
+    out.print(table)
+
+
+async def _user_id(user: str) -> str:
+    """A user given as an id or an email, as an id."""
+    if "@" in user:
+        return str((await tokendb.get_user(email=user)).id)
+    return user
+
+
+# --- migrate and demo -------------------------------------------------------------------
+
+
+@app.command()
+def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Apply tokendb's pending migrations (the same as `aerich upgrade`).
+
+    Example: tokendb migrate
+    """
+    state: _State = ctx.ensure_object(_State)
+    applied = _run(ctx, lambda: tokendb.migrate(state.database_url), connect=False)
+    if as_json:
+        typer.echo(json.dumps({"applied": applied}))
+    elif applied:
+        out.print(f"Applied {len(applied)} migration(s): " + ", ".join(applied))
+    else:
+        out.print("The schema is up to date.")
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    users: Annotated[
+        int,
+        typer.Option("--users", min=0, help="First seed this many users (weak demo passwords)."),
+    ] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the end-to-end scenario: user, API key, billed chat, top-up, refund, ledger, audit.
+
+    Exits 1 if the books do not balance afterwards.
+
+    Example: tokendb demo --users 1000
+    """
+    from tokendb.demo import run_demo
+
+    if users and not as_json:
+        with Progress(
+            TextColumn("Seeding users"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err,
+        ) as progress:
+            task = progress.add_task("seed", total=users)
+            report = _run(
+                ctx, lambda: run_demo(seed=users, on_progress=lambda n: progress.advance(task, n))
+            )
+    else:
+        report = _run(ctx, lambda: run_demo(seed=users))
+    if as_json:
+        summary = _jsonable(report) | {"books_balance": report.books_balance}
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_demo(report)
+    if not report.books_balance:
+        raise typer.Exit(1)
+
+
+def _print_demo(report: Any) -> None:
+    if report.seeded_users:
+        out.print(f"Seeded {report.seeded_users} users.")
+    out.print(f"Created user [bold]{report.user.email}[/] ({report.user.id}).")
+    scopes = ", ".join(report.api_key.permissions)
+    out.print(
+        f"Issued API key {report.api_key.key_prefix}… (scopes: {scopes}); "
+        f"verified: {'yes' if report.key_verified else 'NO'}."
+    )
+    billed = sum(message.tokens for message in report.messages)
+    out.print(
+        f"Chat {report.chat.id} on {report.chat.model}: {len(report.messages)} messages, "
+        f"{billed} tokens billed."
+    )
+    out.print(f"Topped up {report.top_up.amount} tokens; refunded {report.refund.amount} tokens.")
+    out.print(f"Balance: [bold]{report.balance}[/] tokens.")
+    _emit(
+        [
+            {
+                "created_at": tx.created_at,
+                "type": tx.type,
+                "amount": f"{tx.amount:+d}",
+                "balance_after": tx.balance_after,
+                "description": tx.description,
+            }
+            for tx in report.ledger
+        ],
+        as_json=False,
+        title="Ledger (newest first)",
+    )
+    if report.books_balance:
+        out.print("Audit: [green]the books balance[/] (balance = Σ ledger, every chain intact).")
+    else:
+        err.print(
+            f"Audit: [red]{len(report.ledger_discrepancies)} ledger and "
+            f"{len(report.chat_discrepancies)} chat discrepancies[/]"
+        )
+
+
+# --- users ------------------------------------------------------------------------------
+
+
+@users_app.command("create")
+def users_create(
+    ctx: typer.Context,
+    email: Annotated[str, typer.Option("--email", "-e", help="Stored lowercased.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Display name.")],
+    password: Annotated[
+        str,
+        typer.Option(
+            "--password", prompt=True, hide_input=True, confirmation_prompt=True,
+            help="At least 8 characters; prompted for when not given.",
+        ),
+    ],
+    role: Annotated[str, typer.Option("--role", help="user or admin.")] = "user",
+    as_json: JsonOption = False,
+) -> None:
+    """Register a user (with the signup bonus).
+
+    Example: tokendb users create --email ada@example.com --name Ada
+    """
+    user = _run(
+        ctx, lambda: tokendb.create_user(email=email, password=password, name=name, role=role)
+    )
+    _emit(user, as_json=as_json, title="User created")
+
+
+@users_app.command("get")
+def users_get(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="The user's id or email.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one user.
+
+    Example: tokendb users get ada@example.com --json
+    """
+
+    async def action() -> tokendb.User:
+        return await tokendb.get_user(user_id=await _user_id(user))
+
+    _emit(_run(ctx, action), as_json=as_json)
+
+
+@users_app.command("list")
+def users_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", help="Page size (1-1000).")] = 50,
+    after: Annotated[
+        str | None, typer.Option("--after", help="Last user id of the previous page.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List users, oldest first, a page at a time.
+
+    Example: tokendb users list --limit 10
+    """
+    users = _run(ctx, lambda: tokendb.list_users(limit=limit, after=after))
+    _emit(users, as_json=as_json, title="Users")
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+@keys_app.command("issue")
+def keys_issue(
+    ctx: typer.Context,
+    user: UserOption,
+    name: Annotated[str, typer.Option("--name", "-n", help="A label for the key.")],
+    permission: Annotated[
+        list[str] | None,
+        typer.Option("--permission", "-p", help="A scope (repeatable); default: every scope."),
+    ] = None,
+    expires_in_days: Annotated[
+        int | None, typer.Option("--expires-in-days", min=1, help="Expire after this many days.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Issue an API key. Its secret is printed once: store it now.
+
+    Example: tokendb keys issue --user ada@example.com --name laptop -p chat
+    """
+    expires_at = (
+        None if expires_in_days is None else datetime.now(UTC) + timedelta(days=expires_in_days)
+    )
+
+    async def action() -> tuple[tokendb.ApiKey, str]:
+        return await tokendb.issue_api_key(
+            user=await _user_id(user), name=name, permissions=permission, expires_at=expires_at
+        )
+
+    api_key, secret = _run(ctx, action)
+    if as_json:
+        typer.echo(json.dumps(_jsonable(api_key) | {"secret": secret}, indent=2))
+        return
+    _emit(api_key, as_json=False, title="API key issued")
+    out.print("Secret (shown once, store it now):")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context,
+    user: UserOption,
+    active_only: Annotated[
+        bool, typer.Option("--active-only", help="Leave out revoked keys.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List a user's API keys (prefixes only, never secrets).
+
+    Example: tokendb keys list --user ada@example.com --active-only
+    """
+
+    async def action() -> list[tokendb.ApiKey]:
+        return await tokendb.list_api_keys(
+            user=await _user_id(user), include_revoked=not active_only
+        )
+
+    _emit(_run(ctx, action), as_json=as_json, title="API keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="The key's id (from `keys list`).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke an API key for good.
+
+    Example: tokendb keys revoke 0190f1d2-7c4e-7b4a-9c1e-2f1e3d4c5b6a
+    """
+    _emit(_run(ctx, lambda: tokendb.revoke_api_key(api_key=key_id)), as_json=as_json)
+
+
+@keys_app.command("verify")
+def keys_verify(
+    ctx: typer.Context,
+    secret: Annotated[
+        str | None,
+        typer.Argument(help="The sk_live_… secret; read from stdin when omitted or '-'."),
+    ] = None,
+    permission: Annotated[
+        str | None, typer.Option("--permission", "-p", help="A scope the key must grant.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check an API key the way a gateway does; exit 1 if it is refused.
+
+    Example: echo "$SECRET" | tokendb keys verify --permission chat
+    """
+    if secret is None or secret == "-":
+        secret = sys.stdin.readline().strip()
+    key = _run(ctx, lambda: tokendb.verify_api_key(secret=secret, permission=permission))
+    _emit(key, as_json=as_json, title="Valid API key")
+
+
+# --- tokens -----------------------------------------------------------------------------
+
+AmountOption = Annotated[int, typer.Option("--amount", "-a", help="Whole tokens, at least 1.")]
+
+
+def _movement(
+    operation: Callable[..., Awaitable[tokendb.TokenTransaction]], summary: str, example: str
+) -> Callable[..., None]:
+    """A ``tokens`` command that moves tokens with ``operation`` (top_up, charge)."""
+
+    def command(
+        ctx: typer.Context,
+        user: UserOption,
+        amount: AmountOption,
+        description: DescriptionOption = None,
+        reference_id: ReferenceOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        async def action() -> tokendb.TokenTransaction:
+            return await operation(
+                user=await _user_id(user), amount=amount,
+                description=description, reference_id=reference_id,
+            )
+
+        _emit(_run(ctx, action), as_json=as_json, title="Ledger row")
+
+    command.__doc__ = f"{summary}\n\nExample: {example}"
+    return command
+
+
+tokens_app.command("topup")(
+    _movement(
+        tokendb.top_up,
+        "Credit purchased tokens.",
+        'tokendb tokens topup --user ada@example.com --amount 1000 -d "invoice 42"',
+    )
+)
+tokens_app.command("charge")(
+    _movement(
+        tokendb.charge,
+        "Debit tokens (refused, with nothing written, if the balance is too low).",
+        "tokendb tokens charge --user ada@example.com --amount 40 -d completion",
+    )
+)
+
+
+@tokens_app.command("refund")
+def tokens_refund(
+    ctx: typer.Context,
+    transaction_id: Annotated[str, typer.Argument(help="The id of the usage row to refund.")],
+    amount: Annotated[
+        int | None, typer.Option("--amount", "-a", help="Default: all that is refundable.")
+    ] = None,
+    description: DescriptionOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give back tokens of a charge (at most what was charged, across refunds).
+
+    Example: tokendb tokens refund 0190f1d2-7c4e-7b4a-9c1e-2f1e3d4c5b6a --amount 10
+    """
+    tx = _run(
+        ctx,
+        lambda: tokendb.refund(transaction=transaction_id, amount=amount, description=description),
+    )
+    _emit(tx, as_json=as_json, title="Refund")
+
+
+@tokens_app.command("balance")
+def tokens_balance(ctx: typer.Context, user: UserOption, as_json: JsonOption = False) -> None:
+    """Show a user's token balance.
+
+    Example: tokendb tokens balance --user ada@example.com --json
+    """
+
+    async def action() -> tuple[str, int]:
+        user_id = await _user_id(user)
+        return user_id, await tokendb.get_balance(user=user_id)
+
+    user_id, balance = _run(ctx, action)
+    if as_json:
+        typer.echo(json.dumps({"user_id": user_id, "balance": balance}))
+    else:
+        out.print(f"{balance} tokens")
+
+
+@tokens_app.command("history")
+def tokens_history(
+    ctx: typer.Context,
+    user: UserOption,
+    limit: Annotated[int, typer.Option("--limit", help="Page size (1-1000).")] = 20,
+    before: Annotated[
+        str | None, typer.Option("--before", help="Last transaction id of the previous page.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a user's ledger, newest first, a page at a time.
+
+    Example: tokendb tokens history --user ada@example.com --limit 5
+    """
+
+    async def action() -> list[tokendb.TokenTransaction]:
+        return await tokendb.list_transactions(
+            user=await _user_id(user), limit=limit, before=before
+        )
+
+    _emit(_run(ctx, action), as_json=as_json, title="Ledger (newest first)")
+
+
+# --- audit ------------------------------------------------------------------------------
+
+
+@app.command()
+def audit(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Check the books: balances against the ledger, chats against their billing. Exit 1 if off.
+
+    Example: tokendb audit --json
+    """
+
+    async def action() -> dict[str, list[Any]]:
+        return {"ledger": await tokendb.audit_ledger(), "chats": await tokendb.audit_chats()}
+
+    found = _run(ctx, action)
+    balanced = not found["ledger"] and not found["chats"]
+    if as_json:
+        typer.echo(json.dumps(_jsonable(found) | {"books_balance": balanced}, indent=2))
+    elif balanced:
+        out.print("[green]The books balance.[/]")
+    else:
+        for kind, rows in found.items():
+            if rows:
+                _emit(rows, as_json=False, title=f"{kind} discrepancies")
+    if not balanced:
+        raise typer.Exit(1)
+
+
+# --- db ---------------------------------------------------------------------------------
+
+
+def _data_dir() -> Path:
+    try:
+        return config.data_dir_from_env()
+    except TokenDBError as exc:
+        _fail(_escape(str(exc)))
+
+
+def _embedded(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except TokenDBError as exc:
+        _fail(_escape(str(exc)))
+
+
+@db_app.command("start")
+def db_start(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Start the embedded server, migrate it, and keep it running until `tokendb db stop`.
+
+    Prints the URL of its tokendb database.
+
+    Example: tokendb db start
+    """
+    embedded.install_sigterm_handler()
+    url = _embedded(lambda: embedded.ensure_server(_data_dir(), keep_running=True))
+    applied = _run(ctx, lambda: tokendb.migrate(url), connect=False)
+    if as_json:
+        typer.echo(json.dumps({"url": url, "applied": applied}))
+        return
+    out.print(f"The embedded server is running; {len(applied)} migration(s) applied. URL:")
+    typer.echo(url)
+    if config.database_url_from_env() is not None:
+        err.print("Note: DATABASE_URL is set, so other commands use that database, not this one.")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server (processes using it lose their connections).
+
+    Example: tokendb db stop
+    """
+    stopped = _embedded(lambda: embedded.stop_server(_data_dir()))
+    out.print("Stopped the embedded server." if stopped else "The embedded server was not running.")
+
+
+@db_app.command("status")
+def db_status(as_json: JsonOption = False) -> None:
+    """Show whether the embedded server runs, where, and who uses it.
+
+    Example: tokendb db status --json
+    """
+    status = _embedded(lambda: embedded.server_status(_data_dir()))
+    _emit(status, as_json=as_json, title="Embedded PostgreSQL")
+
+
+@db_app.command("url")
+def db_url() -> None:
+    """Print the URL of the running embedded server's tokendb database (exit 1 if stopped).
+
+    Example: export DATABASE_URL="$(tokendb db url)"
+    """
+    status = _embedded(lambda: embedded.server_status(_data_dir()))
+    if status.url is None:
+        _fail("the embedded server is not running; start it with `tokendb db start`")
+    typer.echo(status.url)
+
+
+def main() -> None:
+    """Entry point of the ``tokendb`` script."""
+    app()

@@ -1,0 +1,107 @@
+"""Pydantic output schemas of tokendb's models, for HTTP APIs.
+
+Allow-lists: each schema names the fields it exposes, so ``password_hash``
+and ``key_hash`` can never leak through a response, whatever columns the
+models grow. Build them from model instances with
+``UserOut.model_validate(user)`` (``from_attributes`` is on).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+from tokendb.models import MessageRole, TransactionType, UserRole
+
+__all__ = [
+    "ApiKeyOut",
+    "BalanceOut",
+    "ChatMessageOut",
+    "ChatSessionOut",
+    "ErrorOut",
+    "IssuedApiKeyOut",
+    "TransactionOut",
+    "UserOut",
+]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class UserOut(_Out):
+    id: UUID
+    email: str
+    name: str
+    role: UserRole
+    token_balance: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ApiKeyOut(_Out):
+    id: UUID
+    user_id: UUID
+    key_prefix: str
+    """The first 12 characters of the secret, for display (``sk_live_AbCd``)."""
+    name: str
+    permissions: list[str]
+    is_active: bool
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    created_at: datetime
+
+
+class IssuedApiKeyOut(ApiKeyOut):
+    """A key just issued: the only response that ever carries ``secret``."""
+
+    secret: str
+
+
+class TransactionOut(_Out):
+    id: UUID
+    user_id: UUID
+    amount: int
+    """Positive for credits (``topup``, ``bonus``, ``refund``), negative for ``usage``."""
+    type: TransactionType
+    description: str | None
+    reference_id: UUID | None
+    balance_after: int
+    created_at: datetime
+
+
+class ChatSessionOut(_Out):
+    id: UUID
+    user_id: UUID
+    api_key_id: UUID
+    model: str
+    tokens_used: int
+    created_at: datetime
+    ended_at: datetime | None
+
+
+class ChatMessageOut(_Out):
+    id: UUID
+    session_id: UUID
+    role: MessageRole
+    content: str
+    tokens: int
+    created_at: datetime
+
+
+class BalanceOut(BaseModel):
+    user_id: UUID
+    balance: int
+
+
+class ErrorOut(BaseModel):
+    """The body of every error response: the error's class name, its message and its fields."""
+
+    error: str
+    """The :class:`~tokendb.TokenDBError` subclass, e.g. ``InsufficientTokens``."""
+    detail: str
+    fields: dict[str, Any]
+    """The error's attributes, e.g. ``{"balance": 5, "requested": 40, ...}``."""
