@@ -113,3 +113,14 @@ async def test_models_and_migrations_agree(server_url: str, tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "No changes detected" in result.stdout
     assert sorted((tmp_path / "migrations" / "tokendb").glob("*.py")) == before
+
+
+async def test_concurrent_migrations_apply_each_file_once(server_url: str) -> None:
+    async with throwaway_database(server_url, prefix="tokendb_mig") as url:
+        results = await asyncio.gather(*(tokendb.migrate(url) for _ in range(4)))
+        assert sorted(map(tuple, results)) == [(), (), (), tuple(MIGRATIONS)]
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM aerich") == len(MIGRATIONS)
+        finally:
+            await conn.close()

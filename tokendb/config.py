@@ -79,7 +79,8 @@ def _parse_pool_size(value: str, name: str, variable: str) -> int:
         raise ConfigurationError(
             f"{variable}: {name} must be a whole number, got {value!r}", variable=variable
         ) from None
-    if size < 0 or ((name.endswith("max_size") or name == "maxsize") and size < 1):
+    is_max = name.endswith("max_size") or name == "maxsize"
+    if size < 0 or (is_max and size < 1) or size > 10_000:
         raise ConfigurationError(f"{variable}: {name} out of range: {size}", variable=variable)
     return size
 
@@ -149,12 +150,12 @@ def tortoise_config(
         ("minsize", min_size, DEFAULT_POOL_MIN_SIZE),
         ("maxsize", max_size, DEFAULT_POOL_MAX_SIZE),
     ):
-        if given is not None:
-            credentials[key] = given
-        elif key in credentials:
-            credentials[key] = _parse_pool_size(str(credentials[key]), key, variable)
-        else:
-            credentials[key] = default
+        value = given if given is not None else credentials.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigurationError(
+                f"{variable}: pool {key} must be a whole number, got {value!r}", variable=variable
+            )
+        credentials[key] = _parse_pool_size(str(value), key, variable)
     if credentials["minsize"] > credentials["maxsize"]:
         raise ConfigurationError(
             f"{variable}: pool minsize {credentials['minsize']} exceeds maxsize "
@@ -285,11 +286,21 @@ def resolve_database_url(database_url: str | None) -> str:
     return resolve_database(database_url).url
 
 
-def config_for(database: ResolvedDatabase) -> dict[str, Any]:
-    """The Tortoise config for ``database``, pool sized from the env."""
-    min_size, max_size = pool_sizes_from_env()
+def config_for(
+    database: ResolvedDatabase, *, min_size: int | None = None, max_size: int | None = None
+) -> dict[str, Any]:
+    """The Tortoise config for ``database``.
+
+    Pool size: ``min_size``/``max_size`` when given, else
+    ``TOKENDB_POOL_MIN_SIZE``/``TOKENDB_POOL_MAX_SIZE``, else the URL's
+    ``minsize``/``maxsize``, else the defaults; all validated together.
+    """
+    env_min, env_max = pool_sizes_from_env()
     return tortoise_config(
-        database.url, min_size=min_size, max_size=max_size, variable=database.variable
+        database.url,
+        min_size=min_size if min_size is not None else env_min,
+        max_size=max_size if max_size is not None else env_max,
+        variable=database.variable,
     )
 
 

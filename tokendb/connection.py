@@ -34,6 +34,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+_MIGRATION_LOCK = 0x746F6B656E6462  # "tokendb": the advisory lock key migrations hold
+
 DEFAULT_ACQUIRE_TIMEOUT = 10.0
 DEFAULT_STATEMENT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 10.0
@@ -94,7 +96,11 @@ async def init(
     )
     if Tortoise.is_inited():
         await Tortoise.close_connections()
-    await Tortoise.init(config=config, _enable_global_fallback=True)
+    try:
+        await Tortoise.init(config=config, _enable_global_fallback=True)
+    except BaseException:
+        await Tortoise.close_connections()  # never leave a half-initialised context behind
+        raise
     await check_connection()
 
 
@@ -121,23 +127,41 @@ async def init_config(
     statement_timeout = options.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT)
     lock_timeout = options.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     acquire_timeout = options.get("acquire_timeout", DEFAULT_ACQUIRE_TIMEOUT)
+    for name, seconds in (
+        ("acquire_timeout", acquire_timeout),
+        ("statement_timeout", statement_timeout),
+        ("lock_timeout", lock_timeout),
+    ):
+        _check_timeout(name, seconds, optional=name != "acquire_timeout")
     database = await resolve_database_async(database_url)
+    config = config_for(database, min_size=min_size, max_size=max_size)  # validates sizes
     if database.embedded:
         await migrate(database.url)
-    config = config_for(database)
     credentials = config["connections"]["default"]["credentials"]
-    if min_size is not None:
-        credentials["minsize"] = min_size
-    if max_size is not None:
-        credentials["maxsize"] = max_size
     server_settings: dict[str, str] = dict(credentials.get("server_settings") or {})
     if statement_timeout is not None:
-        server_settings.setdefault("statement_timeout", f"{int(statement_timeout * 1000)}ms")
+        server_settings.setdefault("statement_timeout", f"{round(statement_timeout * 1000)}ms")
     if lock_timeout is not None:
-        server_settings.setdefault("lock_timeout", f"{int(lock_timeout * 1000)}ms")
+        server_settings.setdefault("lock_timeout", f"{round(lock_timeout * 1000)}ms")
     credentials["server_settings"] = server_settings
     _db.configure(_db.Settings(acquire_timeout=acquire_timeout))
     return config
+
+
+def _check_timeout(name: str, seconds: object, *, optional: bool) -> None:
+    if seconds is None and optional:
+        return
+    # At least 1 ms: PostgreSQL reads a timeout of 0 as "no timeout at all".
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not 0.001 <= seconds <= 86_400
+    ):
+        raise ConfigurationError(
+            f"{name} must be a number of seconds from 0.001 to 86400"
+            + (" or None" if optional else "")
+            + f", got {seconds!r}"
+        )
 
 
 @_db.translated
@@ -213,7 +237,8 @@ async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable
 
     config = config_for(await resolve_database_async(database_url))
     credentials = config["connections"]["default"]["credentials"]
-    credentials["minsize"], credentials["maxsize"] = 1, 1
+    # One connection holds the migration lock, one runs the migrations.
+    credentials["minsize"], credentials["maxsize"] = 1, 2
     location = str(migrations_location())
 
     async def isolated() -> T:
@@ -221,9 +246,18 @@ async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable
         with TortoiseContext() as context:
             await context.init(config=config)
             try:
-                command = Command(tortoise_config=config, app=APP_LABEL, location=location)
-                await command.init()
-                return await action(command)
+                client = context.connections.get("default")
+                async with client.acquire_connection() as lock:
+                    # Processes sharing a database (several app workers, or the
+                    # embedded server) migrate one at a time; the next one
+                    # then finds nothing left to apply.
+                    await lock.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+                    try:
+                        command = Command(tortoise_config=config, app=APP_LABEL, location=location)
+                        await command.init()
+                        return await action(command)
+                    finally:
+                        await lock.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
             finally:
                 await context.close_connections()
 
