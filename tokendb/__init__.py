@@ -23,6 +23,8 @@ from tokendb.chats import get_chat as get_chat
 from tokendb.chats import list_chats as list_chats
 from tokendb.chats import list_messages as list_messages
 from tokendb.chats import start_chat as start_chat
+from tokendb.coalescing import ChargeItem as ChargeItem
+from tokendb.coalescing import charge_many as charge_many
 from tokendb.connection import close as close
 from tokendb.connection import connect as connect
 from tokendb.connection import init as init
@@ -73,6 +75,7 @@ __all__ = [
     "ApiKey",
     "ApiKeyExpired",
     "ApiKeyRevoked",
+    "ChargeItem",
     "ChatDiscrepancy",
     "ChatMessage",
     "ChatSession",
@@ -103,6 +106,7 @@ __all__ = [
     "authenticate",
     "change_password",
     "charge",
+    "charge_many",
     "close",
     "connect",
     "create_user",

@@ -85,6 +85,8 @@ class Settings:
     """Seconds to wait for a free pooled connection (and for its release)."""
     max_attempts: int = 8
     """Attempts of a transaction that hit a deadlock or serialization failure."""
+    coalesce_charges: bool = True
+    """Coalesce concurrent ``charge()`` calls into shared statements (:mod:`tokendb.coalescing`)."""
 
 
 _settings = Settings()

@@ -67,6 +67,7 @@ async def init(
     acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
     statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    coalesce_charges: bool = True,
 ) -> None:
     """Initialise Tortoise with tokendb's models and open the connection pool.
 
@@ -79,6 +80,10 @@ async def init(
     cancels a statement after ``statement_timeout`` seconds or a row-lock
     wait after ``lock_timeout`` seconds (``None`` disables either), raising
     :class:`~tokendb.errors.DatabaseTimeout`.
+
+    ``coalesce_charges`` lets concurrent :func:`~tokendb.charge` calls share
+    statements, group-commit style (:mod:`tokendb.coalescing`); turn it off to
+    give every call a statement of its own.
 
     The pool is opened and checked before returning, so a wrong URL fails
     here, not on the first request.
@@ -93,6 +98,7 @@ async def init(
         acquire_timeout=acquire_timeout,
         statement_timeout=statement_timeout,
         lock_timeout=lock_timeout,
+        coalesce_charges=coalesce_charges,
     )
     if Tortoise.is_inited():
         await Tortoise.close_connections()
@@ -112,6 +118,7 @@ class InitOptions(TypedDict, total=False):
     acquire_timeout: float
     statement_timeout: float | None
     lock_timeout: float | None
+    coalesce_charges: bool
 
 
 async def init_config(
@@ -127,6 +134,7 @@ async def init_config(
     statement_timeout = options.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT)
     lock_timeout = options.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     acquire_timeout = options.get("acquire_timeout", DEFAULT_ACQUIRE_TIMEOUT)
+    coalesce_charges = options.get("coalesce_charges", True)
     for name, seconds in (
         ("acquire_timeout", acquire_timeout),
         ("statement_timeout", statement_timeout),
@@ -144,7 +152,9 @@ async def init_config(
     if lock_timeout is not None:
         server_settings.setdefault("lock_timeout", f"{round(lock_timeout * 1000)}ms")
     credentials["server_settings"] = server_settings
-    _db.configure(_db.Settings(acquire_timeout=acquire_timeout))
+    _db.configure(
+        _db.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges)
+    )
     return config
 
 

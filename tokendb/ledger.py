@@ -36,7 +36,7 @@ is append-only (a trigger). :func:`audit_ledger` checks the books.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -89,6 +89,24 @@ def _description(value: Any) -> str | None:
     return _args.optional_text(value, "description", max_length=MAX_DESCRIPTION_LENGTH)
 
 
+class _Movement(NamedTuple):
+    """A validated request to move ``amount`` (> 0) tokens of ``user_id``."""
+
+    user_id: UUID
+    amount: int
+    description: str | None
+    reference_id: UUID | None
+
+
+def _validated(user: Any, amount: Any, description: Any, reference_id: Any) -> _Movement:
+    return _Movement(
+        _args.ref_id(user, "user", User),
+        _args.positive_amount(amount),
+        _description(description),
+        _args.optional_uuid(reference_id, "reference_id"),
+    )
+
+
 async def _move(
     *,
     user: Any,
@@ -98,10 +116,12 @@ async def _move(
     reference_id: Any,
 ) -> TokenTransaction:
     """Validate, then move ``amount`` tokens (debited for ``usage``) in one statement."""
-    user_id = _args.ref_id(user, "user", User)
-    requested = _args.positive_amount(amount)
-    text = _description(description)
-    reference = _args.optional_uuid(reference_id, "reference_id")
+    return await _apply(_validated(user, amount, description, reference_id), kind)
+
+
+async def _apply(movement: _Movement, kind: TransactionType) -> TokenTransaction:
+    """Move a validated ``movement`` in one statement (:data:`_MOVE`)."""
+    user_id, requested, text, reference = movement
     delta = -requested if kind is TransactionType.USAGE else requested
 
     for _ in range(3):
@@ -176,15 +196,24 @@ async def charge(
     With ``reference_id``, a repeat returns the original row and moves
     nothing, however many run concurrently.
 
+    Concurrent calls in one process are coalesced into one statement per
+    flush (group commit, :mod:`tokendb.coalescing`) with the same outcome
+    each call would have had alone; a call returns only after the statement
+    carrying its charge has committed. Inside the caller's own transaction,
+    or with ``tokendb.init(coalesce_charges=False)``, it is the single
+    statement :data:`_MOVE` on the call's connection.
+
     Raises :class:`InsufficientTokens` (``.balance``, ``.requested``; nothing
     written), :class:`ReferenceConflict` (same reference, other amount),
     :class:`NotFound` and :class:`ValidationError` (``amount`` must be a
     positive ``int`` that fits the integer column).
     """
-    return await _move(
-        user=user, amount=amount, kind=TransactionType.USAGE,
-        description=description, reference_id=reference_id,
-    )
+    movement = _validated(user, amount, description, reference_id)
+    if _db.settings().coalesce_charges and not _db.in_caller_transaction():
+        from tokendb import coalescing  # a layer on top of this module
+
+        return await coalescing.submit(movement)
+    return await _apply(movement, TransactionType.USAGE)
 
 
 @_db.translated

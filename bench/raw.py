@@ -1,0 +1,89 @@
+"""The baseline: the same work written by hand against a plain asyncpg pool.
+
+Where tokendb's work is one statement, the baseline sends that very statement
+(imported, not copied), so the ratio measures what tokendb adds around it:
+argument checks, the storage seam, error translation, model instances. The
+API-key lookup is the plain SELECT a hand-written gateway would send.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from tokendb import chats, coalescing, keys, ledger
+from tokendb.ids import new_id
+
+VERIFY = """
+SELECT k.id, k.user_id, k.key_prefix, k.permissions, k.is_active, k.expires_at,
+       u.email, u.role, u.token_balance
+FROM api_keys k JOIN users u ON u.id = k.user_id
+WHERE k.key_hash = $1
+"""
+
+
+async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
+    """A pool configured like tokendb's: same size, same server-side timeouts."""
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=size,
+        max_size=size,
+        server_settings={"statement_timeout": "30000ms", "lock_timeout": "10000ms"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def move(pool: asyncpg.Pool, user_id: UUID, delta: int, kind: str) -> asyncpg.Record:
+    """One charge (``delta`` < 0) or top-up: :data:`tokendb.ledger._MOVE`."""
+    row = await pool.fetchrow(ledger._MOVE, user_id, delta, kind, new_id(), None, None)
+    if row is None:
+        raise RuntimeError(f"refused: {user_id} {delta}")
+    return row
+
+
+async def charge_batch(pool: asyncpg.Pool, user_ids: list[UUID], amount: int) -> list[Any]:
+    """Many charges in one statement: :data:`tokendb.coalescing._BATCH`."""
+    count = len(user_ids)
+    rows = await pool.fetch(
+        coalescing._BATCH,
+        user_ids, [amount] * count, [new_id() for _ in user_ids], [None] * count, [None] * count,
+    )
+    if len(rows) != count or any(row["outcome"] != "moved" for row in rows):
+        raise RuntimeError("a batched charge was refused")
+    return rows
+
+
+async def verify(pool: asyncpg.Pool, secret: str) -> asyncpg.Record:
+    """Look an API key up by its hash, with its user; refuse revoked and expired keys."""
+    row = await pool.fetchrow(VERIFY, keys.hash_key(secret))
+    if row is None or not row["is_active"]:
+        raise RuntimeError("invalid key")
+    if row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
+        raise RuntimeError("expired key")
+    return row
+
+
+async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens: int) -> Any:
+    """Message + session total + debit: :data:`tokendb.chats._ADD_MESSAGE`."""
+    row = await pool.fetchrow(
+        chats._ADD_MESSAGE, new_id(), session_id, "user", content, tokens, new_id(), None
+    )
+    if row is None:
+        raise RuntimeError("session ended")
+    return row
+
+
+async def first_page(pool: asyncpg.Pool, user_id: UUID, limit: int) -> list[asyncpg.Record]:
+    """The newest ``limit`` ledger rows of a user: :data:`tokendb.ledger._PAGE_FIRST`."""
+    return await pool.fetch(ledger._PAGE_FIRST, user_id, limit)
+
+
+async def page_before(
+    pool: asyncpg.Pool, user_id: UUID, limit: int, created_at: datetime, row_id: UUID
+) -> list[asyncpg.Record]:
+    """A keyset page: :data:`tokendb.ledger._PAGE_BEFORE`."""
+    return await pool.fetch(ledger._PAGE_BEFORE, user_id, limit, created_at, row_id)

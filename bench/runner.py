@@ -1,0 +1,119 @@
+"""Running the scenarios: a throw-away database, interleaved rounds, the books checked after each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import tokendb
+from bench import raw
+from bench.harness import Run, Summary, closed_loop, machine, rss_mb
+from bench.scenarios import Bench, Options, Scenario, all_scenarios
+from tokendb.testing import throwaway_database
+
+
+@dataclass
+class Result:
+    """One scenario's medians for both sides, and what the checks found."""
+
+    key: str
+    title: str
+    meaning: str
+    callers: int
+    target: float | None
+    tokendb: Summary
+    raw: Summary
+    problems: list[str]
+    rss_mb: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.tokendb.ops_per_s / self.raw.ops_per_s if self.raw.ops_per_s else 0.0
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio >= self.target
+
+
+@dataclass
+class Report:
+    options: Options
+    started: datetime
+    machine: dict[str, str]
+    results: list[Result] = field(default_factory=list)
+    rss_start_mb: float = 0.0
+
+    def result(self, key: str) -> Result | None:
+        return next((result for result in self.results if result.key == key), None)
+
+    @property
+    def ok(self) -> bool:
+        return all(not result.problems for result in self.results)
+
+
+async def run(options: Options, progress: Callable[[str], None]) -> Report:
+    """Run the selected scenarios on a new database; dropped afterwards."""
+    scenarios = [s for s in all_scenarios() if not options.only or s.key in options.only]
+    report = Report(options, datetime.now(UTC), machine(), rss_start_mb=rss_mb())
+    async with throwaway_database(options.server_url, prefix="tokendb_bench") as url:
+        progress(f"database {url.rsplit('/', 1)[-1]}: migrating")
+        await tokendb.migrate(url)
+        pool = await raw.create_pool(url, size=options.pool_size)
+        bench = Bench(options, url, pool)
+        try:
+            version = await pool.fetchval("SHOW server_version")
+            report.machine["postgresql"] = str(version).split()[0]
+            for scenario in scenarios:
+                result = await _scenario(bench, scenario, progress)
+                report.results.append(result)
+        finally:
+            await tokendb.close()
+            await pool.close()
+    return report
+
+
+async def _scenario(bench: Bench, scenario: Scenario, progress: Callable[[str], None]) -> Result:
+    options = bench.options
+    title = scenario.title.format(**vars(options))
+    callers = scenario.callers(options)
+    progress(f"{title}: seeding")
+    await tokendb.init(
+        bench.url,
+        min_size=options.pool_size,
+        max_size=options.pool_size,
+        coalesce_charges=scenario.coalesce,
+    )
+    ours, theirs = await scenario.build(bench)
+    sides = [("tokendb", ours), ("raw", theirs)]
+    for _, side in sides:  # prepared statements, pool connections, caches
+        await closed_loop(side.op, concurrency=callers, duration=options.warmup)
+    runs: dict[str, list[Run]] = {"tokendb": [], "raw": []}
+    rss: list[float] = []
+    for number in range(options.rounds):
+        # Interleaved, alternating who goes first, so drift (autovacuum, a
+        # neighbour's load, a growing table) hits both sides alike.
+        for name, side in sides if number % 2 == 0 else sides[::-1]:
+            runs[name].append(
+                await closed_loop(side.op, concurrency=callers, duration=options.duration)
+            )
+        rss.append(round(rss_mb(), 1))
+        progress(
+            f"{title}: round {number + 1}/{options.rounds}: tokendb "
+            f"{runs['tokendb'][-1].ops_per_s:,.0f}/s, raw {runs['raw'][-1].ops_per_s:,.0f}/s"
+        )
+    problems = await ours.check() + await theirs.check()
+    problems += [f"ledger: {d}" for d in await tokendb.audit_ledger()]
+    for problem in problems:
+        progress(f"{title}: BOOKS WRONG: {problem}")
+    return Result(
+        key=scenario.key,
+        title=title,
+        meaning=scenario.meaning,
+        callers=callers,
+        target=scenario.target,
+        tokendb=Summary.of(runs["tokendb"]),
+        raw=Summary.of(runs["raw"]),
+        problems=problems,
+        rss_mb=rss,
+    )

@@ -1,0 +1,367 @@
+"""The scenarios: what each side does, the data it needs, and how its books are checked.
+
+tokendb and the baseline never share rows that either writes: each side gets
+its own users (same count, same starting balance), so the check at the end of
+a scenario can say exactly what each side's balances must be.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import UUID
+
+import asyncpg
+
+import tokendb
+from bench import raw
+from bench.harness import Op
+from tokendb.api_keys import DEFAULT_TOUCH_INTERVAL
+from tokendb.ids import new_id
+
+START_BALANCE = 1_000_000_000
+"""Enough that no benchmark charge is ever refused (the int column tops out at 2.1e9)."""
+TOP_UP_START = 1_000
+MESSAGE = "What is the capital of France? Answer in one word, then explain why. " * 4
+PAGE = 50
+
+Check = Callable[[], Awaitable[list[str]]]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Sizes of one benchmark run (``python -m bench --help``)."""
+
+    server_url: str
+    duration: float = 3.0
+    warmup: float = 1.0
+    rounds: int = 3
+    concurrency: int = 64
+    users: int = 1000
+    batch: int = 64
+    pool_size: int = 20
+    history_rows: int = 1_000_000
+    small_history_rows: int = 10_000
+    only: frozenset[str] = frozenset()
+
+
+@dataclass
+class Bench:
+    """What the scenarios share: the database, the baseline's pool, seeded history."""
+
+    options: Options
+    url: str
+    pool: asyncpg.Pool
+    histories: dict[int, UUID] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One implementation of a scenario: the call to time and the check of its books."""
+
+    op: Op
+    check: Check
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    meaning: str
+    build: Callable[[Bench], Awaitable[tuple[Side, Side]]]
+    target: float | None = None
+    """The minimum tokendb/raw throughput ratio the issue sets, if any."""
+    coalesce: bool = False
+    """Whether tokendb runs with ``coalesce_charges`` (the default of ``tokendb.init``)."""
+    callers: Callable[[Options], int] = lambda options: options.concurrency
+
+
+_SEED_USERS = """
+WITH new_users AS (
+    INSERT INTO users (id, email, password_hash, name, role, token_balance, created_at, updated_at)
+    SELECT id, 'bench-' || id || '@example.com', 'not a password hash', 'bench user', 'user',
+           $2, clock_timestamp(), clock_timestamp()
+    FROM unnest($1::uuid[]) AS id
+    RETURNING id, token_balance, created_at
+)
+INSERT INTO token_transactions
+    (id, user_id, amount, type, description, reference_id, balance_after, created_at)
+SELECT gen_random_uuid(), id, token_balance, 'bonus', 'bench seed', NULL, token_balance, created_at
+FROM new_users
+"""
+
+# Top-ups of one token each, in chain order: ids count up from a fresh UUIDv7
+# prefix and clock_timestamp() never goes back, so (created_at, id) is the chain.
+_SEED_HISTORY = """
+INSERT INTO token_transactions
+    (id, user_id, amount, type, description, reference_id, balance_after, created_at)
+SELECT (substr($2, 1, 24) || lpad(to_hex(g), 12, '0'))::uuid, $1, 1, 'topup',
+       'bench history', NULL, $3 + g, clock_timestamp()
+FROM generate_series(1, $4) AS g
+"""
+
+
+async def seed_users(bench: Bench, count: int, balance: int) -> list[UUID]:
+    """``count`` users with ``balance`` tokens each (and the ledger row that says so)."""
+    ids = [new_id() for _ in range(count)]
+    await bench.pool.execute(_SEED_USERS, ids, balance)
+    return ids
+
+
+async def history_user(bench: Bench, rows: int) -> UUID:
+    """A user with ``rows`` ledger rows (seeded once per size)."""
+    if rows not in bench.histories:
+        (user_id,) = await seed_users(bench, 1, TOP_UP_START)
+        async with bench.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_SEED_HISTORY, user_id, str(new_id()), TOP_UP_START, rows)
+            await conn.execute(
+                "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1", user_id, rows
+            )
+        await bench.pool.execute("VACUUM (ANALYZE) token_transactions")
+        bench.histories[rows] = user_id
+    return bench.histories[rows]
+
+
+def balances_check(bench: Bench, start: int, moved: Counter[UUID], sign: int) -> Check:
+    """Every user's balance must be ``start + sign * moved[user]``."""
+
+    async def check() -> list[str]:
+        rows = await bench.pool.fetch(
+            "SELECT id, token_balance FROM users WHERE id = ANY($1::uuid[])", list(moved)
+        )
+        actual = {row["id"]: row["token_balance"] for row in rows}
+        return [
+            f"user {user}: balance {actual.get(user)}, expected {start + sign * count}"
+            for user, count in moved.items()
+            if actual.get(user) != start + sign * count
+        ]
+
+    return check
+
+
+def _picker(users: list[UUID], seed: int) -> Callable[[], UUID]:
+    if len(users) == 1:
+        only = users[0]
+        return lambda: only
+    rng = random.Random(seed)
+    return lambda: users[rng.randrange(len(users))]
+
+
+async def _movements(bench: Bench, users: int, kind: str) -> tuple[Side, Side]:
+    """charge (``usage``) or top_up (``topup``) of 1 token on random users of ``users``."""
+    start = START_BALANCE if kind == "usage" else TOP_UP_START
+    sign = -1 if kind == "usage" else 1
+    operation = tokendb.charge if kind == "usage" else tokendb.top_up
+
+    async def side(use_tokendb: bool) -> Side:
+        pick = _picker(await seed_users(bench, users, start), seed=users)
+        moved: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            user = pick()
+            if use_tokendb:
+                await operation(user=user, amount=1)
+            else:
+                await raw.move(bench.pool, user, sign, kind)
+            moved[user] += 1
+            return 1
+
+        return Side(op, balances_check(bench, start, moved, sign))
+
+    return await side(True), await side(False)
+
+
+async def _charge_many(bench: Bench) -> tuple[Side, Side]:
+    """Batches of ``--batch`` charges over ``--users`` users, one batch in flight."""
+    size = bench.options.batch
+
+    async def side(use_tokendb: bool) -> Side:
+        users = await seed_users(bench, bench.options.users, START_BALANCE)
+        pick = _picker(users, seed=size)
+        moved: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            picked = [pick() for _ in range(size)]
+            if use_tokendb:
+                results = await tokendb.charge_many(
+                    items=[tokendb.ChargeItem(user=user, amount=1) for user in picked]
+                )
+                failed = [r for r in results if not isinstance(r, tokendb.TokenTransaction)]
+                if failed:
+                    raise RuntimeError(f"charge_many refused: {failed[0]!r}")
+            else:
+                await raw.charge_batch(bench.pool, picked, 1)
+            moved.update(picked)
+            return size
+
+        return Side(op, balances_check(bench, START_BALANCE, moved, -1))
+
+    return await side(True), await side(False)
+
+
+async def _verify(bench: Bench) -> tuple[Side, Side]:
+    """One hot key verified by every caller; tokendb also keeps last_used_at (throttled)."""
+    started = datetime.now(UTC)
+
+    async def side(use_tokendb: bool) -> Side:
+        (user,) = await seed_users(bench, 1, START_BALANCE)
+        api_key, secret = await tokendb.issue_api_key(user=user, name="bench")
+        if use_tokendb:
+            first = (await tokendb.verify_api_key(secret=secret)).last_used_at
+
+            async def op(index: int) -> int:
+                await tokendb.verify_api_key(secret=secret)
+                return 1
+
+            async def check() -> list[str]:
+                touched = await bench.pool.fetchval(
+                    "SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id
+                )
+                window = datetime.now(UTC) - started
+                if first is None or touched is None or touched < started:
+                    return [f"last_used_at not kept: {touched}"]
+                if window < DEFAULT_TOUCH_INTERVAL and touched != first:
+                    return [f"last_used_at written again within the interval: {touched}"]
+                return []
+
+            return Side(op, check)
+
+        async def raw_op(index: int) -> int:
+            await raw.verify(bench.pool, secret)
+            return 1
+
+        async def nothing() -> list[str]:
+            return []
+
+        return Side(raw_op, nothing)
+
+    return await side(True), await side(False)
+
+
+async def _add_message(bench: Bench) -> tuple[Side, Side]:
+    """Each caller bills messages to a session of its own user."""
+    callers = bench.options.concurrency
+
+    async def side(use_tokendb: bool) -> Side:
+        users = await seed_users(bench, callers, START_BALANCE)
+        sessions: list[UUID] = []
+        for user in users:
+            api_key, _ = await tokendb.issue_api_key(user=user, name="bench")
+            sessions.append((await tokendb.start_chat(api_key=api_key, model="bench-model")).id)
+        billed: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            if use_tokendb:
+                await tokendb.add_message(
+                    session=sessions[index], role="user", content=MESSAGE, tokens=1
+                )
+            else:
+                await raw.add_message(bench.pool, sessions[index], MESSAGE, 1)
+            billed[users[index]] += 1
+            return 1
+
+        balances = balances_check(bench, START_BALANCE, billed, -1)
+
+        async def check() -> list[str]:
+            return await balances() + [f"chat books: {d}" for d in await tokendb.audit_chats()]
+
+        return Side(op, check)
+
+    return await side(True), await side(False)
+
+
+def _list_page(rows: Callable[[Options], int]) -> Callable[[Bench], Awaitable[tuple[Side, Side]]]:
+    async def build(bench: Bench) -> tuple[Side, Side]:
+        user = await history_user(bench, rows(bench.options))
+        pages: list[int] = []
+
+        async def tokendb_op(index: int) -> int:
+            page = await tokendb.list_transactions(user=user, limit=PAGE)
+            pages.append(len(page))
+            return 1
+
+        async def raw_op(index: int) -> int:
+            pages.append(len(await raw.first_page(bench.pool, user, PAGE)))
+            return 1
+
+        async def check() -> list[str]:
+            problems = [f"a page had {n} rows, not {PAGE}" for n in set(pages) if n != PAGE]
+            page = await tokendb.list_transactions(user=user, limit=PAGE)
+            keys = [(t.created_at, t.id) for t in page]
+            if keys != sorted(keys, reverse=True):
+                problems.append("the page is not newest first")
+            return problems
+
+        return Side(tokendb_op, check), Side(raw_op, check)
+
+    return build
+
+
+def all_scenarios() -> list[Scenario]:
+    hot = "1 hot user"
+    many = "{users:,} users"
+    return [
+        Scenario(
+            "charge-hot", f"charge · {hot} · one statement per call",
+            "64 callers charge 1 token of the same user; coalescing off, so every call is "
+            "one statement queueing on the user's row lock (baseline: the same statement).",
+            lambda bench: _movements(bench, 1, "usage"), target=0.9,
+        ),
+        Scenario(
+            "charge-users", f"charge · {many} · one statement per call",
+            "64 callers charge 1 token of random users; coalescing off (baseline: the same "
+            "statement).",
+            lambda bench: _movements(bench, bench.options.users, "usage"), target=0.9,
+        ),
+        Scenario(
+            "coalesced-hot", f"charge · {hot} · coalesced (default)",
+            "The same calls with tokendb's default group commit, against the baseline's "
+            "one statement per call.",
+            lambda bench: _movements(bench, 1, "usage"), target=10.0, coalesce=True,
+        ),
+        Scenario(
+            "coalesced-users", f"charge · {many} · coalesced (default)",
+            "Random users, group commit, against one statement per call.",
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            target=4.0, coalesce=True,
+        ),
+        Scenario(
+            "charge-many", f"charge_many · {{batch}} per call · {many}",
+            "One caller sends batches of charges; baseline: the same batch statement by hand "
+            "(the ceiling coalescing approaches).",
+            _charge_many, callers=lambda options: 1,
+        ),
+        Scenario(
+            "top-up", f"top_up · {many}",
+            "64 callers credit 1 token to random users (baseline: the same statement).",
+            lambda bench: _movements(bench, bench.options.users, "topup"), target=0.9,
+        ),
+        Scenario(
+            "verify", "verify_api_key · 1 hot key",
+            "64 callers verify the same key: lookup by hash with the user, last_used_at "
+            "written at most once a minute (baseline: the SELECT by hash joined to users).",
+            _verify, target=0.9,
+        ),
+        Scenario(
+            "add-message", "add_message · 64 sessions",
+            "Each caller stores a message and bills 1 token to its own session's user in one "
+            "statement (baseline: the same statement).",
+            _add_message, target=0.8,
+        ),
+        Scenario(
+            "list-small", "list_transactions · {small_history_rows:,} rows",
+            "One caller reads the newest page (50 rows) of a user with a short history.",
+            _list_page(lambda options: options.small_history_rows),
+            callers=lambda options: 1,
+        ),
+        Scenario(
+            "list-large", "list_transactions · {history_rows:,} rows",
+            "The same page of a user with a long history: keyset pagination on the "
+            "(user_id, created_at DESC, id DESC) index costs the same.",
+            _list_page(lambda options: options.history_rows),
+            callers=lambda options: 1,
+        ),
+    ]
