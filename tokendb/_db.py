@@ -36,10 +36,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import asyncpg
 from tortoise.backends.base.client import (
@@ -51,6 +51,7 @@ from tortoise.exceptions import BaseORMException
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 from tortoise.models import Model
 
+from tokendb import _rows
 from tokendb.errors import (
     ConfigurationError,
     DatabaseError,
@@ -75,6 +76,7 @@ P = ParamSpec("P")
 Record = asyncpg.Record
 # A pooled connection is handed out as a proxy; both speak the same API.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+_Pooled = asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True)
@@ -208,14 +210,19 @@ def translated(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return wrapper
 
 
-def _client() -> BaseDBAsyncClient:
-    # Imported here: tokendb.models imports nothing from this module, and the
-    # models' connection is resolved per call so the caller's transaction
-    # (a TransactionWrapper in Tortoise's context) is honoured.
-    from tokendb.models import User
+_meta: Any = None
 
+
+def _client() -> BaseDBAsyncClient:
+    # The models' connection is resolved per call so the caller's transaction
+    # (a TransactionWrapper in Tortoise's context) is honoured.
+    global _meta
+    if _meta is None:
+        from tokendb.models import User  # imported late: models imports nothing from here
+
+        _meta = User._meta
     try:
-        return User._meta.db
+        return _meta.db  # type: ignore[no-any-return]
     except TortoiseConfigurationError as exc:
         raise ConfigurationError(
             "tokendb is not initialised: call `await tokendb.init()` "
@@ -228,18 +235,37 @@ def in_caller_transaction() -> bool:
     return isinstance(_client(), TransactionalDBClient)
 
 
-@contextmanager
-def _unavailable_on_loss(*, outcome_unknown: bool) -> Iterator[None]:
-    try:
-        yield
-    except TokenDBError:
-        raise
-    except TimeoutError as exc:
-        raise translate(exc, outcome_unknown=outcome_unknown) from exc
-    except BaseException as exc:
-        if _is_connection_loss(exc):
-            raise translate(exc, outcome_unknown=outcome_unknown) from exc
-        raise
+class _UnavailableOnLoss:
+    """``with``: a lost connection or a timeout leaves as DatabaseUnavailable/DatabaseTimeout.
+
+    A class rather than a ``@contextmanager`` generator: it is on every
+    statement's path, and this costs a tenth.
+    """
+
+    __slots__ = ("outcome_unknown",)
+
+    def __init__(self, *, outcome_unknown: bool) -> None:
+        self.outcome_unknown = outcome_unknown
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: object, exc: BaseException | None, traceback: object
+    ) -> Literal[False]:
+        if exc is None or isinstance(exc, TokenDBError):
+            return False
+        if isinstance(exc, TimeoutError) or _is_connection_loss(exc):
+            raise translate(exc, outcome_unknown=self.outcome_unknown) from exc
+        return False
+
+
+_LOST_BEFORE_WRITE = _UnavailableOnLoss(outcome_unknown=False)
+_LOST_AFTER_WRITE = _UnavailableOnLoss(outcome_unknown=True)
+
+
+def _unavailable_on_loss(*, outcome_unknown: bool) -> _UnavailableOnLoss:
+    return _LOST_AFTER_WRITE if outcome_unknown else _LOST_BEFORE_WRITE
 
 
 @asynccontextmanager
@@ -255,25 +281,40 @@ async def connection() -> AsyncIterator[Connection]:
             yield conn
         return
     pool = await _pool(client)
+    conn = await _acquire(pool)
+    try:
+        yield conn
+    finally:
+        await _release(pool, conn)
+
+
+async def _acquire(pool: asyncpg.Pool) -> _Pooled:
     timeout = _settings.acquire_timeout
-    with _unavailable_on_loss(outcome_unknown=False):
+    with _LOST_BEFORE_WRITE:
         try:
-            conn = await pool.acquire(timeout=timeout)
+            # asyncio.timeout, not acquire(timeout=): that wraps every
+            # acquisition in a task of its own (asyncpg's wait_for).
+            async with asyncio.timeout(timeout):
+                proxy = await pool.acquire()
         except TimeoutError as exc:
             raise DatabaseTimeout(
                 f"no pooled connection became free within {timeout:g} s "
                 "(pool too small for the load, or the database is stuck)"
             ) from exc
+    return proxy
+
+
+async def _release(pool: asyncpg.Pool, conn: _Pooled) -> None:
     try:
-        yield conn
-    finally:
-        try:
-            await pool.release(conn, timeout=timeout)
-        except Exception:
-            conn.terminate()
+        await pool.release(conn, timeout=_settings.acquire_timeout)
+    except Exception:  # a broken connection must not mask the real error
+        conn.terminate()
 
 
 async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
+    ready: asyncpg.Pool | None = getattr(client, "_pool", None)
+    if ready is not None:
+        return ready
     # Tortoise creates its pool lazily on first use; reuse its own guarded
     # initialisation so tokendb and the ORM share one pool.
     lock: asyncio.Lock = getattr(client, "_pool_init_lock")  # noqa: B009 - not in the base type
@@ -289,9 +330,19 @@ async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
 
 async def read(sql: str, *args: Any) -> list[Record]:
     """Run a read-only statement and return its rows."""
-    async with connection() as conn:
-        with _unavailable_on_loss(outcome_unknown=False):
+    client = _client()
+    if isinstance(client, TransactionalDBClient):
+        async with client.acquire_connection() as conn:
+            with _LOST_BEFORE_WRITE:
+                rows: list[Record] = await conn.fetch(sql, *args)
+                return rows
+    pool = await _pool(client)
+    conn = await _acquire(pool)
+    try:
+        with _LOST_BEFORE_WRITE:
             return await conn.fetch(sql, *args)
+    finally:
+        await _release(pool, conn)
 
 
 async def write(sql: str, *args: Any) -> list[Record]:
@@ -301,22 +352,24 @@ async def write(sql: str, *args: Any) -> list[Record]:
     transaction. Connection loss after the statement was sent raises
     :class:`DatabaseUnavailable` with ``outcome_unknown=True``.
     """
+    client = _client()
+    if isinstance(client, TransactionalDBClient):
+        # A savepoint, so a refused statement (a constraint that fired)
+        # does not abort the caller's whole transaction.
+        async with client.acquire_connection() as conn, conn.transaction():
+            rows: list[Record] = await conn.fetch(sql, *args)
+            return rows
+    pool = await _pool(client)
 
-    async def once(conn: Connection) -> list[Record]:
-        return await conn.fetch(sql, *args)
+    async def once() -> list[Record]:
+        conn = await _acquire(pool)
+        try:
+            with _LOST_AFTER_WRITE:
+                return await conn.fetch(sql, *args)
+        finally:
+            await _release(pool, conn)
 
-    return await _with_retries(lambda: _write_once(once))
-
-
-async def _write_once(body: Callable[[Connection], Awaitable[list[Record]]]) -> list[Record]:
-    async with connection() as conn:
-        if in_caller_transaction():
-            # A savepoint, so a refused statement (a constraint that fired)
-            # does not abort the caller's whole transaction.
-            async with conn.transaction():
-                return await body(conn)
-        with _unavailable_on_loss(outcome_unknown=True):
-            return await body(conn)
+    return await _with_retries(once, retries_allowed=True)
 
 
 M = TypeVar("M", bound=Model)
@@ -324,7 +377,7 @@ M = TypeVar("M", bound=Model)
 
 def to_model(model: type[M], record: Record | dict[str, Any]) -> M:
     """A model instance from a row holding all of the model's columns."""
-    return model._init_from_db(**record)
+    return _rows.to_model(model, record)
 
 
 async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:
@@ -336,7 +389,9 @@ async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:
     Connection loss before COMMIT is :class:`DatabaseUnavailable` (nothing was
     written); during COMMIT it is ``outcome_unknown=True``.
     """
-    return await _with_retries(lambda: _transaction_once(body))
+    return await _with_retries(
+        lambda: _transaction_once(body), retries_allowed=not in_caller_transaction()
+    )
 
 
 async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
@@ -359,8 +414,7 @@ async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
         return result
 
 
-async def _with_retries(attempt: Callable[[], Awaitable[T]]) -> T:
-    retries_allowed = not in_caller_transaction()
+async def _with_retries(attempt: Callable[[], Awaitable[T]], *, retries_allowed: bool) -> T:
     max_attempts = _settings.max_attempts
     for number in range(1, max_attempts + 1):
         try:
