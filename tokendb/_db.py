@@ -375,9 +375,9 @@ async def write(sql: str, *args: Any) -> list[Record]:
 M = TypeVar("M", bound=Model)
 
 
-def to_model(model: type[M], record: Record | dict[str, Any]) -> M:
-    """A model instance from a row holding all of the model's columns."""
-    return _rows.to_model(model, record)
+def to_model(model: type[M], record: Record | dict[str, Any], prefix: str = "") -> M:
+    """A model instance from a row holding all of the model's columns (named ``prefix + column``)."""
+    return _rows.to_model(model, record, prefix)
 
 
 async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:

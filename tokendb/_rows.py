@@ -31,27 +31,34 @@ M = TypeVar("M", bound=Model)
 Row = Mapping[str, Any] | asyncpg.Record
 
 
-def to_model(model: type[M], row: Row) -> M:
-    """A ``model`` instance from a row holding all of the model's columns."""
-    hydrate: Callable[[Row], M] = _plan(model)
+def to_model(model: type[M], row: Row, prefix: str = "") -> M:
+    """A ``model`` instance from a row holding all of the model's columns.
+
+    With ``prefix``, the row names them ``prefix + column`` (a join that
+    returns two models' columns side by side).
+    """
+    hydrate: Callable[[Row], M] = _plan(model, prefix)
     try:
         return hydrate(row)
     except KeyError:
-        partial: M = model._init_from_db(**row)
+        # A column is missing: Tortoise's own path, which makes a partial instance.
+        columns = {key[len(prefix) :]: row[key] for key in row.keys() if key.startswith(prefix)}
+        partial: M = model._init_from_db(**columns)
         return partial
 
 
 @functools.cache
-def _plan(model: type[M]) -> Callable[[Row], M]:
+def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
     meta = model._meta
-    as_is = [(key, attr) for key, attr, _ in meta.db_native_fields]
+    as_is = [(prefix + key, attr) for key, attr, _ in meta.db_native_fields]
     uuids: list[tuple[str, str]] = []
     datetimes: list[tuple[str, str, Callable[[Any], Any]]] = []
     enums: list[tuple[str, str, Any]] = []
     converted: list[tuple[str, str, Callable[[Any], Any]]] = []
     for key, attr, field in meta.db_default_fields:
-        converted.append((key, attr, functools.partial(_not_none, field.field_type)))
-    for key, attr, field in meta.db_complex_fields:
+        converted.append((prefix + key, attr, functools.partial(_not_none, field.field_type)))
+    for column, attr, field in meta.db_complex_fields:
+        key = prefix + column
         if type(field) is UUIDField:
             uuids.append((key, attr))
         elif type(field) is DatetimeField:
@@ -78,7 +85,7 @@ def _plan(model: type[M]) -> Callable[[Row], M]:
         aware_tz = get_default_timezone() if get_use_tz() else None
         for key, attr, to_python in datetimes:
             value = row[key]
-            if aware_tz is not None and isinstance(value, datetime) and value.utcoffset() is not None:
+            if aware_tz and isinstance(value, datetime) and value.utcoffset() is not None:
                 values[attr] = value.astimezone(aware_tz)  # what DatetimeField does with it
             else:
                 values[attr] = to_python(value)

@@ -2,11 +2,12 @@
 
 The crypto lives in :mod:`tokendb.keys`; this module only stores and looks
 up hashes. ``verify_api_key`` is on the hot path of every gateway request:
-one statement finds the key by its hash (unique index) with its user, and in
-the same round trip refreshes ``last_used_at`` — but only when it is NULL or
-older than ``touch_interval``, so a hot key writes once a minute, not on
-every request (per-request writes to one row serialise all requests on its
-row lock).
+one read-only statement finds the key by its hash (unique index) with its
+user, and ``last_used_at`` is written only when it is NULL or older than
+``touch_interval`` (a second statement, before the call returns), so a hot
+key writes once a minute, not on every request: per-request writes to one
+row would serialise all requests on its row lock, and even a write that
+changes nothing costs a data-modifying plan on every call.
 """
 
 from __future__ import annotations
@@ -53,31 +54,20 @@ _USER_COLUMNS = (
     "id", "email", "password_hash", "name", "role", "token_balance", "created_at", "updated_at",
 )
 
-# One round trip: the lookup by hash (unique index), the user, and the
-# throttled, forward-only touch of last_used_at.
-_VERIFY = f"""
-WITH found AS (
-    SELECT k.*, {", ".join(f"u.{column} AS user_{column}" for column in _USER_COLUMNS)},
-           now() AS checked_at
-    FROM api_keys k JOIN users u ON u.id = k.user_id
-    WHERE k.key_hash = $1
-), touched AS (
-    UPDATE api_keys SET last_used_at = found.checked_at
-    FROM found
-    WHERE api_keys.id = found.id
-      AND found.is_active
-      AND (found.expires_at IS NULL OR found.expires_at > found.checked_at)
-      AND (api_keys.last_used_at IS NULL
-           OR api_keys.last_used_at < found.checked_at - $2::interval)
-    RETURNING api_keys.last_used_at
-)
-SELECT found.*, (SELECT last_used_at FROM touched) AS touched_at FROM found
+# The lookup by hash (unique index) with the user, read-only.
+_LOOKUP = f"""
+SELECT k.*, {", ".join(f"u.{column} AS user_{column}" for column in _USER_COLUMNS)},
+       now() AS checked_at
+FROM api_keys k JOIN users u ON u.id = k.user_id
+WHERE k.key_hash = $1
 """
 
-_KEY_COLUMNS = (
-    "id", "user_id", "key_hash", "key_prefix", "name", "permissions", "is_active",
-    "last_used_at", "expires_at", "created_at",
-)
+# The throttled, forward-only touch, sent only when the lookup saw a stale value.
+_TOUCH = """
+UPDATE api_keys SET last_used_at = $2::timestamptz
+WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2::timestamptz - $3::interval)
+RETURNING last_used_at
+"""
 
 
 @_db.translated
@@ -153,36 +143,33 @@ async def verify_api_key(
         raise ValidationError("permission", "must be a string")
     if not keys.is_well_formed(secret):
         raise InvalidApiKey()
-    rows = await _db.write(_VERIFY, keys.hash_key(secret), interval)
+    rows = await _db.read(_LOOKUP, keys.hash_key(secret))
     if not rows:
         raise InvalidApiKey()
     row = rows[0]
-    api_key = _db.to_model(ApiKey, {column: row[column] for column in _KEY_COLUMNS})
-    if row["touched_at"] is not None:
-        api_key.last_used_at = row["touched_at"]
-    elif _was_stale(api_key, row["checked_at"], interval):
-        # A concurrent verify won the race to touch it (our UPDATE re-checked
-        # the row after its commit and skipped): report what it wrote.
-        current = await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id)
-        if current:
-            api_key.last_used_at = current[0]["last_used_at"]
-    user = _db.to_model(User, {column: row[f"user_{column}"] for column in _USER_COLUMNS})
-    api_key._user = user  # what select_related("user") would set: api_key.user is loaded
+    api_key = _db.to_model(ApiKey, row)
+    api_key._user = _db.to_model(User, row, prefix="user_")  # as select_related("user") sets it
+    checked_at: datetime = row["checked_at"]
     if not api_key.is_active:
         raise ApiKeyRevoked(api_key.key_prefix)
-    if api_key.expires_at is not None and api_key.expires_at <= row["checked_at"]:
+    if api_key.expires_at is not None and api_key.expires_at <= checked_at:
         raise ApiKeyExpired(api_key.key_prefix, api_key.expires_at)
+    if api_key.last_used_at is None or api_key.last_used_at < checked_at - interval:
+        api_key.last_used_at = await _touch(api_key.id, checked_at, interval)
     if permission is not None and not keys.grants(api_key.permissions, permission):
         raise PermissionDenied(permission, api_key.key_prefix)
     return api_key
 
 
-def _was_stale(api_key: ApiKey, checked_at: datetime, interval: timedelta) -> bool:
-    if not api_key.is_active or (
-        api_key.expires_at is not None and api_key.expires_at <= checked_at
-    ):
-        return False
-    return api_key.last_used_at is None or api_key.last_used_at < checked_at - interval
+async def _touch(key_id: UUID, checked_at: datetime, interval: timedelta) -> datetime | None:
+    """Set ``last_used_at`` to ``checked_at`` unless it is fresh by now; return the stored value."""
+    rows = await _db.write(_TOUCH, key_id, checked_at, interval)
+    if not rows:
+        # A concurrent verify touched it first: this UPDATE waited for that
+        # row lock and then found the value fresh. The lookup's snapshot
+        # predates that commit; a new statement sees it.
+        rows = await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", key_id)
+    return rows[0]["last_used_at"] if rows else None
 
 
 @_db.translated
