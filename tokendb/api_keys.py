@@ -148,7 +148,8 @@ async def verify_api_key(
         raise InvalidApiKey()
     row = rows[0]
     api_key = _db.to_model(ApiKey, row)
-    api_key._user = _db.to_model(User, row, prefix="user_")  # as select_related("user") sets it
+    # What select_related("user") sets (a cache attribute, not a field: no Model.__setattr__).
+    object.__setattr__(api_key, "_user", _db.to_model(User, row, prefix="user_"))
     checked_at: datetime = row["checked_at"]
     if not api_key.is_active:
         raise ApiKeyRevoked(api_key.key_prefix)
