@@ -1,0 +1,457 @@
+"""Tests for tokendb.coalescing: group-committed charges and charge_many.
+
+Correctness only, never speed: outcomes equal to one call after another
+(checked against a Python model), batches that really formed, cancellation,
+and failures confined to the calls they concern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import asyncpg
+import pytest
+from tortoise.transactions import in_transaction
+
+import tokendb
+from tests.helpers import table_counts
+from tokendb import _db, coalescing, ledger
+from tokendb.ids import new_id
+
+UNKNOWN_USER = uuid.UUID("00000000-0000-7000-8000-000000000001")
+
+
+@dataclasses.dataclass
+class SequentialModel:
+    """What one ``charge()`` after another does, in plain Python."""
+
+    balances: dict[uuid.UUID, int]
+    moved: dict[tuple[uuid.UUID, uuid.UUID], tuple[int, object]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    def charge(self, index: int, user: uuid.UUID, amount: int, ref: uuid.UUID | None) -> tuple:
+        if user not in self.balances:
+            return ("missing",)
+        if ref is not None and (user, ref) in self.moved:
+            first_amount, first = self.moved[user, ref]
+            if first_amount != amount:
+                return ("conflict", first_amount, amount)
+            return ("repeat", first)
+        if self.balances[user] < amount:
+            return ("short", self.balances[user], amount)
+        self.balances[user] -= amount
+        if ref is not None:
+            self.moved[user, ref] = (amount, index)
+        return ("moved", -amount, self.balances[user])
+
+
+def observed(results: list[Any], prior: dict[uuid.UUID, object]) -> list[tuple]:
+    """``results`` in the model's terms; a repeat names the index (or prior row) it repeats."""
+    first_seen: dict[uuid.UUID, object] = dict(prior)
+    out: list[tuple] = []
+    for index, result in enumerate(results):
+        if isinstance(result, tokendb.TokenTransaction):
+            if result.id in first_seen:
+                out.append(("repeat", first_seen[result.id]))
+            else:
+                first_seen[result.id] = index
+                out.append(("moved", result.amount, result.balance_after))
+        elif isinstance(result, tokendb.InsufficientTokens):
+            out.append(("short", result.balance, result.requested))
+        elif isinstance(result, tokendb.ReferenceConflict):
+            out.append(("conflict", result.existing_amount, result.requested_amount))
+        elif isinstance(result, tokendb.NotFound):
+            out.append(("missing",))
+        else:
+            out.append(("unexpected", repr(result)))
+    return out
+
+
+async def workload(funded_user, seed: int) -> tuple[list[tuple], SequentialModel, dict]:
+    """Charges over a few users (one of them unknown) with references repeated, prior
+    references, conflicting amounts and balances that run out half-way."""
+    users = [(await funded_user(balance=balance)).id for balance in (10, 100, 0, 37)]
+    prior_ref = uuid.uuid4()
+    prior_row = await tokendb.charge(user=users[1], amount=7, reference_id=prior_ref)
+    refs = [None, None, None, uuid.uuid4(), uuid.uuid4(), prior_ref]
+    rng = random.Random(seed)
+    items = [
+        (rng.choice([*users, UNKNOWN_USER]), rng.randint(1, 8), rng.choice(refs))
+        for _ in range(120)
+    ]
+    model = SequentialModel({user: await tokendb.get_balance(user=user) for user in users})
+    model.moved[users[1], prior_ref] = (7, "prior")
+    return items, model, {prior_row.id: "prior"}
+
+
+@pytest.fixture
+def coalescing_on() -> Any:
+    assert _db.settings().coalesce_charges, "tokendb.init() coalesces charges by default"
+
+
+@contextlib.contextmanager
+def coalescing_off() -> Any:
+    saved = _db.settings()
+    _db.configure(dataclasses.replace(saved, coalesce_charges=False))
+    try:
+        yield
+    finally:
+        _db.configure(saved)
+
+
+async def test_concurrent_charges_equal_the_sequential_model(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    items, model, prior = await workload(funded_user, seed=1)
+    results = await asyncio.gather(
+        *(tokendb.charge(user=u, amount=a, reference_id=r) for u, a, r in items),
+        return_exceptions=True,
+    )
+    # Calls queue in the order they were made: the model applies them in that order.
+    expected = [model.charge(i, *item) for i, item in enumerate(items)]
+    assert observed(results, prior) == expected
+    for user, balance in model.balances.items():
+        assert await tokendb.get_balance(user=user) == balance
+
+
+async def test_charge_many_equals_the_sequential_model(tokendb_clean: str, funded_user) -> None:
+    items, model, prior = await workload(funded_user, seed=2)
+    results = await tokendb.charge_many(
+        items=[tokendb.ChargeItem(user=u, amount=a, reference_id=r) for u, a, r in items]
+    )
+    assert observed(results, prior) == [model.charge(i, *item) for i, item in enumerate(items)]
+    for user, balance in model.balances.items():
+        assert await tokendb.get_balance(user=user) == balance
+
+
+async def test_200_one_token_charges_on_150_tokens_share_statements(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    user = await funded_user(balance=150)
+    results = await asyncio.gather(
+        *(tokendb.charge(user=user, amount=1) for _ in range(200)), return_exceptions=True
+    )
+    charged = [r for r in results if isinstance(r, tokendb.TokenTransaction)]
+    refused = [r for r in results if isinstance(r, tokendb.InsufficientTokens)]
+    assert (len(charged), len(refused)) == (150, 50)
+    assert all((r.balance, r.requested) == (0, 1) for r in refused)
+    assert await tokendb.get_balance(user=user) == 0
+    # Rows of one statement share created_at: far fewer timestamps than rows.
+    assert len({tx.created_at for tx in charged}) < 10
+    # ... and their ids keep the chain in order (audit_ledger checks the rest).
+    chain = sorted(charged, key=lambda tx: (tx.created_at, tx.id))
+    assert [tx.balance_after for tx in chain] == list(range(149, -1, -1))
+
+
+async def test_without_coalescing_every_call_is_its_own_statement(
+    tokendb_clean: str, funded_user
+) -> None:
+    user = await funded_user(balance=100)
+    with coalescing_off():
+        charged = await asyncio.gather(*(tokendb.charge(user=user, amount=1) for _ in range(30)))
+    assert len({tx.created_at for tx in charged}) == 30
+    assert await tokendb.get_balance(user=user) == 70
+
+
+async def test_repeats_of_one_reference_in_one_batch_move_once(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    user, other = await funded_user(balance=100), await funded_user(balance=100)
+    reference = uuid.uuid4()
+    calls = [tokendb.charge(user=user, amount=9, reference_id=reference) for _ in range(20)]
+    calls.append(tokendb.charge(user=other, amount=9, reference_id=reference))  # other user
+    calls.append(tokendb.charge(user=user, amount=10, reference_id=reference))  # conflict
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert len({r.id for r in results[:20]}) == 1
+    assert results[20].id != results[0].id
+    assert isinstance(results[21], tokendb.ReferenceConflict)
+    assert (results[21].existing_amount, results[21].requested_amount) == (9, 10)
+    assert await tokendb.get_balance(user=user) == 91
+    assert await tokendb.get_balance(user=other) == 91
+
+
+async def test_a_refused_first_attempt_leaves_the_reference_free(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    user = await funded_user(balance=10)
+    reference = uuid.uuid4()
+    first, second = await asyncio.gather(
+        tokendb.charge(user=user, amount=50, reference_id=reference),
+        tokendb.charge(user=user, amount=5, reference_id=reference),
+        return_exceptions=True,
+    )
+    assert isinstance(first, tokendb.InsufficientTokens) and first.balance == 10
+    assert isinstance(second, tokendb.TokenTransaction) and second.balance_after == 5
+
+
+async def test_an_unknown_user_fails_only_its_own_call(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    user = await funded_user(balance=100)
+    results = await asyncio.gather(
+        tokendb.charge(user=user, amount=1),
+        tokendb.charge(user=UNKNOWN_USER, amount=1),
+        tokendb.charge(user=user, amount=2),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], tokendb.NotFound) and results[1].key == UNKNOWN_USER
+    assert [r.balance_after for r in (results[0], results[2])] == [99, 97]
+
+
+async def test_mixed_users_in_one_batch(tokendb_clean: str, funded_user, coalescing_on) -> None:
+    users = [await funded_user(balance=50) for _ in range(8)]
+    rng = random.Random(3)
+    picks = [rng.choice(users) for _ in range(150)]
+    results = await asyncio.gather(
+        *(tokendb.charge(user=user, amount=1) for user in picks), return_exceptions=True
+    )
+    for user in users:
+        mine = [r for r, u in zip(results, picks, strict=True) if u is user]
+        moved = [r for r in mine if isinstance(r, tokendb.TokenTransaction)]
+        assert len(moved) == min(len(mine), 50)
+        assert await tokendb.get_balance(user=user) == 50 - len(moved)
+
+
+async def test_inside_the_callers_transaction_the_charge_is_part_of_it(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    user = await funded_user(balance=100)
+    with contextlib.suppress(RuntimeError):
+        async with in_transaction():
+            results = await asyncio.gather(*(tokendb.charge(user=user, amount=5) for _ in range(3)))
+            assert [tx.balance_after for tx in results] == [95, 90, 85]
+            raise RuntimeError("roll back")
+    assert await tokendb.get_balance(user=user) == 100
+
+
+# --- cancellation and failures, with a batch held in flight by a row lock -----------
+
+
+@contextlib.asynccontextmanager
+async def holding_row_lock(url: str, user_id: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """Lock ``user_id``'s row from outside tokendb until the block ends (then roll back)."""
+    conn = await asyncpg.connect(url)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+        yield conn
+    finally:
+        await tx.rollback()
+        await conn.close()
+
+
+async def blocked_backends(conn: asyncpg.Connection, like: str = "%") -> list[int]:
+    """Backends of this database waiting for a row lock, running a statement like ``like``."""
+    for _ in range(500):
+        pids = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE $1",
+            like,
+        )
+        if pids:
+            return [row["pid"] for row in pids]
+        await asyncio.sleep(0.01)
+    raise AssertionError("no statement started waiting for the lock")
+
+
+def started(call: Awaitable[Any]) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(call)
+
+
+async def test_a_caller_cancelled_while_queued_is_not_charged(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        in_flight = started(tokendb.charge(user=held, amount=1))
+        await blocked_backends(lock)
+        cancelled = started(tokendb.charge(user=other, amount=5, description="cancelled"))
+        queued = started(tokendb.charge(user=other, amount=2))
+        await asyncio.sleep(0)  # both are queued behind the batch in flight
+        cancelled.cancel()
+        await asyncio.sleep(0)
+    assert (await in_flight).balance_after == 99
+    assert (await queued).balance_after == 98
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert await tokendb.get_balance(user=other) == 98
+    rows = await _db.read("SELECT 1 FROM token_transactions WHERE description = 'cancelled'")
+    assert rows == []
+
+
+async def test_a_caller_cancelled_in_flight_stops_waiting_but_its_charge_commits(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    """Documented: the statement is shared, so cancelling one caller does not cancel it."""
+    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    reference = uuid.uuid4()
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        calls = [
+            started(tokendb.charge(user=held, amount=5, reference_id=reference)),
+            started(tokendb.charge(user=other, amount=1)),
+        ]
+        await blocked_backends(lock, like="%WITH RECURSIVE items%")  # one batch of two
+        calls[0].cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await calls[0]
+    assert (await calls[1]).balance_after == 99  # the batch committed...
+    assert await tokendb.get_balance(user=held) == 95  # ... with the cancelled caller's charge
+    retry = await tokendb.charge(user=held, amount=5, reference_id=reference)
+    assert retry.balance_after == 95 and await tokendb.get_balance(user=held) == 95
+
+
+async def test_a_lost_batch_fails_its_callers_only_and_the_next_batch_works(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        batch = [
+            started(tokendb.charge(user=held, amount=3)),
+            started(tokendb.charge(user=other, amount=3)),
+        ]
+        (pid,) = await blocked_backends(lock, like="%WITH RECURSIVE items%")
+        await lock.execute("SELECT pg_terminate_backend($1)", pid)
+        failures = await asyncio.gather(*batch, return_exceptions=True)
+    for failure in failures:
+        assert isinstance(failure, tokendb.DatabaseUnavailable) and failure.outcome_unknown
+    assert failures[0] is not failures[1]  # each caller gets its own exception
+    # Nothing of the lost batch was committed; the next batches work.
+    assert [await tokendb.get_balance(user=u) for u in (held, other)] == [100, 100]
+    after = await asyncio.gather(*(tokendb.charge(user=u, amount=3) for u in (held, other)))
+    assert [tx.balance_after for tx in after] == [97, 97]
+
+
+@pytest.fixture
+async def poison_description(tokendb_clean: str) -> AsyncIterator[str]:
+    """A trigger that refuses any ledger row described as the returned text."""
+    conn = await asyncpg.connect(tokendb_clean)
+    await conn.execute(
+        """
+        CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'poisoned row' USING ERRCODE = 'check_violation'; END $$;
+        CREATE TRIGGER test_poison BEFORE INSERT ON token_transactions FOR EACH ROW
+            WHEN (NEW.description = 'poison') EXECUTE FUNCTION test_poison();
+        """
+    )
+    try:
+        yield "poison"
+    finally:
+        await conn.execute(
+            "DROP TRIGGER test_poison ON token_transactions; DROP FUNCTION test_poison()"
+        )
+        await conn.close()
+
+
+async def test_a_statement_refused_by_one_item_fails_that_item_only(
+    funded_user, poison_description: str, coalescing_on
+) -> None:
+    users = [await funded_user(balance=100) for _ in range(3)]
+    descriptions = ["fine", poison_description, "fine", "fine", poison_description, "fine"]
+    results = await asyncio.gather(
+        *(
+            tokendb.charge(user=users[i % 3], amount=1, description=text)
+            for i, text in enumerate(descriptions)
+        ),
+        return_exceptions=True,
+    )
+    poisoned = [r for r, text in zip(results, descriptions, strict=True) if text != "fine"]
+    fine = [r for r, text in zip(results, descriptions, strict=True) if text == "fine"]
+    assert all(isinstance(r, tokendb.DatabaseError) for r in poisoned)
+    assert all(isinstance(r, tokendb.TokenTransaction) for r in fine)
+    assert [await tokendb.get_balance(user=u) for u in users] == [98, 100, 98]
+
+
+# --- charge_many ----------------------------------------------------------------------
+
+
+async def test_charge_many_gives_one_result_per_item(tokendb_clean: str, funded_user) -> None:
+    user = await funded_user(balance=20)
+    reference = uuid.uuid4()
+    results = await tokendb.charge_many(
+        items=[
+            tokendb.ChargeItem(user=user, amount=5, reference_id=reference),
+            {"user": user.id, "amount": 5, "reference_id": str(reference)},  # a repeat
+            {"user": user, "amount": 0},
+            {"user": user, "amount": 1, "colour": "red"},
+            "not an item",
+            tokendb.ChargeItem(user=UNKNOWN_USER, amount=1),
+            tokendb.ChargeItem(user=user, amount=100),
+            tokendb.ChargeItem(user=user, amount=15, description="the rest"),
+        ]
+    )
+    assert len(results) == 8
+    assert results[0].balance_after == 15 and results[1].id == results[0].id
+    assert [type(r) for r in results[2:7]] == [
+        tokendb.ValidationError,
+        tokendb.ValidationError,
+        tokendb.ValidationError,
+        tokendb.NotFound,
+        tokendb.InsufficientTokens,
+    ]
+    assert (results[6].balance, results[6].requested) == (15, 100)
+    assert results[7].balance_after == 0 and results[7].description == "the rest"
+    assert await tokendb.get_balance(user=user) == 0
+
+
+async def test_charge_many_of_nothing(tokendb_clean: str) -> None:
+    before = await table_counts()
+    assert await tokendb.charge_many(items=[]) == []
+    assert await table_counts() == before
+
+
+async def test_charge_many_splits_long_lists_and_keeps_their_order(
+    tokendb_clean: str, funded_user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coalescing, "MAX_BATCH", 4)
+    user = await funded_user(balance=10)
+    results = await tokendb.charge_many(items=[{"user": user, "amount": 1} for _ in range(12)])
+    moved = [r.balance_after for r in results if isinstance(r, tokendb.TokenTransaction)]
+    assert moved == list(range(9, -1, -1))
+    assert [type(r) for r in results[10:]] == [tokendb.InsufficientTokens] * 2
+
+
+async def test_charge_many_inside_the_callers_transaction_rolls_back_with_it(
+    tokendb_clean: str, funded_user
+) -> None:
+    user = await funded_user(balance=10)
+    with contextlib.suppress(RuntimeError):
+        async with in_transaction():
+            results = await tokendb.charge_many(items=[{"user": user, "amount": 4}] * 3)
+            assert isinstance(results[2], tokendb.InsufficientTokens)
+            raise RuntimeError("roll back")
+    assert await tokendb.get_balance(user=user) == 10
+
+
+async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
+    tokendb_clean: str, funded_user
+) -> None:
+    """The batch's snapshot predates a row another process committed while the batch
+    waited for the user's lock: the unique index refuses the duplicate, and the batch
+    runs again on a new snapshot that sees it."""
+    user = await funded_user(balance=100)
+    reference = uuid.uuid4()
+    async with holding_row_lock(tokendb_clean, user.id) as lock:
+        batch = started(
+            tokendb.charge_many(
+                items=[{"user": user, "amount": 4, "reference_id": reference},
+                       {"user": user, "amount": 1}]
+            )
+        )
+        await blocked_backends(lock, like="%WITH RECURSIVE items%")
+        theirs = new_id()
+        await lock.execute(ledger._MOVE, user.id, -4, "usage", theirs, reference, "elsewhere")
+        await lock.execute("COMMIT")
+        await lock.execute("BEGIN")  # for the rollback on the way out
+    results = await batch
+    assert results[0].id == theirs and results[0].description == "elsewhere"
+    assert results[1].balance_after == 95
+    assert await tokendb.get_balance(user=user) == 95
