@@ -329,6 +329,13 @@ def all_scenarios() -> list[Scenario]:
             target=4.0, coalesce=True,
         ),
         Scenario(
+            "coalesced-lone", f"charge · {many} · coalesced, 1 caller",
+            "A lone caller with coalescing on: no batch ever forms, and there is no timer, "
+            "so a call costs what one statement costs.",
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            target=0.9, coalesce=True, callers=lambda options: 1,
+        ),
+        Scenario(
             "charge-many", f"charge_many · {{batch}} per call · {many}",
             "One caller sends batches of charges; baseline: the same batch statement by hand "
             "(the ceiling coalescing approaches).",

@@ -257,3 +257,37 @@ async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, mak
     finally:
         await _tamper("UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
     assert await tokendb.audit_ledger() == []
+
+
+@pytest.mark.parametrize("page", ["first", "before"])
+async def test_list_transactions_pages_walk_the_user_created_index(raw, page: str) -> None:
+    """The plan of both page statements is an index scan in order, no sort: page 1,000
+    of a 1M-row history costs what page 1 costs (the benchmark measures it)."""
+    from tokendb import ledger
+
+    users = [uuid.uuid4() for _ in range(20)]
+    await raw.execute(
+        "INSERT INTO users (id, email, password_hash, name, role, token_balance, created_at, "
+        "updated_at) SELECT id, id::text || '@example.com', 'x', 'n', 'user', 0, now(), now() "
+        "FROM unnest($1::uuid[]) AS id",
+        users,
+    )
+    await raw.execute(  # 500 rows each; the books do not matter (rolled back)
+        "INSERT INTO token_transactions (id, user_id, amount, type, balance_after, created_at) "
+        "SELECT gen_random_uuid(), u, 1, 'topup', g, now() + g * interval '1 ms' "
+        "FROM unnest($1::uuid[]) AS u, generate_series(1, 500) AS g",
+        users,
+    )
+    await raw.execute("ANALYZE token_transactions")
+    if page == "first":
+        sql, args = ledger._PAGE_FIRST, (users[3], 50)
+    else:
+        cursor = await raw.fetchrow(
+            "SELECT created_at, id FROM token_transactions WHERE user_id = $1 "
+            "ORDER BY created_at DESC, id DESC OFFSET 250 LIMIT 1",
+            users[3],
+        )
+        sql, args = ledger._PAGE_BEFORE, (users[3], 50, cursor["created_at"], cursor["id"])
+    plan = "\n".join(row[0] for row in await raw.fetch(f"EXPLAIN {sql}", *args))
+    assert "Index Scan using token_transactions_user_created_idx" in plan, plan
+    assert "Sort" not in plan, plan

@@ -72,6 +72,7 @@ from typing import Any, TypeAlias
 from uuid import UUID
 
 import asyncpg
+from tortoise.backends.base.client import TransactionalDBClient
 
 from tokendb import _db, ledger
 from tokendb.errors import (
@@ -352,9 +353,13 @@ _lanes: weakref.WeakKeyDictionary[Any, _Lane] = weakref.WeakKeyDictionary()
 async def submit(movement: ledger._Movement) -> TokenTransaction:
     """Charge a validated ``movement`` in the next batch; return its row once that batch committed.
 
-    Raises what :func:`tokendb.charge` raises.
+    Inside the caller's own transaction, the single statement on its
+    connection instead: a batch would commit the charge outside it. Raises
+    what :func:`tokendb.charge` raises.
     """
     client = _db._client()
+    if isinstance(client, TransactionalDBClient):
+        return await ledger._apply(movement, TransactionType.USAGE)
     loop = asyncio.get_running_loop()
     lane = _lanes.get(client)
     if lane is None or lane.loop is not loop:

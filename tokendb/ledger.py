@@ -209,10 +209,10 @@ async def charge(
     positive ``int`` that fits the integer column).
     """
     movement = _validated(user, amount, description, reference_id)
-    if _db.settings().coalesce_charges and not _db.in_caller_transaction():
+    if _db.settings().coalesce_charges:
         from tokendb import coalescing  # a layer on top of this module
 
-        return await coalescing.submit(movement)
+        return await coalescing.submit(movement)  # or _apply, in the caller's transaction
     return await _apply(movement, TransactionType.USAGE)
 
 

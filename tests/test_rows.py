@@ -1,0 +1,70 @@
+"""Tests for tokendb._rows: the fast hydrator builds what Tortoise's _init_from_db builds."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import tokendb
+from tokendb import _db, _rows
+from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenTransaction, User
+
+
+def same_instance(fast: object, tortoise: object) -> None:
+    assert type(fast) is type(tortoise)
+    assert vars(fast) == vars(tortoise)
+    for name, value in vars(tortoise).items():  # equal values of the same types
+        assert type(vars(fast)[name]) is type(value), name
+
+
+@pytest.mark.parametrize(
+    ("model", "table"),
+    [
+        (User, "users"),
+        (ApiKey, "api_keys"),
+        (TokenTransaction, "token_transactions"),
+        (ChatSession, "chat_sessions"),
+        (ChatMessage, "chat_messages"),
+    ],
+)
+async def test_every_model_hydrates_like_tortoise(
+    tokendb_clean: str, make_api_key, model: type, table: str
+) -> None:
+    api_key, _ = await make_api_key(
+        permissions=["chat", "embeddings"], expires_at=datetime.now(UTC) + timedelta(days=1)
+    )
+    await make_api_key()  # NULL expires_at, last_used_at
+    await tokendb.charge(user=api_key.user_id, amount=3, reference_id=uuid.uuid4())
+    session = await tokendb.start_chat(api_key=api_key, model="gpt")
+    await tokendb.add_message(session=session, role="assistant", content="hi", tokens=2)
+    await tokendb.end_chat(session=session)
+    await tokendb.start_chat(api_key=api_key, model="open")  # NULL ended_at
+    rows = await _db.read(f"SELECT * FROM {table}")
+    assert rows
+    for row in rows:
+        same_instance(_rows.to_model(model, row), model._init_from_db(**row))
+
+
+async def test_prefixed_columns_hydrate_the_second_model_of_a_join(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    (row,) = await _db.read(
+        "SELECT 1 AS other, u.id AS u_id, u.email AS u_email, u.password_hash AS u_password_hash,"
+        " u.name AS u_name, u.role AS u_role, u.token_balance AS u_token_balance,"
+        " u.created_at AS u_created_at, u.updated_at AS u_updated_at FROM users u WHERE id = $1",
+        user.id,
+    )
+    (plain,) = await _db.read("SELECT * FROM users WHERE id = $1", user.id)
+    same_instance(_rows.to_model(User, row, prefix="u_"), User._init_from_db(**plain))
+
+
+async def test_a_row_missing_columns_falls_back_to_a_partial_instance(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    (row,) = await _db.read("SELECT id, email FROM users WHERE id = $1", user.id)
+    partial = _rows.to_model(User, row)
+    assert partial._partial and (partial.id, partial.email) == (user.id, user.email)
