@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(result))
     for line in report.notes(result):
         print(line)
-    markdown = args.markdown or (HERE / "results" / "quick.md" if args.quick else HERE / "RESULTS.md")
+    default = HERE / "results" / "quick.md" if args.quick else HERE / "RESULTS.md"
+    markdown = args.markdown or default
     for path, text in ((markdown, report.markdown(result, command)),
                        (args.json, report.as_json(result, command))):
         path.parent.mkdir(parents=True, exist_ok=True)

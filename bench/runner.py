@@ -1,4 +1,4 @@
-"""Running the scenarios: a throw-away database, interleaved rounds, the books checked after each."""
+"""Running the scenarios: a throw-away database, interleaved rounds, books checked after each."""
 
 from __future__ import annotations
 

@@ -145,7 +145,9 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
             sqlstate=sqlstate,
         )
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return DatabaseTimeout("timed out waiting for the database", outcome_unknown=outcome_unknown)
+        return DatabaseTimeout(
+            "timed out waiting for the database", outcome_unknown=outcome_unknown
+        )
     if _is_connection_loss(exc):
         if outcome_unknown:
             message = (
@@ -376,7 +378,7 @@ M = TypeVar("M", bound=Model)
 
 
 def to_model(model: type[M], record: Record | dict[str, Any], prefix: str = "") -> M:
-    """A model instance from a row holding all of the model's columns (named ``prefix + column``)."""
+    """A model instance from a row holding all of the model's columns (``prefix + column``)."""
     return _rows.to_model(model, record, prefix)
 
 

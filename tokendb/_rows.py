@@ -42,7 +42,8 @@ def to_model(model: type[M], row: Row, prefix: str = "") -> M:
         return hydrate(row)
     except KeyError:
         # A column is missing: Tortoise's own path, which makes a partial instance.
-        columns = {key[len(prefix) :]: row[key] for key in row.keys() if key.startswith(prefix)}
+        names = list(row.keys())  # iterating a Record yields its values, not its keys
+        columns = {key[len(prefix) :]: row[key] for key in names if key.startswith(prefix)}
         partial: M = model._init_from_db(**columns)
         return partial
 
