@@ -338,13 +338,7 @@ async def read(sql: str, *args: Any) -> list[Record]:
             with _LOST_BEFORE_WRITE:
                 rows: list[Record] = await conn.fetch(sql, *args)
                 return rows
-    pool = await _pool(client)
-    conn = await _acquire(pool)
-    try:
-        with _LOST_BEFORE_WRITE:
-            return await conn.fetch(sql, *args)
-    finally:
-        await _release(pool, conn)
+    return await _fetch_pooled(await _pool(client), _LOST_BEFORE_WRITE, sql, args)
 
 
 async def write(sql: str, *args: Any) -> list[Record]:
@@ -362,16 +356,22 @@ async def write(sql: str, *args: Any) -> list[Record]:
             rows: list[Record] = await conn.fetch(sql, *args)
             return rows
     pool = await _pool(client)
+    return await _with_retries(
+        lambda: _fetch_pooled(pool, _LOST_AFTER_WRITE, sql, args), retries_allowed=True
+    )
 
-    async def once() -> list[Record]:
-        conn = await _acquire(pool)
-        try:
-            with _LOST_AFTER_WRITE:
-                return await conn.fetch(sql, *args)
-        finally:
-            await _release(pool, conn)
 
-    return await _with_retries(once, retries_allowed=True)
+async def _fetch_pooled(
+    pool: asyncpg.Pool, on_loss: _UnavailableOnLoss, sql: str, args: tuple[Any, ...]
+) -> list[Record]:
+    """``sql`` on a pooled connection (not through :func:`connection`: this is every
+    statement's path, and a generator-based context manager costs more than the rest)."""
+    conn = await _acquire(pool)
+    try:
+        with on_loss:
+            return await conn.fetch(sql, *args)
+    finally:
+        await _release(pool, conn)
 
 
 M = TypeVar("M", bound=Model)
