@@ -52,10 +52,13 @@ def notes(report: Report) -> list[str]:
             )
     rounds = [mb for result in report.results for mb in result.rss_mb]
     if rounds:
+        growth = max(report.results, key=lambda r: r.rss_mb[-1] - r.rss_mb[0])
         lines.append(
             f"benchmark process RSS: {report.rss_start_mb:.0f} MiB at start, "
             f"{rounds[0]:.0f} MiB after the first round, {rounds[-1]:.0f} MiB after the last "
-            f"({len(rounds)} rounds, peak {max(rounds):.0f} MiB)"
+            f"({len(rounds)} rounds, peak {max(rounds):.0f} MiB); within one scenario at most "
+            f"{growth.rss_mb[-1] - growth.rss_mb[0]:+.1f} MiB from its first round to its last "
+            f"({growth.title})"
         )
     return lines
 
