@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 
 Op = Callable[[int], Awaitable[int]]
@@ -17,22 +17,22 @@ Op = Callable[[int], Awaitable[int]]
 
 @dataclass(frozen=True)
 class Run:
-    """One timed run of one side of a scenario."""
+    """One timed run of one side of a scenario (the latencies are not kept: a long run
+    must not grow the process, so that RSS says something about tokendb)."""
 
     ops: int
     seconds: float
-    latencies: list[float] = field(repr=False)
+    p50_ms: float
+    p99_ms: float
 
     @property
     def ops_per_s(self) -> float:
         return self.ops / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        """Latency percentile of one call, in milliseconds."""
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted latencies in seconds, in milliseconds."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
 
 
 async def closed_loop(op: Op, *, concurrency: int, duration: float) -> Run:
@@ -51,7 +51,9 @@ async def closed_loop(op: Op, *, concurrency: int, duration: float) -> Run:
 
     started = perf_counter()
     await asyncio.gather(*(caller(index) for index in range(concurrency)))
-    return Run(done, perf_counter() - started, latencies)
+    seconds = perf_counter() - started
+    latencies.sort()
+    return Run(done, seconds, percentile(latencies, 0.50), percentile(latencies, 0.99))
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class Summary:
     def of(cls, runs: list[Run]) -> Summary:
         return cls(
             ops_per_s=statistics.median(run.ops_per_s for run in runs),
-            p50_ms=statistics.median(run.percentile(0.50) for run in runs),
-            p99_ms=statistics.median(run.percentile(0.99) for run in runs),
+            p50_ms=statistics.median(run.p50_ms for run in runs),
+            p99_ms=statistics.median(run.p99_ms for run in runs),
             rounds=[round(run.ops_per_s, 1) for run in runs],
         )
 

@@ -14,17 +14,20 @@ from uuid import UUID
 import asyncpg
 
 from tokendb import api_keys, chats, coalescing, keys, ledger
+from tokendb.connection import init_config
 from tokendb.ids import new_id
+
+# What tokendb.init() hands asyncpg besides the address and the pool size.
+_POOL_SETTINGS = ("server_settings", "command_timeout", "timeout")
 
 
 async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
-    """A pool configured like tokendb's: same size, same server-side timeouts."""
-    pool = await asyncpg.create_pool(
-        url,
-        min_size=size,
-        max_size=size,
-        server_settings={"statement_timeout": "30000ms", "lock_timeout": "10000ms"},
-    )
+    """A pool configured like tokendb's: the same size, and the same server settings
+    (statement and lock timeouts) and client-side bounds that ``tokendb.init()`` asks for."""
+    config = await init_config(url, min_size=size, max_size=size)
+    credentials = config["connections"]["default"]["credentials"]
+    options = {key: credentials[key] for key in _POOL_SETTINGS if key in credentials}
+    pool = await asyncpg.create_pool(url, min_size=size, max_size=size, **options)
     assert pool is not None
     return pool
 

@@ -109,6 +109,8 @@ MAX_TOUCH_INTERVAL = timedelta(days=365)
 
 
 def _touch_interval(value: Any) -> timedelta:
+    if value is DEFAULT_TOUCH_INTERVAL:
+        return value  # every request passes the default: skip the checks
     if isinstance(value, timedelta):
         interval = value
     elif isinstance(value, (int, float)) and not isinstance(value, bool):

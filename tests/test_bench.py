@@ -1,0 +1,64 @@
+"""The benchmark suite runs and checks its books (sizes tiny; nothing here times anything)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokendb.testing import test_server_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
+def test_help_names_every_size_and_an_example() -> None:
+    result = bench("--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--quick", "--duration", "--rounds", "--users", "--history-rows", "--only"):
+        assert option in result.stdout
+    assert "python -m bench --quick" in result.stdout
+
+
+def test_fewer_than_three_rounds_is_refused() -> None:
+    result = bench("--rounds", "2")
+    assert result.returncode != 0 and "at least 3" in result.stderr
+
+
+def test_the_readme_documents_the_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Performance\n") :]
+    assert "python -m bench" in section and "bench/RESULTS.md" in section
+
+
+@pytest.mark.parametrize(
+    "scenarios", ["charge-users,coalesced-hot,charge-many,verify,add-message,list-small"]
+)
+def test_a_tiny_run_writes_the_table_and_its_books_balance(
+    tmp_path: Path, pytestconfig: pytest.Config, scenarios: str
+) -> None:
+    markdown, results = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    result = bench(
+        "--duration", "0.1", "--warmup", "0.05", "--rounds", "3", "--concurrency", "8",
+        "--users", "20", "--batch", "8", "--small-history-rows", "200", "--only", scenarios,
+        "--server-url", test_server_url(pytestconfig),
+        "--markdown", str(markdown), "--json", str(results),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = [cell.strip() for cell in result.stdout.splitlines()[0].split("|")]
+    assert header[:5] == ["scenario", "callers", "tokendb ops/s", "raw ops/s", "ratio"]
+    data = json.loads(results.read_text())
+    assert [r["key"] for r in data["results"]] == scenarios.split(",")
+    for row in data["results"]:
+        assert row["problems"] == [], row
+        assert row["tokendb"]["ops_per_s"] > 0 and row["raw"]["ops_per_s"] > 0
+    assert "tokendb benchmark results" in markdown.read_text()
