@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokendb.testing import test_server_url
+from tokendb.testing import test_server_url as server_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_a_tiny_run_writes_the_table_and_its_books_balance(
     result = bench(
         "--duration", "0.1", "--warmup", "0.05", "--rounds", "3", "--concurrency", "8",
         "--users", "20", "--batch", "8", "--small-history-rows", "200", "--only", scenarios,
-        "--server-url", test_server_url(pytestconfig),
+        "--server-url", server_url(pytestconfig),
         "--markdown", str(markdown), "--json", str(results),
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -294,9 +295,7 @@ async def _acquire(pool: asyncpg.Pool) -> _Pooled:
     timeout = _settings.acquire_timeout
     with _LOST_BEFORE_WRITE:
         try:
-            # asyncio.timeout, not acquire(timeout=): that wraps every
-            # acquisition in a task of its own (asyncpg's wait_for).
-            async with asyncio.timeout(timeout):
+            with _Deadline(timeout):
                 proxy = await pool.acquire()
         except TimeoutError as exc:
             raise DatabaseTimeout(
@@ -307,10 +306,102 @@ async def _acquire(pool: asyncpg.Pool) -> _Pooled:
 
 
 async def _release(pool: asyncpg.Pool, conn: _Pooled) -> None:
+    # Releasing resets the connection (a round trip): bounded, and a
+    # connection that cannot be reset is dropped, not waited for.
     try:
-        await pool.release(conn, timeout=_settings.acquire_timeout)
+        with _Deadline(_settings.acquire_timeout):
+            await pool.release(conn)
     except Exception:  # a broken connection must not mask the real error
         conn.terminate()
+
+
+class _Deadline:
+    """``with _Deadline(seconds):`` bounds the awaits in the block, like ``asyncio.timeout()``.
+
+    ``asyncio.timeout()`` (and asyncpg's ``timeout=``) schedule a timer per
+    wait and cancel it afterwards: on every statement's path, for acquiring
+    and for releasing, that is ~12 µs of CPU per call under load (measured by
+    ``python -m bench``), most of what the seam costs over raw asyncpg. The
+    seam's bounds are seconds long, so one timer per event loop checks them
+    all every :data:`_TICK` seconds while any is running (:class:`_Watchdog`):
+    an overdue block is cancelled at most ``_TICK`` late, and the
+    ``CancelledError`` leaves the block as ``TimeoutError`` when it was the
+    deadline's, not the caller's own cancellation (the rule of ``asyncio.timeout``).
+    """
+
+    __slots__ = ("_cancelling", "_seconds", "_task", "_watchdog", "expired")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("_Deadline must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._watchdog = _Watchdog.of(task.get_loop())
+        self._watchdog.watch(self, self._seconds)
+
+    def __exit__(
+        self, kind: object, exc: BaseException | None, traceback: object
+    ) -> Literal[False]:
+        self._watchdog.deadlines.pop(self, None)
+        if (
+            self.expired
+            and isinstance(exc, asyncio.CancelledError)
+            and self._task.uncancel() <= self._cancelling
+        ):
+            raise TimeoutError from exc
+        return False
+
+    def expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+
+_TICK = 0.1
+"""Seconds between two checks of the running deadlines of an event loop."""
+
+
+class _Watchdog:
+    """The running deadlines of one event loop, and the one timer that enforces them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.deadlines: dict[_Deadline, float] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def of(loop: asyncio.AbstractEventLoop) -> _Watchdog:
+        global _last
+        if _last is not None and _last.loop is loop:
+            return _last  # almost always: one event loop per process
+        watchdog = _watchdogs.get(loop)
+        if watchdog is None:
+            watchdog = _watchdogs[loop] = _Watchdog(loop)
+        _last = watchdog
+        return watchdog
+
+    def watch(self, deadline: _Deadline, seconds: float) -> None:
+        self.deadlines[deadline] = self.loop.time() + seconds
+        if self.timer is None:
+            self.timer = self.loop.call_later(_TICK, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        overdue = [deadline for deadline, at in self.deadlines.items() if at <= now]
+        for deadline in overdue:
+            del self.deadlines[deadline]
+            deadline.expire()
+        self.timer = self.loop.call_later(_TICK, self._check) if self.deadlines else None
+
+
+_watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = (
+    weakref.WeakKeyDictionary()
+)
+_last: _Watchdog | None = None
 
 
 async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
