@@ -64,6 +64,8 @@ async def run(options: Options, progress: Callable[[str], None]) -> Report:
         try:
             version = await pool.fetchval("SHOW server_version")
             report.machine["postgresql"] = str(version).split()[0]
+            for setting in ("fsync", "synchronous_commit"):
+                report.machine[setting] = str(await pool.fetchval(f"SHOW {setting}"))
             for scenario in scenarios:
                 result = await _scenario(bench, scenario, progress)
                 report.results.append(result)
