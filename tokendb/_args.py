@@ -85,7 +85,7 @@ def text(
         raise ValidationError(field, f"must be at most {max_length} characters, got {len(value)}")
     if has_lone_surrogate(value):
         raise ValidationError(field, "is not valid Unicode (lone surrogate)")
-    return value
+    return str(value)
 
 
 def optional_text(value: Any, field: str, *, max_length: int) -> str | None:

@@ -21,6 +21,9 @@ from tokendb.errors import ConfigurationError, TokenDBError
 
 __all__ = ["close", "connect", "init", "migrate", "migrations_location"]
 
+_COMMAND_TIMEOUT_MARGIN = 5.0
+"""Seconds the client waits beyond ``statement_timeout`` before giving up on a statement."""
+
 
 def migrations_location() -> Path:
     """The folder holding tokendb's Aerich migrations (``<location>/tokendb/*.py``).
@@ -58,7 +61,12 @@ async def init(
     pooled connection, and the server cancels a statement after
     ``statement_timeout`` seconds or a row-lock wait after ``lock_timeout``
     seconds (``None`` disables either), raising
-    :class:`~tokendb.errors.DatabaseTimeout`.
+    :class:`~tokendb.errors.DatabaseTimeout`. The client gives up on its own
+    a few seconds after ``statement_timeout`` (a server that stopped
+    answering), and on opening a connection after ``acquire_timeout``.
+    ``in_transaction()`` on this connection is guarded against the
+    connection leak of Tortoise's pooled transactions (see
+    :func:`tokendb._db.guard_transactions`).
 
     The pool is opened and checked before returning, so a wrong URL fails
     here, not on the first request.
@@ -78,11 +86,19 @@ async def init(
     if lock_timeout is not None:
         server_settings.setdefault("lock_timeout", f"{int(lock_timeout * 1000)}ms")
     credentials["server_settings"] = server_settings
+    # Client-side bounds too, for a server that stops answering without
+    # closing the socket (the server-side timeouts need a live server):
+    # opening a connection, and any statement (a little after the server
+    # would have cancelled it itself).
+    credentials.setdefault("timeout", acquire_timeout)
+    if statement_timeout is not None:
+        credentials.setdefault("command_timeout", statement_timeout + _COMMAND_TIMEOUT_MARGIN)
 
     _db.configure(_db.Settings(acquire_timeout=acquire_timeout))
     if Tortoise.is_inited():
         await Tortoise.close_connections()
     await Tortoise.init(config=config, _enable_global_fallback=True)
+    _db.guard_transactions()
     try:
         await _db.read("SELECT 1")
     except TokenDBError:
