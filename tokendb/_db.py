@@ -43,7 +43,7 @@ import asyncio
 import functools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -298,10 +298,8 @@ def _discard(conn: Connection) -> None:
     Never raises: it runs while another error is propagating, and a
     connection the pool already took back (see :func:`_is_open`) needs nothing.
     """
-    try:
+    with suppress(asyncpg.InterfaceError):
         conn.terminate()
-    except asyncpg.InterfaceError:
-        pass
 
 
 async def _release(pool: asyncpg.Pool, conn: Connection) -> None:
