@@ -47,7 +47,7 @@ async def isolated_tokendb(
 
 
 async def kill_backends(admin: asyncpg.Connection, database: str, share: float = 1.0) -> int:
-    """``pg_terminate_backend`` a random ``share`` of the backends of ``database``; return how many."""
+    """``pg_terminate_backend`` a random ``share`` of ``database``'s backends; return how many."""
     killed: int = await admin.fetchval(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = $1 AND pid <> pg_backend_pid() AND random() < $2) AS killed",

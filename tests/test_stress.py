@@ -23,7 +23,7 @@ from pgcluster import database_name, isolated_tokendb, kill_backends, throwaway_
 from workload import Sizes, Workload
 
 import tokendb
-from tokendb.testing import test_server_url
+from tokendb.testing import test_server_url as server_url
 
 pytestmark = pytest.mark.stress
 
@@ -72,7 +72,7 @@ async def recovered(workload: Workload, calls: int) -> list[str]:
 async def stress_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIterator[str]:
     """A database of the test's own, tokendb on a pool of ``SIZES.pool`` connections."""
     pool = {"min_size": SIZES.pool, "max_size": SIZES.pool}
-    async with isolated_tokendb(test_server_url(request.config), tokendb_db, **pool) as url:
+    async with isolated_tokendb(server_url(request.config), tokendb_db, **pool) as url:
         yield url
 
 

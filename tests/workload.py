@@ -155,7 +155,7 @@ class Workload:
     async def run(
         self, operations: int, tasks: int, *, until: Callable[[], bool] | None = None
     ) -> None:
-        """Run ``operations`` operations from ``tasks`` concurrent tasks (and on, until ``until()``)."""
+        """Run ``operations`` operations from ``tasks`` concurrent tasks (and on until ``until()``)."""
         remaining = operations
 
         async def worker() -> None:
@@ -405,7 +405,8 @@ class Workload:
                 )
                 for row in rows:
                     account.rows[row["id"]] = row["amount"]
-            self.model.outcomes[f"unknown outcome resolved as {'written' if rows else 'not written'}"] += 1
+            verdict = "written" if rows else "not written"
+            self.model.outcomes[f"unknown outcome resolved as {verdict}"] += 1
 
     async def discrepancies(self, conn: asyncpg.Connection) -> list[str]:
         """Everything in which the database and the model disagree (empty when none)."""

@@ -443,8 +443,14 @@ async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
         return result
 
 
-_STALE_ATTEMPTS = 3
-"""Pooled connections one call tries when they turn out dead before anything was sent."""
+def _stale_attempts() -> int:
+    """Pooled connections one call tries when they turn out dead before anything was sent.
+
+    One more than the pool holds: after a server restart every idle
+    connection may be dead, and finding one dead costs no round trip.
+    """
+    pool: asyncpg.Pool | None = getattr(_client(), "_pool", None)
+    return (pool.get_max_size() if pool is not None else 0) + 1
 
 
 async def _with_retries(attempt: Callable[[], Awaitable[T]]) -> T:
@@ -464,7 +470,7 @@ async def _with_retries(attempt: Callable[[], Awaitable[T]]) -> T:
             # reconnects the holder on its next acquire. A server that is
             # really down fails that acquire itself, so this stays bounded.
             stale += 1
-            if not retries_allowed or stale >= _STALE_ATTEMPTS:
+            if not retries_allowed or stale >= _stale_attempts():
                 raise translate(exc.cause) from exc.cause
 
 

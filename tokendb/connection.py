@@ -134,13 +134,18 @@ async def migrate(database_url: str | None = None) -> list[str]:
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
     """
+    return await _upgrade(database_url, migrations_location())
+
+
+@_db.translated
+async def _upgrade(database_url: str | None, location: Path) -> list[str]:
+    """``aerich upgrade`` of the migrations under ``location`` (tests point it elsewhere)."""
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
 
     config = config_from_env(database_url)
     credentials = config["connections"]["default"]["credentials"]
     credentials["minsize"], credentials["maxsize"] = 1, 1
-    location = str(migrations_location())
 
     async def upgrade() -> list[str]:
         # A fresh Tortoise context in a child task: Aerich closes the
@@ -150,7 +155,7 @@ async def migrate(database_url: str | None = None) -> list[str]:
         with TortoiseContext() as context:
             await context.init(config=config)
             try:
-                command = Command(tortoise_config=config, app=APP_LABEL, location=location)
+                command = Command(tortoise_config=config, app=APP_LABEL, location=str(location))
                 await command.init()
                 applied: list[str] = await command.upgrade(run_in_transaction=True)
                 return applied
