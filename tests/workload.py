@@ -155,7 +155,7 @@ class Workload:
     async def run(
         self, operations: int, tasks: int, *, until: Callable[[], bool] | None = None
     ) -> None:
-        """Run ``operations`` operations from ``tasks`` concurrent tasks (and on until ``until()``)."""
+        """Run ``operations`` operations from ``tasks`` tasks (and on, until ``until()``)."""
         remaining = operations
 
         async def worker() -> None:
