@@ -118,7 +118,10 @@ def _touch_interval(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         interval = value
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        interval = timedelta(seconds=value)
+        try:
+            interval = timedelta(seconds=value)
+        except (OverflowError, ValueError):  # NaN, infinities, past timedelta's range
+            raise ValidationError("touch_interval", f"not a usable duration: {value}") from None
     else:
         raise ValidationError("touch_interval", "must be a timedelta or a number of seconds")
     if interval < timedelta(0):

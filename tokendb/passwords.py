@@ -64,9 +64,13 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
 
 def _verify(hasher: PasswordHasher, password_hash: str, password: str) -> bool:
+    # Callers pass whatever a client sent: a non-string or a string that is
+    # not valid Unicode (a lone surrogate cannot be encoded) matches no hash.
+    if not isinstance(password, str):
+        return False
     try:
         return hasher.verify(password_hash, password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
+    except (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeEncodeError):
         return False
 
 
