@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -87,8 +87,8 @@ async def _populate(user: tokendb.User, world: World, raw: asyncpg.Connection) -
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(tokendb_db: str) -> AsyncIterator[World]:
     await truncate_all()
-    alice = await tokendb.create_user(email="alice@example.com", password="alice password", name="A")
-    bob = await tokendb.create_user(email="bob@example.com", password="bob password!", name="B")
+    alice = await tokendb.create_user(email="alice@example.com", password="alice pass", name="A")
+    bob = await tokendb.create_user(email="bob@example.com", password="bob password", name="B")
     world = World(alice, bob)
     raw = await asyncpg.connect(tokendb_db)
     try:

@@ -79,6 +79,7 @@ async def stress_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIte
 async def test_concurrent_load_keeps_the_books(stress_db: str) -> None:
     """≥10,000 random operations from 32 tasks: books, model and database agree."""
     started = time.monotonic()
+    print(f"replay with TOKENDB_STRESS_SEED={SIZES.seed}")
     workload = Workload(seed=SIZES.seed)
     await workload.setup(SIZES.users)
     await asyncio.wait_for(workload.run(SIZES.operations, SIZES.tasks), RUN_TIMEOUT)
@@ -100,6 +101,7 @@ async def _under_faults(
     operations: int,
 ) -> tuple[Workload, int]:
     """Run the workload (at least ``operations``) for as long as ``inject()`` injects faults."""
+    print(f"replay with TOKENDB_STRESS_SEED={SIZES.seed}")
     workload = Workload(seed=SIZES.seed, faults=True)
     await workload.setup(SIZES.users)
     injector = asyncio.create_task(inject())

@@ -298,52 +298,47 @@ class Workload:
             self.model.refused_nonces.add(nonce)
             self._expect("add_message", value, tokendb.InsufficientTokens)
 
-    async def _op_repeat(self, account: Account) -> None:
-        """Re-send an accepted movement: it must return the same row and move nothing."""
+    async def _resend(
+        self, kind: str, account: Account, extra: int
+    ) -> tuple[tokendb.TokenTransaction, str, Any] | None:
+        """Re-send an accepted movement (its amount plus ``extra``); a re-send writes no row."""
         if not account.referenced:
-            return
+            return None
         original = self.rng.choice(account.referenced)
         operation = {
             tokendb.TransactionType.USAGE: tokendb.charge,
             tokendb.TransactionType.TOPUP: tokendb.top_up,
             tokendb.TransactionType.BONUS: tokendb.grant_bonus,
         }[original.type]
-        nonce = self.nonce("repeat")
+        nonce = self.nonce(kind)
         status, value = await self._call(
-            "repeat",
+            kind,
             lambda: operation(
                 user=account.user_id,
-                amount=abs(original.amount),
+                amount=abs(original.amount) + extra,
                 description=nonce,
                 reference_id=original.reference_id,
             ),
         )
-        self.model.refused_nonces.add(nonce)  # a repeat never writes a row of its own
+        self.model.refused_nonces.add(nonce)
+        return original, status, value
+
+    async def _op_repeat(self, account: Account) -> None:
+        """Re-send an accepted movement: it must return the same row and move nothing."""
+        sent = await self._resend("repeat", account, 0)
+        if sent is None:
+            return
+        original, status, value = sent
         if status == "ok" and (value.id, value.amount) != (original.id, original.amount):
             self.model.problems.append(f"repeat of {original.id} returned {value!r}")
         self._expect("repeat", value if status != "ok" else None)
 
     async def _op_conflicting_repeat(self, account: Account) -> None:
         """Re-send an accepted movement with another amount: ReferenceConflict, nothing moved."""
-        if not account.referenced:
+        sent = await self._resend("conflicting_repeat", account, 1)
+        if sent is None:
             return
-        original = self.rng.choice(account.referenced)
-        operation = {
-            tokendb.TransactionType.USAGE: tokendb.charge,
-            tokendb.TransactionType.TOPUP: tokendb.top_up,
-            tokendb.TransactionType.BONUS: tokendb.grant_bonus,
-        }[original.type]
-        nonce = self.nonce("conflict")
-        status, value = await self._call(
-            "conflicting_repeat",
-            lambda: operation(
-                user=account.user_id,
-                amount=abs(original.amount) + 1,
-                description=nonce,
-                reference_id=original.reference_id,
-            ),
-        )
-        self.model.refused_nonces.add(nonce)
+        original, status, value = sent
         if status == "ok":
             self.model.problems.append(f"conflicting repeat of {original.id} accepted: {value!r}")
         elif isinstance(value, tokendb.ReferenceConflict):

@@ -301,7 +301,8 @@ SELECT s.id AS session_id, s.tokens_used,
        coalesce(m.billed_tokens, 0) AS billed_tokens
 FROM chat_sessions s
 LEFT JOIN (
-    SELECT cm.session_id, sum(cm.tokens) AS message_tokens, -sum(coalesce(t.amount, 0)) AS billed_tokens
+    SELECT cm.session_id, sum(cm.tokens) AS message_tokens,
+           -sum(coalesce(t.amount, 0)) AS billed_tokens
     FROM chat_messages cm
     LEFT JOIN chat_sessions cs ON cs.id = cm.session_id
     LEFT JOIN token_transactions t

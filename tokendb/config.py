@@ -25,7 +25,7 @@ __all__ = [
     "APP_LABEL",
     "DEFAULT_POOL_MAX_SIZE",
     "DEFAULT_POOL_MIN_SIZE",
-    "TORTOISE_ORM",
+    "TORTOISE_ORM",  # noqa: F822 - built on first access by the module's __getattr__
     "database_url_from_env",
     "mask_url",
     "tortoise_config",
@@ -64,7 +64,7 @@ def _parse_pool_size(value: str, name: str, variable: str) -> int:
         raise ConfigurationError(
             f"{variable}: {name} must be a whole number, got {value!r}", variable=variable
         ) from None
-    if size < 0 or (name.endswith("max_size") or name == "maxsize") and size < 1:
+    if size < 0 or ((name.endswith("max_size") or name == "maxsize") and size < 1):
         raise ConfigurationError(f"{variable}: {name} out of range: {size}", variable=variable)
     return size
 

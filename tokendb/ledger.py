@@ -213,7 +213,10 @@ async def grant_bonus(
     description: str | None = None,
     reference_id: UUID | str | None = None,
 ) -> TokenTransaction:
-    """Credit ``amount`` free tokens to ``user``; return the ``bonus`` row. Raises as :func:`top_up`."""
+    """Credit ``amount`` free tokens to ``user``; return the ``bonus`` row.
+
+    Raises as :func:`top_up`.
+    """
     return await _move(
         user=user, amount=amount, kind=TransactionType.BONUS,
         description=description, reference_id=reference_id,

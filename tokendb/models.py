@@ -127,7 +127,9 @@ class TokenTransaction(Model):
         table = "token_transactions"
 
     def __str__(self) -> str:
-        return f"TokenTransaction({self.type}, {self.amount:+d}, balance_after={self.balance_after})"
+        return (
+            f"TokenTransaction({self.type}, {self.amount:+d}, balance_after={self.balance_after})"
+        )
 
     def __repr__(self) -> str:
         return (

@@ -89,7 +89,9 @@ def _asyncpg_dsn(url: str) -> str:
 
 
 @asynccontextmanager
-async def throwaway_database(server_url: str, *, prefix: str = "tokendb_test") -> AsyncIterator[str]:
+async def throwaway_database(
+    server_url: str, *, prefix: str = "tokendb_test"
+) -> AsyncIterator[str]:
     """Create an empty database on ``server_url``, yield its URL, drop it afterwards.
 
     The drop uses ``WITH (FORCE)``, so connections left open by a failing
@@ -163,7 +165,7 @@ def make_user(tokendb_db: str) -> Any:
 
 @pytest.fixture
 def make_api_key(make_user: Any) -> Any:
-    """``await make_api_key(user=None, name="test key", **options)`` returns ``(ApiKey, secret)``."""
+    """``await make_api_key(user=None, name="test key", **options)``: ``(ApiKey, secret)``."""
 
     async def factory(
         *, user: User | uuid.UUID | None = None, name: str = "test key", **options: Any
