@@ -10,7 +10,9 @@ e.g. ``TOKENDB_STRESS_OPS=200000 python -m pytest -m stress -s``.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -177,3 +179,50 @@ async def test_server_restart_during_load(tokendb_db: str) -> None:
         assert await recovered(workload, 2 * SIZES.pool) == []
         assert await settle(workload, url) == []
         report("restart", workload, started, restarts=restarts)
+
+
+async def test_a_server_that_stops_answering_is_a_timeout_not_a_hang(tokendb_db: str) -> None:
+    """Backends frozen (SIGSTOP): no server-side timeout can fire; the client's bound does."""
+    async with (
+        throwaway_cluster() as cluster,
+        isolated_tokendb(
+            cluster.url, tokendb_db, min_size=2, max_size=2, statement_timeout=0.5,
+            acquire_timeout=2.0,
+        ) as url,
+    ):
+        user = await tokendb.create_user(
+            email="frozen@example.com", password="frozen password", name="F"
+        )
+        admin = await asyncpg.connect(url)
+        try:
+            pids = [
+                row["pid"]
+                for row in await admin.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()"
+                )
+            ]
+            assert pids
+            # The postmaster too, so that new connections hang as well.
+            pids.append(int((cluster.data / "postmaster.pid").read_text().split()[0]))
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(tokendb.DatabaseTimeout) as caught:
+                    await asyncio.wait_for(tokendb.charge(user=user, amount=1), 60)
+                assert caught.value.outcome_unknown is True  # the write was sent
+                with pytest.raises(tokendb.DatabaseTimeout) as caught:
+                    await asyncio.wait_for(tokendb.get_balance(user=user), 60)
+                assert caught.value.outcome_unknown is False
+                waited = time.monotonic() - started
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            # Thawed: the pool works again, and the timed-out charge either
+            # happened or not; the books say which, and balance either way.
+            assert await asyncio.wait_for(tokendb.get_balance(user=user), 30) in (99, 100)
+            assert await tokendb.audit_ledger() == []
+            print(f"\n[frozen server] both calls gave up after {waited:.1f} s")
+        finally:
+            await admin.close()

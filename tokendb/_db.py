@@ -122,8 +122,10 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 
 
 def _is_connection_loss(exc: BaseException) -> bool:
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        return False  # 57014 is an OperatorInterventionError but means a timeout
+    if isinstance(exc, (asyncpg.exceptions.QueryCanceledError, TimeoutError)):
+        # 57014 is an OperatorInterventionError and TimeoutError an OSError,
+        # but both mean a bound ran out on a connection that may be fine.
+        return False
     if isinstance(exc, _CONNECTION_LOST):
         return True
     if isinstance(exc, asyncpg.exceptions.InternalClientError):
