@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,34 @@ async def test_loss_inside_the_callers_transaction_is_unavailable(
             assert_driver_cause(caught.value)
             raise caught.value
     assert await tokendb.get_balance(user=user) == 100
+
+
+async def test_a_deadlock_is_retried_inside_tokendb(faults_db: str, make_user: Any) -> None:
+    """Two transactions lock two users crosswise: PostgreSQL aborts one, tokendb re-runs it."""
+    first, second = await make_user(), await make_user()
+    both_hold_one = asyncio.Barrier(2)
+    runs: Counter[str] = Counter()
+
+    def crosswise(name: str, mine: uuid.UUID, theirs: uuid.UUID) -> Any:
+        async def body(conn: asyncpg.Connection) -> str:
+            runs[name] += 1
+            await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", mine)
+            if runs[name] == 1:
+                await asyncio.wait_for(both_hold_one.wait(), BOUND)
+            await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", theirs)
+            return name
+
+        return body
+
+    done = await asyncio.wait_for(
+        asyncio.gather(
+            _db.transaction(crosswise("a", first.id, second.id)),
+            _db.transaction(crosswise("b", second.id, first.id)),
+        ),
+        BOUND,
+    )
+    assert sorted(done) == ["a", "b"]
+    assert sorted(runs.values()) == [1, 2]  # the deadlock victim ran twice
 
 
 # -- timeouts ----------------------------------------------------------------
