@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from pgcluster import database_name, isolated_tokendb, kill_backends
+from pgcluster import SESSION_POOL, database_name, isolated_tokendb, kill_backends
 from tortoise.transactions import in_transaction
 
 import tokendb
@@ -296,6 +297,25 @@ async def test_a_deadlock_is_retried_inside_tokendb(faults_db: str, make_user: A
     )
     assert sorted(done) == ["a", "b"]
     assert sorted(runs.values()) == [1, 2]  # the deadlock victim ran twice
+
+
+async def test_init_against_a_server_that_is_down_is_unavailable(tokendb_db: str) -> None:
+    """The pool is opened (Tortoise's lazy ensure_connection) and checked inside init."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        with pytest.raises(tokendb.DatabaseUnavailable) as caught:
+            await asyncio.wait_for(
+                tokendb.init(f"postgres://postgres@127.0.0.1:{port}/nowhere", acquire_timeout=2),
+                BOUND,
+            )
+        assert not isinstance(caught.value, tokendb.DatabaseTimeout)
+        assert_driver_cause(caught.value)
+        with pytest.raises(tokendb.ConfigurationError):
+            await tokendb.get_balance(user=uuid.uuid4())  # not left half-initialised
+    finally:
+        await tokendb.init(tokendb_db, **SESSION_POOL)
 
 
 # -- timeouts ----------------------------------------------------------------
