@@ -299,6 +299,33 @@ async def test_a_deadlock_is_retried_inside_tokendb(faults_db: str, make_user: A
     assert sorted(runs.values()) == [1, 2]  # the deadlock victim ran twice
 
 
+async def test_callers_that_give_up_mid_call_leak_no_connection(
+    faults_db: str, make_user: Any
+) -> None:
+    """A caller's own timeout cancels tokendb mid-statement: the pool and the books survive."""
+    user = await make_user()
+    await tokendb.top_up(user=user, amount=10_000)
+    usage = await tokendb.charge(user=user, amount=5_000)
+    gave_up = 0
+    for index in range(200):
+        calls = [
+            lambda: tokendb.charge(user=user, amount=1),
+            lambda: tokendb.refund(transaction=usage, amount=1),
+            lambda: tokendb.get_balance(user=user),
+        ]
+        try:
+            await asyncio.wait_for(calls[index % 3](), timeout=index % 7 * 0.0005)
+        except TimeoutError:
+            gave_up += 1
+    assert gave_up > 0
+    # Twice the pool's size at once: a leaked connection would make these wait.
+    balances = await asyncio.wait_for(
+        asyncio.gather(*(tokendb.get_balance(user=user) for _ in range(8))), BOUND
+    )
+    assert len(set(balances)) == 1
+    assert await tokendb.audit_ledger(user=user) == []
+
+
 async def test_init_against_a_server_that_is_down_is_unavailable(tokendb_db: str) -> None:
     """The pool is opened (Tortoise's lazy ensure_connection) and checked inside init."""
     with socket.socket() as probe:  # a port nobody listens on
