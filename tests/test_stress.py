@@ -78,12 +78,17 @@ async def stress_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIte
         yield url
 
 
-async def test_concurrent_load_keeps_the_books(stress_db: str) -> None:
-    """≥10,000 random operations from 32 tasks: books, model and database agree."""
+@pytest.mark.parametrize("users", [SIZES.users, 2], ids=["spread", "hot-users"])
+async def test_concurrent_load_keeps_the_books(stress_db: str, users: int) -> None:
+    """≥10,000 random operations from 32 tasks: books, model and database agree.
+
+    The ``hot-users`` run puts all tasks on two users, where every charge
+    races credits and refunds on the same row.
+    """
     started = time.monotonic()
     print(f"replay with TOKENDB_STRESS_SEED={SIZES.seed}")
     workload = Workload(seed=SIZES.seed)
-    await workload.setup(SIZES.users)
+    await workload.setup(users)
     await asyncio.wait_for(workload.run(SIZES.operations, SIZES.tasks), RUN_TIMEOUT)
 
     assert await settle(workload, stress_db) == []
@@ -94,7 +99,7 @@ async def test_concurrent_load_keeps_the_books(stress_db: str) -> None:
         assert outcomes[f"{kind}: ok"] > 0, kind
     assert outcomes["charge: InsufficientTokens"] + outcomes["add_message: InsufficientTokens"] > 0
     assert outcomes["conflicting_repeat: ReferenceConflict"] > 0
-    report("load", workload, started, users=SIZES.users, tasks=SIZES.tasks, pool=SIZES.pool)
+    report("load", workload, started, users=users, tasks=SIZES.tasks, pool=SIZES.pool)
 
 
 async def _under_faults(
