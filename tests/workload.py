@@ -296,6 +296,10 @@ class Workload:
             self.model.unknown.append(("add_message", nonce, account.user_id))
         else:
             self.model.refused_nonces.add(nonce)
+            if isinstance(value, tokendb.InsufficientTokens) and not (
+                value.requested == tokens and value.balance < value.requested
+            ):
+                self.model.problems.append(f"add_message: inconsistent {value!r}")
             self._expect("add_message", value, tokendb.InsufficientTokens)
 
     async def _resend(
