@@ -10,7 +10,9 @@ Domain modules write SQL and hand it to :func:`read`, :func:`write` or
   hand-written asyncpg, with asyncpg's prepared-statement cache.
 * **Bounded waits.** Acquiring a pooled connection and releasing it are
   bounded by ``acquire_timeout``; server-side ``statement_timeout`` and
-  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`.
+  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`,
+  with client-side bounds behind them (asyncpg's connect timeout and
+  ``command_timeout``) for a server that stops answering altogether.
   Transactions are opened with asyncpg's own ``Connection.transaction()``,
   not Tortoise's pooled transaction context, which leaks its connection when
   ``BEGIN`` fails on a dead connection (tortoise-orm 1.1.9): enough killed
