@@ -10,15 +10,23 @@ Domain modules write SQL and hand it to :func:`read`, :func:`write` or
   hand-written asyncpg, with asyncpg's prepared-statement cache.
 * **Bounded waits.** Acquiring a pooled connection and releasing it are
   bounded by ``acquire_timeout``; server-side ``statement_timeout`` and
-  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`.
+  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`,
+  with client-side bounds behind them (asyncpg's connect timeout and
+  ``command_timeout``) for a server that stops answering altogether.
   Transactions are opened with asyncpg's own ``Connection.transaction()``,
   not Tortoise's pooled transaction context, which leaks its connection when
   ``BEGIN`` fails on a dead connection (tortoise-orm 1.1.9): enough killed
   backends and every later caller would hang on an empty pool.
+  :func:`guard_transactions` gives the application's own
+  ``in_transaction()`` the same protection on tokendb's connection.
 * **Retries.** A deadlock or serialization failure rolls the whole
   transaction back, so when tokendb owns the transaction it simply runs it
-  again (bounded, with jittered backoff). Inside the caller's transaction it
-  cannot, and the error is raised instead.
+  again (bounded, with jittered backoff). A pooled connection that turns out
+  dead (a killed backend, a restarted server) *before anything that could
+  write was sent* — a read, or ``BEGIN`` — is replaced and the call run
+  again on a fresh one, so a pool recovers without callers seeing stale
+  connections. Inside the caller's transaction neither is possible, and the
+  error is raised instead.
 * **Translation.** Driver and ORM errors become :class:`~tokendb.errors.TokenDBError`
   leaves (:func:`translate`); connection loss says whether the outcome of a
   write is unknown.
@@ -37,16 +45,19 @@ import asyncio
 import functools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import asyncpg
+from tortoise.backends.asyncpg.client import AsyncpgDBClient, TransactionWrapper
 from tortoise.backends.base.client import (
     BaseDBAsyncClient,
     PoolConnectionWrapper,
     TransactionalDBClient,
+    TransactionContextPooled,
 )
+from tortoise.connection import get_connections
 from tortoise.exceptions import BaseORMException
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 from tortoise.models import Model
@@ -62,6 +73,7 @@ from tokendb.errors import (
 __all__ = [
     "Settings",
     "configure",
+    "guard_transactions",
     "read",
     "settings",
     "transaction",
@@ -73,8 +85,9 @@ __all__ = [
 T = TypeVar("T")
 P = ParamSpec("P")
 Record = asyncpg.Record
-# A pooled connection is handed out as a proxy; both speak the same API.
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+# Pooled connections are handed out as proxies that forward every Connection
+# method; they are typed as Connection (see _acquire).
+Connection = asyncpg.Connection
 
 
 @dataclass(frozen=True)
@@ -113,10 +126,18 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 
 
 def _is_connection_loss(exc: BaseException) -> bool:
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        return False  # 57014 is an OperatorInterventionError but means a timeout
+    if isinstance(exc, (asyncpg.exceptions.QueryCanceledError, TimeoutError)):
+        # 57014 is an OperatorInterventionError and TimeoutError an OSError,
+        # but both mean a bound ran out on a connection that may be fine.
+        return False
     if isinstance(exc, _CONNECTION_LOST):
         return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The server's FATAL message (pg_terminate_backend, shutdown) arrived
+        # but the socket is not closed yet: asyncpg refuses the next statement
+        # with "cannot switch to state …; another operation is in progress".
+        # Only a stale prepared-statement cache is not about the connection.
+        return not isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError)
     # asyncpg raises InterfaceError("connection is closed") for a connection
     # that died while idle in the pool or was closed under us.
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
@@ -140,8 +161,12 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
             "a row lock was not granted within lock_timeout (a hot row?); nothing was written",
             sqlstate=sqlstate,
         )
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return DatabaseTimeout("timed out waiting for the database", outcome_unknown=outcome_unknown)
+    if isinstance(exc, TimeoutError):
+        return DatabaseTimeout(
+            "timed out waiting for the database"
+            + ("; the outcome of the write is unknown" if outcome_unknown else ""),
+            outcome_unknown=outcome_unknown,
+        )
     if _is_connection_loss(exc):
         if outcome_unknown:
             message = (
@@ -178,7 +203,9 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
             sqlstate=sqlstate,
             constraint=getattr(exc, "constraint_name", None),
         )
-    if isinstance(exc, (asyncpg.InterfaceError, BaseORMException)):
+    if isinstance(
+        exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, BaseORMException)
+    ):
         return DatabaseError(f"database error: {exc}")
     return DatabaseError(f"unexpected error talking to the database: {exc!r}")
 
@@ -186,10 +213,9 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
 _TRANSLATED: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     BaseORMException,
-    OSError,
-    asyncio.TimeoutError,
-    TimeoutError,
+    OSError,  # TimeoutError (asyncio's too, since 3.11) is an OSError
 )
 
 
@@ -226,6 +252,28 @@ def in_caller_transaction() -> bool:
     return isinstance(_client(), TransactionalDBClient)
 
 
+class _StaleConnection(Exception):
+    """A pooled connection was found dead before anything that could write was sent.
+
+    Raised inside this module only; :func:`_with_retries` tries a fresh
+    connection, or translates ``cause`` when it may not.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@contextmanager
+def _stale_on_loss() -> Iterator[None]:
+    try:
+        yield
+    except BaseException as exc:
+        if _is_connection_loss(exc):
+            raise _StaleConnection(exc) from exc
+        raise
+
+
 @contextmanager
 def _unavailable_on_loss(*, outcome_unknown: bool) -> Iterator[None]:
     try:
@@ -238,6 +286,36 @@ def _unavailable_on_loss(*, outcome_unknown: bool) -> Iterator[None]:
         if _is_connection_loss(exc):
             raise translate(exc, outcome_unknown=outcome_unknown) from exc
         raise
+
+
+def _is_open(conn: Connection) -> bool:
+    # When a connection closes under us the pool takes it back and detaches
+    # our proxy, whose every method then raises InterfaceError ("connection
+    # has been released back to the pool"): that too means "not open".
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+def _discard(conn: Connection) -> None:
+    """Close ``conn`` without a round trip; the pool replaces it on the next acquire.
+
+    Never raises: it runs while another error is propagating, and a
+    connection the pool already took back (see :func:`_is_open`) needs nothing.
+    """
+    with suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
+async def _release(pool: asyncpg.Pool, conn: Connection) -> None:
+    # Releasing resets the connection (a round trip): bounded, and a
+    # connection that cannot be reset is dropped rather than allowed to
+    # replace the error that is propagating.
+    try:
+        await pool.release(cast(Any, conn), timeout=_settings.acquire_timeout)
+    except (Exception, asyncio.CancelledError):
+        _discard(conn)
 
 
 @asynccontextmanager
@@ -253,22 +331,26 @@ async def connection() -> AsyncIterator[Connection]:
             yield conn
         return
     pool = await _pool(client)
+    conn = await _acquire(pool)
+    try:
+        yield conn
+    finally:
+        await _release(pool, conn)
+
+
+async def _acquire(pool: asyncpg.Pool) -> Connection:
     timeout = _settings.acquire_timeout
     with _unavailable_on_loss(outcome_unknown=False):
         try:
-            conn = await pool.acquire(timeout=timeout)
+            proxy = await pool.acquire(timeout=timeout)
         except TimeoutError as exc:
             raise DatabaseTimeout(
                 f"no pooled connection became free within {timeout:g} s "
                 "(pool too small for the load, or the database is stuck)"
             ) from exc
-    try:
-        yield conn
-    finally:
-        try:
-            await pool.release(conn, timeout=timeout)
-        except Exception:
-            conn.terminate()
+    # The pool's proxy forwards every Connection method; the domain modules
+    # are typed against Connection.
+    return cast(Connection, proxy)
 
 
 async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
@@ -286,10 +368,18 @@ async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
 
 
 async def read(sql: str, *args: Any) -> list[Record]:
-    """Run a read-only statement and return its rows."""
-    async with connection() as conn:
-        with _unavailable_on_loss(outcome_unknown=False):
-            return await conn.fetch(sql, *args)
+    """Run a read-only statement and return its rows.
+
+    A pooled connection found dead is replaced and the read run again
+    (nothing was written); connection loss otherwise is :class:`DatabaseUnavailable`.
+    """
+
+    async def once() -> list[Record]:
+        async with connection() as conn:
+            with _stale_on_loss():
+                return await conn.fetch(sql, *args)
+
+    return await _with_retries(once)
 
 
 async def write(sql: str, *args: Any) -> list[Record]:
@@ -313,6 +403,8 @@ async def _write_once(body: Callable[[Connection], Awaitable[list[Record]]]) -> 
             # does not abort the caller's whole transaction.
             async with conn.transaction():
                 return await body(conn)
+        # No retry on a dead connection here: the statement may have reached
+        # the server before the connection died, and it commits on its own.
         with _unavailable_on_loss(outcome_unknown=True):
             return await body(conn)
 
@@ -340,32 +432,95 @@ async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:
 async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
     async with connection() as conn:
         tx = conn.transaction()
-        with _unavailable_on_loss(outcome_unknown=False):
+        with _stale_on_loss():
             await tx.start()
         try:
             with _unavailable_on_loss(outcome_unknown=False):
                 result = await body(conn)
         except BaseException:
-            if not conn.is_closed():
+            if _is_open(conn):
                 try:
                     await tx.rollback()
-                except Exception:
-                    conn.terminate()
+                except Exception:  # the original error is what matters
+                    _discard(conn)
             raise
         with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
             await tx.commit()
         return result
 
 
+def _stale_attempts() -> int:
+    """Pooled connections one call tries when they turn out dead before anything was sent.
+
+    One more than the pool holds: after a server restart every idle
+    connection may be dead, and finding one dead costs no round trip.
+    """
+    pool: asyncpg.Pool | None = getattr(_client(), "_pool", None)
+    return (pool.get_max_size() if pool is not None else 0) + 1
+
+
 async def _with_retries(attempt: Callable[[], Awaitable[T]]) -> T:
     retries_allowed = not in_caller_transaction()
-    max_attempts = _settings.max_attempts
-    for number in range(1, max_attempts + 1):
+    conflicts = stale = 0
+    while True:
         try:
             return await attempt()
         except _RETRYABLE:
-            if not retries_allowed or number == max_attempts:
+            conflicts += 1
+            if not retries_allowed or conflicts >= _settings.max_attempts:
                 raise
-        # Jittered exponential backoff: colliding transactions rarely collide again.
-        await asyncio.sleep(random.uniform(0, 0.002 * 2**number))
-    raise AssertionError("unreachable")  # pragma: no cover
+            # Jittered exponential backoff: colliding transactions rarely collide again.
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**conflicts))
+        except _StaleConnection as exc:
+            # Killed backends leave dead connections in the pool; the pool
+            # reconnects the holder on its next acquire. A server that is
+            # really down fails that acquire itself, so this stays bounded.
+            stale += 1
+            if not retries_allowed or stale >= _stale_attempts():
+                raise translate(exc.cause) from exc.cause
+
+
+class _GuardedTransactionContext(TransactionContextPooled):
+    """Tortoise's pooled ``in_transaction()``, without its connection leak.
+
+    tortoise-orm 1.1.9 acquires a pooled connection, publishes the
+    transaction in the task's context and sends ``BEGIN``; when ``BEGIN``
+    fails (the connection died: a killed backend, a restarted server) it
+    neither releases the connection nor resets the context. Each such failure
+    keeps one pool slot forever, so enough of them drain the pool shared with
+    tokendb until every caller waits. This version bounds the acquire by
+    ``acquire_timeout`` and undoes both when ``BEGIN`` fails.
+    """
+
+    async def __aenter__(self) -> TransactionalDBClient:
+        await self.ensure_connection()
+        client: Any = self.client
+        pool: asyncpg.Pool = client._parent._pool
+        client._connection = await _acquire(pool)
+        self.token = get_connections().set(self.connection_name, self.client)
+        try:
+            await client.begin()
+        except BaseException:
+            get_connections().reset(self.token)
+            _discard(client._connection)
+            await _release(pool, client._connection)
+            raise
+        return self.client
+
+
+def guard_transactions() -> None:
+    """Make ``tortoise.transactions.in_transaction()`` on tokendb's connection leak-free.
+
+    Called by :func:`tokendb.init`. Only the client tokendb configured is
+    changed (an instance attribute, not a patch of Tortoise's class), so other
+    Tortoise connections of the application keep Tortoise's behaviour.
+    """
+    client = _client()
+    if not isinstance(client, AsyncpgDBClient) or isinstance(client, TransactionalDBClient):
+        return
+    lock: asyncio.Lock = client._pool_init_lock
+
+    def guarded() -> _GuardedTransactionContext:
+        return _GuardedTransactionContext(TransactionWrapper(client), lock)
+
+    client._in_transaction = guarded  # type: ignore[method-assign]
