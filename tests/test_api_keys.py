@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -184,3 +186,45 @@ async def test_list_and_revoke_with_owner_check(tokendb_clean: str, make_user) -
         await tokendb.list_api_keys(user=uuid.uuid4())
     with pytest.raises(tokendb.NotFound):
         await tokendb.revoke_api_key(api_key=uuid.uuid4())
+
+
+# Regression tests from the independent review.
+
+
+async def test_saving_a_stale_api_key_instance_does_not_unrevoke_it(
+    tokendb_clean: str, make_api_key
+) -> None:
+    api_key, secret = await make_api_key()
+    [stale] = await tokendb.list_api_keys(user=api_key.user_id)
+    await tokendb.revoke_api_key(api_key=api_key)
+    stale.name = "renamed in the dashboard"
+    with contextlib.suppress(Exception):
+        await stale.save()
+    try:
+        with pytest.raises(tokendb.ApiKeyRevoked):
+            await tokendb.verify_api_key(secret=secret)  # revocation is documented as one-way
+    finally:
+        await tokendb.revoke_api_key(api_key=api_key)
+
+
+@pytest.mark.parametrize("interval", [math.inf, math.nan, 1e20, timedelta.max])
+async def test_touch_interval_out_of_range_is_a_validation_error(
+    tokendb_clean: str, make_api_key, interval: object
+) -> None:
+    _, secret = await make_api_key()
+    await tokendb.verify_api_key(secret=secret)  # last_used_at is now set
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.verify_api_key(secret=secret, touch_interval=interval)  # type: ignore[arg-type]
+    assert info.value.field == "touch_interval"
+
+
+async def test_concurrent_verifies_never_report_a_used_key_as_unused(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """Requests that lose the touch race return the statement snapshot's NULL.
+    This is also why test_api_keys.py::test_concurrent_verifies_of_a_hot_key_write_once
+    is flaky (failed 1 run in 6 here)."""
+    for _ in range(10):
+        _, secret = await make_api_key()
+        results = await asyncio.gather(*(tokendb.verify_api_key(secret=secret) for _ in range(60)))
+        assert all(key.last_used_at is not None for key in results)

@@ -190,3 +190,16 @@ async def test_chat_invariant_holds(tokendb_clean: str, chat) -> None:
         await tokendb.add_message(session=session, role="assistant", content="t", tokens=tokens)
     assert (await tokendb.get_chat(session=session)).tokens_used == 17
     assert await tokendb.audit_chats() == []
+
+
+# Regression tests from the independent review.
+
+
+async def test_a_cursor_from_another_users_chats_is_not_found(
+    tokendb_clean: str, make_api_key, make_user
+) -> None:
+    alices_key, _ = await make_api_key()
+    alices_session = await tokendb.start_chat(api_key=alices_key, model="m")
+    bob = await make_user()
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_chats(user=bob, before=alices_session.id)

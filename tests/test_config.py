@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -125,3 +126,42 @@ async def test_unreachable_server_is_database_unavailable(tokendb_db: str) -> No
     finally:
         await tokendb.init(tokendb_db, min_size=1, max_size=20)
     assert await tokendb.audit_ledger() == []
+
+
+# Regression tests from the independent review.
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("postgres://app:s3cr/et@db.internal:5432/tokendb", "s3cr"),
+        ("postgres://app:pa#ss@db.internal:5432/tokendb", "pa#ss"),
+        ("postgres://app:pa?ss@db.internal:5432/tokendb", "pa?ss"),
+    ],
+)
+async def test_a_malformed_url_error_never_shows_the_password(url: str, secret: str) -> None:
+    """Unencoded '/', '#', '?' in a password: urlsplit finds no password, so
+    mask_url masks nothing and the error (→ logs) carries the secret."""
+    with pytest.raises(tokendb.ConfigurationError) as info:
+        await tokendb.init(url)
+    assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "sizes", [{"min_size": 5, "max_size": 2}, {"max_size": 0}, {"min_size": 30}]
+)
+async def test_init_with_bad_pool_sizes_is_a_configuration_error(
+    tokendb_db: str, make_user, sizes: dict[str, int]
+) -> None:
+    """init() writes min_size/max_size into the config after tortoise_config()
+    validated it; asyncpg's ValueError escapes, and Tortoise stays initialised
+    with the broken config, so every later operation raises a raw ValueError."""
+    user = await make_user()
+    try:
+        with pytest.raises(tokendb.ConfigurationError):
+            await tokendb.init(tokendb_db, **sizes)
+        # Unusable afterwards is acceptable; a raw ValueError is not.
+        with contextlib.suppress(tokendb.TokenDBError):
+            await tokendb.get_balance(user=user)
+    finally:
+        await tokendb.init(tokendb_db, min_size=1, max_size=20)

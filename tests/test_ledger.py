@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 
+import asyncpg
 import pytest
 
 import tokendb
@@ -257,6 +260,93 @@ async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, mak
     finally:
         await _tamper("UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
     assert await tokendb.audit_ledger() == []
+
+
+# Regression tests from the independent review.
+
+
+async def test_saving_a_user_instance_does_not_undo_a_charge(tokendb_clean: str, make_user) -> None:
+    """tokendb hands out Tortoise models; Model.save() writes every column back.
+
+    The instance returned by create_user() still says token_balance=100, so a
+    profile update after a charge reverts the balance: the charge is lost and
+    balance != Σ ledger. Nothing in the database refuses it.
+    """
+    user = await make_user()
+    await tokendb.charge(user=user, amount=40)
+    try:
+        user.name = "Renamed"
+        # Refusing the save is an acceptable fix; silently reverting the charge is not.
+        with contextlib.suppress(Exception):
+            await user.save()
+        assert await tokendb.get_balance(user=user) == 60
+        assert await tokendb.audit_ledger(user=user) == []
+    finally:
+        await _db.write(
+            "UPDATE users SET token_balance = (SELECT sum(amount) FROM token_transactions "
+            "WHERE user_id = $1) WHERE id = $1",
+            user.id,
+        )
+
+
+async def test_refund_trigger_backstop_holds_for_concurrent_raw_refunds(
+    tokendb_clean: str, funded_user
+) -> None:
+    """Two transactions each refund the whole charge around the Python layer.
+
+    tokendb_refund_within_charge sums committed refunds without taking a lock,
+    so the second insert passes while the first is uncommitted: refunds can
+    reach 2x the charge.
+    """
+    user = await funded_user(balance=500)
+    charge = await tokendb.charge(user=user, amount=100)
+    first = await asyncpg.connect(tokendb_clean)
+    second = await asyncpg.connect(tokendb_clean)
+    try:
+        tx1, tx2 = first.transaction(), second.transaction()
+        await tx1.start()
+        await tx2.start()
+        # First refund, done properly (balance and row), left uncommitted.
+        balance = await first.fetchval(
+            "UPDATE users SET token_balance = token_balance + 100 WHERE id = $1 "
+            "RETURNING token_balance",
+            user.id,
+        )
+        await first.execute(
+            "INSERT INTO token_transactions (user_id, amount, type, reference_id, "
+            "balance_after, created_at) VALUES ($1, 100, 'refund', $2, $3, clock_timestamp())",
+            user.id,
+            charge.id,
+            balance,
+        )
+        # Second full refund of the same charge, concurrently.
+        racing = asyncio.ensure_future(
+            second.execute(
+                "INSERT INTO token_transactions (user_id, amount, type, reference_id, "
+                "balance_after) VALUES ($1, 100, 'refund', $2, 600)",
+                user.id,
+                charge.id,
+            )
+        )
+        await asyncio.sleep(0.5)
+        await tx1.commit()
+        with pytest.raises(asyncpg.CheckViolationError) as info:
+            await asyncio.wait_for(racing, 10)
+        assert info.value.constraint_name == "token_transactions_refund_within_charge"
+    finally:
+        await second.close()  # rolls the second refund back
+        await first.close()
+
+
+async def test_a_cursor_from_another_users_ledger_is_not_found(
+    tokendb_clean: str, make_user
+) -> None:
+    """list_messages refuses a cursor of another session; list_transactions and
+    list_chats take any row's id, so a tenant can probe ids of other tenants."""
+    alice, bob = await make_user(), await make_user()
+    alices = await tokendb.top_up(user=alice, amount=5)
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.list_transactions(user=bob, before=alices.id)
 
 
 @pytest.mark.parametrize("page", ["first", "before"])

@@ -57,3 +57,12 @@ async def test_library_example(tokendb_clean: str, capsys: pytest.CaptureFixture
     finally:
         await tokendb.init(tokendb_clean, min_size=1, max_size=20)
     assert capsys.readouterr().out.strip() == "1058"
+
+
+def test_the_stress_command_is_what_ci_runs() -> None:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Run the tests\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    [command] = re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in ci

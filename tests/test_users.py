@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import pytest
 
 import tokendb
@@ -210,3 +211,63 @@ async def test_set_role_unknown_user_and_bad_role(tokendb_clean: str, make_user)
 def test_repr_and_str_never_show_the_password_hash() -> None:
     user = tokendb.User(email="a@example.com", password_hash="$argon2id$SECRET", name="A")
     assert "SECRET" not in repr(user) and "SECRET" not in str(user)
+
+
+# Regression tests from the independent review.
+
+
+@pytest.mark.parametrize("known_email", [True, False])
+async def test_authenticate_with_a_lone_surrogate_is_invalid_credentials(
+    tokendb_clean: str, make_user, known_email: bool
+) -> None:
+    """json.loads('"\\ud800"') yields this string: an attacker-controlled login
+    body turns into a UnicodeEncodeError (a 500) instead of InvalidCredentials."""
+    user = await make_user(password=PASSWORD)
+    email = user.email if known_email else "nobody@example.com"
+    with pytest.raises(tokendb.InvalidCredentials):
+        await tokendb.authenticate(email=email, password="\ud800" + PASSWORD)
+
+
+@pytest.mark.parametrize("current", [12345678, "\ud800 12345678"])
+async def test_change_password_with_a_malformed_current_password(
+    tokendb_clean: str, make_user, current: object
+) -> None:
+    user = await make_user(password=PASSWORD)
+    with pytest.raises((tokendb.InvalidCredentials, tokendb.ValidationError)):
+        await tokendb.change_password(
+            user=user,
+            new_password="new password 1",
+            current_password=current,  # type: ignore[arg-type]
+        )
+    await tokendb.authenticate(email=user.email, password=PASSWORD)  # unchanged
+
+
+async def test_change_password_does_not_overwrite_a_concurrent_change(
+    tokendb_clean: str, make_user
+) -> None:
+    """Victim changes the password (old → new) while an attacker who knows the
+    old one calls change_password(current_password=old). The attacker's check
+    reads the old hash, its UPDATE waits for the victim's row lock, then
+    overwrites the victim's new password. authenticate()'s rehash already
+    guards with `AND password_hash = $old`; change_password does not."""
+    user = await make_user(password=PASSWORD)
+    victims_hash = await passwords.hash_password("victim's new password")
+    victim = await asyncpg.connect(tokendb_clean)
+    try:
+        tx = victim.transaction()
+        await tx.start()
+        await victim.execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, victims_hash
+        )
+        attacker = asyncio.ensure_future(
+            tokendb.change_password(
+                user=user, new_password="attacker's password", current_password=PASSWORD
+            )
+        )
+        await asyncio.sleep(0.5)  # the attacker has verified the old hash and waits on the lock
+        await tx.commit()
+        with pytest.raises(tokendb.InvalidCredentials):
+            await asyncio.wait_for(attacker, 10)
+        await tokendb.authenticate(email=user.email, password="victim's new password")
+    finally:
+        await victim.close()

@@ -10,15 +10,23 @@ Domain modules write SQL and hand it to :func:`read`, :func:`write` or
   hand-written asyncpg, with asyncpg's prepared-statement cache.
 * **Bounded waits.** Acquiring a pooled connection and releasing it are
   bounded by ``acquire_timeout``; server-side ``statement_timeout`` and
-  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`.
+  ``lock_timeout`` are set on the pool's connections by :func:`tokendb.init`,
+  with client-side bounds behind them (asyncpg's connect timeout and
+  ``command_timeout``) for a server that stops answering altogether.
   Transactions are opened with asyncpg's own ``Connection.transaction()``,
   not Tortoise's pooled transaction context, which leaks its connection when
   ``BEGIN`` fails on a dead connection (tortoise-orm 1.1.9): enough killed
   backends and every later caller would hang on an empty pool.
+  :func:`guard_transactions` gives the application's own
+  ``in_transaction()`` the same protection on tokendb's connection.
 * **Retries.** A deadlock or serialization failure rolls the whole
   transaction back, so when tokendb owns the transaction it simply runs it
-  again (bounded, with jittered backoff). Inside the caller's transaction it
-  cannot, and the error is raised instead.
+  again (bounded, with jittered backoff). A pooled connection that turns out
+  dead (a killed backend, a restarted server) *before anything that could
+  write was sent* — a read, or ``BEGIN`` — is replaced and the call run
+  again on a fresh one, so a pool recovers without callers seeing stale
+  connections. Inside the caller's transaction neither is possible, and the
+  error is raised instead.
 * **Translation.** Driver and ORM errors become :class:`~tokendb.errors.TokenDBError`
   leaves (:func:`translate`); connection loss says whether the outcome of a
   write is unknown.
@@ -38,16 +46,19 @@ import functools
 import random
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import asyncpg
+from tortoise.backends.asyncpg.client import AsyncpgDBClient, TransactionWrapper
 from tortoise.backends.base.client import (
     BaseDBAsyncClient,
     PoolConnectionWrapper,
     TransactionalDBClient,
+    TransactionContextPooled,
 )
+from tortoise.connection import get_connections
 from tortoise.exceptions import BaseORMException
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 from tortoise.models import Model
@@ -64,6 +75,7 @@ from tokendb.errors import (
 __all__ = [
     "Settings",
     "configure",
+    "guard_transactions",
     "read",
     "settings",
     "transaction",
@@ -75,9 +87,9 @@ __all__ = [
 T = TypeVar("T")
 P = ParamSpec("P")
 Record = asyncpg.Record
-# A pooled connection is handed out as a proxy; both speak the same API.
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-_Pooled = asyncpg.pool.PoolConnectionProxy
+# Pooled connections are handed out as proxies that forward every Connection
+# method; they are typed as Connection (see _acquire).
+Connection = asyncpg.Connection
 
 
 @dataclass(frozen=True)
@@ -118,10 +130,18 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 
 
 def _is_connection_loss(exc: BaseException) -> bool:
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        return False  # 57014 is an OperatorInterventionError but means a timeout
+    if isinstance(exc, (asyncpg.exceptions.QueryCanceledError, TimeoutError)):
+        # 57014 is an OperatorInterventionError and TimeoutError an OSError,
+        # but both mean a bound ran out on a connection that may be fine.
+        return False
     if isinstance(exc, _CONNECTION_LOST):
         return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The server's FATAL message (pg_terminate_backend, shutdown) arrived
+        # but the socket is not closed yet: asyncpg refuses the next statement
+        # with "cannot switch to state …; another operation is in progress".
+        # Only a stale prepared-statement cache is not about the connection.
+        return not isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError)
     # asyncpg raises InterfaceError("connection is closed") for a connection
     # that died while idle in the pool or was closed under us.
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
@@ -145,9 +165,11 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
             "a row lock was not granted within lock_timeout (a hot row?); nothing was written",
             sqlstate=sqlstate,
         )
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+    if isinstance(exc, TimeoutError):
         return DatabaseTimeout(
-            "timed out waiting for the database", outcome_unknown=outcome_unknown
+            "timed out waiting for the database"
+            + ("; the outcome of the write is unknown" if outcome_unknown else ""),
+            outcome_unknown=outcome_unknown,
         )
     if _is_connection_loss(exc):
         if outcome_unknown:
@@ -185,7 +207,9 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
             sqlstate=sqlstate,
             constraint=getattr(exc, "constraint_name", None),
         )
-    if isinstance(exc, (asyncpg.InterfaceError, BaseORMException)):
+    if isinstance(
+        exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, BaseORMException)
+    ):
         return DatabaseError(f"database error: {exc}")
     return DatabaseError(f"unexpected error talking to the database: {exc!r}")
 
@@ -193,10 +217,9 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
 _TRANSLATED: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     BaseORMException,
-    OSError,
-    asyncio.TimeoutError,
-    TimeoutError,
+    OSError,  # TimeoutError (asyncio's too, since 3.11) is an OSError
 )
 
 
@@ -238,12 +261,38 @@ def in_caller_transaction() -> bool:
     return isinstance(_client(), TransactionalDBClient)
 
 
-class _UnavailableOnLoss:
-    """``with``: a lost connection or a timeout leaves as DatabaseUnavailable/DatabaseTimeout.
+class _StaleConnection(Exception):
+    """A pooled connection was found dead before anything that could write was sent.
 
-    A class rather than a ``@contextmanager`` generator: it is on every
-    statement's path, and this costs a tenth.
+    Raised inside this module only; :func:`_with_retries` tries a fresh
+    connection, or translates ``cause`` when it may not.
     """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+# The two ``with`` blocks below are on every statement's path: classes, not
+# @contextmanager generators, which cost several times as much.
+
+
+class _StaleOnLoss:
+    """``with``: connection loss leaves as :class:`_StaleConnection`."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: object, exc: BaseException | None, traceback: object
+    ) -> Literal[False]:
+        if exc is not None and _is_connection_loss(exc):
+            raise _StaleConnection(exc) from exc
+        return False
+
+
+class _UnavailableOnLoss:
+    """``with``: connection loss and timeouts leave as DatabaseUnavailable/DatabaseTimeout."""
 
     __slots__ = ("outcome_unknown",)
 
@@ -263,12 +312,48 @@ class _UnavailableOnLoss:
         return False
 
 
+_STALE_ON_LOSS = _StaleOnLoss()
 _LOST_BEFORE_WRITE = _UnavailableOnLoss(outcome_unknown=False)
 _LOST_AFTER_WRITE = _UnavailableOnLoss(outcome_unknown=True)
 
 
+def _stale_on_loss() -> _StaleOnLoss:
+    return _STALE_ON_LOSS
+
+
 def _unavailable_on_loss(*, outcome_unknown: bool) -> _UnavailableOnLoss:
     return _LOST_AFTER_WRITE if outcome_unknown else _LOST_BEFORE_WRITE
+
+
+def _is_open(conn: Connection) -> bool:
+    # When a connection closes under us the pool takes it back and detaches
+    # our proxy, whose every method then raises InterfaceError ("connection
+    # has been released back to the pool"): that too means "not open".
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+def _discard(conn: Connection) -> None:
+    """Close ``conn`` without a round trip; the pool replaces it on the next acquire.
+
+    Never raises: it runs while another error is propagating, and a
+    connection the pool already took back (see :func:`_is_open`) needs nothing.
+    """
+    with suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
+async def _release(pool: asyncpg.Pool, conn: Connection) -> None:
+    # Releasing resets the connection (a round trip): bounded, and a
+    # connection that cannot be reset is dropped rather than allowed to
+    # replace the error that is propagating.
+    try:
+        with _Deadline(_settings.acquire_timeout):
+            await pool.release(cast(Any, conn))
+    except (Exception, asyncio.CancelledError):
+        _discard(conn)
 
 
 @asynccontextmanager
@@ -291,7 +376,7 @@ async def connection() -> AsyncIterator[Connection]:
         await _release(pool, conn)
 
 
-async def _acquire(pool: asyncpg.Pool) -> _Pooled:
+async def _acquire(pool: asyncpg.Pool) -> Connection:
     timeout = _settings.acquire_timeout
     with _LOST_BEFORE_WRITE:
         try:
@@ -302,17 +387,9 @@ async def _acquire(pool: asyncpg.Pool) -> _Pooled:
                 f"no pooled connection became free within {timeout:g} s "
                 "(pool too small for the load, or the database is stuck)"
             ) from exc
-    return proxy
-
-
-async def _release(pool: asyncpg.Pool, conn: _Pooled) -> None:
-    # Releasing resets the connection (a round trip): bounded, and a
-    # connection that cannot be reset is dropped, not waited for.
-    try:
-        with _Deadline(_settings.acquire_timeout):
-            await pool.release(conn)
-    except Exception:  # a broken connection must not mask the real error
-        conn.terminate()
+    # The pool's proxy forwards every Connection method; the domain modules
+    # are typed against Connection.
+    return cast(Connection, proxy)
 
 
 class _Deadline:
@@ -407,7 +484,7 @@ _last: _Watchdog | None = None
 async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
     ready: asyncpg.Pool | None = getattr(client, "_pool", None)
     if ready is not None:
-        return ready
+        return ready  # the common case, without the wait_for task below
     # Tortoise creates its pool lazily on first use; reuse its own guarded
     # initialisation so tokendb and the ORM share one pool.
     lock: asyncio.Lock = getattr(client, "_pool_init_lock")  # noqa: B009 - not in the base type
@@ -422,14 +499,24 @@ async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
 
 
 async def read(sql: str, *args: Any) -> list[Record]:
-    """Run a read-only statement and return its rows."""
+    """Run a read-only statement and return its rows.
+
+    A pooled connection found dead is replaced and the read run again
+    (nothing was written); connection loss otherwise is :class:`DatabaseUnavailable`.
+    """
+
     client = _client()
     if isinstance(client, TransactionalDBClient):
         async with client.acquire_connection() as conn:
             with _LOST_BEFORE_WRITE:
                 rows: list[Record] = await conn.fetch(sql, *args)
                 return rows
-    return await _fetch_pooled(await _pool(client), _LOST_BEFORE_WRITE, sql, args)
+    pool = await _pool(client)
+    return await _with_retries(
+        lambda: _fetch_pooled(pool, _STALE_ON_LOSS, sql, args),
+        retries_allowed=True,
+        client=client,
+    )
 
 
 async def write(sql: str, *args: Any) -> list[Record]:
@@ -447,16 +534,20 @@ async def write(sql: str, *args: Any) -> list[Record]:
             rows: list[Record] = await conn.fetch(sql, *args)
             return rows
     pool = await _pool(client)
+    # No retry on a dead connection here: the statement may have reached the
+    # server before the connection died, and it commits on its own.
     return await _with_retries(
-        lambda: _fetch_pooled(pool, _LOST_AFTER_WRITE, sql, args), retries_allowed=True
+        lambda: _fetch_pooled(pool, _LOST_AFTER_WRITE, sql, args),
+        retries_allowed=True,
+        client=client,
     )
 
 
 async def _fetch_pooled(
-    pool: asyncpg.Pool, on_loss: _UnavailableOnLoss, sql: str, args: tuple[Any, ...]
+    pool: asyncpg.Pool, on_loss: _StaleOnLoss | _UnavailableOnLoss, sql: str, args: tuple[Any, ...]
 ) -> list[Record]:
-    """``sql`` on a pooled connection (not through :func:`connection`: this is every
-    statement's path, and a generator-based context manager costs more than the rest)."""
+    """``sql`` on a pooled connection; not through :func:`connection`, whose
+    generator-based context manager costs more on every statement than the rest."""
     conn = await _acquire(pool)
     try:
         with on_loss:
@@ -482,39 +573,107 @@ async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:
     Connection loss before COMMIT is :class:`DatabaseUnavailable` (nothing was
     written); during COMMIT it is ``outcome_unknown=True``.
     """
+    client = _client()
     return await _with_retries(
-        lambda: _transaction_once(body), retries_allowed=not in_caller_transaction()
+        lambda: _transaction_once(body),
+        retries_allowed=not isinstance(client, TransactionalDBClient),
+        client=client,
     )
 
 
 async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
     async with connection() as conn:
         tx = conn.transaction()
-        with _unavailable_on_loss(outcome_unknown=False):
+        with _stale_on_loss():
             await tx.start()
         try:
             with _unavailable_on_loss(outcome_unknown=False):
                 result = await body(conn)
         except BaseException:
-            if not conn.is_closed():
+            if _is_open(conn):
                 try:
                     await tx.rollback()
-                except Exception:
-                    conn.terminate()
+                except Exception:  # the original error is what matters
+                    _discard(conn)
             raise
         with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
             await tx.commit()
         return result
 
 
-async def _with_retries(attempt: Callable[[], Awaitable[T]], *, retries_allowed: bool) -> T:
-    max_attempts = _settings.max_attempts
-    for number in range(1, max_attempts + 1):
+def _stale_attempts(client: BaseDBAsyncClient) -> int:
+    """Pooled connections one call tries when they turn out dead before anything was sent.
+
+    One more than the pool holds: after a server restart every idle
+    connection may be dead, and finding one dead costs no round trip.
+    """
+    pool: asyncpg.Pool | None = getattr(client, "_pool", None)
+    return (pool.get_max_size() if pool is not None else 0) + 1
+
+
+async def _with_retries(
+    attempt: Callable[[], Awaitable[T]], *, retries_allowed: bool, client: BaseDBAsyncClient
+) -> T:
+    conflicts = stale = 0
+    while True:
         try:
             return await attempt()
         except _RETRYABLE:
-            if not retries_allowed or number == max_attempts:
+            conflicts += 1
+            if not retries_allowed or conflicts >= _settings.max_attempts:
                 raise
-        # Jittered exponential backoff: colliding transactions rarely collide again.
-        await asyncio.sleep(random.uniform(0, 0.002 * 2**number))
-    raise AssertionError("unreachable")  # pragma: no cover
+            # Jittered exponential backoff: colliding transactions rarely collide again.
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**conflicts))
+        except _StaleConnection as exc:
+            # Killed backends leave dead connections in the pool; the pool
+            # reconnects the holder on its next acquire. A server that is
+            # really down fails that acquire itself, so this stays bounded.
+            stale += 1
+            if not retries_allowed or stale >= _stale_attempts(client):
+                raise translate(exc.cause) from exc.cause
+
+
+class _GuardedTransactionContext(TransactionContextPooled):
+    """Tortoise's pooled ``in_transaction()``, without its connection leak.
+
+    tortoise-orm 1.1.9 acquires a pooled connection, publishes the
+    transaction in the task's context and sends ``BEGIN``; when ``BEGIN``
+    fails (the connection died: a killed backend, a restarted server) it
+    neither releases the connection nor resets the context. Each such failure
+    keeps one pool slot forever, so enough of them drain the pool shared with
+    tokendb until every caller waits. This version bounds the acquire by
+    ``acquire_timeout`` and undoes both when ``BEGIN`` fails.
+    """
+
+    async def __aenter__(self) -> TransactionalDBClient:
+        await self.ensure_connection()
+        client: Any = self.client
+        pool: asyncpg.Pool = client._parent._pool
+        client._connection = await _acquire(pool)
+        self.token = get_connections().set(self.connection_name, self.client)
+        try:
+            await client.begin()
+        except BaseException:
+            get_connections().reset(self.token)
+            _discard(client._connection)
+            await _release(pool, client._connection)
+            raise
+        return self.client
+
+
+def guard_transactions() -> None:
+    """Make ``tortoise.transactions.in_transaction()`` on tokendb's connection leak-free.
+
+    Called by :func:`tokendb.init`. Only the client tokendb configured is
+    changed (an instance attribute, not a patch of Tortoise's class), so other
+    Tortoise connections of the application keep Tortoise's behaviour.
+    """
+    client = _client()
+    if not isinstance(client, AsyncpgDBClient) or isinstance(client, TransactionalDBClient):
+        return
+    lock: asyncio.Lock = client._pool_init_lock
+
+    def guarded() -> _GuardedTransactionContext:
+        return _GuardedTransactionContext(TransactionWrapper(client), lock)
+
+    client._in_transaction = guarded  # type: ignore[method-assign]

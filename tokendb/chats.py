@@ -140,15 +140,14 @@ async def add_message(
     body = _args.text(content, "content", max_length=MAX_CONTENT_LENGTH, min_length=0, strip=False)
     cost = _args.whole_number(tokens, "tokens", minimum=0)
     owner = _owner(user)
+    arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner)
     try:
-        rows = await _db.write(
-            _ADD_MESSAGE, new_id(), session_id, member.value, body, cost, new_id(), owner
-        )
-    except asyncpg.CheckViolationError as exc:
-        if exc.constraint_name != "users_token_balance_nonnegative":
-            raise
-        user_id, balance = await _session_user_balance(session_id)
-        raise InsufficientTokens(user_id, balance, cost) from None
+        try:
+            rows = await _db.write(_ADD_MESSAGE, *arguments)
+        except asyncpg.CheckViolationError as exc:
+            if exc.constraint_name != "users_token_balance_nonnegative":
+                raise
+            rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
     except asyncpg.NumericValueOutOfRangeError as exc:
         raise ValidationError("tokens", "would overflow the session's token count") from exc
     if rows:
@@ -162,13 +161,28 @@ async def add_message(
     raise ChatSessionEnded(session_id)
 
 
-async def _session_user_balance(session_id: UUID) -> tuple[UUID, int]:
-    rows = await _db.read(
-        "SELECT u.id, u.token_balance FROM chat_sessions s JOIN users u ON u.id = s.user_id "
-        "WHERE s.id = $1",
-        session_id,
+async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) -> list[Any]:
+    """:data:`_ADD_MESSAGE` again after a refusal, deciding with both rows locked.
+
+    The refusal was judged on the balance at lock time; by now a credit may
+    have landed, and reading the balance afterwards could report one that
+    covers the message. Locking the session then the user (the usual order)
+    makes the balance the decision is made on the one that is reported.
+    """
+    _, session_id, _, _, cost, _, owner = arguments
+    user_id = await conn.fetchval(
+        "SELECT user_id FROM chat_sessions WHERE id = $1 AND ended_at IS NULL "
+        "AND ($2::uuid IS NULL OR user_id = $2) FOR UPDATE",
+        session_id, owner,
     )
-    return rows[0]["id"], int(rows[0]["token_balance"])
+    if user_id is None:
+        return []  # ended or gone meanwhile: the caller tells which
+    balance = await conn.fetchval(
+        "SELECT token_balance FROM users WHERE id = $1 FOR UPDATE", user_id
+    )
+    if balance < cost:
+        raise InsufficientTokens(user_id, int(balance), cost)
+    return await conn.fetch(_ADD_MESSAGE, *arguments)
 
 
 @_db.translated

@@ -66,7 +66,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 from uuid import UUID
@@ -399,7 +399,7 @@ def _movement(item: Any) -> ledger._Movement:
 
 @_db.translated
 async def charge_many(
-    *, items: Iterable[ChargeItem | Mapping[str, Any]]
+    *, items: Sequence[ChargeItem | Mapping[str, Any]]
 ) -> list[TokenTransaction | TokenDBError]:
     """Charge every item, in list order; return one result per item, in the same order.
 
@@ -414,8 +414,11 @@ async def charge_many(
     One statement per :data:`MAX_BATCH` items, each committed on its own
     (inside the caller's transaction: part of it). Nothing is raised for an
     item; an item whose batch was lost with the connection carries
-    ``DatabaseUnavailable(outcome_unknown=True)``.
+    ``DatabaseUnavailable(outcome_unknown=True)``. Raises
+    :class:`ValidationError` only when ``items`` is not a list (or tuple).
     """
+    if not isinstance(items, (list, tuple)):
+        raise ValidationError("items", "must be a list of charges")
     results: list[Outcome] = []
     valid: list[tuple[int, ledger._Movement]] = []
     for index, item in enumerate(items):

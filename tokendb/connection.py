@@ -40,6 +40,9 @@ DEFAULT_ACQUIRE_TIMEOUT = 10.0
 DEFAULT_STATEMENT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 10.0
 
+_COMMAND_TIMEOUT_MARGIN = 5.0
+"""Seconds the client waits beyond ``statement_timeout`` before giving up on a statement."""
+
 
 def migrations_location() -> Path:
     """The folder holding tokendb's Aerich migrations (``<location>/tokendb/*.py``).
@@ -79,7 +82,12 @@ async def init(
     ``acquire_timeout`` seconds for a pooled connection, and the server
     cancels a statement after ``statement_timeout`` seconds or a row-lock
     wait after ``lock_timeout`` seconds (``None`` disables either), raising
-    :class:`~tokendb.errors.DatabaseTimeout`.
+    :class:`~tokendb.errors.DatabaseTimeout`. The client gives up on its own
+    a few seconds after ``statement_timeout`` (a server that stopped
+    answering), and on opening a connection after ``acquire_timeout``.
+    ``in_transaction()`` on this connection is guarded against the
+    connection leak of Tortoise's pooled transactions (see
+    :func:`tokendb._db.guard_transactions`).
 
     ``coalesce_charges`` lets concurrent :func:`~tokendb.charge` calls share
     statements, group-commit style (:mod:`tokendb.coalescing`); turn it off to
@@ -152,6 +160,13 @@ async def init_config(
     if lock_timeout is not None:
         server_settings.setdefault("lock_timeout", f"{round(lock_timeout * 1000)}ms")
     credentials["server_settings"] = server_settings
+    # Client-side bounds too, for a server that stops answering without
+    # closing the socket (the server-side timeouts need a live server):
+    # opening a connection, and any statement (a little after the server
+    # would have cancelled it itself).
+    credentials.setdefault("timeout", acquire_timeout)
+    if statement_timeout is not None:
+        credentials.setdefault("command_timeout", statement_timeout + _COMMAND_TIMEOUT_MARGIN)
     _db.configure(
         _db.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges)
     )
@@ -176,7 +191,11 @@ def _check_timeout(name: str, seconds: object, *, optional: bool) -> None:
 
 @_db.translated
 async def check_connection() -> None:
-    """Open the pool and run ``SELECT 1``; on failure close the connections and raise."""
+    """Guard Tortoise's transactions, open the pool and run ``SELECT 1``.
+
+    On failure the connections are closed and the error raised.
+    """
+    _db.guard_transactions()
     try:
         await _db.read("SELECT 1")
     except TokenDBError:
@@ -228,19 +247,31 @@ async def migrate(database_url: str | None = None) -> list[str]:
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
     """
+    return await _upgrade(database_url, migrations_location())
+
+
+@_db.translated
+async def _upgrade(database_url: str | None, location: Path) -> list[str]:
+    """``aerich upgrade`` of the migrations under ``location`` (tests point it elsewhere)."""
 
     async def upgrade(command: Any) -> list[str]:
         applied: list[str] = await command.upgrade(run_in_transaction=True)
         return applied
 
-    return await run_aerich(database_url, upgrade)
+    return await run_aerich(database_url, upgrade, location=location)
 
 
-async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable[T]]) -> T:
+async def run_aerich(
+    database_url: str | None,
+    action: Callable[[Any], Awaitable[T]],
+    *,
+    location: Path | None = None,
+) -> T:
     """Run ``action(command)`` with an initialised ``aerich.Command`` for tokendb's app.
 
-    A fresh Tortoise context in a child task: Aerich closes the connections
-    of whatever context it runs in, and must not close the application's.
+    ``location`` defaults to :func:`migrations_location`. A fresh Tortoise
+    context in a child task: Aerich closes the connections of whatever context
+    it runs in, and must not close the application's.
     """
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
@@ -249,7 +280,7 @@ async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable
     credentials = config["connections"]["default"]["credentials"]
     # One connection holds the migration lock, one runs the migrations.
     credentials["minsize"], credentials["maxsize"] = 1, 2
-    location = str(migrations_location())
+    folder = str(location if location is not None else migrations_location())
 
     async def isolated() -> T:
         _current_context.set(None)
@@ -263,7 +294,7 @@ async def run_aerich(database_url: str | None, action: Callable[[Any], Awaitable
                     # then finds nothing left to apply.
                     await lock.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
                     try:
-                        command = Command(tortoise_config=config, app=APP_LABEL, location=location)
+                        command = Command(tortoise_config=config, app=APP_LABEL, location=folder)
                         await command.init()
                         return await action(command)
                     finally:

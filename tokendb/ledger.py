@@ -43,7 +43,6 @@ import asyncpg
 
 from tokendb import _args, _db, _keyset
 from tokendb.errors import (
-    DatabaseUnavailable,
     InsufficientTokens,
     NotFound,
     ReferenceConflict,
@@ -151,9 +150,45 @@ async def _apply(movement: _Movement, kind: TransactionType) -> TokenTransaction
         if delta < 0 and balance + delta < 0:
             raise InsufficientTokens(user_id, balance, requested)
         # The refusal no longer holds (e.g. a top-up landed meanwhile): try again.
-    raise DatabaseUnavailable(
-        f"the movement for user {user_id} kept being refused under contention; retry"
-    )
+    return await _move_under_lock(user_id, delta, kind, reference, text, requested)
+
+
+async def _move_under_lock(
+    user_id: UUID,
+    delta: int,
+    kind: TransactionType,
+    reference: UUID | None,
+    text: str | None,
+    requested: int,
+) -> TokenTransaction:
+    """The slow path of :func:`_move` for a hot user: decide with the row lock held.
+
+    Three optimistic attempts lost the race (a credit landed between each
+    refusal and the re-read of the balance). Refusing now would report a
+    balance that covers the debit; instead lock the row first, so the balance
+    the decision is made on cannot move until COMMIT.
+    """
+
+    async def body(conn: asyncpg.Connection) -> TokenTransaction:
+        balance = await conn.fetchval(
+            "SELECT token_balance FROM users WHERE id = $1 FOR UPDATE", user_id
+        )
+        if balance is None:
+            raise NotFound("user", user_id)
+        row = await conn.fetchrow(_MOVE, user_id, delta, kind.value, new_id(), reference, text)
+        if row is not None:
+            return _db.to_model(TokenTransaction, row)
+        if reference is not None:
+            existing = await conn.fetchrow(
+                "SELECT * FROM token_transactions "
+                "WHERE user_id = $1 AND type = $2 AND reference_id = $3",
+                user_id, kind.value, reference,
+            )
+            if existing is not None:
+                return _as_repeat(_db.to_model(TokenTransaction, existing), delta)
+        raise InsufficientTokens(user_id, int(balance), requested)
+
+    return await _db.transaction(body)
 
 
 async def _find_reference(

@@ -7,7 +7,8 @@ of these declarations (CHECKs, DB defaults, the case-insensitive email index,
 the idempotency index, access-path indexes) is written by hand in the Aerich
 migrations under ``migrations/tokendb/``.
 
-``repr()`` and ``str()`` never show ``password_hash`` or ``key_hash``.
+``repr()`` and ``str()`` never show ``password_hash`` or ``key_hash``, and
+neither do pydantic schemas made from the models by Tortoise (``PydanticMeta``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class User(Model):
     class Meta:
         table = "users"
 
+    class PydanticMeta:
+        # Schemas made with tortoise.contrib.pydantic.pydantic_model_creator
+        # (an application's own API models) must not carry the hash.
+        exclude = ("password_hash",)
+
     def __str__(self) -> str:
         return f"User({self.email}, {self.role}, balance={self.token_balance})"
 
@@ -92,6 +98,9 @@ class ApiKey(Model):
 
     class Meta:
         table = "api_keys"
+
+    class PydanticMeta:
+        exclude = ("key_hash",)
 
     def __str__(self) -> str:
         return f"ApiKey({self.key_prefix}…, {self.name})"

@@ -73,6 +73,8 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
 
 def _verify(hasher: PasswordHasher, password_hash: str, password: str) -> bool:
+    if not isinstance(password, str):
+        return False
     # surrogatepass: a lone surrogate (json.loads('"\\ud800"') makes one) must
     # be a wrong password, not a UnicodeEncodeError. Valid text encodes as usual.
     secret = password.encode("utf-8", "surrogatepass")
