@@ -504,19 +504,7 @@ async def read(sql: str, *args: Any) -> list[Record]:
     A pooled connection found dead is replaced and the read run again
     (nothing was written); connection loss otherwise is :class:`DatabaseUnavailable`.
     """
-
-    client = _client()
-    if isinstance(client, TransactionalDBClient):
-        async with client.acquire_connection() as conn:
-            with _LOST_BEFORE_WRITE:
-                rows: list[Record] = await conn.fetch(sql, *args)
-                return rows
-    pool = await _pool(client)
-    return await _with_retries(
-        lambda: _fetch_pooled(pool, _STALE_ON_LOSS, sql, args),
-        retries_allowed=True,
-        client=client,
-    )
+    return await _fetch(sql, args, writing=False)
 
 
 async def write(sql: str, *args: Any) -> list[Record]:
@@ -526,20 +514,30 @@ async def write(sql: str, *args: Any) -> list[Record]:
     transaction. Connection loss after the statement was sent raises
     :class:`DatabaseUnavailable` with ``outcome_unknown=True``.
     """
-    client = _client()
+    return await _fetch(sql, args, writing=True)
+
+
+async def _fetch(sql: str, args: tuple[Any, ...], *, writing: bool) -> list[Record]:
+    client = _client()  # once per call: resolving Tortoise's connection is not free
+    rows: list[Record]
     if isinstance(client, TransactionalDBClient):
-        # A savepoint, so a refused statement (a constraint that fired)
-        # does not abort the caller's whole transaction.
-        async with client.acquire_connection() as conn, conn.transaction():
-            rows: list[Record] = await conn.fetch(sql, *args)
+        async with client.acquire_connection() as conn:
+            if writing:
+                # A savepoint, so a refused statement (a constraint that
+                # fired) does not abort the caller's whole transaction.
+                async with conn.transaction():
+                    rows = await conn.fetch(sql, *args)
+            else:
+                with _LOST_BEFORE_WRITE:
+                    rows = await conn.fetch(sql, *args)
             return rows
     pool = await _pool(client)
-    # No retry on a dead connection here: the statement may have reached the
-    # server before the connection died, and it commits on its own.
+    # A dead connection is replaced and a read run again; a write is not: the
+    # statement may have reached the server before the connection died, and
+    # it commits on its own.
+    on_loss = _LOST_AFTER_WRITE if writing else _STALE_ON_LOSS
     return await _with_retries(
-        lambda: _fetch_pooled(pool, _LOST_AFTER_WRITE, sql, args),
-        retries_allowed=True,
-        client=client,
+        lambda: _fetch_pooled(pool, on_loss, sql, args), retries_allowed=True, client=client
     )
 
 
