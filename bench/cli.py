@@ -30,7 +30,7 @@ QUICK = {
 _HELP = {
     "duration": "seconds each side runs per round",
     "warmup": "seconds each side runs before the first round (not measured)",
-    "rounds": "interleaved rounds per scenario; the median is reported (≥ 3)",
+    "rounds": "interleaved rounds per scenario; medians are reported (≥ 3)",
     "concurrency": "concurrent callers of the multi-caller scenarios",
     "users": "users the random-user scenarios spread over",
     "batch": "charges per charge_many call",

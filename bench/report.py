@@ -81,7 +81,8 @@ def markdown(report: Report, command: str) -> str:
         "",
         "Machine: " + ", ".join(f"{key} {value}" for key, value in report.machine.items()) + ".",
         f"Sizes: {options.rounds} interleaved rounds of {options.duration:g} s per side "
-        f"(median shown), {options.pool_size} pooled connections on each side, "
+        f"(medians shown; the ratio is the median of the rounds' ratios), "
+        f"{options.pool_size} pooled connections on each side, "
         f"{options.users:,} users, history {options.small_history_rows:,} and "
         f"{options.history_rows:,} rows.",
         "",

@@ -38,7 +38,7 @@ class Options:
     server_url: str
     duration: float = 3.0
     warmup: float = 1.0
-    rounds: int = 3
+    rounds: int = 5
     concurrency: int = 64
     users: int = 1000
     batch: int = 64
