@@ -12,10 +12,12 @@ together, group-commit style::
     charge() ─┼─► queue (this loop) ─┤
     charge() ─┘                      └─ arrivals meanwhile form the next batch
 
-*No timer.* A call that finds no batch in flight goes out at once, and a
-batch of one is the plain single statement (:data:`tokendb.ledger._MOVE`), so
-a lone call costs what it always did. Batches form only from calls that
-arrive while a batch is in flight.
+*No timer.* A call that finds no batch in flight goes out on the loop's next
+turn, and a batch of one is the plain single statement
+(:data:`tokendb.ledger._MOVE`), so a lone call costs what it always did.
+Batches form only from calls that arrive while a batch is in flight. One
+batch is in flight per event loop and pool: two or three were measured, and
+their smaller batches contending for the same locks were slower.
 
 *Same outcome as one call after another.* :data:`_BATCH` locks the batch's
 users, then walks each user's items in arrival order with a recursive CTE
@@ -25,6 +27,9 @@ it *moves* when the balance covers it, and is refused (*short*) otherwise.
 That is the sequence of decisions the calls would have made one by one, so
 every caller gets its own row, its own :class:`InsufficientTokens` (with the
 balance it would have seen), :class:`ReferenceConflict` or :class:`NotFound`.
+The statement's snapshot can miss a reference another process committed
+while the batch waited for a lock; the idempotency index then refuses the
+duplicate and the batch runs again on a new snapshot, where it is a repeat.
 
 *Deadlock-free.* The users are locked by ``ORDER BY id FOR UPDATE``: every
 batch (of any process) takes its locks in id order, and every other
@@ -55,8 +60,8 @@ if the caller had stayed, and the caller only stops waiting, so for it the
 outcome is unknown, as for any write cancelled after it was sent. A retry
 with the same ``reference_id`` returns the original row.
 
-*Scope.* Coalescing needs no caller transaction: inside one, ``charge()`` runs
-its single statement on the caller's connection.
+*Scope.* Only calls outside a transaction are coalesced: inside the
+caller's own, ``charge()`` runs its single statement on the caller's connection.
 ``tokendb.init(coalesce_charges=False)`` turns it off. :func:`charge_many`
 sends a list of charges as batches of its own, in list order.
 """
