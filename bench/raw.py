@@ -7,7 +7,6 @@ argument checks, the storage seam, error translation, model instances.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -76,10 +75,3 @@ async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens
 async def first_page(pool: asyncpg.Pool, user_id: UUID, limit: int) -> list[asyncpg.Record]:
     """The newest ``limit`` ledger rows of a user: :data:`tokendb.ledger._PAGE_FIRST`."""
     return await pool.fetch(ledger._PAGE_FIRST, user_id, limit)
-
-
-async def page_before(
-    pool: asyncpg.Pool, user_id: UUID, limit: int, created_at: datetime, row_id: UUID
-) -> list[asyncpg.Record]:
-    """A keyset page: :data:`tokendb.ledger._PAGE_BEFORE`."""
-    return await pool.fetch(ledger._PAGE_BEFORE, user_id, limit, created_at, row_id)

@@ -352,7 +352,8 @@ async def test_a_cursor_from_another_users_ledger_is_not_found(
 @pytest.mark.parametrize("page", ["first", "before"])
 async def test_list_transactions_pages_walk_the_user_created_index(raw, page: str) -> None:
     """The plan of both page statements is an index scan in order, no sort: page 1,000
-    of a 1M-row history costs what page 1 costs (the benchmark measures it)."""
+    of a 1M-row history costs what page 1 costs (the benchmark times the first page at
+    10k and 1M rows)."""
     from tokendb import ledger
 
     users = [uuid.uuid4() for _ in range(20)]

@@ -6,11 +6,14 @@ Each helper returns the normalised value or raises
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 from uuid import UUID
 
+import asyncpg
 from tortoise.models import Model
 
 from tokendb.errors import ValidationError
@@ -29,6 +32,23 @@ def ref_id(value: Any, field: str, model: type[Model]) -> UUID:
             return pk
         raise ValidationError(field, f"the {model.__name__} has no id")
     return uuid_value(value, field)
+
+
+def optional_ref_id(value: Any, field: str, model: type[Model]) -> UUID | None:
+    """:func:`ref_id` of ``value``, or None when it is None (an optional owner check)."""
+    return None if value is None else ref_id(value, field, model)
+
+
+@contextmanager
+def fits_integer_column(field: str) -> Iterator[None]:
+    """``with``: the database's integer overflow (a sum past :data:`INT4_MAX`) is bad input.
+
+    Python checks each argument; only the database sees the sum it is added to.
+    """
+    try:
+        yield
+    except asyncpg.NumericValueOutOfRangeError as exc:
+        raise ValidationError(field, f"would take a total past {INT4_MAX}") from exc
 
 
 def uuid_value(value: Any, field: str) -> UUID:

@@ -256,11 +256,6 @@ def _client() -> BaseDBAsyncClient:
         ) from exc
 
 
-def in_caller_transaction() -> bool:
-    """True when the current task is inside the caller's own Tortoise transaction."""
-    return isinstance(_client(), TransactionalDBClient)
-
-
 class _StaleConnection(Exception):
     """A pooled connection was found dead before anything that could write was sent.
 
@@ -315,14 +310,6 @@ class _UnavailableOnLoss:
 _STALE_ON_LOSS = _StaleOnLoss()
 _LOST_BEFORE_WRITE = _UnavailableOnLoss(outcome_unknown=False)
 _LOST_AFTER_WRITE = _UnavailableOnLoss(outcome_unknown=True)
-
-
-def _stale_on_loss() -> _StaleOnLoss:
-    return _STALE_ON_LOSS
-
-
-def _unavailable_on_loss(*, outcome_unknown: bool) -> _UnavailableOnLoss:
-    return _LOST_AFTER_WRITE if outcome_unknown else _LOST_BEFORE_WRITE
 
 
 def _is_open(conn: Connection) -> bool:
@@ -489,7 +476,7 @@ async def _pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
     # initialisation so tokendb and the ORM share one pool.
     lock: asyncio.Lock = getattr(client, "_pool_init_lock")  # noqa: B009 - not in the base type
     wrapper: PoolConnectionWrapper[Any] = PoolConnectionWrapper(client, lock)
-    with _unavailable_on_loss(outcome_unknown=False):
+    with _LOST_BEFORE_WRITE:
         try:
             await asyncio.wait_for(wrapper.ensure_connection(), _settings.acquire_timeout)
         except BaseORMException as exc:
@@ -572,20 +559,20 @@ async def transaction(body: Callable[[Connection], Awaitable[T]]) -> T:
     written); during COMMIT it is ``outcome_unknown=True``.
     """
     client = _client()
+    owned = not isinstance(client, TransactionalDBClient)
     return await _with_retries(
-        lambda: _transaction_once(body),
-        retries_allowed=not isinstance(client, TransactionalDBClient),
-        client=client,
+        lambda: _transaction_once(body, owned=owned), retries_allowed=owned, client=client
     )
 
 
-async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
+async def _transaction_once(body: Callable[[Connection], Awaitable[T]], *, owned: bool) -> T:
+    """One attempt; ``owned`` is False inside the caller's transaction (a savepoint)."""
     async with connection() as conn:
         tx = conn.transaction()
-        with _stale_on_loss():
+        with _STALE_ON_LOSS:
             await tx.start()
         try:
-            with _unavailable_on_loss(outcome_unknown=False):
+            with _LOST_BEFORE_WRITE:
                 result = await body(conn)
         except BaseException:
             if _is_open(conn):
@@ -594,7 +581,9 @@ async def _transaction_once(body: Callable[[Connection], Awaitable[T]]) -> T:
                 except Exception:  # the original error is what matters
                     _discard(conn)
             raise
-        with _unavailable_on_loss(outcome_unknown=not in_caller_transaction()):
+        # Loss during our COMMIT leaves the outcome unknown; releasing a
+        # savepoint commits nothing yet.
+        with _LOST_AFTER_WRITE if owned else _LOST_BEFORE_WRITE:
             await tx.commit()
         return result
 

@@ -40,6 +40,7 @@ __all__ = [
 
 DEFAULT_TOUCH_INTERVAL = timedelta(seconds=60)
 """How stale ``last_used_at`` may get before ``verify_api_key`` writes it again."""
+MAX_TOUCH_INTERVAL = timedelta(days=365)
 
 _ISSUE = """
 INSERT INTO api_keys
@@ -105,23 +106,16 @@ async def issue_api_key(
     return _db.to_model(ApiKey, rows[0]), secret
 
 
-MAX_TOUCH_INTERVAL = timedelta(days=365)
-
-
 def _touch_interval(value: Any) -> timedelta:
     if value is DEFAULT_TOUCH_INTERVAL:
         return value  # every request passes the default: skip the checks
-    if isinstance(value, timedelta):
-        interval = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value) or not 0 <= value <= MAX_TOUCH_INTERVAL.total_seconds():
-            raise ValidationError("touch_interval", "must be between 0 s and 365 days")
-        interval = timedelta(seconds=value)
-    else:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise ValidationError("touch_interval", "must be a timedelta or a number of seconds")
-    if not timedelta(0) <= interval <= MAX_TOUCH_INTERVAL:
+    # Checked before timedelta() sees it: NaN, infinities and huge numbers raise there.
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_TOUCH_INTERVAL.total_seconds()):
         raise ValidationError("touch_interval", "must be between 0 s and 365 days")
-    return interval
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
 @_db.translated
@@ -184,7 +178,7 @@ async def revoke_api_key(
     With ``user``, the key must belong to that user. Raises :class:`NotFound`.
     """
     key_id = _args.ref_id(api_key, "api_key", ApiKey)
-    owner = None if user is None else _args.ref_id(user, "user", User)
+    owner = _args.optional_ref_id(user, "user", User)
     rows = await _db.write(
         "UPDATE api_keys SET is_active = false "
         "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",

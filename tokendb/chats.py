@@ -23,7 +23,6 @@ from tokendb.errors import (
     ChatSessionEnded,
     InsufficientTokens,
     NotFound,
-    ValidationError,
 )
 from tokendb.ids import new_id
 from tokendb.models import ApiKey, ChatMessage, ChatSession, MessageRole, User
@@ -77,12 +76,12 @@ WITH session AS (
     FROM debit, session
     RETURNING id
 )
-SELECT message.*, (SELECT token_balance FROM debit) AS balance_after FROM message
+SELECT * FROM message
 """
 
 
 def _owner(user: Any) -> UUID | None:
-    return None if user is None else _args.ref_id(user, "user", User)
+    return _args.optional_ref_id(user, "user", User)
 
 
 @_db.translated
@@ -141,17 +140,15 @@ async def add_message(
     cost = _args.whole_number(tokens, "tokens", minimum=0)
     owner = _owner(user)
     arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner)
-    try:
+    with _args.fits_integer_column("tokens"):
         try:
             rows = await _db.write(_ADD_MESSAGE, *arguments)
         except asyncpg.CheckViolationError as exc:
             if exc.constraint_name != "users_token_balance_nonnegative":
                 raise
             rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
-    except asyncpg.NumericValueOutOfRangeError as exc:
-        raise ValidationError("tokens", "would overflow the session's token count") from exc
     if rows:
-        return _db.to_model(ChatMessage, {k: v for k, v in rows[0].items() if k != "balance_after"})
+        return _db.to_model(ChatMessage, rows[0])
     state = await _db.read(
         "SELECT ended_at FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
         session_id, owner,

@@ -106,99 +106,66 @@ def _validated(user: Any, amount: Any, description: Any, reference_id: Any) -> _
     )
 
 
-async def _move(
-    *,
-    user: Any,
-    amount: Any,
-    kind: TransactionType,
-    description: Any,
-    reference_id: Any,
-) -> TokenTransaction:
-    """Validate, then move ``amount`` tokens (debited for ``usage``) in one statement."""
-    return await _apply(_validated(user, amount, description, reference_id), kind)
-
-
 async def _apply(movement: _Movement, kind: TransactionType) -> TokenTransaction:
-    """Move a validated ``movement`` in one statement (:data:`_MOVE`)."""
+    """Move a validated ``movement`` in one statement (:data:`_MOVE`).
+
+    When nothing moved, two reads say why (a repeat, an unknown user, a short
+    balance). Should the balance read show enough after all (a credit landed
+    between the refusal and the read), the call is decided again with the
+    user's row locked (:func:`_apply_under_lock`), so the balance an
+    :class:`InsufficientTokens` reports is the one the refusal was made on.
+    """
     user_id, requested, text, reference = movement
     delta = -requested if kind is TransactionType.USAGE else requested
-
-    for _ in range(3):
+    arguments = (user_id, delta, kind.value, new_id(), reference, text)
+    with _args.fits_integer_column("amount"):
         try:
-            rows = await _db.write(
-                _MOVE, user_id, delta, kind.value, new_id(), reference, text
-            )
+            rows = await _db.write(_MOVE, *arguments)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != _IDEMPOTENCY_INDEX or reference is None:
                 raise
             rows = []  # a concurrent first attempt with this reference won
-        except asyncpg.NumericValueOutOfRangeError as exc:
-            raise ValidationError(
-                "amount", f"would take the balance past {_args.INT4_MAX}"
-            ) from exc
-        if rows:
-            return _db.to_model(TokenTransaction, rows[0])
+    if rows:
+        return _db.to_model(TokenTransaction, rows[0])
 
-        # Nothing moved: a repeat, an unknown user, or not enough tokens.
-        if reference is not None:
-            existing = await _find_reference(user_id, kind, reference)
-            if existing is not None:
-                return _as_repeat(existing, delta)
-        balance = await _balance_or_none(user_id)
-        if balance is None:
-            raise NotFound("user", user_id)
-        if delta < 0 and balance + delta < 0:
-            raise InsufficientTokens(user_id, balance, requested)
-        # The refusal no longer holds (e.g. a top-up landed meanwhile): try again.
-    return await _move_under_lock(user_id, delta, kind, reference, text, requested)
+    if reference is not None:
+        existing = await _db.read(_BY_REFERENCE, user_id, kind.value, reference)
+        if existing:
+            return _as_repeat(_db.to_model(TokenTransaction, existing[0]), delta)
+    balance = await _balance_or_none(user_id)
+    if balance is None:
+        raise NotFound("user", user_id)
+    if delta < 0 and balance + delta < 0:
+        raise InsufficientTokens(user_id, balance, requested)
+    return await _apply_under_lock(arguments, requested)
 
 
-async def _move_under_lock(
-    user_id: UUID,
-    delta: int,
-    kind: TransactionType,
-    reference: UUID | None,
-    text: str | None,
-    requested: int,
-) -> TokenTransaction:
-    """The slow path of :func:`_move` for a hot user: decide with the row lock held.
+async def _apply_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenTransaction:
+    """:data:`_MOVE` again, in a transaction that holds the user's row lock first."""
+    user_id, delta, kind, _, reference, _ = arguments
 
-    Three optimistic attempts lost the race (a credit landed between each
-    refusal and the re-read of the balance). Refusing now would report a
-    balance that covers the debit; instead lock the row first, so the balance
-    the decision is made on cannot move until COMMIT.
-    """
-
-    async def body(conn: asyncpg.Connection) -> TokenTransaction:
+    async def body(conn: _db.Connection) -> TokenTransaction:
         balance = await conn.fetchval(
             "SELECT token_balance FROM users WHERE id = $1 FOR UPDATE", user_id
         )
         if balance is None:
             raise NotFound("user", user_id)
-        row = await conn.fetchrow(_MOVE, user_id, delta, kind.value, new_id(), reference, text)
+        row = await conn.fetchrow(_MOVE, *arguments)
         if row is not None:
             return _db.to_model(TokenTransaction, row)
         if reference is not None:
-            existing = await conn.fetchrow(
-                "SELECT * FROM token_transactions "
-                "WHERE user_id = $1 AND type = $2 AND reference_id = $3",
-                user_id, kind.value, reference,
-            )
+            existing = await conn.fetchrow(_BY_REFERENCE, user_id, kind, reference)
             if existing is not None:
                 return _as_repeat(_db.to_model(TokenTransaction, existing), delta)
         raise InsufficientTokens(user_id, int(balance), requested)
 
-    return await _db.transaction(body)
+    with _args.fits_integer_column("amount"):
+        return await _db.transaction(body)
 
 
-async def _find_reference(
-    user_id: UUID, kind: TransactionType, reference: UUID
-) -> TokenTransaction | None:
-    rows = await _db.read(
-        "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3",
-        user_id, kind.value, reference,
-    )
-    return _db.to_model(TokenTransaction, rows[0]) if rows else None
+_BY_REFERENCE = (
+    "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3"
+)
 
 
 def _as_repeat(existing: TokenTransaction, delta: int) -> TokenTransaction:
@@ -265,10 +232,8 @@ async def top_up(
     once. Raises :class:`ValidationError` (also when the balance would
     overflow), :class:`ReferenceConflict` and :class:`NotFound`.
     """
-    return await _move(
-        user=user, amount=amount, kind=TransactionType.TOPUP,
-        description=description, reference_id=reference_id,
-    )
+    movement = _validated(user, amount, description, reference_id)
+    return await _apply(movement, TransactionType.TOPUP)
 
 
 @_db.translated
@@ -283,10 +248,8 @@ async def grant_bonus(
 
     Raises as :func:`top_up`.
     """
-    return await _move(
-        user=user, amount=amount, kind=TransactionType.BONUS,
-        description=description, reference_id=reference_id,
-    )
+    movement = _validated(user, amount, description, reference_id)
+    return await _apply(movement, TransactionType.BONUS)
 
 
 _LOCK_CHARGE = """
@@ -326,7 +289,7 @@ async def refund(
     :class:`ValidationError` (not a ``usage`` row, bad amount).
     """
     charge_id = _args.ref_id(transaction, "transaction", TokenTransaction)
-    owner = None if user is None else _args.ref_id(user, "user", User)
+    owner = _args.optional_ref_id(user, "user", User)
     requested = None if amount is None else _args.positive_amount(amount)
     text = _description(description)
 
@@ -354,10 +317,8 @@ async def refund(
         assert row is not None  # the lock is ours and credits have no floor
         return _db.to_model(TokenTransaction, row)
 
-    try:
+    with _args.fits_integer_column("amount"):
         return await _db.transaction(body)
-    except asyncpg.NumericValueOutOfRangeError as exc:
-        raise ValidationError("amount", f"would take the balance past {_args.INT4_MAX}") from exc
 
 
 @_db.translated
