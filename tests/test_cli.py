@@ -15,12 +15,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import pytest
 import typer
 from typer.testing import CliRunner
 
 import tokendb
+from tests.helpers import tamper
 from tokendb.cli import app
 
 
@@ -188,25 +188,14 @@ async def test_library_errors_are_one_line_and_exit_1(cli: Any) -> None:
         assert result.stdout == ""
 
 
-# Triggers off for this one statement (superuser test server): the database
-# itself refuses a balance change without its ledger row.
-SHIFT_BALANCE_SQL = "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1"
-
-
-async def shift_balance(conn: asyncpg.Connection, user_id: Any, delta: int) -> None:
-    async with conn.transaction():
-        await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(SHIFT_BALANCE_SQL, user_id, delta)
-
-
 async def test_audit_exits_1_when_the_books_do_not_balance(cli: Any, tokendb_clean: str) -> None:
     user = await tokendb.create_user(email="eve@example.com", password="hunter2hunter2", name="Eve")
     ok = await cli("audit")
     assert ok.code == 0 and "The books balance" in ok.stdout
-    conn = await asyncpg.connect(tokendb_clean)
+    shift = "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1"
     try:
         # Around the Python layer: a balance that its ledger does not explain.
-        await shift_balance(conn, user.id, 7)
+        await tamper(shift, user.id, 7)
         broken = await cli("audit", "--json")
         assert broken.code == 1
         report = broken.json()
@@ -215,8 +204,7 @@ async def test_audit_exits_1_when_the_books_do_not_balance(cli: Any, tokendb_cle
         assert report["ledger"][0]["balance"] == report["ledger"][0]["ledger_sum"] + 7
         assert (await cli("audit")).code == 1
     finally:
-        await shift_balance(conn, user.id, -7)
-        await conn.close()
+        await tamper(shift, user.id, -7)
 
 
 async def test_demo_seeds_users_with_a_progress_bar_and_balances_the_books(cli: Any) -> None:

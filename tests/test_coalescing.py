@@ -20,7 +20,7 @@ import pytest
 from tortoise.transactions import in_transaction
 
 import tokendb
-from tests.helpers import table_counts
+from tests.helpers import blocked_backends, holding_row_lock, table_counts
 from tokendb import _db, coalescing, ledger
 from tokendb.ids import new_id
 
@@ -232,34 +232,6 @@ async def test_inside_the_callers_transaction_the_charge_is_part_of_it(
 
 
 # --- cancellation and failures, with a batch held in flight by a row lock -----------
-
-
-@contextlib.asynccontextmanager
-async def holding_row_lock(url: str, user_id: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
-    """Lock ``user_id``'s row from outside tokendb until the block ends (then roll back)."""
-    conn = await asyncpg.connect(url)
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
-        yield conn
-    finally:
-        await tx.rollback()
-        await conn.close()
-
-
-async def blocked_backends(conn: asyncpg.Connection, like: str = "%") -> list[int]:
-    """Backends of this database waiting for a row lock, running a statement like ``like``."""
-    for _ in range(500):
-        pids = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE $1",
-            like,
-        )
-        if pids:
-            return [row["pid"] for row in pids]
-        await asyncio.sleep(0.01)
-    raise AssertionError("no statement started waiting for the lock")
 
 
 def started(call: Awaitable[Any]) -> asyncio.Task[Any]:

@@ -22,6 +22,7 @@ import pytest_asyncio
 from tortoise.transactions import in_transaction
 
 import tokendb
+from tests.helpers import holding_row_lock
 from tests.pgcluster import SESSION_POOL, database_name, isolated_tokendb, kill_backends
 from tokendb import _db
 from tokendb.connection import _upgrade, migrations_location
@@ -77,15 +78,8 @@ async def terminate_while(admin: asyncpg.Connection, condition: str, call: Any) 
 async def locked_user(faults_db: str, make_user: Any) -> AsyncIterator[tokendb.User]:
     """A user whose row a raw connection keeps locked (FOR UPDATE) during the test."""
     user = await make_user()
-    holder = await asyncpg.connect(faults_db)
-    tx = holder.transaction()
-    await tx.start()
-    await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
-    try:
+    async with holding_row_lock(faults_db, user.id):
         yield user
-    finally:
-        await tx.rollback()
-        await holder.close()
 
 
 def assert_driver_cause(exc: BaseException) -> None:
@@ -123,19 +117,14 @@ async def test_retry_with_the_reference_after_an_unknown_outcome_charges_once(
     faults_db: str, admin: asyncpg.Connection, make_user: Any
 ) -> None:
     user = await make_user()
-    holder = await asyncpg.connect(faults_db)
-    try:
-        async with holder.transaction():
-            await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
-            reference = uuid.uuid4()
-            exc = await terminate_while(
-                admin,
-                "wait_event_type = 'Lock'",
-                tokendb.charge(user=user, amount=10, reference_id=reference),
-            )
-            assert isinstance(exc, tokendb.DatabaseUnavailable) and exc.outcome_unknown
-    finally:
-        await holder.close()
+    async with holding_row_lock(faults_db, user.id):
+        reference = uuid.uuid4()
+        exc = await terminate_while(
+            admin,
+            "wait_event_type = 'Lock'",
+            tokendb.charge(user=user, amount=10, reference_id=reference),
+        )
+        assert isinstance(exc, tokendb.DatabaseUnavailable) and exc.outcome_unknown
     first = await tokendb.charge(user=user, amount=10, reference_id=reference)
     again = await tokendb.charge(user=user, amount=10, reference_id=reference)
     assert again.id == first.id
@@ -147,15 +136,10 @@ async def test_loss_before_commit_of_a_transaction_is_unavailable_nothing_writte
 ) -> None:
     user = await make_user()
     usage = await tokendb.charge(user=user, amount=30)
-    holder = await asyncpg.connect(faults_db)
-    try:
-        async with holder.transaction():
-            await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
-            exc = await terminate_while(
-                admin, "wait_event_type = 'Lock'", tokendb.refund(transaction=usage, amount=5)
-            )
-    finally:
-        await holder.close()
+    async with holding_row_lock(faults_db, user.id):
+        exc = await terminate_while(
+            admin, "wait_event_type = 'Lock'", tokendb.refund(transaction=usage, amount=5)
+        )
     assert type(exc) is tokendb.DatabaseUnavailable
     assert exc.outcome_unknown is False
     assert_driver_cause(exc)
@@ -358,24 +342,30 @@ async def test_lock_timeout_on_a_hot_user_is_database_timeout(
         usage = await tokendb.charge(user=user, amount=10)
         key, _ = await tokendb.issue_api_key(user=user, name="hot")
         session = await tokendb.start_chat(api_key=key, model="m")
-        holder = await asyncpg.connect(url)
-        try:
-            async with holder.transaction():
-                await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
-                calls = [
-                    tokendb.charge(user=user, amount=1),
-                    tokendb.top_up(user=user, amount=1),
-                    tokendb.refund(transaction=usage),
-                    tokendb.add_message(session=session, role="user", content="x", tokens=3),
-                ]
-                for call in calls:
-                    with pytest.raises(tokendb.DatabaseTimeout) as caught:
-                        await asyncio.wait_for(call, BOUND)
-                    assert caught.value.sqlstate == "55P03"
-                    assert caught.value.outcome_unknown is False
-                    assert "lock_timeout" in str(caught.value)
-        finally:
-            await holder.close()
+        async with holding_row_lock(url, user.id):
+            calls = [
+                tokendb.charge(user=user, amount=1),
+                tokendb.top_up(user=user, amount=1),
+                tokendb.refund(transaction=usage),
+                tokendb.add_message(session=session, role="user", content="x", tokens=3),
+            ]
+            for call in calls:
+                with pytest.raises(tokendb.DatabaseTimeout) as caught:
+                    await asyncio.wait_for(call, BOUND)
+                assert caught.value.sqlstate == "55P03"
+                assert caught.value.outcome_unknown is False
+                assert "lock_timeout" in str(caught.value)
+            # A coalesced batch that times out fails each of its callers, with an
+            # error of its own, and writes nothing.
+            batch = await asyncio.wait_for(
+                asyncio.gather(
+                    *(tokendb.charge(user=user, amount=1) for _ in range(3)),
+                    return_exceptions=True,
+                ),
+                BOUND,
+            )
+            assert all(type(exc) is tokendb.DatabaseTimeout for exc in batch), batch
+            assert len({id(exc) for exc in batch}) == 3
         assert await tokendb.get_balance(user=user) == 90
         assert len(await tokendb.list_transactions(user=user)) == 2
         assert (await tokendb.get_chat(session=session)).tokens_used == 0
@@ -388,14 +378,9 @@ async def test_statement_timeout_is_database_timeout(
         server_url(request.config), tokendb_db, lock_timeout=None, statement_timeout=0.3
     ) as url:
         user = await make_user()
-        holder = await asyncpg.connect(url)
-        try:
-            async with holder.transaction():
-                await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
-                with pytest.raises(tokendb.DatabaseTimeout) as caught:
-                    await asyncio.wait_for(tokendb.charge(user=user, amount=1), BOUND)
-        finally:
-            await holder.close()
+        async with holding_row_lock(url, user.id):
+            with pytest.raises(tokendb.DatabaseTimeout) as caught:
+                await asyncio.wait_for(tokendb.charge(user=user, amount=1), BOUND)
         assert caught.value.sqlstate == "57014"
         assert await tokendb.get_balance(user=user) == 100
 

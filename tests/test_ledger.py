@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 import tokendb
-from tests.helpers import table_counts
+from tests.helpers import blocked_backends, table_counts, tamper
 from tokendb import _db
 from tokendb.models import TransactionType
 
@@ -218,23 +218,13 @@ async def test_rows_follow_the_balance_after_chain(tokendb_clean: str, make_user
     assert balance == await tokendb.get_balance(user=user) == 100
 
 
-async def _tamper(sql: str, *args: object) -> None:
-    """Change committed rows around the Python layer, triggers off (superuser test server)."""
-
-    async def body(conn) -> None:  # type: ignore[no-untyped-def]
-        await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(sql, *args)
-
-    await _db.transaction(body)
-
-
 async def test_audit_finds_broken_books(tokendb_clean: str, make_user) -> None:
     user, bystander = await make_user(), await make_user()
     topup = await tokendb.top_up(user=user, amount=10)
     assert await tokendb.audit_ledger() == []
     try:
-        await _tamper("UPDATE users SET token_balance = 115 WHERE id = $1", user.id)
-        await _tamper("UPDATE token_transactions SET balance_after = 999 WHERE id = $1", topup.id)
+        await tamper("UPDATE users SET token_balance = 115 WHERE id = $1", user.id)
+        await tamper("UPDATE token_transactions SET balance_after = 999 WHERE id = $1", topup.id)
         expected = tokendb.LedgerDiscrepancy(
             user_id=user.id,
             balance=115,
@@ -246,19 +236,19 @@ async def test_audit_finds_broken_books(tokendb_clean: str, make_user) -> None:
         assert await tokendb.audit_ledger(user=user) == [expected]
         assert await tokendb.audit_ledger(user=bystander) == []
     finally:
-        await _tamper("UPDATE users SET token_balance = 110 WHERE id = $1", user.id)
-        await _tamper("UPDATE token_transactions SET balance_after = 110 WHERE id = $1", topup.id)
+        await tamper("UPDATE users SET token_balance = 110 WHERE id = $1", user.id)
+        await tamper("UPDATE token_transactions SET balance_after = 110 WHERE id = $1", topup.id)
     assert await tokendb.audit_ledger() == []
 
 
 async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, make_user) -> None:
     user = await make_user()
     try:
-        await _tamper("DELETE FROM token_transactions WHERE user_id = $1", user.id)
+        await tamper("DELETE FROM token_transactions WHERE user_id = $1", user.id)
         [found] = await tokendb.audit_ledger()
         assert (found.balance, found.ledger_sum, found.broken_links) == (100, 0, 0)
     finally:
-        await _tamper("UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
+        await tamper("UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
     assert await tokendb.audit_ledger() == []
 
 
@@ -328,7 +318,7 @@ async def test_refund_trigger_backstop_holds_for_concurrent_raw_refunds(
                 charge.id,
             )
         )
-        await asyncio.sleep(0.5)
+        await blocked_backends(first, like="%'refund'%")  # queued behind the first refund
         await tx1.commit()
         with pytest.raises(asyncpg.CheckViolationError) as info:
             await asyncio.wait_for(racing, 10)

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 import tokendb
-from tests.helpers import table_counts
+from tests.helpers import blocked_backends, table_counts
 from tokendb import passwords
 from tokendb.models import TransactionType, UserRole
 
@@ -264,7 +264,8 @@ async def test_change_password_does_not_overwrite_a_concurrent_change(
                 user=user, new_password="attacker's password", current_password=PASSWORD
             )
         )
-        await asyncio.sleep(0.5)  # the attacker has verified the old hash and waits on the lock
+        # The attacker has verified the old hash; its UPDATE waits on the victim's lock.
+        await blocked_backends(victim, like="UPDATE users SET password_hash%")
         await tx.commit()
         with pytest.raises(tokendb.InvalidCredentials):
             await asyncio.wait_for(attacker, 10)
