@@ -2,7 +2,7 @@
 
 Every module runs against the throw-away database ``tokendb_db`` creates and
 migrates through Aerich, so a constraint missing from the migrations fails
-here. After each module the books must balance.
+here. After each test that uses it, the books must balance.
 """
 
 from __future__ import annotations
@@ -39,11 +39,17 @@ def embedded_data_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest_asyncio.fixture(scope="module", autouse=True, loop_scope="session")
-async def books_balance_after_module(tokendb_db: str) -> AsyncIterator[None]:
+@pytest_asyncio.fixture(autouse=True, loop_scope="session")
+async def books_balance_after_each_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After every test on the shared database: the ledger and the chats audit clean.
+
+    Per test, not per module: ``tokendb_clean`` empties the tables before the
+    next test, so a later check would never see what this one broke.
+    """
     yield
-    assert await tokendb.audit_ledger() == []
-    assert await tokendb.audit_chats() == []
+    if "tokendb_db" in request.fixturenames:
+        assert await tokendb.audit_ledger() == []
+        assert await tokendb.audit_chats() == []
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -78,3 +79,14 @@ async def blocked_backends(conn: asyncpg.Connection, like: str = "%") -> list[in
             return [row["pid"] for row in pids]
         await asyncio.sleep(0.01)
     raise AssertionError("no statement started waiting for the lock")
+
+
+@contextlib.contextmanager
+def db_settings(**changes: Any) -> Iterator[None]:
+    """The storage seam's settings (:class:`tokendb._db.Settings`) changed for the block."""
+    saved = _db.settings()
+    _db.configure(dataclasses.replace(saved, **changes))
+    try:
+        yield
+    finally:
+        _db.configure(saved)

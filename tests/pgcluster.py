@@ -30,15 +30,16 @@ COMMAND_TIMEOUT = 60  # seconds for pg_ctl and initdb
 
 @contextlib.asynccontextmanager
 async def isolated_tokendb(
-    server_url: str, session_url: str, **init_options: Any
+    server_url: str, session_url: str, *, migrated: bool = True, **init_options: Any
 ) -> AsyncIterator[str]:
-    """tokendb initialised on a fresh migrated database of its own; yields its URL.
+    """tokendb initialised on a fresh (migrated) database of its own; yields its URL.
 
     Afterwards tokendb is initialised on ``session_url`` again, as
     ``tokendb.testing`` left it, and the database is dropped.
     """
     async with throwaway_database(server_url, prefix="tokendb_faults") as url:
-        await tokendb.migrate(url)
+        if migrated:
+            await tokendb.migrate(url)
         await tokendb.init(url, **init_options)
         try:
             yield url

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from tortoise.exceptions import IntegrityError
 
 import tokendb
 from tests.helpers import table_counts
@@ -198,7 +198,7 @@ async def test_saving_a_stale_api_key_instance_does_not_unrevoke_it(
     [stale] = await tokendb.list_api_keys(user=api_key.user_id)
     await tokendb.revoke_api_key(api_key=api_key)
     stale.name = "renamed in the dashboard"
-    with contextlib.suppress(Exception):
+    with pytest.raises(IntegrityError, match="revocation is final"):
         await stale.save()
     try:
         with pytest.raises(tokendb.ApiKeyRevoked):
@@ -221,10 +221,19 @@ async def test_touch_interval_out_of_range_is_a_validation_error(
 async def test_concurrent_verifies_never_report_a_used_key_as_unused(
     tokendb_clean: str, make_api_key
 ) -> None:
-    """Requests that lose the touch race return the statement snapshot's NULL.
-    This is also why test_api_keys.py::test_concurrent_verifies_of_a_hot_key_write_once
-    is flaky (failed 1 run in 6 here)."""
+    """Requests that lose the race to touch a fresh key report the value the
+    winner wrote (re-read after the skipped UPDATE), never the snapshot's NULL."""
     for _ in range(10):
         _, secret = await make_api_key()
         results = await asyncio.gather(*(tokendb.verify_api_key(secret=secret) for _ in range(60)))
         assert all(key.last_used_at is not None for key in results)
+
+
+async def test_a_hot_key_writes_its_row_once(tokendb_clean: str, make_api_key) -> None:
+    """50 concurrent verifies within the throttle interval leave the row version alone."""
+    api_key, secret = await make_api_key()
+    await tokendb.verify_api_key(secret=secret)  # the one write: last_used_at was NULL
+    version = "SELECT xmin::text AS version FROM api_keys WHERE id = $1"
+    [before] = await _db.read(version, api_key.id)
+    await asyncio.gather(*(tokendb.verify_api_key(secret=secret) for _ in range(50)))
+    assert await _db.read(version, api_key.id) == [before]

@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tokendb
-from tests.helpers import table_counts
+from tests.helpers import table_counts, tamper
 from tokendb import _db
+from tokendb._args import INT4_MAX
 from tokendb.models import MessageRole, TransactionType
 
 
@@ -203,3 +204,35 @@ async def test_a_cursor_from_another_users_chats_is_not_found(
     bob = await make_user()
     with pytest.raises(tokendb.NotFound):
         await tokendb.list_chats(user=bob, before=alices_session.id)
+
+
+async def test_audit_chats_finds_a_session_whose_counters_disagree(
+    tokendb_clean: str, chat
+) -> None:
+    session, _, _ = await chat()
+    await tokendb.add_message(session=session, role="user", content="x", tokens=5)
+    bump = "UPDATE chat_sessions SET tokens_used = tokens_used + $2 WHERE id = $1"
+    try:
+        await tamper(bump, session.id, 1)
+        assert await tokendb.audit_chats() == [
+            tokendb.ChatDiscrepancy(
+                session_id=session.id, tokens_used=6, message_tokens=5, billed_tokens=5
+            )
+        ]
+    finally:
+        await tamper(bump, session.id, -1)
+    assert await tokendb.audit_chats() == []
+
+
+async def test_a_session_total_past_the_integer_column_is_a_validation_error(
+    tokendb_clean: str, chat
+) -> None:
+    session, _, user = await chat()
+    await tokendb.top_up(user=user, amount=INT4_MAX - 100)  # balance: INT4_MAX
+    await tokendb.add_message(session=session, role="user", content="a", tokens=INT4_MAX - 50)
+    await tokendb.top_up(user=user, amount=100)  # balance 150: it could pay for 100 more
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.add_message(session=session, role="user", content="b", tokens=100)
+    assert info.value.field == "tokens"
+    assert await table_counts() == before

@@ -20,7 +20,7 @@ import pytest
 from tortoise.transactions import in_transaction
 
 import tokendb
-from tests.helpers import blocked_backends, holding_row_lock, table_counts
+from tests.helpers import blocked_backends, db_settings, holding_row_lock, table_counts
 from tokendb import _db, coalescing, ledger
 from tokendb.ids import new_id
 
@@ -96,14 +96,8 @@ def coalescing_on() -> Any:
     assert _db.settings().coalesce_charges, "tokendb.init() coalesces charges by default"
 
 
-@contextlib.contextmanager
-def coalescing_off() -> Any:
-    saved = _db.settings()
-    _db.configure(dataclasses.replace(saved, coalesce_charges=False))
-    try:
-        yield
-    finally:
-        _db.configure(saved)
+def coalescing_off() -> contextlib.AbstractContextManager[None]:
+    return db_settings(coalesce_charges=False)
 
 
 async def test_concurrent_charges_equal_the_sequential_model(
@@ -219,15 +213,19 @@ async def test_mixed_users_in_one_batch(tokendb_clean: str, funded_user, coalesc
         assert await tokendb.get_balance(user=user) == 50 - len(moved)
 
 
+
+class RollBack(Exception):
+    """Raised to leave an ``in_transaction()`` block: nothing else raises it."""
+
 async def test_inside_the_callers_transaction_the_charge_is_part_of_it(
     tokendb_clean: str, funded_user, coalescing_on
 ) -> None:
     user = await funded_user(balance=100)
-    with contextlib.suppress(RuntimeError):
+    with pytest.raises(RollBack):
         async with in_transaction():
             results = await asyncio.gather(*(tokendb.charge(user=user, amount=5) for _ in range(3)))
             assert [tx.balance_after for tx in results] == [95, 90, 85]
-            raise RuntimeError("roll back")
+            raise RollBack
     assert await tokendb.get_balance(user=user) == 100
 
 
@@ -395,11 +393,11 @@ async def test_charge_many_inside_the_callers_transaction_rolls_back_with_it(
     tokendb_clean: str, funded_user
 ) -> None:
     user = await funded_user(balance=10)
-    with contextlib.suppress(RuntimeError):
+    with pytest.raises(RollBack):
         async with in_transaction():
             results = await tokendb.charge_many(items=[{"user": user, "amount": 4}] * 3)
             assert isinstance(results[2], tokendb.InsufficientTokens)
-            raise RuntimeError("roll back")
+            raise RollBack
     assert await tokendb.get_balance(user=user) == 10
 
 

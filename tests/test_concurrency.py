@@ -1,23 +1,31 @@
-"""The invariants under concurrency: asyncio.gather over a pool of ≥ 16 connections."""
+"""The invariants under concurrency: asyncio.gather over a pool of ≥ 16 connections.
+
+Every test runs twice: with charges coalesced (the default) and with one
+statement per call, whose race handling (the conditional UPDATE, a refusal
+decided again under the row lock) the coalescer would otherwise hide.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
 import tokendb
-from tests.helpers import table_counts
+from tests.helpers import db_settings, table_counts
 from tokendb import _db
 
 
-@pytest.fixture(autouse=True)
-async def wide_pool(tokendb_clean: str) -> None:
+@pytest.fixture(autouse=True, params=[True, False], ids=["coalesced", "one-statement-per-call"])
+async def wide_pool(tokendb_clean: str, request: pytest.FixtureRequest) -> AsyncIterator[None]:
     client = _db._client()
     pool = await _db._pool(client)
     assert pool.get_max_size() >= 16, "concurrency tests need a pool of at least 16 connections"
+    with db_settings(coalesce_charges=request.param):
+        yield
 
 
 async def settle(calls):  # type: ignore[no-untyped-def]

@@ -140,8 +140,8 @@ async def test_unreachable_server_is_database_unavailable(tokendb_db: str) -> No
     ],
 )
 async def test_a_malformed_url_error_never_shows_the_password(url: str, secret: str) -> None:
-    """Unencoded '/', '#', '?' in a password: urlsplit finds no password, so
-    mask_url masks nothing and the error (→ logs) carries the secret."""
+    """Unencoded '/', '#', '?' in a password: urlsplit finds no password there,
+    so mask_url masks by text (everything between ``user:`` and the last ``@``)."""
     with pytest.raises(tokendb.ConfigurationError) as info:
         await tokendb.init(url)
     assert secret not in str(info.value)
@@ -153,9 +153,8 @@ async def test_a_malformed_url_error_never_shows_the_password(url: str, secret: 
 async def test_init_with_bad_pool_sizes_is_a_configuration_error(
     tokendb_db: str, make_user, sizes: dict[str, int]
 ) -> None:
-    """init() writes min_size/max_size into the config after tortoise_config()
-    validated it; asyncpg's ValueError escapes, and Tortoise stays initialised
-    with the broken config, so every later operation raises a raw ValueError."""
+    """init() validates the sizes with the URL's before it touches Tortoise, so a
+    bad size is a ConfigurationError and the working session is left as it was."""
     user = await make_user()
     try:
         with pytest.raises(tokendb.ConfigurationError):
@@ -165,3 +164,14 @@ async def test_init_with_bad_pool_sizes_is_a_configuration_error(
             await tokendb.get_balance(user=user)
     finally:
         await tokendb.init(tokendb_db, min_size=1, max_size=20)
+
+
+async def test_an_unmigrated_database_is_a_configuration_error(
+    request: pytest.FixtureRequest, tokendb_db: str
+) -> None:
+    from tests.pgcluster import isolated_tokendb
+    from tokendb.testing import test_server_url as admin_url
+
+    async with isolated_tokendb(admin_url(request.config), tokendb_db, migrated=False):
+        with pytest.raises(ConfigurationError, match="aerich upgrade"):
+            await tokendb.get_balance(user="00000000-0000-0000-0000-000000000001")

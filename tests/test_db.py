@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 import tokendb
+from tests.helpers import db_settings
 from tokendb import _db
 
 
 @pytest.fixture
 async def short_acquire_timeout(tokendb_db: str) -> AsyncIterator[float]:
-    saved = _db.settings()
-    _db.configure(dataclasses.replace(saved, acquire_timeout=0.3))
-    try:
+    with db_settings(acquire_timeout=0.3):
         yield 0.3
-    finally:
-        _db.configure(saved)
 
 
 @pytest.fixture

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import asyncpg
 import pytest
+from tortoise.exceptions import IntegrityError
 
 import tokendb
 from tests.helpers import blocked_backends, table_counts, tamper
-from tokendb import _db
+from tokendb import _db, ledger
 from tokendb.models import TransactionType
 
 INT4_MAX = 2**31 - 1
@@ -259,15 +259,14 @@ async def test_saving_a_user_instance_does_not_undo_a_charge(tokendb_clean: str,
     """tokendb hands out Tortoise models; Model.save() writes every column back.
 
     The instance returned by create_user() still says token_balance=100, so a
-    profile update after a charge reverts the balance: the charge is lost and
-    balance != Σ ledger. Nothing in the database refuses it.
+    profile update after a charge would put 100 back: users_balance_follows_ledger
+    refuses that save at commit.
     """
     user = await make_user()
     await tokendb.charge(user=user, amount=40)
     try:
         user.name = "Renamed"
-        # Refusing the save is an acceptable fix; silently reverting the charge is not.
-        with contextlib.suppress(Exception):
+        with pytest.raises(IntegrityError, match="balances change only through the ledger"):
             await user.save()
         assert await tokendb.get_balance(user=user) == 60
         assert await tokendb.audit_ledger(user=user) == []
@@ -284,9 +283,8 @@ async def test_refund_trigger_backstop_holds_for_concurrent_raw_refunds(
 ) -> None:
     """Two transactions each refund the whole charge around the Python layer.
 
-    tokendb_refund_within_charge sums committed refunds without taking a lock,
-    so the second insert passes while the first is uncommitted: refunds can
-    reach 2x the charge.
+    tokendb_refund_within_charge locks the charge row before it sums the
+    refunds, so the second insert waits for the first and is then refused.
     """
     user = await funded_user(balance=500)
     charge = await tokendb.charge(user=user, amount=100)
@@ -331,8 +329,8 @@ async def test_refund_trigger_backstop_holds_for_concurrent_raw_refunds(
 async def test_a_cursor_from_another_users_ledger_is_not_found(
     tokendb_clean: str, make_user
 ) -> None:
-    """list_messages refuses a cursor of another session; list_transactions and
-    list_chats take any row's id, so a tenant can probe ids of other tenants."""
+    """A keyset cursor must be the listed user's own row (tokendb._keyset), so
+    paging cannot probe other tenants' ids."""
     alice, bob = await make_user(), await make_user()
     alices = await tokendb.top_up(user=alice, amount=5)
     with pytest.raises(tokendb.NotFound):
@@ -372,3 +370,54 @@ async def test_list_transactions_pages_walk_the_user_created_index(raw, page: st
     plan = "\n".join(row[0] for row in await raw.fetch(f"EXPLAIN {sql}", *args))
     assert "Index Scan using token_transactions_user_created_idx" in plan, plan
     assert "Sort" not in plan, plan
+
+
+async def test_a_refund_past_the_integer_column_is_a_validation_error(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    charge = await tokendb.charge(user=user, amount=10)
+    await tokendb.top_up(user=user, amount=INT4_MAX - 95)  # balance: INT4_MAX - 5
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.refund(transaction=charge)
+    assert info.value.field == "amount"
+    assert await table_counts() == before
+
+
+async def test_a_refusal_that_a_late_credit_covers_is_decided_under_the_lock(
+    tokendb_clean: str, make_user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top-up lands between the refused statement and the read that explains it.
+
+    Refusing then would report a balance that covers the charge; the call is
+    decided again with the row locked, and succeeds.
+    """
+    user = await make_user()
+    real = ledger._balance_or_none
+
+    async def credit_lands_first(user_id: uuid.UUID) -> int | None:
+        await tokendb.top_up(user=user, amount=50)
+        return await real(user_id)
+
+    monkeypatch.setattr(ledger, "_balance_or_none", credit_lands_first)
+    tx = await tokendb.charge(user=user, amount=120)
+    assert (tx.amount, tx.balance_after) == (-120, 30)
+    monkeypatch.undo()  # get_balance reads through _balance_or_none too
+    assert await tokendb.get_balance(user=user) == 30
+
+
+async def test_the_locked_decision_reports_the_balance_it_refused_on(
+    tokendb_clean: str, make_user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = await make_user()
+
+    async def says_it_covers(user_id: uuid.UUID) -> int | None:
+        return 10**6  # stale: sends the call to the locked decision
+
+    monkeypatch.setattr(ledger, "_balance_or_none", says_it_covers)
+    before = await table_counts()
+    with pytest.raises(tokendb.InsufficientTokens) as info:
+        await tokendb.charge(user=user, amount=101)
+    assert (info.value.balance, info.value.requested) == (100, 101)
+    assert await table_counts() == before

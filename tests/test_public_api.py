@@ -50,8 +50,11 @@ def test_operations_document_their_contract(operation) -> None:  # type: ignore[
 )
 def test_operations_translate_driver_errors(operation) -> None:  # type: ignore[no-untyped-def]
     # @_db.translated wraps the function; the wrapper is what turns asyncpg,
-    # OSError and Tortoise errors into TokenDBError leaves.
-    assert hasattr(operation, "__wrapped__"), f"{operation.__name__} is not @_db.translated"
+    # OSError and Tortoise errors into TokenDBError leaves (any other decorator
+    # built with functools.wraps would not carry the marker).
+    assert getattr(operation, "__tokendb_translated__", False), (
+        f"{operation.__name__} is not @_db.translated"
+    )
 
 
 def test_one_exception_tree() -> None:

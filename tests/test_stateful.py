@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
-    consumes,
     initialize,
     invariant,
     multiple,
@@ -192,7 +191,7 @@ def make_machine(loop: asyncio.AbstractEventLoop) -> type[RuleBasedStateMachine]
             row.tokens_used += tokens
             self.books.balances[row.user_id] -= tokens
 
-        @rule(session=consumes(sessions))
+        @rule(session=sessions)
         def end_chat(self, session: uuid.UUID) -> None:
             self.run(tokendb.end_chat(session=session))
             self.session_rows[session].ended = True

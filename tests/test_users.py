@@ -247,9 +247,9 @@ async def test_change_password_does_not_overwrite_a_concurrent_change(
 ) -> None:
     """Victim changes the password (old → new) while an attacker who knows the
     old one calls change_password(current_password=old). The attacker's check
-    reads the old hash, its UPDATE waits for the victim's row lock, then
-    overwrites the victim's new password. authenticate()'s rehash already
-    guards with `AND password_hash = $old`; change_password does not."""
+    reads the old hash and its UPDATE waits for the victim's row lock; the
+    UPDATE is conditional on that old hash, so it finds nothing to change and
+    the attacker gets InvalidCredentials."""
     user = await make_user(password=PASSWORD)
     victims_hash = await passwords.hash_password("victim's new password")
     victim = await asyncpg.connect(tokendb_clean)
@@ -272,3 +272,27 @@ async def test_change_password_does_not_overwrite_a_concurrent_change(
         await tokendb.authenticate(email=user.email, password="victim's new password")
     finally:
         await victim.close()
+
+
+async def test_a_rehash_on_login_never_overwrites_a_concurrent_password_change(
+    tokendb_clean: str, make_user
+) -> None:
+    """Login rehashes an old-parameter hash, conditional on the hash it verified."""
+    user = await make_user(password=PASSWORD)
+    changed_hash = await passwords.hash_password("changed meanwhile")
+    passwords.configure(time_cost=2, memory_cost=2048, parallelism=1)
+    other = await asyncpg.connect(tokendb_clean)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, changed_hash
+        )
+        login = asyncio.ensure_future(tokendb.authenticate(email=user.email, password=PASSWORD))
+        await blocked_backends(other, like="UPDATE users SET password_hash%")
+        await tx.commit()
+        await asyncio.wait_for(login, 10)  # the old password was right when it was checked
+    finally:
+        passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
+        await other.close()
+    assert (await tokendb.get_user(user_id=user.id)).password_hash == changed_hash

@@ -233,6 +233,7 @@ def translated(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         except _TRANSLATED as exc:
             raise translate(exc) from exc
 
+    wrapper.__tokendb_translated__ = True  # type: ignore[attr-defined]
     return wrapper
 
 
