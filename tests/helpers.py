@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -90,3 +95,32 @@ def db_settings(**changes: Any) -> Iterator[None]:
         yield
     finally:
         _db.configure(saved)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(app: Any, base_url: str = "http://test") -> AsyncIterator[Any]:
+    """An httpx client talking to ``app`` in-process, with its lifespan run around it."""
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
+            yield http
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    """Import the Python file ``path`` as module ``name`` (an example, a README block)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -77,7 +77,7 @@ def test_missing_database_url_is_a_configuration_error(
     monkeypatch.setenv("TOKENDB_EMBEDDED", "off")  # else the embedded server is the fallback
     monkeypatch.chdir(tmp_path)  # no .env here
     with pytest.raises(ConfigurationError) as info:
-        config.resolve_database_url(None)
+        config.resolve_database(None)
     assert info.value.variable == "DATABASE_URL"
     with pytest.raises(ConfigurationError):
         _ = config.TORTOISE_ORM

@@ -11,24 +11,24 @@ server); this module checks that the script and the README agree.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import re
-import socket
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 import tokendb
+from tests.helpers import asgi_client, free_port, load_module
 from tokendb import embedded
+from tokendb.testing import DEFAULT_TEST_DATABASE_URL, throwaway_database
+from tokendb.testing import test_server_url as admin_server_url
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-EXAMPLE_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
+EXAMPLE_SERVER = DEFAULT_TEST_DATABASE_URL  # the server the README's examples name
 
 
 def section(title: str) -> str:
@@ -41,13 +41,7 @@ def blocks(title: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section(title), flags=re.DOTALL)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def bash(script: str, **env: str) -> str:
+async def bash(script: str, cwd: Path = ROOT, **env: str) -> str:
     """Run ``script`` with ``set -euo pipefail``; return its stdout, fail on a non-zero exit."""
     # The venv's scripts (tokendb, uvicorn) first, also when it is not activated.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -57,7 +51,7 @@ async def bash(script: str, **env: str) -> str:
             del environment[name]
     process = await asyncio.create_subprocess_exec(
         "bash", "-c", "set -euo pipefail\n" + script,
-        cwd=ROOT, env=environment,
+        cwd=cwd, env=environment,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 300)
@@ -76,9 +70,35 @@ def test_ci_runs_the_two_quick_start_commands_verbatim() -> None:
     lines = ci.splitlines()
     assert install.replace("pip install", "pip install --quiet") in lines
     assert run == "python -m pytest" and run in lines
-    # The stress suites (issue 6) run after it, at a CI size.
-    assert lines[-1] == "python -m pytest -m stress -s"
+    # The stress suites (issue 6) run after it, at a CI size, as "Run the tests" shows.
+    (stress,) = blocks("Run the tests", "bash")
+    assert lines[-1] == stress.strip() == "python -m pytest -m stress -s"
     assert first.strip().endswith("tokendb demo")
+
+
+async def test_migrations_block(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The Aerich workflow as the README shows it, in a copy of the repository."""
+    (block,) = blocks("Migrations (Aerich)", "bash")
+    shutil.copytree(ROOT / "migrations", tmp_path / "migrations")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    async with throwaway_database(admin_server_url(request.config), prefix="tokendb_doc") as url:
+        out = await bash(block, cwd=tmp_path, DATABASE_URL=url)
+    assert "Success upgrading to 1_" in out
+    assert "No changes detected" in out  # the models and the migrations agree
+
+
+async def test_library_example(tokendb_clean: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (example,) = [b for b in blocks("The library", "python") if "async def main(url" in b]
+    assert len(example.strip().splitlines()) <= 25
+    namespace: dict[str, Any] = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    # The example opens and closes its own connection (tokendb.connect on the
+    # session's URL); initialise the session's again afterwards.
+    try:
+        await namespace["main"](tokendb_clean)
+    finally:
+        await tokendb.init(tokendb_clean, min_size=1, max_size=20)
+    assert capsys.readouterr().out.strip() == "1058"
 
 
 async def test_own_server_block(tokendb_clean: str) -> None:
@@ -126,17 +146,11 @@ async def test_fastapi_block_serves_a_balance(
     (code,) = blocks("FastAPI / Starlette", "python")
     path = tmp_path / "readme_app.py"
     path.write_text(code)
-    spec = importlib.util.spec_from_file_location("readme_app", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["readme_app"] = module
-    spec.loader.exec_module(module)
+    module = load_module("readme_app", path)
     user = await funded_user(balance=321)
     _, secret = await make_api_key(user=user, permissions=["chat"])
-    async with LifespanManager(module.app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://readme") as http:
-            response = await http.get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
+    async with asgi_client(module.app) as http:
+        response = await http.get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
     assert response.json() == {"user_id": str(user.id), "balance": 321}
 
 

@@ -15,9 +15,10 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 import tokendb
-from tokendb.cli import HIDDEN_FIELDS
+from tests.helpers import asgi_client
 from tokendb.contrib import schemas
 from tokendb.contrib.fastapi import exception_handlers, lifespan, require_api_key
+from tokendb.models import public_fields
 
 SCHEMAS: list[tuple[type[BaseModel], type[Any]]] = [
     (schemas.UserOut, tokendb.User),
@@ -32,8 +33,7 @@ SCHEMAS: list[tuple[type[BaseModel], type[Any]]] = [
 def test_schemas_expose_every_column_but_the_secrets(
     tokendb_db: str, schema: type[BaseModel], model: type[Any]
 ) -> None:
-    columns = set(model._meta.fields_db_projection)
-    assert set(schema.model_fields) == columns - HIDDEN_FIELDS
+    assert set(schema.model_fields) == set(public_fields(model))
     assert not set(schema.model_fields) & {"password_hash", "key_hash"}
 
 
@@ -69,10 +69,8 @@ def build_app() -> FastAPI:
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(tokendb_clean: str) -> AsyncIterator[httpx.AsyncClient]:
     app = build_app()
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with asgi_client(app) as http:
+        yield http
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -126,3 +124,15 @@ async def test_revoked_expired_and_unscoped_keys_are_refused(
     await tokendb.revoke_api_key(api_key=key)
     revoked = await client.get("/me", headers=bearer(secret))
     assert revoked.status_code == 401 and revoked.json()["error"] == "ApiKeyRevoked"
+
+
+async def test_apps_cannot_be_added_to_an_already_initialised_tokendb(tokendb_db: str) -> None:
+    """Under the tokendb_db fixture tokendb owns Tortoise's one global context:
+    an app's own models would go unregistered, so the lifespan refuses to start."""
+    from tokendb.contrib.fastapi import RegisterTokenDB
+
+    app = FastAPI(lifespan=lambda app: RegisterTokenDB(app, apps={"shop": {"models": []}}))
+    with pytest.raises(tokendb.ConfigurationError, match="shop"):
+        async with LifespanManager(app):
+            pass
+    assert await tokendb.audit_ledger() == []

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,30 +13,21 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
-from asgi_lifespan import LifespanManager
 
 import tokendb
+from tests.helpers import asgi_client, free_port, load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_gateway() -> ModuleType:
-    path = ROOT / "examples" / "gateway.py"
-    spec = importlib.util.spec_from_file_location("gateway_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("gateway_example", ROOT / "examples" / "gateway.py")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(tokendb_clean: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = load_gateway().app
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
-            yield http
+    async with asgi_client(load_gateway().app, base_url="http://gateway") as http:
+        yield http
 
 
 async def customer(funded_user: Any, make_api_key: Any, balance: int) -> tuple[Any, dict[str, str]]:
@@ -117,12 +106,6 @@ async def test_other_users_sessions_and_unscoped_keys_are_refused(
     assert (await client.get("/v1/balance")).status_code == 401
     invalid = await client.post("/v1/chat/sessions", json={"model": ""}, headers=alice)
     assert invalid.status_code == 422
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_uvicorn_serves_the_gateway_as_the_readme_shows(

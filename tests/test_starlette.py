@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import tokendb
+from tests.helpers import asgi_client
 from tokendb.contrib.starlette import error_response, exception_handlers, lifespan
 
 ID = uuid.UUID("01900000-0000-7000-8000-000000000001")
@@ -79,10 +80,8 @@ async def client(tokendb_clean: str) -> AsyncIterator[httpx.AsyncClient]:
         lifespan=lifespan(),
         exception_handlers=exception_handlers(),
     )
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with asgi_client(app) as http:
+        yield http
 
 
 async def test_a_starlette_app_maps_real_errors_and_shares_the_session_database(

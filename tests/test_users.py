@@ -137,16 +137,13 @@ async def test_unknown_email_still_verifies_a_hash(
 
 async def test_login_rehashes_when_parameters_changed(tokendb_clean: str, make_user) -> None:
     user = await make_user(email="old@example.com", password=PASSWORD)
-    passwords.configure(time_cost=2, memory_cost=2048, parallelism=1)
-    try:
+    with passwords.parameters(time_cost=2, memory_cost=2048, parallelism=1):
         logged_in = await tokendb.authenticate(email="old@example.com", password=PASSWORD)
         assert logged_in.password_hash != user.password_hash
         assert "m=2048,t=2" in logged_in.password_hash
         assert not passwords.needs_rehash(logged_in.password_hash)
         stored = await tokendb.get_user(user_id=user.id)
         assert stored.password_hash == logged_in.password_hash
-    finally:
-        passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
     # The new hash still verifies after the parameters changed back.
     await tokendb.authenticate(email="old@example.com", password=PASSWORD)
 
@@ -280,19 +277,29 @@ async def test_a_rehash_on_login_never_overwrites_a_concurrent_password_change(
     """Login rehashes an old-parameter hash, conditional on the hash it verified."""
     user = await make_user(password=PASSWORD)
     changed_hash = await passwords.hash_password("changed meanwhile")
-    passwords.configure(time_cost=2, memory_cost=2048, parallelism=1)
     other = await asyncpg.connect(tokendb_clean)
     try:
-        tx = other.transaction()
-        await tx.start()
-        await other.execute(
-            "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, changed_hash
-        )
-        login = asyncio.ensure_future(tokendb.authenticate(email=user.email, password=PASSWORD))
-        await blocked_backends(other, like="UPDATE users SET password_hash%")
-        await tx.commit()
-        await asyncio.wait_for(login, 10)  # the old password was right when it was checked
+        with passwords.parameters(time_cost=2, memory_cost=2048, parallelism=1):
+            tx = other.transaction()
+            await tx.start()
+            await other.execute(
+                "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, changed_hash
+            )
+            login = asyncio.ensure_future(
+                tokendb.authenticate(email=user.email, password=PASSWORD)
+            )
+            await blocked_backends(other, like="UPDATE users SET password_hash%")
+            await tx.commit()
+            await asyncio.wait_for(login, 10)  # the old password was right when checked
     finally:
-        passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
         await other.close()
     assert (await tokendb.get_user(user_id=user.id)).password_hash == changed_hash
+
+
+def test_parameters_restores_what_was_in_force() -> None:
+    before = passwords.current_parameters()
+    with passwords.parameters(time_cost=3, memory_cost=4096, parallelism=2):
+        assert passwords.current_parameters() == {
+            "time_cost": 3, "memory_cost": 4096, "parallelism": 2,
+        }
+    assert passwords.current_parameters() == before

@@ -30,13 +30,12 @@ from tortoise.models import Model
 import tokendb
 from tokendb import config, embedded
 from tokendb.errors import TokenDBError
+from tokendb.models import public_fields
 
 __all__ = ["app", "main"]
 
 T = TypeVar("T")
 
-HIDDEN_FIELDS = frozenset({"password_hash", "key_hash"})
-"""Columns never printed, in tables or JSON."""
 
 app = typer.Typer(
     name="tokendb",
@@ -108,9 +107,17 @@ def _root(
 # --- plumbing ---------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
+def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
+    raise typer.Exit(1)
+
+
+def _embedded(action: Callable[[], T]) -> T:
+    """Run ``action`` (a blocking call into :mod:`tokendb.embedded`); errors as :func:`_run`."""
+    try:
+        return action()
+    except TokenDBError as exc:
+        _fail(_escape(str(exc)))
 
 
 def _run(ctx: typer.Context, action: Callable[[], Awaitable[T]], *, connect: bool = True) -> T:
@@ -124,9 +131,7 @@ def _run(ctx: typer.Context, action: Callable[[], Awaitable[T]], *, connect: boo
             return await action()
 
     try:
-        return asyncio.run(main())
-    except TokenDBError as exc:
-        _fail(_escape(str(exc)))
+        return _embedded(lambda: asyncio.run(main()))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -138,11 +143,7 @@ def _escape(text: str) -> str:
 def _public(value: Any) -> Any:
     """A model or dataclass as a dict of its fields (hidden columns left out); else ``value``."""
     if isinstance(value, Model):
-        return {
-            name: getattr(value, name)
-            for name in value._meta.fields_db_projection
-            if name not in HIDDEN_FIELDS
-        }
+        return {name: getattr(value, name) for name in public_fields(type(value))}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     return value
@@ -340,10 +341,9 @@ def users_get(
     Example: tokendb users get ada@example.com --json
     """
 
-    async def action() -> tokendb.User:
-        return await tokendb.get_user(user_id=await _user_id(user))
-
-    _emit(_run(ctx, action), as_json=as_json)
+    # One lookup, by whichever the argument is (the same test as _user_id's).
+    lookup = {"email": user} if "@" in user else {"user_id": user}
+    _emit(_run(ctx, lambda: tokendb.get_user(**lookup)), as_json=as_json)
 
 
 @users_app.command("list")
@@ -597,20 +597,6 @@ def audit(ctx: typer.Context, as_json: JsonOption = False) -> None:
 # --- db ---------------------------------------------------------------------------------
 
 
-def _data_dir() -> Path:
-    try:
-        return config.data_dir_from_env()
-    except TokenDBError as exc:
-        _fail(_escape(str(exc)))
-
-
-def _embedded(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except TokenDBError as exc:
-        _fail(_escape(str(exc)))
-
-
 @db_app.command("start")
 def db_start(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Start the embedded server, migrate it, and keep it running until `tokendb db stop`.
@@ -619,8 +605,7 @@ def db_start(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
     Example: tokendb db start
     """
-    embedded.install_sigterm_handler()
-    url = _embedded(lambda: embedded.ensure_server(_data_dir(), keep_running=True))
+    url = _embedded(lambda: embedded.ensure_server(config.data_dir_from_env(), keep_running=True))
     applied = _run(ctx, lambda: tokendb.migrate(url), connect=False)
     if as_json:
         typer.echo(json.dumps({"url": url, "applied": applied}))
@@ -637,7 +622,7 @@ def db_stop() -> None:
 
     Example: tokendb db stop
     """
-    stopped = _embedded(lambda: embedded.stop_server(_data_dir()))
+    stopped = _embedded(lambda: embedded.stop_server(config.data_dir_from_env()))
     out.print("Stopped the embedded server." if stopped else "The embedded server was not running.")
 
 
@@ -647,7 +632,7 @@ def db_status(as_json: JsonOption = False) -> None:
 
     Example: tokendb db status --json
     """
-    status = _embedded(lambda: embedded.server_status(_data_dir()))
+    status = _embedded(lambda: embedded.server_status(config.data_dir_from_env()))
     _emit(status, as_json=as_json, title="Embedded PostgreSQL")
 
 
@@ -657,7 +642,7 @@ def db_url() -> None:
 
     Example: export DATABASE_URL="$(tokendb db url)"
     """
-    status = _embedded(lambda: embedded.server_status(_data_dir()))
+    status = _embedded(lambda: embedded.server_status(config.data_dir_from_env()))
     if status.url is None:
         _fail("the embedded server is not running; start it with `tokendb db start`")
     typer.echo(status.url)

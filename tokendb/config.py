@@ -37,7 +37,6 @@ __all__ = [
     "mask_url",
     "resolve_database",
     "resolve_database_async",
-    "resolve_database_url",
     "tortoise_config",
 ]
 
@@ -263,7 +262,6 @@ def resolve_database(database_url: str | None) -> ResolvedDatabase:
     from tokendb import embedded
 
     _check_embedded_allowed()
-    embedded.install_sigterm_handler()
     return ResolvedDatabase(
         embedded.ensure_server(data_dir_from_env()), "TOKENDB_DATA_DIR", embedded=True
     )
@@ -279,11 +277,6 @@ async def resolve_database_async(database_url: str | None) -> ResolvedDatabase:
     _check_embedded_allowed()
     url = await embedded.ensure_server_async(data_dir_from_env())
     return ResolvedDatabase(url, "TOKENDB_DATA_DIR", embedded=True)
-
-
-def resolve_database_url(database_url: str | None) -> str:
-    """The URL of :func:`resolve_database` (blocking when the embedded server must start)."""
-    return resolve_database(database_url).url
 
 
 def config_for(

@@ -77,12 +77,8 @@ async def seed_users(count: int, *, on_progress: Callable[[int], None] | None = 
         if on_progress is not None:
             on_progress(1)
 
-    saved = passwords.current_parameters()
-    passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
+    with passwords.parameters(**passwords.CHEAP_PARAMETERS):
         await asyncio.gather(*(one(number) for number in range(count)))
-    finally:
-        passwords.configure(**saved)
     return count
 
 

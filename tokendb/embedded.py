@@ -354,6 +354,9 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
     pgdata = cluster_dir(data_dir)
     backend = _backend()
     _warn_if_root(pgdata)
+    # Without it a SIGTERM'd process orphans the server. A no-op off the main
+    # thread: async callers install it before they hand this to a worker.
+    install_sigterm_handler()
     with _lock:
         info = _read_pid_file(pgdata)
         if pgdata in _attached and info is not None and _is_postmaster(info):

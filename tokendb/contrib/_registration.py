@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from tokendb import connection, embedded
+from tokendb.errors import ConfigurationError
 
 
 class TokenDBRegistration:
@@ -47,7 +48,15 @@ class TokenDBRegistration:
         from tortoise.context import get_current_context
 
         if connection.is_initialised():
-            self._tokendb_owner = False
+            if self._tokendb_apps:
+                # Tortoise has one global context per process and it is not ours
+                # to re-initialise: the app's models would silently go unregistered.
+                raise ConfigurationError(
+                    "tokendb is already initialised in this process (tokendb.init() or the "
+                    "tokendb_db fixture), so the apps "
+                    f"{sorted(self._tokendb_apps)} cannot be added; initialise once, with "
+                    "RegisterTokenDB(apps=...) or tokendb.init_config()"
+                )
             context = get_current_context()
             if self.app is not None:
                 self.app.state._tortoise_context = context

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from tortoise.contrib.starlette import RegisterTortoise
 
 from tokendb.contrib._registration import TokenDBRegistration, lifespan_for
+from tokendb.contrib.schemas import ErrorOut
 from tokendb.errors import (
     ChatSessionEnded,
     DatabaseUnavailable,
@@ -113,8 +114,8 @@ def error_response(exc: TokenDBError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     elif status == 503:
         headers["Retry-After"] = "1"
-    body = {"error": type(exc).__name__, "detail": detail, "fields": to_jsonable_python(fields)}
-    return JSONResponse(body, status_code=status, headers=headers)
+    body = ErrorOut(error=type(exc).__name__, detail=detail, fields=to_jsonable_python(fields))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 async def _handle(request: Request, exc: Exception) -> Response:
