@@ -316,6 +316,16 @@ LEDGER_INSERT = (
 )
 
 
+async def reject_ledger_row(
+    raw: asyncpg.Connection,
+    error: type[asyncpg.PostgresError],
+    constraint: str,
+    row: tuple[object, ...],
+) -> None:
+    """The ledger ``row`` ``(user_id, amount, type, balance_after, reference_id)`` is refused."""
+    await assert_rejected(raw, error, constraint, LEDGER_INSERT, *row)
+
+
 @pytest.mark.parametrize(
     ("amount", "kind", "balance_after", "constraint"),
     [
@@ -331,16 +341,8 @@ async def test_ledger_row_checks(
     raw: asyncpg.Connection, amount: int, kind: str, balance_after: int, constraint: str
 ) -> None:
     user_id = await insert_user(raw)
-    await assert_rejected(
-        raw,
-        asyncpg.CheckViolationError,
-        constraint,
-        LEDGER_INSERT,
-        user_id,
-        amount,
-        kind,
-        balance_after,
-        None,
+    await reject_ledger_row(
+        raw, asyncpg.CheckViolationError, constraint, (user_id, amount, kind, balance_after, None)
     )
 
 
@@ -354,16 +356,11 @@ async def test_idempotency_index_rejects_a_second_movement(raw: asyncpg.Connecti
     user_id = await insert_user(raw)
     reference = uuid.uuid4()
     await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 95, reference)
-    await assert_rejected(
+    await reject_ledger_row(
         raw,
         asyncpg.UniqueViolationError,
         "token_transactions_idempotency_key",
-        LEDGER_INSERT,
-        user_id,
-        -5,
-        "usage",
-        90,
-        reference,
+        (user_id, -5, "usage", 90, reference),
     )
     # The same reference is fine for another type and for another user.
     await raw.execute(LEDGER_INSERT, user_id, 5, "topup", 95, reference)
@@ -378,16 +375,11 @@ async def test_refunds_share_their_charge_reference(raw: asyncpg.Connection) -> 
     charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 90, None)
     await raw.execute(LEDGER_INSERT, user_id, 4, "refund", 94, charge_id)
     await raw.execute(LEDGER_INSERT, user_id, 6, "refund", 100, charge_id)
-    await assert_rejected(
+    await reject_ledger_row(
         raw,
         asyncpg.CheckViolationError,
         "token_transactions_refund_within_charge",
-        LEDGER_INSERT,
-        user_id,
-        1,
-        "refund",
-        101,
-        charge_id,
+        (user_id, 1, "refund", 101, charge_id),
     )
 
 
@@ -397,16 +389,11 @@ async def test_refund_must_target_a_usage_row_of_the_same_user(raw: asyncpg.Conn
     charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", owner, -10, "usage", 90, None)
     topup_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", owner, 10, "topup", 100, None)
     for user_id, reference in [(other, charge_id), (owner, topup_id), (owner, uuid.uuid4())]:
-        await assert_rejected(
+        await reject_ledger_row(
             raw,
             asyncpg.CheckViolationError,
             "token_transactions_refund_target",
-            LEDGER_INSERT,
-            user_id,
-            1,
-            "refund",
-            91,
-            reference,
+            (user_id, 1, "refund", 91, reference),
         )
 
 

@@ -1,4 +1,4 @@
-"""Keyset pagination cursors on ``(created_at, id)``, shared by every list operation.
+"""Keyset pagination on ``(created_at, id)``, shared by every list operation.
 
 A page boundary is the last row of the previous page, given as the model
 instance or its id. It must belong to the same owner (user or session) as
@@ -9,7 +9,7 @@ cannot be used to probe other tenants' rows.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from tortoise.models import Model
@@ -41,3 +41,51 @@ async def cursor(
     if not rows:
         raise NotFound(entity, cursor_id)
     return rows[0]["created_at"], cursor_id
+
+
+M = TypeVar("M", bound=Model)
+
+
+def statements(table: str, owner_column: str, *, newest_first: bool) -> tuple[str, str]:
+    """The first-page and the next-page statement of ``table`` listed per ``owner_column``.
+
+    Parameters: ``$1`` owner, ``$2`` limit, and for the next page ``$3, $4``
+    the ``(created_at, id)`` of the previous page's last row. Both walk an
+    ``(owner, created_at, id)`` index in order: no sort, no OFFSET.
+    """
+    order, beyond = (" DESC", "<") if newest_first else ("", ">")
+    ordering = f"ORDER BY created_at{order}, id{order} LIMIT $2"
+    first = f"SELECT * FROM {table} WHERE {owner_column} = $1 {ordering}"
+    following = (
+        f"SELECT * FROM {table} WHERE {owner_column} = $1 "
+        f"AND (created_at, id) {beyond} ($3, $4) {ordering}"
+    )
+    return first, following
+
+
+async def page(
+    model: type[M],
+    sql: tuple[str, str],
+    *,
+    owner_column: str,
+    owner_id: UUID,
+    limit: int,
+    boundary: Any,
+    field: str,
+    entity: str,
+) -> list[M]:
+    """One page of ``model`` rows owned by ``owner_id``: the first, or the one past ``boundary``.
+
+    ``sql`` comes from :func:`statements`; ``boundary`` is the previous
+    page's last row (instance or id), checked by :func:`cursor`.
+    """
+    first, following = sql
+    if boundary is None:
+        rows = await _db.read(first, owner_id, limit)
+    else:
+        created_at, cursor_id = await cursor(
+            boundary, model, field=field, entity=entity,
+            owner_column=owner_column, owner_id=owner_id,
+        )
+        rows = await _db.read(following, owner_id, limit, created_at, cursor_id)
+    return [_db.to_model(model, row) for row in rows]

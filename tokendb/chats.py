@@ -222,33 +222,14 @@ async def list_chats(
 ) -> list[ChatSession]:
     """``user``'s chat sessions, newest first; ``before`` is the previous page's last session."""
     user_id = _args.ref_id(user, "user", User)
-    page = _args.page_limit(limit)
-    if before is None:
-        rows = await _db.read(
-            "SELECT * FROM chat_sessions WHERE user_id = $1 "
-            "ORDER BY created_at DESC, id DESC LIMIT $2",
-            user_id, page,
-        )
-    else:
-        created_at, cursor_id = await _keyset.cursor(
-            before, ChatSession, field="before", entity="chat session",
-            owner_column="user_id", owner_id=user_id,
-        )
-        rows = await _db.read(
-            "SELECT * FROM chat_sessions WHERE user_id = $1 AND (created_at, id) < ($3, $4) "
-            "ORDER BY created_at DESC, id DESC LIMIT $2",
-            user_id, page, created_at, cursor_id,
-        )
-    return [_db.to_model(ChatSession, row) for row in rows]
+    return await _keyset.page(
+        ChatSession, _SESSION_PAGES, owner_column="user_id", owner_id=user_id,
+        limit=_args.page_limit(limit), boundary=before, field="before", entity="chat session",
+    )
 
 
-_MESSAGES_FIRST = """
-SELECT * FROM chat_messages WHERE session_id = $1 ORDER BY created_at, id LIMIT $2
-"""
-_MESSAGES_AFTER = """
-SELECT * FROM chat_messages WHERE session_id = $1 AND (created_at, id) > ($3, $4)
-ORDER BY created_at, id LIMIT $2
-"""
+_SESSION_PAGES = _keyset.statements("chat_sessions", "user_id", newest_first=True)
+_MESSAGE_PAGES = _keyset.statements("chat_messages", "session_id", newest_first=False)
 
 
 @_db.translated
@@ -274,15 +255,10 @@ async def list_messages(
     )
     if not exists:
         raise NotFound("chat session", session_id)
-    if after is None:
-        rows = await _db.read(_MESSAGES_FIRST, session_id, page)
-    else:
-        created_at, cursor_id = await _keyset.cursor(
-            after, ChatMessage, field="after", entity="chat message",
-            owner_column="session_id", owner_id=session_id,
-        )
-        rows = await _db.read(_MESSAGES_AFTER, session_id, page, created_at, cursor_id)
-    return [_db.to_model(ChatMessage, row) for row in rows]
+    return await _keyset.page(
+        ChatMessage, _MESSAGE_PAGES, owner_column="session_id", owner_id=session_id,
+        limit=page, boundary=after, field="after", entity="chat message",
+    )
 
 
 @dataclass(frozen=True)

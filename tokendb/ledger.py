@@ -331,15 +331,8 @@ async def get_balance(*, user: User | UUID | str) -> int:
     return balance
 
 
-_PAGE_FIRST = """
-SELECT * FROM token_transactions WHERE user_id = $1
-ORDER BY created_at DESC, id DESC LIMIT $2
-"""
-_PAGE_BEFORE = """
-SELECT * FROM token_transactions
-WHERE user_id = $1 AND (created_at, id) < ($3, $4)
-ORDER BY created_at DESC, id DESC LIMIT $2
-"""
+_PAGES = _keyset.statements("token_transactions", "user_id", newest_first=True)
+_PAGE_FIRST, _PAGE_BEFORE = _PAGES  # the statements the benchmark and EXPLAIN test use
 
 
 @_db.translated
@@ -357,18 +350,14 @@ async def list_transactions(
     that is not this user's).
     """
     user_id = _args.ref_id(user, "user", User)
-    page = _args.page_limit(limit)
-    if before is None:
-        rows = await _db.read(_PAGE_FIRST, user_id, page)
-        if not rows and await _balance_or_none(user_id) is None:
-            raise NotFound("user", user_id)
-    else:
-        created_at, cursor_id = await _keyset.cursor(
-            before, TokenTransaction, field="before", entity="transaction",
-            owner_column="user_id", owner_id=user_id,
-        )
-        rows = await _db.read(_PAGE_BEFORE, user_id, page, created_at, cursor_id)
-    return [_db.to_model(TokenTransaction, row) for row in rows]
+    rows = await _keyset.page(
+        TokenTransaction, _PAGES, owner_column="user_id", owner_id=user_id,
+        limit=_args.page_limit(limit), boundary=before, field="before", entity="transaction",
+    )
+    # Every user has rows (the signup bonus): an empty first page asks whether it exists.
+    if not rows and before is None and await _balance_or_none(user_id) is None:
+        raise NotFound("user", user_id)
+    return rows
 
 
 @dataclass(frozen=True)
