@@ -50,26 +50,40 @@ def parser() -> argparse.ArgumentParser:
             "Example, CI size: python -m bench --quick. Scenarios: " + keys
         ),
     )
-    p.add_argument("--quick", action="store_true", help="CI size: " + ", ".join(
-        f"{key}={value}" for key, value in QUICK.items()))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI size: " + ", ".join(f"{key}={value}" for key, value in QUICK.items()),
+    )
     for option in fields(Options):
         if option.name in _HELP:
             kind = float if option.type in ("float", float) else int
             p.add_argument(
-                "--" + option.name.replace("_", "-"), type=kind, default=None,
+                "--" + option.name.replace("_", "-"),
+                type=kind,
+                default=None,
                 help=f"{_HELP[option.name]} (default {option.default})",
             )
     p.add_argument("--only", default=None, help="comma-separated scenario keys to run")
     p.add_argument(
-        "--server-url", default=None,
+        "--server-url",
+        default=None,
         help="PostgreSQL server to create the database on (default $TOKENDB_TEST_DATABASE_URL "
         "or postgres://postgres@127.0.0.1:5432/postgres)",
     )
-    p.add_argument("--markdown", type=Path, default=None,
-                   help="where to write the Markdown table (default bench/RESULTS.md; "
-                   "bench/results/quick.md with --quick)")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "latest.json",
-                   help="where to write the JSON results (default bench/results/latest.json)")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="where to write the Markdown table (default bench/RESULTS.md; "
+        "bench/results/quick.md with --quick)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=HERE / "results" / "latest.json",
+        help="where to write the JSON results (default bench/results/latest.json)",
+    )
     return p
 
 
@@ -112,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     default = HERE / "results" / "quick.md" if args.quick else HERE / "RESULTS.md"
     markdown = args.markdown or default
-    for path, text in ((markdown, report.markdown(result, command)),
-                       (args.json, report.as_json(result, command))):
+    for path, text in (
+        (markdown, report.markdown(result, command)),
+        (args.json, report.as_json(result, command)),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}")

@@ -44,7 +44,11 @@ async def charge_batch(pool: asyncpg.Pool, user_ids: list[UUID], amount: int) ->
     count = len(user_ids)
     rows = await pool.fetch(
         coalescing._BATCH,
-        user_ids, [amount] * count, [new_id() for _ in user_ids], [None] * count, [None] * count,
+        user_ids,
+        [amount] * count,
+        [new_id() for _ in user_ids],
+        [None] * count,
+        [None] * count,
     )
     if len(rows) != count or any(row["outcome"] != "moved" for row in rows):
         raise RuntimeError("a batched charge was refused")

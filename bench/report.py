@@ -9,8 +9,15 @@ from typing import Any
 from bench.runner import Report, Result
 
 HEADER = (
-    "scenario", "callers", "tokendb ops/s", "raw ops/s", "ratio", "target",
-    "tokendb p50/p99 ms", "raw p50/p99 ms", "books",
+    "scenario",
+    "callers",
+    "tokendb ops/s",
+    "raw ops/s",
+    "ratio",
+    "target",
+    "tokendb p50/p99 ms",
+    "raw p50/p99 ms",
+    "books",
 )
 
 
@@ -66,8 +73,10 @@ def notes(report: Report) -> list[str]:
 def table(report: Report) -> str:
     rows = [HEADER, *(_cells(result) for result in report.results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             for row in rows]
+    lines = [
+        " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(lines)
 

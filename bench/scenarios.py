@@ -305,67 +305,89 @@ def all_scenarios() -> list[Scenario]:
     many = "{users:,} users"
     return [
         Scenario(
-            "charge-hot", f"charge · {hot} · one statement per call",
+            "charge-hot",
+            f"charge · {hot} · one statement per call",
             "64 callers charge 1 token of the same user; coalescing off, so every call is "
             "one statement queueing on the user's row lock (baseline: the same statement).",
-            lambda bench: _movements(bench, 1, "usage"), target=0.9,
+            lambda bench: _movements(bench, 1, "usage"),
+            target=0.9,
         ),
         Scenario(
-            "charge-users", f"charge · {many} · one statement per call",
+            "charge-users",
+            f"charge · {many} · one statement per call",
             "64 callers charge 1 token of random users; coalescing off (baseline: the same "
             "statement).",
-            lambda bench: _movements(bench, bench.options.users, "usage"), target=0.9,
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            target=0.9,
         ),
         Scenario(
-            "coalesced-hot", f"charge · {hot} · coalesced (default)",
+            "coalesced-hot",
+            f"charge · {hot} · coalesced (default)",
             "The same calls with tokendb's default group commit, against the baseline's "
             "one statement per call.",
-            lambda bench: _movements(bench, 1, "usage"), target=10.0, coalesce=True,
+            lambda bench: _movements(bench, 1, "usage"),
+            target=10.0,
+            coalesce=True,
         ),
         Scenario(
-            "coalesced-users", f"charge · {many} · coalesced (default)",
+            "coalesced-users",
+            f"charge · {many} · coalesced (default)",
             "Random users, group commit, against one statement per call.",
             lambda bench: _movements(bench, bench.options.users, "usage"),
-            target=4.0, coalesce=True,
+            target=4.0,
+            coalesce=True,
         ),
         Scenario(
-            "coalesced-lone", f"charge · {many} · coalesced, 1 caller",
+            "coalesced-lone",
+            f"charge · {many} · coalesced, 1 caller",
             "A lone caller with coalescing on: no batch ever forms, and there is no timer, "
             "so a call costs what one statement costs.",
             lambda bench: _movements(bench, bench.options.users, "usage"),
-            target=0.9, coalesce=True, callers=lambda options: 1,
+            target=0.9,
+            coalesce=True,
+            callers=lambda options: 1,
         ),
         Scenario(
-            "charge-many", f"charge_many · {{batch}} per call · {many}",
+            "charge-many",
+            f"charge_many · {{batch}} per call · {many}",
             "One caller sends batches of charges; baseline: the same batch statement by hand "
             "(the ceiling coalescing approaches).",
-            _charge_many, callers=lambda options: 1,
+            _charge_many,
+            callers=lambda options: 1,
         ),
         Scenario(
-            "top-up", f"top_up · {many}",
+            "top-up",
+            f"top_up · {many}",
             "64 callers credit 1 token to random users (baseline: the same statement).",
-            lambda bench: _movements(bench, bench.options.users, "topup"), target=0.9,
+            lambda bench: _movements(bench, bench.options.users, "topup"),
+            target=0.9,
         ),
         Scenario(
-            "verify", "verify_api_key · 1 hot key",
+            "verify",
+            "verify_api_key · 1 hot key",
             "64 callers verify the same key: lookup by hash with the user, last_used_at "
             "written at most once a minute (baseline: the SELECT by hash joined to users).",
-            _verify, target=0.9,
+            _verify,
+            target=0.9,
         ),
         Scenario(
-            "add-message", "add_message · 64 sessions",
+            "add-message",
+            "add_message · 64 sessions",
             "Each caller stores a message and bills 1 token to its own session's user in one "
             "statement (baseline: the same statement).",
-            _add_message, target=0.8,
+            _add_message,
+            target=0.8,
         ),
         Scenario(
-            "list-small", "list_transactions · {small_history_rows:,} rows",
+            "list-small",
+            "list_transactions · {small_history_rows:,} rows",
             "One caller reads the newest page (50 rows) of a user with a short history.",
             _list_page(lambda options: options.small_history_rows),
             callers=lambda options: 1,
         ),
         Scenario(
-            "list-large", "list_transactions · {history_rows:,} rows",
+            "list-large",
+            "list_transactions · {history_rows:,} rows",
             "The same page of a user with a long history: keyset pagination on the "
             "(user_id, created_at DESC, id DESC) index costs the same.",
             _list_page(lambda options: options.history_rows),

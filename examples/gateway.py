@@ -70,13 +70,19 @@ async def create_session(body: NewSession, key: ChatKey) -> ChatSessionOut:
 @app.post("/v1/chat/sessions/{session_id}/messages")
 async def send_message(session_id: UUID, body: NewMessage, key: ChatKey) -> Exchange:
     prompt = await tokendb.add_message(
-        session=session_id, role="user", content=body.content,
-        tokens=count_tokens(body.content), user=key.user_id,
+        session=session_id,
+        role="user",
+        content=body.content,
+        tokens=count_tokens(body.content),
+        user=key.user_id,
     )
     answer = generate(body.content)
     reply = await tokendb.add_message(
-        session=session_id, role="assistant", content=answer,
-        tokens=count_tokens(answer), user=key.user_id,
+        session=session_id,
+        role="assistant",
+        content=answer,
+        tokens=count_tokens(answer),
+        user=key.user_id,
     )
     return Exchange(
         prompt=ChatMessageOut.model_validate(prompt),

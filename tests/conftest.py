@@ -67,4 +67,3 @@ async def raw(tokendb_db: str) -> AsyncIterator[asyncpg.Connection]:
     finally:
         await tx.rollback()
         await conn.close()
-

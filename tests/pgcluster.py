@@ -118,8 +118,15 @@ class ThrowawayCluster:
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres", "postgres")
         await self._run(
-            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-            "--auth=trust", "--no-sync", "-E", "UTF8",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
         )
         await self.start()
 
@@ -129,14 +136,30 @@ class ThrowawayCluster:
             "-c fsync=off -c max_connections=60"
         )
         await self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
-            "-l", str(self.folder / "server.log"), "-w", "-t", "30", "start",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.folder / "server.log"),
+            "-w",
+            "-t",
+            "30",
+            "start",
         )
 
     async def stop(self, mode: str = "fast") -> None:
         """``fast`` rolls back sessions and checkpoints; ``immediate`` is a crash (WAL recovery)."""
         await self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "30",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "30",
             "stop",
         )
 

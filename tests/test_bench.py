@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 
@@ -48,10 +52,28 @@ def test_a_tiny_run_writes_the_table_and_its_books_balance(
 ) -> None:
     markdown, results = tmp_path / "RESULTS.md", tmp_path / "results.json"
     result = bench(
-        "--duration", "0.1", "--warmup", "0.05", "--rounds", "3", "--concurrency", "8",
-        "--users", "20", "--batch", "8", "--small-history-rows", "200", "--only", scenarios,
-        "--server-url", server_url(pytestconfig),
-        "--markdown", str(markdown), "--json", str(results),
+        "--duration",
+        "0.1",
+        "--warmup",
+        "0.05",
+        "--rounds",
+        "3",
+        "--concurrency",
+        "8",
+        "--users",
+        "20",
+        "--batch",
+        "8",
+        "--small-history-rows",
+        "200",
+        "--only",
+        scenarios,
+        "--server-url",
+        server_url(pytestconfig),
+        "--markdown",
+        str(markdown),
+        "--json",
+        str(results),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     header = [cell.strip() for cell in result.stdout.splitlines()[0].split("|")]

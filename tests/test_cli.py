@@ -41,7 +41,10 @@ def cli(tokendb_clean: str) -> Any:
     async def run(*args: str, stdin: str | None = None) -> Result:
         env = {**os.environ, "DATABASE_URL": tokendb_clean, "COLUMNS": "200"}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokendb", *args,
+            sys.executable,
+            "-m",
+            "tokendb",
+            *args,
             env=env,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -72,11 +75,25 @@ COMMANDS = command_paths(typer.main.get_group(app))
 def test_every_command_is_covered_by_the_help_test() -> None:
     names = {" ".join(path) for path in COMMANDS}
     assert {
-        "migrate", "demo", "audit",
-        "users create", "users get", "users list",
-        "keys issue", "keys list", "keys revoke", "keys verify",
-        "tokens topup", "tokens charge", "tokens refund", "tokens balance", "tokens history",
-        "db start", "db stop", "db status", "db url",
+        "migrate",
+        "demo",
+        "audit",
+        "users create",
+        "users get",
+        "users list",
+        "keys issue",
+        "keys list",
+        "keys revoke",
+        "keys verify",
+        "tokens topup",
+        "tokens charge",
+        "tokens refund",
+        "tokens balance",
+        "tokens history",
+        "db start",
+        "db stop",
+        "db status",
+        "db url",
     } <= names
 
 
@@ -92,8 +109,11 @@ def test_every_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
 
 
 def test_read_commands_offer_json() -> None:
-    readers = [path for path in COMMANDS if path[-1] in {"get", "list", "balance", "history",
-                                                         "verify", "status", "audit"}]
+    readers = [
+        path
+        for path in COMMANDS
+        if path[-1] in {"get", "list", "balance", "history", "verify", "status", "audit"}
+    ]
     for path in readers:
         result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
         assert "--json" in result.output, path
@@ -101,8 +121,15 @@ def test_read_commands_offer_json() -> None:
 
 async def test_users_and_keys_round_trip_without_printing_hashes(cli: Any) -> None:
     created = await cli(
-        "users", "create", "--email", "Ada@Example.com", "--name", "Ada",
-        "--password", "correct horse battery", "--json",
+        "users",
+        "create",
+        "--email",
+        "Ada@Example.com",
+        "--name",
+        "Ada",
+        "--password",
+        "correct horse battery",
+        "--json",
     )
     assert created.code == 0, created.stderr
     user = created.json()
@@ -113,8 +140,9 @@ async def test_users_and_keys_round_trip_without_printing_hashes(cli: Any) -> No
     assert fetched.json() == user
     assert [row["id"] for row in (await cli("users", "list", "--json")).json()] == [user["id"]]
 
-    issued = await cli("keys", "issue", "--user", "ada@example.com", "--name", "laptop",
-                       "-p", "chat", "--json")
+    issued = await cli(
+        "keys", "issue", "--user", "ada@example.com", "--name", "laptop", "-p", "chat", "--json"
+    )
     assert issued.code == 0, issued.stderr
     key = issued.json()
     secret = key["secret"]
@@ -142,8 +170,17 @@ async def test_users_and_keys_round_trip_without_printing_hashes(cli: Any) -> No
 
 async def test_token_commands_move_tokens_and_refuse_overdrafts(cli: Any) -> None:
     user = await tokendb.create_user(email="bob@example.com", password="hunter2hunter2", name="Bob")
-    topped = await cli("tokens", "topup", "--user", "bob@example.com", "--amount", "400",
-                       "-d", "invoice 1", "--json")
+    topped = await cli(
+        "tokens",
+        "topup",
+        "--user",
+        "bob@example.com",
+        "--amount",
+        "400",
+        "-d",
+        "invoice 1",
+        "--json",
+    )
     assert topped.code == 0 and topped.json()["balance_after"] == 500
     charged = await cli("tokens", "charge", "-u", str(user.id), "-a", "120", "--json")
     usage = charged.json()
@@ -152,9 +189,7 @@ async def test_token_commands_move_tokens_and_refuse_overdrafts(cli: Any) -> Non
     before = await tokendb.list_transactions(user=user)
     refused = await cli("tokens", "charge", "-u", str(user.id), "-a", "100000")
     assert refused.code == 1
-    assert refused.stderr.strip() == (
-        f"Error: user {user.id} has 380 tokens, 100000 requested"
-    )
+    assert refused.stderr.strip() == (f"Error: user {user.id} has 380 tokens, 100000 requested")
     assert "Traceback" not in refused.stderr
     assert await tokendb.list_transactions(user=user) == before  # nothing written
     assert await tokendb.get_balance(user=user) == 380
@@ -169,8 +204,9 @@ async def test_token_commands_move_tokens_and_refuse_overdrafts(cli: Any) -> Non
     assert (await cli("tokens", "balance", "-u", "bob@example.com")).stdout.strip() == "400 tokens"
     history = (await cli("tokens", "history", "-u", str(user.id), "--limit", "2", "--json")).json()
     assert [row["type"] for row in history] == ["refund", "usage"]
-    older = await cli("tokens", "history", "-u", str(user.id), "--before", history[-1]["id"],
-                      "--json")
+    older = await cli(
+        "tokens", "history", "-u", str(user.id), "--before", history[-1]["id"], "--json"
+    )
     assert [row["type"] for row in older.json()] == ["topup", "bonus"]
 
 

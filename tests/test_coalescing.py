@@ -213,9 +213,9 @@ async def test_mixed_users_in_one_batch(tokendb_clean: str, funded_user, coalesc
         assert await tokendb.get_balance(user=user) == 50 - len(moved)
 
 
-
 class RollBack(Exception):
     """Raised to leave an ``in_transaction()`` block: nothing else raises it."""
+
 
 async def test_inside_the_callers_transaction_the_charge_is_part_of_it(
     tokendb_clean: str, funded_user, coalescing_on
@@ -412,8 +412,10 @@ async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
     async with holding_row_lock(tokendb_clean, user.id) as lock:
         batch = started(
             tokendb.charge_many(
-                items=[{"user": user, "amount": 4, "reference_id": reference},
-                       {"user": user, "amount": 1}]
+                items=[
+                    {"user": user, "amount": 4, "reference_id": reference},
+                    {"user": user, "amount": 1},
+                ]
             )
         )
         await blocked_backends(lock, like="%WITH RECURSIVE items%")

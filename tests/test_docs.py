@@ -50,9 +50,13 @@ async def bash(script: str, cwd: Path = ROOT, **env: str) -> str:
         if value == "":
             del environment[name]
     process = await asyncio.create_subprocess_exec(
-        "bash", "-c", "set -euo pipefail\n" + script,
-        cwd=cwd, env=environment,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "bash",
+        "-c",
+        "set -euo pipefail\n" + script,
+        cwd=cwd,
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 300)
     report = f"{script}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"

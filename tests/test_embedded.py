@@ -129,8 +129,11 @@ def test_stale_pid_file_of_another_process_is_cleared_and_that_process_survives(
             f"{bystander.pid}\n{cluster}\n{started}\n5432\n{cluster}\n\n  0 0\nready   \n"
         )
         result = subprocess.run(
-            [sys.executable, "-c", CHILD], env=child_env(data_dir),
-            capture_output=True, text=True, timeout=180,
+            [sys.executable, "-c", CHILD],
+            env=child_env(data_dir),
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("ready")
@@ -145,7 +148,10 @@ def test_stale_pid_file_of_another_process_is_cleared_and_that_process_survives(
 def test_sigterm_stops_the_server_instead_of_orphaning_it(data_dir: Path, tmp_path: Path) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path / "never")],
-        env=child_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=child_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout is not None
@@ -165,8 +171,11 @@ def test_processes_share_the_server_and_the_last_one_out_stops_it(
     go_first, go_second = tmp_path / "first", tmp_path / "second"
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(go)], env=child_env(data_dir),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", CHILD, str(go)],
+            env=child_env(data_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for go in (go_first, go_second)
     ]
@@ -250,11 +259,15 @@ def test_resolution_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("DATABASE_URL", "postgres://from-env/db")
     explicit = config.resolve_database("postgres://explicit/db")
     assert (explicit.url, explicit.variable, explicit.embedded) == (
-        "postgres://explicit/db", "database_url", False,
+        "postgres://explicit/db",
+        "database_url",
+        False,
     )
     from_env = config.resolve_database(None)
     assert (from_env.url, from_env.variable, from_env.embedded) == (
-        "postgres://from-env/db", "DATABASE_URL", False,
+        "postgres://from-env/db",
+        "DATABASE_URL",
+        False,
     )
     monkeypatch.setenv("TOKENDB_DATA_DIR", "~/somewhere")
     assert config.data_dir_from_env() == Path.home() / "somewhere"
@@ -267,7 +280,10 @@ def test_uvicorn_on_the_embedded_server_stops_it_on_sigterm(data_dir: Path) -> N
     root = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "examples.gateway:app", "--port", "0"],
-        cwd=root, env=child_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=root,
+        env=child_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     try:
@@ -299,8 +315,11 @@ def test_a_process_whose_server_was_stopped_under_it_starts_it_again(data_dir: P
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, str(data_dir)], env=child_env(data_dir),
-        capture_output=True, text=True, timeout=180,
+        [sys.executable, "-c", script, str(data_dir)],
+        env=child_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"

@@ -36,7 +36,11 @@ BOUND = 20.0  # seconds: any call that takes longer counts as a hang
 async def faults_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIterator[str]:
     """tokendb on a database of the test's own, on a pool of 4 connections."""
     async with isolated_tokendb(
-        server_url(request.config), tokendb_db, min_size=1, max_size=4, lock_timeout=None,
+        server_url(request.config),
+        tokendb_db,
+        min_size=1,
+        max_size=4,
+        lock_timeout=None,
         statement_timeout=60,
     ) as url:
         yield url
@@ -523,11 +527,14 @@ async def test_a_failing_migration_leaves_the_schema_as_it_was(
             assert await conn.fetch(DATA) == data
             # Fixed, it applies: nothing of the failed attempt was recorded as done.
             (location / "tokendb" / "2_20991231000000_broken.py").write_text(
-                BROKEN_MIGRATION.replace(' - 1000;  -- violates a CHECK: fails', ';')
+                BROKEN_MIGRATION.replace(" - 1000;  -- violates a CHECK: fails", ";")
             )
             assert await _upgrade(url, location) == ["2_20991231000000_broken.py"]
-            assert await conn.fetchval(
-                "SELECT count(*) FROM information_schema.columns WHERE column_name = 'nickname'"
-            ) == 1
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM information_schema.columns WHERE column_name = 'nickname'"
+                )
+                == 1
+            )
         finally:
             await conn.close()

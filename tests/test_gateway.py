@@ -46,23 +46,29 @@ async def test_a_chat_is_billed_over_http(
     assert session["user_id"] == str(user.id) and session["tokens_used"] == 0
 
     sent = await client.post(
-        f"/v1/chat/sessions/{session['id']}/messages", json={"content": "hello there world"},
+        f"/v1/chat/sessions/{session['id']}/messages",
+        json={"content": "hello there world"},
         headers=auth,
     )
     assert sent.status_code == 200, sent.text
     exchange = sent.json()
     assert exchange["prompt"]["tokens"] == 3
     assert exchange["reply"] == exchange["reply"] | {
-        "role": "assistant", "content": "You said: hello there world", "tokens": 5,
+        "role": "assistant",
+        "content": "You said: hello there world",
+        "tokens": 5,
     }
     assert exchange["balance"] == 92
 
     assert (await client.get("/v1/balance", headers=auth)).json() == {
-        "user_id": str(user.id), "balance": 92,
+        "user_id": str(user.id),
+        "balance": 92,
     }
     ledger = (await client.get("/v1/transactions", headers=auth)).json()
     assert [(row["type"], row["amount"]) for row in ledger] == [
-        ("usage", -5), ("usage", -3), ("bonus", 100),
+        ("usage", -5),
+        ("usage", -3),
+        ("bonus", 100),
     ]
     older = await client.get(
         "/v1/transactions", params={"limit": 1, "before": ledger[0]["id"]}, headers=auth
@@ -78,7 +84,8 @@ async def test_an_unpaid_reply_is_402_and_only_the_prompt_is_billed(
     user, auth = await customer(funded_user, make_api_key, 4)
     session = (await client.post("/v1/chat/sessions", json={}, headers=auth)).json()
     refused = await client.post(
-        f"/v1/chat/sessions/{session['id']}/messages", json={"content": "one two three"},
+        f"/v1/chat/sessions/{session['id']}/messages",
+        json={"content": "one two three"},
         headers=auth,
     )
     assert refused.status_code == 402
@@ -114,9 +121,16 @@ async def test_uvicorn_serves_the_gateway_as_the_readme_shows(
     _, auth = await customer(funded_user, make_api_key, 50)
     port = free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uvicorn", "examples.gateway:app", "--port", str(port),
-        cwd=ROOT, env={**os.environ, "DATABASE_URL": tokendb_clean},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "examples.gateway:app",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": tokendb_clean},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -128,7 +142,8 @@ async def test_uvicorn_serves_the_gateway_as_the_readme_shows(
                     await asyncio.sleep(0.1)
             session = (await http.post("/v1/chat/sessions", json={}, headers=auth)).json()
             sent = await http.post(
-                f"/v1/chat/sessions/{session['id']}/messages", json={"content": "ping"},
+                f"/v1/chat/sessions/{session['id']}/messages",
+                json={"content": "ping"},
                 headers=auth,
             )
             assert sent.status_code == 200 and sent.json()["balance"] == 50 - 1 - 3

@@ -171,9 +171,11 @@ def secrets(world: World) -> st.SearchStrategy[Any]:
     return st.one_of(
         real,
         st.builds(lambda secret, cut: secret[:cut], real, st.integers(0, 47)),
-        st.builds(lambda secret, tail: secret + tail, real, hostile_text().filter(
-            lambda value: isinstance(value, str)
-        )),
+        st.builds(
+            lambda secret, tail: secret + tail,
+            real,
+            hostile_text().filter(lambda value: isinstance(value, str)),
+        ),
         real.map(str.swapcase),
         real.map(lambda secret: f" {secret}\n"),
         st.text(alphabet="sk_live_AZaz09", max_size=60).map(lambda tail: "sk_live_" + tail),
@@ -310,8 +312,12 @@ async def tenants(tokendb_clean: str, make_user: Any) -> dict[str, Any]:
         message = await tokendb.add_message(session=session, role="user", content=name, tokens=3)
         usage = await tokendb.charge(user=user, amount=20)
         found[name] = {
-            "user": user, "key": key, "secret": secret, "session": session,
-            "message": message, "usage": usage,
+            "user": user,
+            "key": key,
+            "secret": secret,
+            "session": session,
+            "message": message,
+            "usage": usage,
         }
     return found
 
@@ -323,18 +329,28 @@ async def test_cross_tenant_calls_are_not_found_and_write_nothing(
     as_alice = alice["user"]
     attempts: list[tuple[str, Callable[[], Any]]] = [
         ("start_chat", lambda: tokendb.start_chat(api_key=bob["key"], model="m", user=as_alice)),
-        ("add_message", lambda: tokendb.add_message(
-            session=bob["session"], role="user", content="x", tokens=1, user=as_alice)),
+        (
+            "add_message",
+            lambda: tokendb.add_message(
+                session=bob["session"], role="user", content="x", tokens=1, user=as_alice
+            ),
+        ),
         ("end_chat", lambda: tokendb.end_chat(session=bob["session"], user=as_alice)),
         ("get_chat", lambda: tokendb.get_chat(session=bob["session"], user=as_alice)),
         ("list_messages", lambda: tokendb.list_messages(session=bob["session"], user=as_alice)),
         ("refund", lambda: tokendb.refund(transaction=bob["usage"], user=as_alice)),
         ("revoke_api_key", lambda: tokendb.revoke_api_key(api_key=bob["key"], user=as_alice)),
         # A session can't take another session's messages, even as a cursor.
-        ("list_messages after", lambda: tokendb.list_messages(
-            session=alice["session"], after=bob["message"], user=as_alice)),
-        ("list_messages after, no owner", lambda: tokendb.list_messages(
-            session=alice["session"], after=bob["message"])),
+        (
+            "list_messages after",
+            lambda: tokendb.list_messages(
+                session=alice["session"], after=bob["message"], user=as_alice
+            ),
+        ),
+        (
+            "list_messages after, no owner",
+            lambda: tokendb.list_messages(session=alice["session"], after=bob["message"]),
+        ),
     ]
     raw = await asyncpg.connect(tokendb_db)
     try:
@@ -376,7 +392,9 @@ async def test_the_database_refuses_a_refund_of_another_users_charge(
         await raw.execute(
             "INSERT INTO token_transactions (id, user_id, amount, type, reference_id, "
             "balance_after) VALUES ($1, $2, 5, 'refund', $3, 82)",
-            uuid.uuid4(), alice["user"].id, bob["usage"].id,
+            uuid.uuid4(),
+            alice["user"].id,
+            bob["usage"].id,
         )
     assert caught.value.constraint_name == "token_transactions_refund_target"
     refund = await tokendb.refund(transaction=bob["usage"], amount=5)

@@ -78,7 +78,7 @@ async def test_plaintexts_never_reach_the_database_or_the_logs(
                 errors.append(exc)
         key, secret = await tokendb.issue_api_key(user=user, name=f"key {index}")
         revoked, revoked_secret = await tokendb.issue_api_key(user=user, name="old")
-        plaintexts += [secret, secret[len(key.key_prefix):], revoked_secret]
+        plaintexts += [secret, secret[len(key.key_prefix) :], revoked_secret]
         verified = await tokendb.verify_api_key(secret=secret, permission="chat")
         session = await tokendb.start_chat(api_key=verified, model="m")
         await tokendb.add_message(session=session, role="user", content="hello", tokens=1)

@@ -191,7 +191,11 @@ async def test_a_server_that_stops_answering_is_a_timeout_not_a_hang(tokendb_db:
     async with (
         throwaway_cluster() as cluster,
         isolated_tokendb(
-            cluster.url, tokendb_db, min_size=2, max_size=2, statement_timeout=0.5,
+            cluster.url,
+            tokendb_db,
+            min_size=2,
+            max_size=2,
+            statement_timeout=0.5,
             acquire_timeout=2.0,
         ) as url,
     ):

@@ -22,7 +22,7 @@ asyncio_default_fixture_loop_scope = session
 asyncio_default_test_loop_scope = session
 """
 
-DOWNSTREAM = '''
+DOWNSTREAM = """
 import pathlib
 import tokendb
 
@@ -45,7 +45,7 @@ async def test_keys_and_a_clean_database(tokendb_clean, make_api_key):
 
 def test_unrelated_tests_need_no_database():
     assert True
-'''
+"""
 
 
 @pytest.fixture

@@ -285,9 +285,7 @@ async def test_a_rehash_on_login_never_overwrites_a_concurrent_password_change(
             await other.execute(
                 "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, changed_hash
             )
-            login = asyncio.ensure_future(
-                tokendb.authenticate(email=user.email, password=PASSWORD)
-            )
+            login = asyncio.ensure_future(tokendb.authenticate(email=user.email, password=PASSWORD))
             await blocked_backends(other, like="UPDATE users SET password_hash%")
             await tx.commit()
             await asyncio.wait_for(login, 10)  # the old password was right when checked
@@ -300,6 +298,8 @@ def test_parameters_restores_what_was_in_force() -> None:
     before = passwords.current_parameters()
     with passwords.parameters(time_cost=3, memory_cost=4096, parallelism=2):
         assert passwords.current_parameters() == {
-            "time_cost": 3, "memory_cost": 4096, "parallelism": 2,
+            "time_cost": 3,
+            "memory_cost": 4096,
+            "parallelism": 2,
         }
     assert passwords.current_parameters() == before

@@ -36,7 +36,8 @@ async def cursor(
     cursor_id = _args.uuid_value(value, field)
     rows = await _db.read(
         f"SELECT created_at FROM {model._meta.db_table} WHERE id = $1 AND {owner_column} = $2",
-        cursor_id, owner_id,
+        cursor_id,
+        owner_id,
     )
     if not rows:
         raise NotFound(entity, cursor_id)
@@ -84,8 +85,12 @@ async def page(
         rows = await _db.read(first, owner_id, limit)
     else:
         created_at, cursor_id = await cursor(
-            boundary, model, field=field, entity=entity,
-            owner_column=owner_column, owner_id=owner_id,
+            boundary,
+            model,
+            field=field,
+            entity=entity,
+            owner_column=owner_column,
+            owner_id=owner_id,
         )
         rows = await _db.read(following, owner_id, limit, created_at, cursor_id)
     return [_db.to_model(model, row) for row in rows]

@@ -92,8 +92,8 @@ def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
                 values[attr] = to_python(value)
         for key, attr, enum in enums:
             value = row[key]
-            values[attr] = None if value is None else enum._value2member_map_.get(value) or enum(
-                value
+            values[attr] = (
+                None if value is None else enum._value2member_map_.get(value) or enum(value)
             )
         for key, attr, to_python in converted:
             values[attr] = to_python(row[key])

@@ -52,7 +52,14 @@ RETURNING *
 """
 
 _USER_COLUMNS = (
-    "id", "email", "password_hash", "name", "role", "token_balance", "created_at", "updated_at",
+    "id",
+    "email",
+    "password_hash",
+    "name",
+    "role",
+    "token_balance",
+    "created_at",
+    "updated_at",
 )
 
 # The lookup by hash (unique index) with the user, read-only.
@@ -98,8 +105,13 @@ async def issue_api_key(
     secret = keys.generate_key()
     rows = await _db.write(
         _ISSUE,
-        new_id(), user_id, keys.hash_key(secret), keys.key_prefix(secret), clean_name,
-        json.dumps(scopes), expiry,
+        new_id(),
+        user_id,
+        keys.hash_key(secret),
+        keys.key_prefix(secret),
+        clean_name,
+        json.dumps(scopes),
+        expiry,
     )
     if not rows:
         raise NotFound("user", user_id)
@@ -182,7 +194,8 @@ async def revoke_api_key(
     rows = await _db.write(
         "UPDATE api_keys SET is_active = false "
         "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",
-        key_id, owner,
+        key_id,
+        owner,
     )
     if not rows:
         raise NotFound("API key", key_id)
@@ -194,9 +207,9 @@ async def list_api_keys(*, user: User | UUID | str, include_revoked: bool = True
     """``user``'s keys, oldest first. Raises :class:`NotFound` for an unknown user."""
     user_id = _args.ref_id(user, "user", User)
     rows = await _db.read(
-        "SELECT * FROM api_keys WHERE user_id = $1 AND (is_active OR $2) "
-        "ORDER BY created_at, id",
-        user_id, bool(include_revoked),
+        "SELECT * FROM api_keys WHERE user_id = $1 AND (is_active OR $2) ORDER BY created_at, id",
+        user_id,
+        bool(include_revoked),
     )
     if not rows and not await _db.read("SELECT 1 FROM users WHERE id = $1", user_id):
         raise NotFound("user", user_id)

@@ -106,7 +106,8 @@ async def start_chat(
     found = await _db.read(
         "SELECT key_prefix, is_active, expires_at FROM api_keys "
         "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        key_id, owner,
+        key_id,
+        owner,
     )
     if not found:
         raise NotFound("API key", key_id)
@@ -151,7 +152,8 @@ async def add_message(
         return _db.to_model(ChatMessage, rows[0])
     state = await _db.read(
         "SELECT ended_at FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        session_id, owner,
+        session_id,
+        owner,
     )
     if not state:
         raise NotFound("chat session", session_id)
@@ -170,7 +172,8 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
     user_id = await conn.fetchval(
         "SELECT user_id FROM chat_sessions WHERE id = $1 AND ended_at IS NULL "
         "AND ($2::uuid IS NULL OR user_id = $2) FOR UPDATE",
-        session_id, owner,
+        session_id,
+        owner,
     )
     if user_id is None:
         return []  # ended or gone meanwhile: the caller tells which
@@ -191,7 +194,8 @@ async def end_chat(
     rows = await _db.write(
         "UPDATE chat_sessions SET ended_at = coalesce(ended_at, clock_timestamp()) "
         "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",
-        session_id, _owner(user),
+        session_id,
+        _owner(user),
     )
     if not rows:
         raise NotFound("chat session", session_id)
@@ -206,7 +210,8 @@ async def get_chat(
     session_id = _args.ref_id(session, "session", ChatSession)
     rows = await _db.read(
         "SELECT * FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        session_id, _owner(user),
+        session_id,
+        _owner(user),
     )
     if not rows:
         raise NotFound("chat session", session_id)
@@ -223,8 +228,14 @@ async def list_chats(
     """``user``'s chat sessions, newest first; ``before`` is the previous page's last session."""
     user_id = _args.ref_id(user, "user", User)
     return await _keyset.page(
-        ChatSession, _SESSION_PAGES, owner_column="user_id", owner_id=user_id,
-        limit=_args.page_limit(limit), boundary=before, field="before", entity="chat session",
+        ChatSession,
+        _SESSION_PAGES,
+        owner_column="user_id",
+        owner_id=user_id,
+        limit=_args.page_limit(limit),
+        boundary=before,
+        field="before",
+        entity="chat session",
     )
 
 
@@ -251,13 +262,20 @@ async def list_messages(
     owner = _owner(user)
     exists = await _db.read(
         "SELECT 1 FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        session_id, owner,
+        session_id,
+        owner,
     )
     if not exists:
         raise NotFound("chat session", session_id)
     return await _keyset.page(
-        ChatMessage, _MESSAGE_PAGES, owner_column="session_id", owner_id=session_id,
-        limit=page, boundary=after, field="after", entity="chat message",
+        ChatMessage,
+        _MESSAGE_PAGES,
+        owner_column="session_id",
+        owner_id=session_id,
+        limit=page,
+        boundary=after,
+        field="after",
+        entity="chat message",
     )
 
 

@@ -245,7 +245,10 @@ def demo(
 
     if users and not as_json:
         with Progress(
-            TextColumn("Seeding users"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("Seeding users"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             console=err,
         ) as progress:
             task = progress.add_task("seed", total=users)
@@ -313,7 +316,10 @@ def users_create(
     password: Annotated[
         str,
         typer.Option(
-            "--password", prompt=True, hide_input=True, confirmation_prompt=True,
+            "--password",
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
             help="At least 8 characters; prompted for when not given.",
         ),
     ],
@@ -479,8 +485,10 @@ def _movement(
     ) -> None:
         async def action() -> tokendb.TokenTransaction:
             return await operation(
-                user=await _user_id(user), amount=amount,
-                description=description, reference_id=reference_id,
+                user=await _user_id(user),
+                amount=amount,
+                description=description,
+                reference_id=reference_id,
             )
 
         _emit(_run(ctx, action), as_json=as_json, title="Ledger row")

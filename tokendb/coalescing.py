@@ -245,8 +245,13 @@ def _outcomes(
             existing = moved.get((user_id, reference))
             if existing is None:
                 existing = _usage_row(
-                    row["prior_id"], user_id, -row["prior_amount"], row["prior_description"],
-                    reference, row["prior_balance_after"], row["prior_created_at"],
+                    row["prior_id"],
+                    user_id,
+                    -row["prior_amount"],
+                    row["prior_description"],
+                    reference,
+                    row["prior_balance_after"],
+                    row["prior_created_at"],
                 )
             try:
                 outcomes.append(ledger._as_repeat(existing, -amount))

@@ -167,9 +167,7 @@ async def init_config(
     credentials.setdefault("timeout", acquire_timeout)
     if statement_timeout is not None:
         credentials.setdefault("command_timeout", statement_timeout + _COMMAND_TIMEOUT_MARGIN)
-    _db.configure(
-        _db.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges)
-    )
+    _db.configure(_db.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges))
     return config
 
 

@@ -320,7 +320,11 @@ def _ensure_database(info: _PidFile) -> None:
     host = info.socket_dir or info.hostname or "127.0.0.1"
     connection = ["-h", host, "-U", "postgres"] + (["-p", str(info.port)] if info.port else [])
     found = _run(
-        "psql", *connection, "-d", "postgres", "-tAc",
+        "psql",
+        *connection,
+        "-d",
+        "postgres",
+        "-tAc",
         f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
     )
     if found.returncode == 0 and found.stdout.strip() == "1":
@@ -375,7 +379,11 @@ def ensure_server(data_dir: Path, *, keep_running: bool = False) -> str:
             with _c_locale():
                 server = backend.get_server(pgdata, cleanup_mode="stop")
         except (
-            subprocess.SubprocessError, OSError, RuntimeError, AssertionError, ValueError
+            subprocess.SubprocessError,
+            OSError,
+            RuntimeError,
+            AssertionError,
+            ValueError,
         ) as exc:
             raise DatabaseUnavailable(
                 f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); "

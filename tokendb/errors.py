@@ -164,9 +164,7 @@ class InsufficientTokens(TokenDBError):
     """A debit of ``requested`` tokens was refused because the balance is ``balance``."""
 
     def __init__(self, user_id: UUID, balance: int, requested: int) -> None:
-        super().__init__(
-            f"user {user_id} has {balance} tokens, {requested} requested"
-        )
+        super().__init__(f"user {user_id} has {balance} tokens, {requested} requested")
         self.user_id = user_id
         self.balance = balance
         self.requested = requested

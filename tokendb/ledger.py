@@ -311,7 +311,11 @@ async def refund(
             raise RefundExceedsCharge(charge_id, refundable, wanted)
         row = await conn.fetchrow(
             _MOVE,
-            locked["user_id"], wanted, TransactionType.REFUND.value, new_id(), charge_id,
+            locked["user_id"],
+            wanted,
+            TransactionType.REFUND.value,
+            new_id(),
+            charge_id,
             text if text is not None else f"refund of {charge_id}",
         )
         assert row is not None  # the lock is ours and credits have no floor
@@ -351,8 +355,14 @@ async def list_transactions(
     """
     user_id = _args.ref_id(user, "user", User)
     rows = await _keyset.page(
-        TokenTransaction, _PAGES, owner_column="user_id", owner_id=user_id,
-        limit=_args.page_limit(limit), boundary=before, field="before", entity="transaction",
+        TokenTransaction,
+        _PAGES,
+        owner_column="user_id",
+        owner_id=user_id,
+        limit=_args.page_limit(limit),
+        boundary=before,
+        field="before",
+        entity="transaction",
     )
     # Every user has rows (the signup bonus): an empty first page asks whether it exists.
     if not rows and before is None and await _balance_or_none(user_id) is None:

@@ -87,7 +87,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--tokendb-url",
         default=None,
         help="PostgreSQL server URL on which tokendb_db creates its throw-away database "
-        "(default: $TOKENDB_TEST_DATABASE_URL, else " + DEFAULT_TEST_DATABASE_URL
+        "(default: $TOKENDB_TEST_DATABASE_URL, else "
+        + DEFAULT_TEST_DATABASE_URL
         + " if it answers, else tokendb's embedded server)",
     )
 

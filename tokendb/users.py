@@ -106,7 +106,13 @@ async def create_user(
     try:
         rows = await _db.write(
             _CREATE_USER,
-            new_id(), normalized, password_hash, clean_name, member.value, bonus, new_id(),
+            new_id(),
+            normalized,
+            password_hash,
+            clean_name,
+            member.value,
+            bonus,
+            new_id(),
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name in _EMAIL_CONSTRAINTS:
@@ -145,7 +151,9 @@ async def authenticate(*, email: str, password: str) -> User:
         updated = await _db.write(
             "UPDATE users SET password_hash = $2, updated_at = clock_timestamp() "
             "WHERE id = $1 AND password_hash = $3 RETURNING *",
-            user.id, new_hash, user.password_hash,
+            user.id,
+            new_hash,
+            user.password_hash,
         )
         if updated:
             user = _db.to_model(User, updated[0])
@@ -226,7 +234,9 @@ async def change_password(
     rows = await _db.write(
         "UPDATE users SET password_hash = $2, updated_at = clock_timestamp() "
         "WHERE id = $1 AND ($3::text IS NULL OR password_hash = $3) RETURNING *",
-        user_id, new_hash, checked_hash,
+        user_id,
+        new_hash,
+        checked_hash,
     )
     if not rows:
         if checked_hash is not None:
@@ -242,9 +252,9 @@ async def set_role(*, user: User | UUID | str, role: UserRole | str) -> User:
     member = _args.enum_member(role, UserRole, "role")
     rows = await _db.write(
         "UPDATE users SET role = $2, updated_at = clock_timestamp() WHERE id = $1 RETURNING *",
-        user_id, member.value,
+        user_id,
+        member.value,
     )
     if not rows:
         raise NotFound("user", user_id)
     return _db.to_model(User, rows[0])
-
