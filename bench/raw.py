@@ -12,7 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
-from tokendb import api_keys, chats, coalescing, keys, ledger
+from tokendb import _ledger_sql, api_keys, keys
 from tokendb.connection import init_config
 from tokendb.ids import new_id
 
@@ -32,18 +32,18 @@ async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
 
 
 async def move(pool: asyncpg.Pool, user_id: UUID, delta: int, kind: str) -> asyncpg.Record:
-    """One charge (``delta`` < 0) or top-up: :data:`tokendb.ledger._MOVE`."""
-    row = await pool.fetchrow(ledger._MOVE, user_id, delta, kind, new_id(), None, None)
+    """One charge (``delta`` < 0) or top-up: :data:`tokendb._ledger_sql.MOVE`."""
+    row = await pool.fetchrow(_ledger_sql.MOVE, user_id, delta, kind, new_id(), None, None)
     if row is None:
         raise RuntimeError(f"refused: {user_id} {delta}")
     return row
 
 
 async def charge_batch(pool: asyncpg.Pool, user_ids: list[UUID], amount: int) -> list[Any]:
-    """Many charges in one statement: :data:`tokendb.coalescing._BATCH`."""
+    """Many charges in one statement: :data:`tokendb._ledger_sql.BATCH`."""
     count = len(user_ids)
     rows = await pool.fetch(
-        coalescing._BATCH,
+        _ledger_sql.BATCH,
         user_ids,
         [amount] * count,
         [new_id() for _ in user_ids],
@@ -67,9 +67,9 @@ async def verify(pool: asyncpg.Pool, secret: str) -> asyncpg.Record:
 
 
 async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens: int) -> Any:
-    """Message + session total + debit: :data:`tokendb.chats._ADD_MESSAGE`."""
+    """Message + session total + debit: :data:`tokendb._ledger_sql.ADD_MESSAGE`."""
     row = await pool.fetchrow(
-        chats._ADD_MESSAGE, new_id(), session_id, "user", content, tokens, new_id(), None
+        _ledger_sql.ADD_MESSAGE, new_id(), session_id, "user", content, tokens, new_id(), None
     )
     if row is None:
         raise RuntimeError("session ended")
@@ -77,5 +77,5 @@ async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens
 
 
 async def first_page(pool: asyncpg.Pool, user_id: UUID, limit: int) -> list[asyncpg.Record]:
-    """The newest ``limit`` ledger rows of a user: :data:`tokendb.ledger._PAGE_FIRST`."""
-    return await pool.fetch(ledger._PAGE_FIRST, user_id, limit)
+    """The newest ``limit`` ledger rows of a user (:data:`tokendb._ledger_sql.PAGES`)."""
+    return await pool.fetch(_ledger_sql.PAGES[0], user_id, limit)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib.util
 import socket
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from tokendb import _db
+from tokendb import _db, _settings
 from tokendb.testing import TABLES
 
 # Per table: its row count, and a digest of every row, so an UPDATE that
@@ -88,13 +87,9 @@ async def blocked_backends(conn: asyncpg.Connection, like: str = "%") -> list[in
 
 @contextlib.contextmanager
 def db_settings(**changes: Any) -> Iterator[None]:
-    """The storage seam's settings (:class:`tokendb._db.Settings`) changed for the block."""
-    saved = _db.settings()
-    _db.configure(dataclasses.replace(saved, **changes))
-    try:
+    """The seam's settings (:class:`tokendb._settings.Settings`) changed for the block only."""
+    with _settings.using(**changes):
         yield
-    finally:
-        _db.configure(saved)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""Tests for tokendb.coalescing: group-committed charges and charge_many.
+"""Tests for coalesced charges (tokendb._group_commit, tokendb._ledger_sql.BATCH) and charge_many.
 
 Correctness only, never speed: outcomes equal to one call after another
 (checked against a Python model), batches that really formed, cancellation,
@@ -21,7 +21,7 @@ from tortoise.transactions import in_transaction
 
 import tokendb
 from tests.helpers import blocked_backends, db_settings, holding_row_lock, table_counts
-from tokendb import _db, coalescing, ledger
+from tokendb import _db, _ledger_sql, _settings, ledger
 from tokendb.ids import new_id
 
 UNKNOWN_USER = uuid.UUID("00000000-0000-7000-8000-000000000001")
@@ -93,7 +93,7 @@ async def workload(funded_user, seed: int) -> tuple[list[tuple], SequentialModel
 
 @pytest.fixture
 def coalescing_on() -> Any:
-    assert _db.settings().coalesce_charges, "tokendb.init() coalesces charges by default"
+    assert _settings.current().coalesce_charges, "tokendb.init() coalesces charges by default"
 
 
 def coalescing_off() -> contextlib.AbstractContextManager[None]:
@@ -381,7 +381,7 @@ async def test_charge_many_of_nothing(tokendb_clean: str) -> None:
 async def test_charge_many_splits_long_lists_and_keeps_their_order(
     tokendb_clean: str, funded_user, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(coalescing, "MAX_BATCH", 4)
+    monkeypatch.setattr(ledger, "MAX_BATCH", 4)
     user = await funded_user(balance=10)
     results = await tokendb.charge_many(items=[{"user": user, "amount": 1} for _ in range(12)])
     moved = [r.balance_after for r in results if isinstance(r, tokendb.TokenTransaction)]
@@ -420,7 +420,7 @@ async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
         )
         await blocked_backends(lock, like="%WITH RECURSIVE items%")
         theirs = new_id()
-        await lock.execute(ledger._MOVE, user.id, -4, "usage", theirs, reference, "elsewhere")
+        await lock.execute(_ledger_sql.MOVE, user.id, -4, "usage", theirs, reference, "elsewhere")
         await lock.execute("COMMIT")
         await lock.execute("BEGIN")  # for the rollback on the way out
     results = await batch

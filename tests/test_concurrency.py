@@ -16,13 +16,12 @@ import pytest
 
 import tokendb
 from tests.helpers import db_settings, table_counts
-from tokendb import _db
+from tokendb import _tortoise
 
 
 @pytest.fixture(autouse=True, params=[True, False], ids=["coalesced", "one-statement-per-call"])
 async def wide_pool(tokendb_clean: str, request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    client = _db._client()
-    pool = await _db._pool(client)
+    pool = await _tortoise.pool(_tortoise.models_client())
     assert pool.get_max_size() >= 16, "concurrency tests need a pool of at least 16 connections"
     with db_settings(coalesce_charges=request.param):
         yield

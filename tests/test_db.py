@@ -1,4 +1,4 @@
-"""Tests for tokendb._db's bounded waits: _Deadline and its watchdog, on a real pool."""
+"""Tests for tokendb._waits: bounded waits (Deadline and its watchdog) on a real pool."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 import tokendb
 from tests.helpers import db_settings
-from tokendb import _db
+from tokendb import _db, _tortoise, _waits
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ async def short_acquire_timeout(tokendb_db: str) -> AsyncIterator[float]:
 @pytest.fixture
 async def exhausted_pool(tokendb_db: str) -> AsyncIterator[list[object]]:
     """Every pooled connection taken (and given back at the end)."""
-    pool = await _db._pool(_db._client())
+    pool = await _tortoise.pool(_tortoise.models_client())
     held = [await pool.acquire() for _ in range(pool.get_max_size())]
     try:
         yield held
@@ -33,23 +33,23 @@ async def exhausted_pool(tokendb_db: str) -> AsyncIterator[list[object]]:
 
 async def test_a_deadline_cancels_an_overdue_wait_as_a_timeout() -> None:
     started = time.monotonic()
-    with pytest.raises(TimeoutError), _db._Deadline(0.05):
+    with pytest.raises(TimeoutError), _waits.Deadline(0.05):
         await asyncio.sleep(5)
-    assert 0.05 <= time.monotonic() - started < 0.05 + _db._TICK + 0.5
+    assert 0.05 <= time.monotonic() - started < 0.05 + _waits.TICK + 0.5
 
 
 async def test_a_deadline_met_leaves_nothing_behind() -> None:
-    with _db._Deadline(5):
+    with _waits.Deadline(5):
         await asyncio.sleep(0.01)
-    watchdog = _db._Watchdog.of(asyncio.get_running_loop())
+    watchdog = _waits.Watchdog.of(asyncio.get_running_loop())
     assert watchdog.deadlines == {}
-    await asyncio.sleep(_db._TICK * 2)
+    await asyncio.sleep(_waits.TICK * 2)
     assert watchdog.timer is None  # it stops ticking when nothing waits
 
 
 async def test_the_callers_own_cancellation_stays_a_cancellation() -> None:
     async def wait() -> None:
-        with _db._Deadline(0.05):
+        with _waits.Deadline(0.05):
             await asyncio.sleep(5)
 
     task = asyncio.ensure_future(wait())
@@ -73,7 +73,7 @@ async def test_an_exhausted_pool_is_a_database_timeout(
 async def test_the_pool_serves_again_once_connections_come_back(
     short_acquire_timeout: float, tokendb_db: str
 ) -> None:
-    pool = await _db._pool(_db._client())
+    pool = await _tortoise.pool(_tortoise.models_client())
     held = [await pool.acquire() for _ in range(pool.get_max_size())]
     waiting = asyncio.ensure_future(_db.read("SELECT 1 AS one"))
     await asyncio.sleep(0.05)

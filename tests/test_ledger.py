@@ -11,7 +11,7 @@ from tortoise.exceptions import IntegrityError
 
 import tokendb
 from tests.helpers import blocked_backends, table_counts, tamper
-from tokendb import _db, ledger
+from tokendb import _db, _ledger_sql
 from tokendb.models import TransactionType
 
 INT4_MAX = 2**31 - 1
@@ -342,8 +342,6 @@ async def test_list_transactions_pages_walk_the_user_created_index(raw, page: st
     """The plan of both page statements is an index scan in order, no sort: page 1,000
     of a 1M-row history costs what page 1 costs (the benchmark times the first page at
     10k and 1M rows)."""
-    from tokendb import ledger
-
     users = [uuid.uuid4() for _ in range(20)]
     await raw.execute(
         "INSERT INTO users (id, email, password_hash, name, role, token_balance, created_at, "
@@ -359,14 +357,14 @@ async def test_list_transactions_pages_walk_the_user_created_index(raw, page: st
     )
     await raw.execute("ANALYZE token_transactions")
     if page == "first":
-        sql, args = ledger._PAGE_FIRST, (users[3], 50)
+        sql, args = _ledger_sql.PAGES[0], (users[3], 50)
     else:
         cursor = await raw.fetchrow(
             "SELECT created_at, id FROM token_transactions WHERE user_id = $1 "
             "ORDER BY created_at DESC, id DESC OFFSET 250 LIMIT 1",
             users[3],
         )
-        sql, args = ledger._PAGE_BEFORE, (users[3], 50, cursor["created_at"], cursor["id"])
+        sql, args = _ledger_sql.PAGES[1], (users[3], 50, cursor["created_at"], cursor["id"])
     plan = "\n".join(row[0] for row in await raw.fetch(f"EXPLAIN {sql}", *args))
     assert "Index Scan using token_transactions_user_created_idx" in plan, plan
     assert "Sort" not in plan, plan
@@ -394,16 +392,16 @@ async def test_a_refusal_that_a_late_credit_covers_is_decided_under_the_lock(
     decided again with the row locked, and succeeds.
     """
     user = await make_user()
-    real = ledger._balance_or_none
+    real = _ledger_sql.balance_or_none
 
     async def credit_lands_first(user_id: uuid.UUID) -> int | None:
         await tokendb.top_up(user=user, amount=50)
         return await real(user_id)
 
-    monkeypatch.setattr(ledger, "_balance_or_none", credit_lands_first)
+    monkeypatch.setattr(_ledger_sql, "balance_or_none", credit_lands_first)
     tx = await tokendb.charge(user=user, amount=120)
     assert (tx.amount, tx.balance_after) == (-120, 30)
-    monkeypatch.undo()  # get_balance reads through _balance_or_none too
+    monkeypatch.undo()  # get_balance reads through balance_or_none too
     assert await tokendb.get_balance(user=user) == 30
 
 
@@ -415,7 +413,7 @@ async def test_the_locked_decision_reports_the_balance_it_refused_on(
     async def says_it_covers(user_id: uuid.UUID) -> int | None:
         return 10**6  # stale: sends the call to the locked decision
 
-    monkeypatch.setattr(ledger, "_balance_or_none", says_it_covers)
+    monkeypatch.setattr(_ledger_sql, "balance_or_none", says_it_covers)
     before = await table_counts()
     with pytest.raises(tokendb.InsufficientTokens) as info:
         await tokendb.charge(user=user, amount=101)

@@ -23,8 +23,6 @@ from tokendb.chats import get_chat as get_chat
 from tokendb.chats import list_chats as list_chats
 from tokendb.chats import list_messages as list_messages
 from tokendb.chats import start_chat as start_chat
-from tokendb.coalescing import ChargeItem as ChargeItem
-from tokendb.coalescing import charge_many as charge_many
 from tokendb.connection import close as close
 from tokendb.connection import connect as connect
 from tokendb.connection import init as init
@@ -46,9 +44,11 @@ from tokendb.errors import ReferenceConflict as ReferenceConflict
 from tokendb.errors import RefundExceedsCharge as RefundExceedsCharge
 from tokendb.errors import TokenDBError as TokenDBError
 from tokendb.errors import ValidationError as ValidationError
+from tokendb.ledger import ChargeItem as ChargeItem
 from tokendb.ledger import LedgerDiscrepancy as LedgerDiscrepancy
 from tokendb.ledger import audit_ledger as audit_ledger
 from tokendb.ledger import charge as charge
+from tokendb.ledger import charge_many as charge_many
 from tokendb.ledger import get_balance as get_balance
 from tokendb.ledger import grant_bonus as grant_bonus
 from tokendb.ledger import list_transactions as list_transactions

@@ -17,6 +17,7 @@ import asyncpg
 from tortoise.models import Model
 
 from tokendb.errors import ValidationError
+from tokendb.models import User
 
 INT4_MAX = 2**31 - 1
 """The largest value of a PostgreSQL ``integer`` column (balances, amounts, tokens)."""
@@ -35,8 +36,16 @@ def ref_id(value: Any, field: str, model: type[Model]) -> UUID:
 
 
 def optional_ref_id(value: Any, field: str, model: type[Model]) -> UUID | None:
-    """:func:`ref_id` of ``value``, or None when it is None (an optional owner check)."""
+    """:func:`ref_id` of ``value``, or None when it is None."""
     return None if value is None else ref_id(value, field, model)
+
+
+def owner(value: Any) -> UUID | None:
+    """The id of an operation's optional ``user=`` owner check, or None without one.
+
+    The statement checks it with :func:`tokendb._sql.owned_by`.
+    """
+    return None if value is None else ref_id(value, "user", User)
 
 
 @contextmanager
@@ -48,7 +57,12 @@ def fits_integer_column(field: str) -> Iterator[None]:
     try:
         yield
     except asyncpg.NumericValueOutOfRangeError as exc:
-        raise ValidationError(field, f"would take a total past {INT4_MAX}") from exc
+        raise past_integer_column(field) from exc
+
+
+def past_integer_column(field: str) -> ValidationError:
+    """The error for a sum past :data:`INT4_MAX` that only the database saw (see above)."""
+    return ValidationError(field, f"would take a total past {INT4_MAX}")
 
 
 def uuid_value(value: Any, field: str) -> UUID:

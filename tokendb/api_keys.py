@@ -18,7 +18,9 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from tokendb import _args, _db, keys
+from tokendb import _args, _db, _sql, keys
+from tokendb._rows import to_model
+from tokendb._translate import translated
 from tokendb.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
@@ -42,30 +44,31 @@ DEFAULT_TOUCH_INTERVAL = timedelta(seconds=60)
 """How stale ``last_used_at`` may get before ``verify_api_key`` writes it again."""
 MAX_TOUCH_INTERVAL = timedelta(days=365)
 
-_ISSUE = """
-INSERT INTO api_keys
-    (id, user_id, key_hash, key_prefix, name, permissions, is_active,
-     last_used_at, expires_at, created_at)
-SELECT $1, id, $3, $4, $5, $6::jsonb, true, NULL, $7, clock_timestamp()
-FROM users WHERE id = $2
+_NEW_KEY = _sql.insert(
+    ApiKey,
+    {
+        "id": "$1",
+        "user_id": "id",
+        "key_hash": "$3",
+        "key_prefix": "$4",
+        "name": "$5",
+        "permissions": "$6::jsonb",
+        "is_active": "true",
+        "expires_at": "$7",
+        "created_at": "clock_timestamp()",
+    },
+    source="users",
+)
+# $1 new id, $2 the user, $3 hash, $4 display prefix, $5 name, $6 permissions (JSON), $7 expiry.
+_ISSUE = f"""
+{_NEW_KEY}
+WHERE id = $2
 RETURNING *
 """
 
-_USER_COLUMNS = (
-    "id",
-    "email",
-    "password_hash",
-    "name",
-    "role",
-    "token_balance",
-    "created_at",
-    "updated_at",
-)
-
 # The lookup by hash (unique index) with the user, read-only.
 _LOOKUP = f"""
-SELECT k.*, {", ".join(f"u.{column} AS user_{column}" for column in _USER_COLUMNS)},
-       now() AS checked_at
+SELECT k.*, {_sql.select_list(User, "u", "user_")}, now() AS checked_at
 FROM api_keys k JOIN users u ON u.id = k.user_id
 WHERE k.key_hash = $1
 """
@@ -78,7 +81,7 @@ RETURNING last_used_at
 """
 
 
-@_db.translated
+@translated
 async def issue_api_key(
     *,
     user: User | UUID | str,
@@ -115,7 +118,7 @@ async def issue_api_key(
     )
     if not rows:
         raise NotFound("user", user_id)
-    return _db.to_model(ApiKey, rows[0]), secret
+    return to_model(ApiKey, rows[0]), secret
 
 
 def _touch_interval(value: Any) -> timedelta:
@@ -130,7 +133,7 @@ def _touch_interval(value: Any) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
-@_db.translated
+@translated
 async def verify_api_key(
     *,
     secret: str,
@@ -155,9 +158,9 @@ async def verify_api_key(
     if not rows:
         raise InvalidApiKey()
     row = rows[0]
-    api_key = _db.to_model(ApiKey, row)
+    api_key = to_model(ApiKey, row)
     # What select_related("user") sets (a cache attribute, not a field: no Model.__setattr__).
-    object.__setattr__(api_key, "_user", _db.to_model(User, row, prefix="user_"))
+    object.__setattr__(api_key, "_user", to_model(User, row, prefix="user_"))
     checked_at: datetime = row["checked_at"]
     if not api_key.is_active:
         raise ApiKeyRevoked(api_key.key_prefix)
@@ -181,7 +184,12 @@ async def _touch(key_id: UUID, checked_at: datetime, interval: timedelta) -> dat
     return rows[0]["last_used_at"] if rows else None
 
 
-@_db.translated
+_REVOKE = (
+    f"UPDATE api_keys SET is_active = false WHERE id = $1 AND {_sql.owned_by('$2')} RETURNING *"
+)
+
+
+@translated
 async def revoke_api_key(
     *, api_key: ApiKey | UUID | str, user: User | UUID | str | None = None
 ) -> ApiKey:
@@ -190,19 +198,13 @@ async def revoke_api_key(
     With ``user``, the key must belong to that user. Raises :class:`NotFound`.
     """
     key_id = _args.ref_id(api_key, "api_key", ApiKey)
-    owner = _args.optional_ref_id(user, "user", User)
-    rows = await _db.write(
-        "UPDATE api_keys SET is_active = false "
-        "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",
-        key_id,
-        owner,
-    )
+    rows = await _db.write(_REVOKE, key_id, _args.owner(user))
     if not rows:
         raise NotFound("API key", key_id)
-    return _db.to_model(ApiKey, rows[0])
+    return to_model(ApiKey, rows[0])
 
 
-@_db.translated
+@translated
 async def list_api_keys(*, user: User | UUID | str, include_revoked: bool = True) -> list[ApiKey]:
     """``user``'s keys, oldest first. Raises :class:`NotFound` for an unknown user."""
     user_id = _args.ref_id(user, "user", User)
@@ -213,4 +215,4 @@ async def list_api_keys(*, user: User | UUID | str, include_revoked: bool = True
     )
     if not rows and not await _db.read("SELECT 1 FROM users WHERE id = $1", user_id):
         raise NotFound("user", user_id)
-    return [_db.to_model(ApiKey, row) for row in rows]
+    return [to_model(ApiKey, row) for row in rows]

@@ -1,7 +1,7 @@
 """Chat sessions whose messages are billed.
 
 ``add_message`` stores the message, adds its tokens to the session and
-charges the user in **one statement** (:data:`_ADD_MESSAGE`), so
+charges the user in **one statement** (:data:`_ledger_sql.ADD_MESSAGE`), so
 ``session.tokens_used == Σ message.tokens == −Σ usage rows of its messages``
 holds after every call. Lock order is session row, then user row,
 everywhere; no code path takes them the other way round, so chats cannot
@@ -16,7 +16,9 @@ from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db, _keyset
+from tokendb import _args, _db, _keyset, _ledger_sql, _sql
+from tokendb._rows import to_model
+from tokendb._translate import translated
 from tokendb.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
@@ -42,49 +44,39 @@ __all__ = [
 MAX_CONTENT_LENGTH = 4_000_000
 """Characters in one message: room for a full long-context prompt, not unbounded."""
 
-_START = """
-INSERT INTO chat_sessions (id, user_id, api_key_id, tokens_used, model, created_at, ended_at)
-SELECT $1, user_id, id, 0, $3, clock_timestamp(), NULL
-FROM api_keys
+_NEW_SESSION = _sql.insert(
+    ChatSession,
+    {
+        "id": "$1",
+        "user_id": "user_id",
+        "api_key_id": "id",
+        "tokens_used": "0",
+        "model": "$3",
+        "created_at": "clock_timestamp()",
+    },
+    source="api_keys",
+)
+# $1 new id, $2 the key, $3 model, $4 the key's owner or NULL.
+_START = f"""
+{_NEW_SESSION}
 WHERE id = $2 AND is_active AND (expires_at IS NULL OR expires_at > now())
-  AND ($4::uuid IS NULL OR user_id = $4)
+  AND {_sql.owned_by("$4")}
 RETURNING *
 """
 
-# Session row first (tokens_used), then the user row (the debit). If the
-# debit would go below zero, users_token_balance_nonnegative aborts the
-# whole statement: the session update and the message go with it.
-_ADD_MESSAGE = """
-WITH session AS (
-    UPDATE chat_sessions SET tokens_used = tokens_used + $5
-    WHERE id = $2 AND ended_at IS NULL AND ($7::uuid IS NULL OR user_id = $7)
-    RETURNING id, user_id, model
-), debit AS (
-    UPDATE users
-    SET token_balance = token_balance - $5, updated_at = clock_timestamp()
-    WHERE $5 > 0 AND id = (SELECT user_id FROM session)
-    RETURNING id, token_balance
-), message AS (
-    INSERT INTO chat_messages (id, session_id, role, content, tokens, created_at)
-    SELECT $1, id, $3, $4, $5, clock_timestamp() FROM session
-    RETURNING *
-), usage AS (
-    INSERT INTO token_transactions
-        (id, user_id, amount, type, description, reference_id, balance_after, created_at)
-    SELECT $6, debit.id, -$5, 'usage', 'chat message (' || session.model || ')', $1,
-           debit.token_balance, clock_timestamp()
-    FROM debit, session
-    RETURNING id
+# $1 the row, $2 its owner or NULL: another user's row is not found.
+_OWNED = f"WHERE id = $1 AND {_sql.owned_by('$2')}"
+_KEY_STATE = f"SELECT key_prefix, is_active, expires_at FROM api_keys {_OWNED}"
+_SESSION = f"SELECT * FROM chat_sessions {_OWNED}"
+_SESSION_STATE = f"SELECT ended_at FROM chat_sessions {_OWNED}"
+_LOCK_OPEN_SESSION = f"SELECT user_id FROM chat_sessions {_OWNED} AND ended_at IS NULL FOR UPDATE"
+_END = (
+    f"UPDATE chat_sessions SET ended_at = coalesce(ended_at, clock_timestamp()) {_OWNED} "
+    "RETURNING *"
 )
-SELECT * FROM message
-"""
 
 
-def _owner(user: Any) -> UUID | None:
-    return _args.optional_ref_id(user, "user", User)
-
-
-@_db.translated
+@translated
 async def start_chat(
     *,
     api_key: ApiKey | UUID | str,
@@ -99,16 +91,11 @@ async def start_chat(
     """
     key_id = _args.ref_id(api_key, "api_key", ApiKey)
     model_name = _args.text(model, "model", max_length=50)
-    owner = _owner(user)
+    owner = _args.owner(user)
     rows = await _db.write(_START, new_id(), key_id, model_name, owner)
     if rows:
-        return _db.to_model(ChatSession, rows[0])
-    found = await _db.read(
-        "SELECT key_prefix, is_active, expires_at FROM api_keys "
-        "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        key_id,
-        owner,
-    )
+        return to_model(ChatSession, rows[0])
+    found = await _db.read(_KEY_STATE, key_id, owner)
     if not found:
         raise NotFound("API key", key_id)
     if not found[0]["is_active"]:
@@ -116,7 +103,7 @@ async def start_chat(
     raise ApiKeyExpired(found[0]["key_prefix"], found[0]["expires_at"])
 
 
-@_db.translated
+@translated
 async def add_message(
     *,
     session: ChatSession | UUID | str,
@@ -139,29 +126,25 @@ async def add_message(
     member = _args.enum_member(role, MessageRole, "role")
     body = _args.text(content, "content", max_length=MAX_CONTENT_LENGTH, min_length=0, strip=False)
     cost = _args.whole_number(tokens, "tokens", minimum=0)
-    owner = _owner(user)
+    owner = _args.owner(user)
     arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner)
     with _args.fits_integer_column("tokens"):
         try:
-            rows = await _db.write(_ADD_MESSAGE, *arguments)
+            rows = await _db.write(_ledger_sql.ADD_MESSAGE, *arguments)
         except asyncpg.CheckViolationError as exc:
             if exc.constraint_name != "users_token_balance_nonnegative":
                 raise
             rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
     if rows:
-        return _db.to_model(ChatMessage, rows[0])
-    state = await _db.read(
-        "SELECT ended_at FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        session_id,
-        owner,
-    )
+        return to_model(ChatMessage, rows[0])
+    state = await _db.read(_SESSION_STATE, session_id, owner)
     if not state:
         raise NotFound("chat session", session_id)
     raise ChatSessionEnded(session_id)
 
 
 async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) -> list[Any]:
-    """:data:`_ADD_MESSAGE` again after a refusal, deciding with both rows locked.
+    """:data:`_ledger_sql.ADD_MESSAGE` again after a refusal, deciding with both rows locked.
 
     The refusal was judged on the balance at lock time; by now a credit may
     have landed, and reading the balance afterwards could report one that
@@ -169,56 +152,40 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
     makes the balance the decision is made on the one that is reported.
     """
     _, session_id, _, _, cost, _, owner = arguments
-    user_id = await conn.fetchval(
-        "SELECT user_id FROM chat_sessions WHERE id = $1 AND ended_at IS NULL "
-        "AND ($2::uuid IS NULL OR user_id = $2) FOR UPDATE",
-        session_id,
-        owner,
-    )
+    user_id = await conn.fetchval(_LOCK_OPEN_SESSION, session_id, owner)
     if user_id is None:
         return []  # ended or gone meanwhile: the caller tells which
-    balance = await conn.fetchval(
-        "SELECT token_balance FROM users WHERE id = $1 FOR UPDATE", user_id
-    )
+    balance = await conn.fetchval(_ledger_sql.LOCK_USER, user_id)
     if balance < cost:
         raise InsufficientTokens(user_id, int(balance), cost)
-    return await conn.fetch(_ADD_MESSAGE, *arguments)
+    return await conn.fetch(_ledger_sql.ADD_MESSAGE, *arguments)
 
 
-@_db.translated
+@translated
 async def end_chat(
     *, session: ChatSession | UUID | str, user: User | UUID | str | None = None
 ) -> ChatSession:
     """End ``session``; idempotent (the first ``ended_at`` stays). Raises :class:`NotFound`."""
     session_id = _args.ref_id(session, "session", ChatSession)
-    rows = await _db.write(
-        "UPDATE chat_sessions SET ended_at = coalesce(ended_at, clock_timestamp()) "
-        "WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",
-        session_id,
-        _owner(user),
-    )
+    rows = await _db.write(_END, session_id, _args.owner(user))
     if not rows:
         raise NotFound("chat session", session_id)
-    return _db.to_model(ChatSession, rows[0])
+    return to_model(ChatSession, rows[0])
 
 
-@_db.translated
+@translated
 async def get_chat(
     *, session: ChatSession | UUID | str, user: User | UUID | str | None = None
 ) -> ChatSession:
     """The chat session (with ``user``: only if it is theirs). Raises :class:`NotFound`."""
     session_id = _args.ref_id(session, "session", ChatSession)
-    rows = await _db.read(
-        "SELECT * FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        session_id,
-        _owner(user),
-    )
+    rows = await _db.read(_SESSION, session_id, _args.owner(user))
     if not rows:
         raise NotFound("chat session", session_id)
-    return _db.to_model(ChatSession, rows[0])
+    return to_model(ChatSession, rows[0])
 
 
-@_db.translated
+@translated
 async def list_chats(
     *,
     user: User | UUID | str,
@@ -243,7 +210,7 @@ _SESSION_PAGES = _keyset.statements("chat_sessions", "user_id", newest_first=Tru
 _MESSAGE_PAGES = _keyset.statements("chat_messages", "session_id", newest_first=False)
 
 
-@_db.translated
+@translated
 async def list_messages(
     *,
     session: ChatSession | UUID | str,
@@ -259,12 +226,8 @@ async def list_messages(
     """
     session_id = _args.ref_id(session, "session", ChatSession)
     page = _args.page_limit(limit)
-    owner = _owner(user)
-    exists = await _db.read(
-        "SELECT 1 FROM chat_sessions WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
-        session_id,
-        owner,
-    )
+    owner = _args.owner(user)
+    exists = await _db.read(_SESSION_STATE, session_id, owner)
     if not exists:
         raise NotFound("chat session", session_id)
     return await _keyset.page(
@@ -309,7 +272,7 @@ ORDER BY s.id
 """
 
 
-@_db.translated
+@translated
 async def audit_chats() -> list[ChatDiscrepancy]:
     """Every session where ``tokens_used``, Σ message tokens and Σ billed usage disagree."""
     rows = await _db.read(_AUDIT_CHATS)

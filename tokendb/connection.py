@@ -15,7 +15,8 @@ from typing import Any, TypedDict, TypeVar, Unpack
 
 from tortoise import Tortoise
 
-from tokendb import _db
+from tokendb import _db, _settings, _tortoise
+from tokendb._translate import translated
 from tokendb.config import APP_LABEL, config_for, resolve_database_async
 from tokendb.errors import ConfigurationError, TokenDBError
 
@@ -61,7 +62,7 @@ def migrations_location() -> Path:
     )
 
 
-@_db.translated
+@translated
 async def init(
     database_url: str | None = None,
     *,
@@ -87,10 +88,10 @@ async def init(
     answering), and on opening a connection after ``acquire_timeout``.
     ``in_transaction()`` on this connection is guarded against the
     connection leak of Tortoise's pooled transactions (see
-    :func:`tokendb._db.guard_transactions`).
+    :func:`tokendb._tortoise.guard_transactions`).
 
     ``coalesce_charges`` lets concurrent :func:`~tokendb.charge` calls share
-    statements, group-commit style (:mod:`tokendb.coalescing`); turn it off to
+    statements, group-commit style (:mod:`tokendb.ledger`); turn it off to
     give every call a statement of its own.
 
     The pool is opened and checked before returning, so a wrong URL fails
@@ -167,7 +168,9 @@ async def init_config(
     credentials.setdefault("timeout", acquire_timeout)
     if statement_timeout is not None:
         credentials.setdefault("command_timeout", statement_timeout + _COMMAND_TIMEOUT_MARGIN)
-    _db.configure(_db.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges))
+    _settings.initialise(
+        _settings.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges)
+    )
     return config
 
 
@@ -187,13 +190,13 @@ def _check_timeout(name: str, seconds: object, *, optional: bool) -> None:
         )
 
 
-@_db.translated
+@translated
 async def check_connection() -> None:
     """Guard Tortoise's transactions, open the pool and run ``SELECT 1``.
 
     On failure the connections are closed and the error raised.
     """
-    _db.guard_transactions()
+    _tortoise.guard_transactions()
     try:
         await _db.read("SELECT 1")
     except TokenDBError:
@@ -214,7 +217,7 @@ def is_initialised() -> bool:
     return True
 
 
-@_db.translated
+@translated
 async def close() -> None:
     """Close the connection pool opened by :func:`init` (a no-op when not initialised)."""
     if Tortoise.is_inited():
@@ -234,7 +237,7 @@ async def connect(database_url: str | None = None, **options: Any) -> AsyncItera
         await close()
 
 
-@_db.translated
+@translated
 async def migrate(database_url: str | None = None) -> list[str]:
     """Apply tokendb's pending Aerich migrations (``aerich upgrade``); return the files applied.
 
@@ -248,7 +251,7 @@ async def migrate(database_url: str | None = None) -> list[str]:
     return await _upgrade(database_url, migrations_location())
 
 
-@_db.translated
+@translated
 async def _upgrade(database_url: str | None, location: Path) -> list[str]:
     """``aerich upgrade`` of the migrations under ``location`` (tests point it elsewhere)."""
 

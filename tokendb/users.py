@@ -14,7 +14,9 @@ from uuid import UUID
 import asyncpg
 from email_validator import EmailNotValidError, validate_email
 
-from tokendb import _args, _db, passwords
+from tokendb import _args, _db, _ledger_sql, passwords
+from tokendb._rows import to_model
+from tokendb._translate import translated
 from tokendb.errors import EmailTaken, InvalidCredentials, NotFound, ValidationError
 from tokendb.ids import new_id
 from tokendb.models import User, UserRole
@@ -37,20 +39,6 @@ MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024  # bounds the hashing work one request can cause
 
 _EMAIL_CONSTRAINTS = {"users_email_key", "users_email_lower_key"}
-
-_CREATE_USER = """
-WITH new_user AS (
-    INSERT INTO users (id, email, password_hash, name, role, token_balance, created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp(), clock_timestamp())
-    RETURNING *
-), bonus AS (
-    INSERT INTO token_transactions
-        (id, user_id, amount, type, description, reference_id, balance_after, created_at)
-    SELECT $7, id, token_balance, 'bonus', 'signup bonus', NULL, token_balance, created_at
-    FROM new_user WHERE token_balance > 0
-)
-SELECT * FROM new_user
-"""
 
 
 def normalize_email(email: Any) -> str:
@@ -81,7 +69,7 @@ def _password(password: Any, field: str = "password") -> str:
     return password
 
 
-@_db.translated
+@translated
 async def create_user(
     *,
     email: str,
@@ -105,7 +93,7 @@ async def create_user(
     password_hash = await passwords.hash_password(_password(password))
     try:
         rows = await _db.write(
-            _CREATE_USER,
+            _ledger_sql.CREATE_USER,
             new_id(),
             normalized,
             password_hash,
@@ -118,10 +106,10 @@ async def create_user(
         if exc.constraint_name in _EMAIL_CONSTRAINTS:
             raise EmailTaken(normalized) from exc
         raise
-    return _db.to_model(User, rows[0])
+    return to_model(User, rows[0])
 
 
-@_db.translated
+@translated
 async def authenticate(*, email: str, password: str) -> User:
     """The user with ``email`` whose password is ``password``.
 
@@ -144,7 +132,7 @@ async def authenticate(*, email: str, password: str) -> User:
     stored_hash = rows[0]["password_hash"] if rows else None
     if not await passwords.verify_password(stored_hash, password) or not rows:
         raise InvalidCredentials()
-    user = _db.to_model(User, rows[0])
+    user = to_model(User, rows[0])
     if passwords.needs_rehash(user.password_hash):
         new_hash = await passwords.hash_password(password)
         # Conditional on the old hash: a concurrent change_password wins.
@@ -156,11 +144,11 @@ async def authenticate(*, email: str, password: str) -> User:
             user.password_hash,
         )
         if updated:
-            user = _db.to_model(User, updated[0])
+            user = to_model(User, updated[0])
     return user
 
 
-@_db.translated
+@translated
 async def get_user(*, user_id: User | UUID | str | None = None, email: str | None = None) -> User:
     """The user with ``user_id`` or ``email`` (exactly one of them).
 
@@ -182,10 +170,10 @@ async def get_user(*, user_id: User | UUID | str | None = None, email: str | Non
         rows = await _db.read("SELECT * FROM users WHERE email = $1", normalized)
         if not rows:
             raise NotFound("user", normalized)
-    return _db.to_model(User, rows[0])
+    return to_model(User, rows[0])
 
 
-@_db.translated
+@translated
 async def list_users(*, limit: int = 50, after: User | UUID | str | None = None) -> list[User]:
     """Users in creation order (ids are time-ordered), ``limit`` per page.
 
@@ -199,10 +187,10 @@ async def list_users(*, limit: int = 50, after: User | UUID | str | None = None)
         rows = await _db.read(
             "SELECT * FROM users WHERE id > $1 ORDER BY id LIMIT $2", cursor, page
         )
-    return [_db.to_model(User, row) for row in rows]
+    return [to_model(User, row) for row in rows]
 
 
-@_db.translated
+@translated
 async def change_password(
     *,
     user: User | UUID | str,
@@ -242,10 +230,10 @@ async def change_password(
         if checked_hash is not None:
             raise InvalidCredentials()  # changed since we checked it
         raise NotFound("user", user_id)
-    return _db.to_model(User, rows[0])
+    return to_model(User, rows[0])
 
 
-@_db.translated
+@translated
 async def set_role(*, user: User | UUID | str, role: UserRole | str) -> User:
     """Give ``user`` the ``role`` (``admin`` or ``user``). Raises :class:`NotFound`."""
     user_id = _args.ref_id(user, "user", User)
@@ -257,4 +245,4 @@ async def set_role(*, user: User | UUID | str, role: UserRole | str) -> User:
     )
     if not rows:
         raise NotFound("user", user_id)
-    return _db.to_model(User, rows[0])
+    return to_model(User, rows[0])

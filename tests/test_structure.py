@@ -1,0 +1,99 @@
+"""The package's shape: layers that point one way, one home per rule, a short call path."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import tokendb
+from bench.calls import lone_charge_calls
+
+PACKAGE = Path(tokendb.__file__).resolve().parent
+
+CALL_BUDGET = 50
+"""Calls into tokendb of one lone ``charge()`` (``python -m bench.calls`` lists them):
+72 across 37 functions before issue 10, 45 across 28 after. Raise it only for a reason."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(module: str) -> set[str]:
+    """The tokendb modules ``module`` imports, at the top or inside a function."""
+    found: set[str] = set()
+    tree = ast.parse(MODULES[module].read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in MODULES)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module not in MODULES:
+                continue
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            named = submodules & MODULES.keys()
+            found.update(named)
+            if named != submodules:  # a name from the module itself, not a submodule
+                found.add(node.module)
+    found.discard(module)
+    return found
+
+
+def cycle_through(start: str, graph: dict[str, set[str]]) -> list[str] | None:
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        path.append(module)
+        for imported in sorted(graph[module]):
+            found = visit(imported)
+            if found is not None:
+                return found
+        path.pop()
+        return None
+
+    return visit(start)
+
+
+def test_no_import_cycle_inside_tokendb_counting_function_level_imports() -> None:
+    graph = {module: imports_of(module) for module in MODULES}
+    for module in MODULES:
+        cycle = cycle_through(module, graph)
+        assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    assert cycle_through("a", graph) == ["a", "b", "c", "a"]
+
+
+def test_the_group_commit_queue_imports_nothing_from_the_ledger() -> None:
+    assert imports_of("tokendb._group_commit") <= {"tokendb.errors"}
+
+
+def test_only_the_ledger_sql_module_writes_ledger_rows() -> None:
+    writers = [
+        module
+        for module, path in MODULES.items()
+        if "_record(" in path.read_text() or "INSERT INTO token_transactions" in path.read_text()
+    ]
+    assert writers == ["tokendb._ledger_sql"]
+
+
+async def test_a_lone_charge_makes_few_calls_into_tokendb(tokendb_clean: str, make_user) -> None:
+    counts = await lone_charge_calls(await make_user())
+    total = sum(counts.values())
+    listing = "\n".join(f"{n:3d} {file}:{name}" for (file, name), n in sorted(counts.items()))
+    assert 0 < total <= CALL_BUDGET, f"a lone charge makes {total} calls:\n{listing}"
+
+
+@pytest.mark.parametrize("module", ["tokendb._ledger_sql", "tokendb._db"])
+def test_the_seam_and_the_ledger_sql_do_not_import_the_public_modules(module: str) -> None:
+    public = {"tokendb", "tokendb.ledger", "tokendb.chats", "tokendb.users", "tokendb.api_keys"}
+    assert not imports_of(module) & public

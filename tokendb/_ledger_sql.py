@@ -1,0 +1,602 @@
+"""The ledger's SQL: every statement that writes a ledger row or reads the books.
+
+:mod:`tokendb.ledger` decides *what* to do (validate, coalesce or not);
+this module says *how the database does it*: each statement, its
+parameters, and the Python that sends it and turns its rows into results.
+Every ledger row tokendb writes is written by a statement here — a charge,
+a top-up, a bonus, a refund, a batch of charges, a billed chat message, the
+signup bonus — so each rule of the books has one home:
+
+==========================================  =======================================
+rule                                        where
+==========================================  =======================================
+balance never below 0, decided with the     :data:`MOVE` (``WHERE token_balance +
+user's row lock held                        delta >= 0``), :data:`BATCH` (the walk)
+a repeated ``reference_id`` moves nothing   :data:`MOVE` (``prior``), :data:`BATCH`
+a ledger row's columns                      :func:`_record` (from the model)
+refunds within their charge                 :func:`refund` (lock, then sum)
+the books balance                           :data:`AUDIT`
+==========================================  =======================================
+
+What comes next goes here too: a condition on the available balance (holds)
+or a per-key limit belongs in the ``WHERE`` of :data:`MOVE`, in the walk of
+:data:`BATCH` and in :data:`ADD_MESSAGE`'s debit; a new ledger column is a
+value in each :func:`_record` call; a rollup written with the movement is one
+more CTE of each statement that calls :func:`_record`.
+
+Why one statement cannot race
+=============================
+
+``users.token_balance`` is a cache of ``Σ token_transactions.amount`` for the
+user, kept exact by writing both in **one SQL statement** (:data:`MOVE`)::
+
+    UPDATE users SET token_balance = token_balance + delta
+     WHERE id = user AND token_balance + delta >= 0        -- the row lock is taken here
+    → INSERT INTO token_transactions (..., balance_after, created_at = clock_timestamp())
+
+The ``UPDATE`` takes the user's row lock. A concurrent movement for the same
+user blocks on that lock and, when it is released, PostgreSQL re-evaluates
+the ``WHERE`` against the committed balance (READ COMMITTED's re-check), so
+``token_balance + delta >= 0`` is judged on the real balance: no
+read-then-write in Python, no overdraft, no lost update. The ledger row is
+inserted from the ``UPDATE``'s ``RETURNING`` in the same statement, so a
+balance never changes without its row. ``created_at`` is
+``clock_timestamp()`` evaluated *after* the lock, so one user's rows in
+``(created_at, id)`` order follow their ``balance_after`` chain.
+
+*Idempotency.* A movement with a ``reference_id`` is skipped when a row with
+the same ``(user, type, reference_id)`` exists; two concurrent first attempts
+both pass that check (same snapshot) but the partial unique index
+:data:`IDEMPOTENCY_INDEX` rejects the second statement as a whole, and the
+caller gets the first row back. Same reference, different amount:
+:class:`ReferenceConflict`.
+
+Why a batch has each call's own outcome
+=======================================
+
+:data:`BATCH` charges many movements in one statement (the group commit of
+``charge()``, and ``charge_many``). It locks the batch's users, then walks
+each user's items in arrival order with a recursive CTE carrying the running
+balance: an item is a *repeat* when its ``reference_id`` is in the ledger
+already or was moved earlier in the batch, it *moves* when the balance
+covers it, and is refused (*short*) otherwise. That is the sequence of
+decisions the calls would have made one by one, so every caller gets its own
+row, its own :class:`InsufficientTokens` (with the balance it would have
+seen), :class:`ReferenceConflict` or :class:`NotFound`. The statement's
+snapshot can miss a reference another process committed while the batch
+waited for a lock; the idempotency index then refuses the duplicate and the
+batch runs again on a new snapshot, where it is a repeat.
+
+*Deadlock-free.* The users are locked by ``ORDER BY id FOR UPDATE``: every
+batch (of any process) takes its locks in id order, and every other
+statement of tokendb holds at most one user lock, so no wait cycle can form.
+(Application transactions that lock several users in another order can still
+deadlock; PostgreSQL then aborts one side and the batch is retried.)
+
+*The books.* All rows of a batch share one ``clock_timestamp()`` read after
+every lock is held, and their ids are minted in arrival order
+(:func:`tokendb.ids.new_id` is monotonic), so one user's rows sort by
+``(created_at, id)`` in the order their ``balance_after`` chain was computed.
+
+*Failure isolation.* A constraint or trigger that refuses the statement
+refuses it whole, and nothing was written: the batch is re-run one movement
+at a time so the poison item fails alone. A timeout or a lost connection
+fails the batch's movements only. Connection loss while a batch is in flight
+is :class:`DatabaseUnavailable` with ``outcome_unknown=True`` for each of
+them: retry with the same ``reference_id``.
+
+*Backstops.* The database refuses what Python already refuses:
+``users_token_balance_nonnegative``, the sign of ``amount`` per type, the
+idempotency index, refunds within their charge (a trigger), and the ledger
+is append-only (a trigger).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeAlias
+from uuid import UUID
+
+import asyncpg
+
+from tokendb import _args, _db, _keyset, _sql
+from tokendb._rows import to_model
+from tokendb._translate import RETRYABLE, TIMED_OUT, translate
+from tokendb.errors import (
+    InsufficientTokens,
+    NotFound,
+    ReferenceConflict,
+    RefundExceedsCharge,
+    TokenDBError,
+    ValidationError,
+)
+from tokendb.ids import new_id
+from tokendb.models import ChatMessage, TokenTransaction, TransactionType, User
+
+__all__ = [
+    "ADD_MESSAGE",
+    "AUDIT",
+    "BATCH",
+    "CREATE_USER",
+    "IDEMPOTENCY_INDEX",
+    "MOVE",
+    "PAGES",
+    "Movement",
+    "Outcome",
+    "balance_or_none",
+    "charge_batch",
+    "move",
+    "refund",
+]
+
+IDEMPOTENCY_INDEX = "token_transactions_idempotency_key"
+
+Outcome: TypeAlias = TokenTransaction | TokenDBError
+"""What one movement of a batch came to: its row, or the error its call raises."""
+
+
+class Movement(NamedTuple):
+    """A validated request to move ``amount`` (> 0) tokens of ``user_id``."""
+
+    user_id: UUID
+    amount: int
+    description: str | None
+    reference_id: UUID | None
+
+
+def _record(source: str, **values: str) -> str:
+    """``INSERT INTO token_transactions`` of every column (:func:`tokendb._sql.insert`)."""
+    return _sql.insert(TokenTransaction, values, source=source)
+
+
+# --- one movement -----------------------------------------------------------------------
+
+_MOVED = _record(
+    "moved",
+    id="$4",
+    user_id="id",
+    amount="$2",
+    type="$3",
+    description="$6",
+    reference_id="$5",
+    balance_after="token_balance",
+    created_at="clock_timestamp()",
+)
+
+# $1 user, $2 delta (negative for a debit), $3 type, $4 new row id, $5 reference, $6 description.
+MOVE = f"""
+WITH prior AS (
+    SELECT 1 FROM token_transactions
+    WHERE $5::uuid IS NOT NULL AND $3 <> 'refund'  -- refunds share their charge's id
+      AND user_id = $1 AND type = $3 AND reference_id = $5
+), moved AS (
+    UPDATE users                                    -- the user's row lock is taken here
+    SET token_balance = token_balance + $2, updated_at = clock_timestamp()
+    WHERE id = $1 AND token_balance + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
+    RETURNING id, token_balance
+)
+{_MOVED}
+RETURNING *
+"""
+
+BY_REFERENCE = (
+    "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3"
+)
+BALANCE = "SELECT token_balance FROM users WHERE id = $1"
+LOCK_USER = "SELECT token_balance FROM users WHERE id = $1 FOR UPDATE"
+
+
+async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
+    """Move a validated ``movement`` in one statement (:data:`MOVE`); return its row.
+
+    When nothing moved, two reads say why (a repeat, an unknown user, a short
+    balance). Should the balance read show enough after all (a credit landed
+    between the refusal and the read), the call is decided again with the
+    user's row locked (:func:`_move_under_lock`), so the balance an
+    :class:`InsufficientTokens` reports is the one the refusal was made on.
+
+    Raises :class:`InsufficientTokens`, :class:`ReferenceConflict`,
+    :class:`NotFound` and :class:`ValidationError` (a balance past the column).
+    """
+    user_id, requested, text, reference = movement
+    delta = -requested if kind is TransactionType.USAGE else requested
+    arguments = (user_id, delta, kind.value, new_id(), reference, text)
+    try:
+        rows = await _db.write(MOVE, *arguments)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != IDEMPOTENCY_INDEX or reference is None:
+            raise
+        rows = []  # a concurrent first attempt with this reference won
+    except asyncpg.NumericValueOutOfRangeError as exc:
+        raise _args.past_integer_column("amount") from exc
+    if rows:
+        return to_model(TokenTransaction, rows[0])
+
+    if reference is not None:
+        existing = await _db.read(BY_REFERENCE, user_id, kind.value, reference)
+        if existing:
+            return _as_repeat(to_model(TokenTransaction, existing[0]), delta)
+    balance = await balance_or_none(user_id)
+    if balance is None:
+        raise NotFound("user", user_id)
+    if delta < 0 and balance + delta < 0:
+        raise InsufficientTokens(user_id, balance, requested)
+    return await _move_under_lock(arguments, requested)
+
+
+async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenTransaction:
+    """:data:`MOVE` again, in a transaction that holds the user's row lock first."""
+    user_id, delta, kind, _, reference, _ = arguments
+
+    async def body(conn: _db.Connection) -> TokenTransaction:
+        balance = await conn.fetchval(LOCK_USER, user_id)
+        if balance is None:
+            raise NotFound("user", user_id)
+        row = await conn.fetchrow(MOVE, *arguments)
+        if row is not None:
+            return to_model(TokenTransaction, row)
+        if reference is not None:
+            existing = await conn.fetchrow(BY_REFERENCE, user_id, kind, reference)
+            if existing is not None:
+                return _as_repeat(to_model(TokenTransaction, existing), delta)
+        raise InsufficientTokens(user_id, int(balance), requested)
+
+    with _args.fits_integer_column("amount"):
+        return await _db.transaction(body)
+
+
+def _as_repeat(existing: TokenTransaction, delta: int) -> TokenTransaction:
+    """``existing``, the row a repeated reference found, unless its amount differs."""
+    if existing.amount != delta:
+        assert existing.reference_id is not None
+        raise ReferenceConflict(
+            existing.reference_id,
+            existing_amount=abs(existing.amount),
+            requested_amount=abs(delta),
+        )
+    return existing
+
+
+async def balance_or_none(user_id: UUID) -> int | None:
+    """``user_id``'s balance, or None for an unknown user."""
+    rows = await _db.read(BALANCE, user_id)
+    return int(rows[0]["token_balance"]) if rows else None
+
+
+# --- many charges in one statement ------------------------------------------------------
+
+_BATCH_MOVED = _record(
+    "walk w JOIN items i ON i.seq = w.seq CROSS JOIN stamp WHERE w.outcome = 'moved'",
+    id="i.id",
+    user_id="i.user_id",
+    amount="-i.amount",
+    type="'usage'",
+    description="i.description",
+    reference_id="i.reference_id",
+    balance_after="w.balance",
+    created_at="stamp.at",
+)
+
+# $1 users, $2 amounts (> 0), $3 new row ids (minted in arrival order),
+# $4 reference ids, $5 descriptions; item i is element i of each array.
+BATCH = f"""
+WITH RECURSIVE items AS MATERIALIZED (
+    SELECT i.seq, i.user_id, i.amount, i.id, i.reference_id, i.description,
+           row_number() OVER (PARTITION BY i.user_id ORDER BY i.seq) AS rank
+    FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[])
+         WITH ORDINALITY AS i(user_id, amount, id, reference_id, description, seq)
+), locked AS MATERIALIZED (
+    SELECT id, token_balance FROM users WHERE id = ANY($1::uuid[])
+    ORDER BY id FOR UPDATE                          -- the locks, in id order
+), stamp AS MATERIALIZED (
+    SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM locked) AS held
+), prior AS MATERIALIZED (
+    SELECT t.* FROM token_transactions t
+    WHERE t.type = 'usage' AND t.reference_id IS NOT NULL
+      AND (t.user_id, t.reference_id) IN (SELECT user_id, reference_id FROM items)
+), walk (user_id, rank, seq, outcome, balance, moved_refs) AS (
+    SELECT id, 0::bigint, 0::bigint, '', token_balance, ARRAY[]::uuid[] FROM locked
+  UNION ALL
+    SELECT w.user_id, i.rank, i.seq, step.outcome,
+           CASE step.outcome WHEN 'moved' THEN w.balance - i.amount ELSE w.balance END,
+           CASE step.outcome WHEN 'moved' THEN w.moved_refs || i.reference_id
+                ELSE w.moved_refs END
+    FROM walk w
+    JOIN items i ON i.user_id = w.user_id AND i.rank = w.rank + 1
+    CROSS JOIN LATERAL (
+        SELECT CASE
+            WHEN i.reference_id = ANY(w.moved_refs) OR EXISTS (
+                SELECT 1 FROM prior p
+                WHERE p.user_id = i.user_id AND p.reference_id = i.reference_id
+            ) THEN 'repeat'
+            WHEN w.balance >= i.amount THEN 'moved'
+            ELSE 'short'
+        END AS outcome
+    ) AS step
+), debited AS (
+    UPDATE users u SET token_balance = last.balance, updated_at = stamp.at
+    FROM (
+        SELECT DISTINCT ON (user_id) user_id, balance FROM walk ORDER BY user_id, rank DESC
+    ) AS last, stamp
+    WHERE u.id = last.user_id
+      AND EXISTS (SELECT 1 FROM walk m WHERE m.user_id = last.user_id AND m.outcome = 'moved')
+), inserted AS (
+    {_BATCH_MOVED}
+    RETURNING *
+)
+SELECT w.seq, w.outcome, w.balance,
+       {_sql.select_list(TokenTransaction, "r", "row_")},
+       {_sql.select_list(TokenTransaction, "p", "prior_")}
+FROM walk w
+JOIN items i ON i.seq = w.seq
+LEFT JOIN inserted r ON r.id = i.id
+LEFT JOIN prior p ON w.outcome = 'repeat'
+                 AND p.user_id = i.user_id AND p.reference_id = i.reference_id
+WHERE w.rank > 0
+"""
+
+_BATCH_WIDE = (*TIMED_OUT, *RETRYABLE)
+"""Failures of a whole batch, whichever item it holds (retryable ones after the seam's retries)."""
+
+
+async def charge_batch(movements: Sequence[Movement]) -> list[Outcome]:
+    """Charge ``movements`` in order, as one statement (:data:`BATCH`); one outcome each.
+
+    Never raises (except :class:`asyncio.CancelledError`): each movement's
+    error is its outcome.
+    """
+    if len(movements) == 1:
+        return [await _charge_alone(movements[0])]
+    ids = [new_id() for _ in movements]  # in arrival order: the chain's tie-breaker
+    columns = (
+        [m.user_id for m in movements],
+        [m.amount for m in movements],
+        ids,
+        [m.reference_id for m in movements],
+        [m.description for m in movements],
+    )
+    for _ in range(3):
+        try:
+            rows = await _db.write(BATCH, *columns)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == IDEMPOTENCY_INDEX:
+                # Another process used one of the references after this
+                # statement's snapshot was taken: a new statement sees it.
+                continue
+            break
+        except _BATCH_WIDE as exc:
+            return _failed(exc, len(movements))
+        except asyncpg.PostgresError:
+            break  # refused as a whole, nothing written: find the item at fault below
+        except Exception as exc:  # every caller gets an outcome
+            return _failed(exc, len(movements))
+        return _outcomes(movements, rows)
+    return [await _charge_alone(movement) for movement in movements]
+
+
+async def _charge_alone(movement: Movement) -> Outcome:
+    try:
+        return await move(movement, TransactionType.USAGE)
+    except Exception as exc:  # the error is this movement's outcome
+        return translate(exc)
+
+
+def _failed(exc: BaseException, count: int) -> list[Outcome]:
+    """The same failure for ``count`` callers, one exception object each."""
+    if not isinstance(exc, TokenDBError):
+        return [translate(exc) for _ in range(count)]
+    clones: list[Outcome] = []
+    for _ in range(count):
+        clone = exc.__class__.__new__(exc.__class__)
+        clone.__dict__.update(exc.__dict__)
+        clone.args = exc.args
+        clone.__cause__ = exc.__cause__
+        clones.append(clone)
+    return clones
+
+
+def _outcomes(movements: Sequence[Movement], rows: list[_db.Record]) -> list[Outcome]:
+    by_seq = {row["seq"]: row for row in rows}
+    moved: dict[tuple[UUID, UUID], TokenTransaction] = {}
+    outcomes: list[Outcome] = []
+    for seq, (user_id, amount, _, reference) in enumerate(movements, start=1):
+        row = by_seq.get(seq)
+        if row is None:  # its user was not there to lock
+            outcomes.append(NotFound("user", user_id))
+        elif row["outcome"] == "moved":
+            charged = to_model(TokenTransaction, row, "row_")
+            if reference is not None:
+                moved[user_id, reference] = charged
+            outcomes.append(charged)
+        elif row["outcome"] == "short":
+            outcomes.append(InsufficientTokens(user_id, int(row["balance"]), amount))
+        else:
+            assert reference is not None
+            existing = moved.get((user_id, reference)) or to_model(TokenTransaction, row, "prior_")
+            try:
+                outcomes.append(_as_repeat(existing, -amount))
+            except ReferenceConflict as exc:
+                outcomes.append(exc)
+    return outcomes
+
+
+# --- refunds ----------------------------------------------------------------------------
+
+# $1 the charge, $2 its owner or NULL. Takes the user's row lock.
+LOCK_CHARGE = f"""
+SELECT t.user_id, t.amount, t.type, u.token_balance
+FROM token_transactions t JOIN users u ON u.id = t.user_id
+WHERE t.id = $1 AND {_sql.owned_by("$2", "t.user_id")}
+FOR UPDATE OF u
+"""
+
+REFUNDED = """
+SELECT coalesce(sum(amount), 0) AS refunded FROM token_transactions
+WHERE reference_id = $1 AND type = 'refund'
+"""
+
+
+async def refund(
+    charge_id: UUID, *, owner: UUID | None, requested: int | None, description: str | None
+) -> TokenTransaction:
+    """Refund ``requested`` tokens (None: all that is left) of the usage row ``charge_id``.
+
+    Partial refunds add up to at most the charge, also concurrently: they
+    serialise on the user's row lock, taken before the refunded sum is read.
+
+    Raises :class:`RefundExceedsCharge`, :class:`NotFound` (unknown charge,
+    or not ``owner``'s) and :class:`ValidationError` (not a usage row).
+    """
+
+    async def body(conn: _db.Connection) -> TokenTransaction:
+        # Statement 1 takes the user's row lock; statement 2 then reads the
+        # refunds with a fresh snapshot that includes every refund committed
+        # before the lock was granted.
+        locked = await conn.fetchrow(LOCK_CHARGE, charge_id, owner)
+        if locked is None:
+            raise NotFound("transaction", charge_id)
+        if locked["type"] != TransactionType.USAGE.value:
+            raise ValidationError(
+                "transaction", f"only usage rows can be refunded, this is {locked['type']}"
+            )
+        refunded = await conn.fetchval(REFUNDED, charge_id)
+        refundable = -int(locked["amount"]) - int(refunded)
+        wanted = refundable if requested is None else requested
+        if wanted <= 0 or wanted > refundable:
+            raise RefundExceedsCharge(charge_id, refundable, wanted)
+        row = await conn.fetchrow(
+            MOVE,
+            locked["user_id"],
+            wanted,
+            TransactionType.REFUND.value,
+            new_id(),
+            charge_id,
+            description if description is not None else f"refund of {charge_id}",
+        )
+        assert row is not None  # the lock is ours and credits have no floor
+        return to_model(TokenTransaction, row)
+
+    with _args.fits_integer_column("amount"):
+        return await _db.transaction(body)
+
+
+# --- statements of other modules that write ledger rows ---------------------------------
+
+_NEW_USER = _sql.insert(
+    User,
+    {
+        "id": "$1",
+        "email": "$2",
+        "password_hash": "$3",
+        "name": "$4",
+        "role": "$5",
+        "token_balance": "$6",
+        "created_at": "clock_timestamp()",
+        "updated_at": "clock_timestamp()",
+    },
+)
+_SIGNUP_BONUS = _record(
+    "new_user WHERE token_balance > 0",
+    id="$7",
+    user_id="id",
+    amount="token_balance",
+    type="'bonus'",
+    description="'signup bonus'",
+    balance_after="token_balance",
+    created_at="created_at",
+)
+
+# users.create_user: $1 id, $2 email, $3 password hash, $4 name, $5 role, $6 signup bonus,
+# $7 the bonus row's id. The bonus row is written with the user: balance = Σ ledger from
+# the first commit.
+CREATE_USER = f"""
+WITH new_user AS (
+    {_NEW_USER}
+    RETURNING *
+), bonus AS (
+    {_SIGNUP_BONUS}
+)
+SELECT * FROM new_user
+"""
+
+_MESSAGE = _sql.insert(
+    ChatMessage,
+    {
+        "id": "$1",
+        "session_id": "id",
+        "role": "$3",
+        "content": "$4",
+        "tokens": "$5",
+        "created_at": "clock_timestamp()",
+    },
+    source="session",
+)
+_MESSAGE_USAGE = _record(
+    "debit, session",
+    id="$6",
+    user_id="debit.id",
+    amount="-$5",
+    type="'usage'",
+    description="'chat message (' || session.model || ')'",
+    reference_id="$1",
+    balance_after="debit.token_balance",
+    created_at="clock_timestamp()",
+)
+
+# chats.add_message: $1 message id, $2 session, $3 role, $4 content, $5 tokens,
+# $6 the usage row's id, $7 the session's owner or NULL.
+# Session row first (tokens_used), then the user row (the debit). If the
+# debit would go below zero, users_token_balance_nonnegative aborts the
+# whole statement: the session update and the message go with it.
+ADD_MESSAGE = f"""
+WITH session AS (
+    UPDATE chat_sessions SET tokens_used = tokens_used + $5
+    WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
+    RETURNING id, user_id, model
+), debit AS (
+    UPDATE users
+    SET token_balance = token_balance - $5, updated_at = clock_timestamp()
+    WHERE $5 > 0 AND id = (SELECT user_id FROM session)
+    RETURNING id, token_balance
+), message AS (
+    {_MESSAGE}
+    RETURNING *
+), usage AS (
+    {_MESSAGE_USAGE}
+    RETURNING id
+)
+SELECT * FROM message
+"""
+
+
+# --- reading the books ------------------------------------------------------------------
+
+PAGES = _keyset.statements("token_transactions", "user_id", newest_first=True)
+"""The first-page and next-page statements of ``list_transactions``."""
+
+AUDIT = """
+WITH chain AS (
+    SELECT user_id, id, amount, balance_after, created_at,
+           lag(balance_after, 1, 0) OVER (
+               PARTITION BY user_id ORDER BY created_at, id
+           ) AS previous_after
+    FROM token_transactions
+    WHERE $1::uuid IS NULL OR user_id = $1
+), books AS (
+    SELECT user_id,
+           sum(amount) AS ledger_sum,
+           count(*) FILTER (WHERE previous_after + amount <> balance_after) AS broken_links,
+           (array_agg(id ORDER BY created_at, id)
+               FILTER (WHERE previous_after + amount <> balance_after))[1] AS first_broken
+    FROM chain GROUP BY user_id
+)
+SELECT u.id AS user_id, u.token_balance AS balance,
+       coalesce(b.ledger_sum, 0) AS ledger_sum,
+       coalesce(b.broken_links, 0) AS broken_links,
+       b.first_broken
+FROM users u LEFT JOIN books b ON b.user_id = u.id
+WHERE ($1::uuid IS NULL OR u.id = $1)
+  AND (u.token_balance <> coalesce(b.ledger_sum, 0) OR coalesce(b.broken_links, 0) > 0)
+ORDER BY u.id
+"""
+"""Every user (``$1`` NULL) or one user whose balance ≠ Σ amounts or whose chain is broken."""

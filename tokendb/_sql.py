@@ -1,0 +1,84 @@
+"""SQL that follows the models: column lists from their metadata, and the owner check.
+
+No statement names a table's columns by hand. :func:`insert` writes every
+column of a model (a new nullable column gets ``NULL`` until a statement
+gives it a value; a new ``NOT NULL`` column stops the import, naming each
+statement that has to say what goes in it), and :func:`select_list` reads
+every column of a model side by side with another's, so model instances
+built from the row (:func:`tokendb._rows.to_model`) are never partial.
+``tests/test_sql.py`` shows a new column reaching every statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tortoise.models import Model
+
+__all__ = ["columns", "insert", "owned_by", "select_list"]
+
+
+def columns(model: type[Model]) -> tuple[str, ...]:
+    """``model``'s database columns, in declaration order.
+
+    Works before Tortoise is initialised (statements are built at import):
+    a foreign key ``user`` is its column ``user_id`` (or its ``source_field``).
+    """
+    return tuple(_nullability(model))
+
+
+def _nullability(model: type[Model]) -> dict[str, bool]:
+    """Each column of ``model`` (in declaration order) and whether it may be NULL."""
+    meta = model._meta
+    found: dict[str, bool] = {}
+    for name, field in meta.fields_map.items():
+        if name in meta.fk_fields or name in meta.o2o_fields:
+            key = f"{name}_id"
+            column = meta.fields_db_projection.get(key) or field.source_field or key
+        elif name in meta.fields_db_projection:
+            column = meta.fields_db_projection[name]
+        else:
+            continue  # a reverse relation: no column
+        found.setdefault(column, bool(field.null))
+    return found
+
+
+def insert(model: type[Model], values: Mapping[str, str], *, source: str | None = None) -> str:
+    """``INSERT INTO <table> (<every column>) SELECT <values> [FROM <source>]``.
+
+    ``values`` maps columns to SQL expressions. A column it leaves out is
+    ``NULL`` when nullable; a ``NOT NULL`` one raises :class:`LookupError`
+    naming it, as does a key that is not a column. Append ``RETURNING …``.
+    """
+    table = model._meta.db_table
+    every = _nullability(model)
+    unknown = sorted(set(values) - set(every))
+    if unknown:
+        raise LookupError(f"{table} has no column {', '.join(unknown)}")
+    expressions: list[str] = []
+    for column, nullable in every.items():
+        if column in values:
+            expressions.append(values[column])
+        elif nullable:
+            expressions.append("NULL")
+        else:
+            raise LookupError(f"INSERT INTO {table}: no value for NOT NULL column {column}")
+    sql = f"INSERT INTO {table} ({', '.join(every)})\nSELECT {', '.join(expressions)}"
+    return sql if source is None else f"{sql}\nFROM {source}"
+
+
+def select_list(model: type[Model], alias: str, prefix: str) -> str:
+    """``alias.column AS prefixcolumn, …`` for every column of ``model``.
+
+    Read the row back with ``tokendb._rows.to_model(model, row, prefix)``.
+    """
+    return ", ".join(f"{alias}.{column} AS {prefix}{column}" for column in columns(model))
+
+
+def owned_by(parameter: str, column: str = "user_id") -> str:
+    """The optional owner check: true when ``parameter`` is NULL or names the row's owner.
+
+    Every operation with an optional ``user=`` puts this in its ``WHERE``:
+    another user's row is then not found, which does not reveal that it exists.
+    """
+    return f"({parameter}::uuid IS NULL OR {column} = {parameter})"
