@@ -8,7 +8,7 @@ import importlib.util
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from tokendb import _db, _settings
+from tokendb.ids import new_id
 from tokendb.testing import TABLES
 
 # Per table: its row count, and a digest of every row, so an UPDATE that
@@ -52,24 +53,26 @@ async def tamper(sql: str, *args: object) -> None:
 
 
 @contextlib.asynccontextmanager
-async def holding_row_lock(url: str, user_id: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
-    """Lock ``user_id``'s row from outside tokendb until the block ends (then roll back)."""
+async def holding_row_lock(url: str, *user_ids: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """Lock the rows of ``user_ids`` from outside tokendb until the block ends (then roll back)."""
     conn = await asyncpg.connect(url)
     tx = conn.transaction()
     await tx.start()
     try:
-        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+        await conn.execute(
+            "SELECT 1 FROM users WHERE id = ANY($1::uuid[]) FOR UPDATE", list(user_ids)
+        )
         yield conn
     finally:
         await tx.rollback()
         await conn.close()
 
 
-async def blocked_backends(conn: asyncpg.Connection, like: str = "%") -> list[int]:
+async def blocked_backends(conn: asyncpg.Connection, like: str = "%", count: int = 1) -> list[int]:
     """Backends of this database waiting for a lock, running a statement like ``like``.
 
-    Waits (up to 5 s) until there is one, so a race test knows its second
-    statement is really queued behind the first before it lets the first go.
+    Waits (up to 5 s) until there are ``count`` of them, so a race test knows
+    its statements are really queued before it lets the lock go.
     """
     for _ in range(500):
         # Inside a transaction pg_stat_activity is read once and cached: clear it.
@@ -79,10 +82,93 @@ async def blocked_backends(conn: asyncpg.Connection, like: str = "%") -> list[in
             "AND wait_event_type = 'Lock' AND state = 'active' AND query LIKE $1",
             like,
         )
-        if pids:
+        if len(pids) >= count:
             return [row["pid"] for row in pids]
         await asyncio.sleep(0.01)
-    raise AssertionError("no statement started waiting for the lock")
+    raise AssertionError(f"fewer than {count} statements started waiting for the lock")
+
+
+async def blocked(observer: asyncpg.Connection, pid: int) -> None:
+    """Wait (up to 5 s) until backend ``pid`` waits for a lock another backend holds."""
+    for _ in range(500):
+        if await observer.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backend {pid} did not start waiting for a lock")
+
+
+@contextlib.contextmanager
+def statements_sent() -> Iterator[list[str]]:
+    """The text of every statement sent in the block, in order, for tests of what a call costs.
+
+    Counted where asyncpg sends a statement with the extended protocol (every
+    ``fetch``/``fetchrow``/``fetchval``/``execute`` with arguments, which is
+    how tokendb sends its reads and writes), on any connection of this
+    process: transaction control (``BEGIN``/``COMMIT``) and the pool's reset
+    are not statements of the call. Keep other connections quiet in the block.
+    """
+    sent: list[str] = []
+    original = asyncpg.Connection._execute
+
+    async def recording(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(query)
+        return await original(self, query, *args, **kwargs)
+
+    asyncpg.Connection._execute = recording  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        asyncpg.Connection._execute = original  # type: ignore[method-assign]
+
+
+def charge_batch(charges: Sequence[tuple[uuid.UUID, int]]) -> tuple[str, tuple[list[Any], ...]]:
+    """The coalescer's batch statement and its arguments for ``(user_id, amount)`` charges.
+
+    The one place the tests name that statement: where it moves, change this.
+    """
+    from tokendb._ledger_sql import BATCH
+
+    return BATCH, (
+        [user_id for user_id, _ in charges],
+        [amount for _, amount in charges],
+        [new_id() for _ in charges],
+        [None for _ in charges],
+        [None for _ in charges],
+    )
+
+
+@contextlib.asynccontextmanager
+async def refusing_ledger_rows(
+    url: str, description: str, *, sqlstate: str = "check_violation"
+) -> AsyncIterator[asyncpg.Connection]:
+    """A test-only trigger refuses every ledger row described as ``description``.
+
+    It raises ``sqlstate`` (a condition name or a code) and counts its
+    refusals in the sequence ``test_refusals`` (sequences ignore rollbacks):
+    ``await conn.fetchval("SELECT last_value FROM test_refusals")`` on the
+    yielded connection, once it refused at least once.
+    """
+    conn = await asyncpg.connect(url)
+    await conn.execute(
+        f"""
+        CREATE SEQUENCE test_refusals;
+        CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM nextval('test_refusals');
+            RAISE EXCEPTION 'refused by a test trigger' USING ERRCODE = '{sqlstate}';
+        END $$;
+        CREATE TRIGGER test_refuse BEFORE INSERT ON token_transactions FOR EACH ROW
+            WHEN (NEW.description = '{description}') EXECUTE FUNCTION test_refuse();
+        """
+    )
+    try:
+        yield conn
+    finally:
+        await conn.execute(
+            "DROP TRIGGER test_refuse ON token_transactions; DROP FUNCTION test_refuse(); "
+            "DROP SEQUENCE test_refusals"
+        )
+        await conn.close()
 
 
 @contextlib.contextmanager

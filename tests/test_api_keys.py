@@ -11,7 +11,7 @@ import pytest
 from tortoise.exceptions import IntegrityError
 
 import tokendb
-from tests.helpers import table_counts
+from tests.helpers import statements_sent, table_counts
 from tokendb import _db, keys
 
 
@@ -237,3 +237,24 @@ async def test_a_hot_key_writes_its_row_once(tokendb_clean: str, make_api_key) -
     [before] = await _db.read(version, api_key.id)
     await asyncio.gather(*(tokendb.verify_api_key(secret=secret) for _ in range(50)))
     assert await _db.read(version, api_key.id) == [before]
+
+
+async def test_a_verify_within_the_touch_interval_is_one_statement(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """verify_api_key's cost on the hot path: the lookup, and nothing else.
+
+    The touch of ``last_used_at`` is a second statement, sent only when the
+    lookup saw a stale value. (Its UPDATE is conditional too, so a touch sent
+    for a fresh value writes nothing: counting the row's versions would not
+    show the wasted round trip; counting statements does.)
+    """
+    _, secret = await make_api_key()
+    with statements_sent() as sent:
+        await tokendb.verify_api_key(secret=secret)  # last_used_at is NULL: looked up, touched
+    assert len(sent) == 2, sent
+    with statements_sent() as sent:
+        for _ in range(5):
+            await tokendb.verify_api_key(secret=secret)
+    assert len(sent) == 5, sent
+    assert not any(statement.lstrip().upper().startswith("UPDATE") for statement in sent)

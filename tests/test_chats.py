@@ -9,7 +9,7 @@ import pytest
 
 import tokendb
 from tests.helpers import table_counts, tamper
-from tokendb import _db
+from tokendb import _db, chats
 from tokendb._args import INT4_MAX
 from tokendb.models import MessageRole, TransactionType
 
@@ -236,3 +236,49 @@ async def test_a_session_total_past_the_integer_column_is_a_validation_error(
         await tokendb.add_message(session=session, role="user", content="b", tokens=100)
     assert info.value.field == "tokens"
     assert await table_counts() == before
+
+
+@pytest.fixture
+def late_credit(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``late_credit(user, amount)``: a top-up lands after add_message's statement was
+    refused, before the decision is made again with the rows locked."""
+
+    def arrange(user: tokendb.User, amount: int) -> None:
+        decide_under_lock = chats._add_under_lock
+
+        async def credit_lands_first(conn, arguments):  # type: ignore[no-untyped-def]
+            await tokendb.top_up(user=user, amount=amount, description="late credit")
+            return await decide_under_lock(conn, arguments)
+
+        monkeypatch.setattr(chats, "_add_under_lock", credit_lands_first)
+
+    return arrange
+
+
+async def test_a_refused_message_that_a_late_credit_covers_is_stored(
+    tokendb_clean: str, chat, late_credit
+) -> None:
+    """The statement refused 101 tokens on a balance of 100; by the time the refusal is
+    explained, a credit of 1 has landed. The decision is made again with the rows
+    locked, on the balance that now covers the message exactly: it is stored."""
+    session, _, user = await chat()
+    late_credit(user, 1)
+    message = await tokendb.add_message(session=session, role="user", content="x", tokens=101)
+    assert message.tokens == 101
+    assert (await tokendb.get_chat(session=session)).tokens_used == 101
+    assert await tokendb.get_balance(user=user) == 0
+
+
+async def test_a_refused_message_that_a_late_credit_does_not_cover_stores_nothing(
+    tokendb_clean: str, chat, late_credit
+) -> None:
+    """A late credit that still falls short: InsufficientTokens, reporting the balance
+    the locked decision was made on (the credit included), and nothing stored."""
+    session, _, user = await chat()
+    late_credit(user, 1)
+    with pytest.raises(tokendb.InsufficientTokens) as info:
+        await tokendb.add_message(session=session, role="user", content="x", tokens=102)
+    assert (info.value.balance, info.value.requested) == (101, 102)
+    assert await tokendb.list_messages(session=session) == []
+    assert (await tokendb.get_chat(session=session)).tokens_used == 0
+    assert await tokendb.get_balance(user=user) == 101

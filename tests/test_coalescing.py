@@ -20,7 +20,16 @@ import pytest
 from tortoise.transactions import in_transaction
 
 import tokendb
-from tests.helpers import blocked_backends, db_settings, holding_row_lock, table_counts
+from tests.helpers import (
+    blocked,
+    blocked_backends,
+    charge_batch,
+    db_settings,
+    holding_row_lock,
+    refusing_ledger_rows,
+    statements_sent,
+    table_counts,
+)
 from tokendb import _db, _ledger_sql, _settings, ledger
 from tokendb.ids import new_id
 
@@ -303,22 +312,8 @@ async def test_a_lost_batch_fails_its_callers_only_and_the_next_batch_works(
 @pytest.fixture
 async def poison_description(tokendb_clean: str) -> AsyncIterator[str]:
     """A trigger that refuses any ledger row described as the returned text."""
-    conn = await asyncpg.connect(tokendb_clean)
-    await conn.execute(
-        """
-        CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'poisoned row' USING ERRCODE = 'check_violation'; END $$;
-        CREATE TRIGGER test_poison BEFORE INSERT ON token_transactions FOR EACH ROW
-            WHEN (NEW.description = 'poison') EXECUTE FUNCTION test_poison();
-        """
-    )
-    try:
+    async with refusing_ledger_rows(tokendb_clean, "poison"):
         yield "poison"
-    finally:
-        await conn.execute(
-            "DROP TRIGGER test_poison ON token_transactions; DROP FUNCTION test_poison()"
-        )
-        await conn.close()
 
 
 async def test_a_statement_refused_by_one_item_fails_that_item_only(
@@ -427,3 +422,70 @@ async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
     assert results[0].id == theirs and results[0].description == "elsewhere"
     assert results[1].balance_after == 95
     assert await tokendb.get_balance(user=user) == 95
+
+
+async def test_a_list_repeating_references_is_charged_in_one_statement(
+    tokendb_clean: str, funded_user
+) -> None:
+    """charge_many's cost: one statement per MAX_BATCH items, whatever the items are.
+
+    Repeats of a reference, within the list or of a row already in the ledger,
+    are decided inside that statement, not by statements sent again after the
+    idempotency index refused one: the outcomes would be the same, at several
+    times the cost.
+    """
+    user = await funded_user(balance=100)
+    earlier = uuid.uuid4()
+    prior = await tokendb.charge(user=user, amount=3, reference_id=earlier)
+    reference = uuid.uuid4()
+    items = [
+        {"user": user, "amount": 5, "reference_id": reference},
+        {"user": user, "amount": 5, "reference_id": reference},
+        {"user": user, "amount": 3, "reference_id": earlier},
+        {"user": user, "amount": 5, "reference_id": reference},
+        {"user": user, "amount": 2},
+    ]
+    with statements_sent() as sent:
+        results = await tokendb.charge_many(items=items)
+    assert len(sent) == 1, sent
+    assert [r.balance_after for r in results] == [92, 92, 97, 92, 90]
+    assert len({results[0].id, results[1].id, results[3].id}) == 1
+    assert results[2].id == prior.id
+    assert await tokendb.get_balance(user=user) == 90
+
+
+async def test_crossing_batches_lock_their_users_in_id_order_and_cannot_deadlock(
+    tokendb_clean: str, funded_user
+) -> None:
+    """Two batches name the same two users in opposite arrival orders, each on a
+    connection of its own (as two processes, or two event loops, would send them).
+
+    Locked in arrival order, the batch naming ``low`` first would hold it while
+    the other holds ``high``, and each would wait for the other's row: a
+    deadlock (which the seam's retry would hide). Two transactions holding one
+    row each release them one at a time, so that each batch gets its first row
+    before the other's. Locked in id order, both batches want ``low`` first,
+    the second waits without holding anything, and they run one after the other.
+    """
+    low, high = sorted([(await funded_user(balance=100)).id for _ in range(2)])
+    first, second = await asyncpg.connect(tokendb_clean), await asyncpg.connect(tokendb_clean)
+    try:
+        async with holding_row_lock(tokendb_clean, high) as gate_high:
+            async with holding_row_lock(tokendb_clean, low):
+                sql, arguments = charge_batch([(low, 1), (high, 2)])
+                ascending = started(first.fetch(sql, *arguments))
+                await blocked(gate_high, first.get_server_pid())
+                sql, arguments = charge_batch([(high, 3), (low, 4)])
+                descending = started(second.fetch(sql, *arguments))
+                await blocked(gate_high, second.get_server_pid())
+            # ``low`` is free: the ascending batch takes it and waits for ``high``.
+            await blocked(gate_high, first.get_server_pid())
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(ascending, descending, return_exceptions=True), 30
+        )
+    finally:
+        await first.close()
+        await second.close()
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failures == [], "crossing batches deadlocked"
+    assert [await tokendb.get_balance(user=u) for u in (low, high)] == [95, 95]

@@ -290,7 +290,14 @@ async def test_a_deadlock_is_retried_inside_tokendb(faults_db: str, make_user: A
 async def test_callers_that_give_up_mid_call_leak_no_connection(
     faults_db: str, make_user: Any
 ) -> None:
-    """A caller's own timeout cancels tokendb mid-statement: the pool and the books survive."""
+    """A caller's own timeout cancels tokendb mid-statement: the pool and the books survive.
+
+    A caller that gives up after its coalesced charge was sent only stops
+    waiting: the charge still commits, later (the documented "Cancellation" of
+    tokendb._group_commit; retry with the same reference_id to learn the outcome).
+    So the balance may still move after the loop, until the next charge: it is
+    sent after the batch in flight, and once it returns every charge has landed.
+    """
     user = await make_user()
     await tokendb.top_up(user=user, amount=10_000)
     usage = await tokendb.charge(user=user, amount=5_000)
@@ -306,6 +313,7 @@ async def test_callers_that_give_up_mid_call_leak_no_connection(
         except TimeoutError:
             gave_up += 1
     assert gave_up > 0
+    await asyncio.wait_for(tokendb.charge(user=user, amount=1), BOUND)
     # Twice the pool's size at once: a leaked connection would make these wait.
     balances = await asyncio.wait_for(
         asyncio.gather(*(tokendb.get_balance(user=user) for _ in range(8))), BOUND

@@ -241,6 +241,31 @@ async def test_audit_finds_broken_books(tokendb_clean: str, make_user) -> None:
     assert await tokendb.audit_ledger() == []
 
 
+async def test_audit_finds_a_broken_chain_whose_sums_still_agree(
+    tokendb_clean: str, make_user
+) -> None:
+    """A row's balance_after rewritten, its amount and the user's balance left alone:
+    balance = Σ amounts still holds, only the chain shows the damage (this row does
+    not continue its predecessor, and the next row does not continue it)."""
+    user = await make_user()
+    topup = await tokendb.top_up(user=user, amount=10)
+    await tokendb.charge(user=user, amount=5)
+    try:
+        await tamper("UPDATE token_transactions SET balance_after = 999 WHERE id = $1", topup.id)
+        assert await tokendb.audit_ledger() == [
+            tokendb.LedgerDiscrepancy(
+                user_id=user.id,
+                balance=105,
+                ledger_sum=105,
+                broken_links=2,
+                first_broken_transaction=topup.id,
+            )
+        ]
+    finally:
+        await tamper("UPDATE token_transactions SET balance_after = 110 WHERE id = $1", topup.id)
+    assert await tokendb.audit_ledger() == []
+
+
 async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, make_user) -> None:
     user = await make_user()
     try:

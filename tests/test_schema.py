@@ -352,6 +352,19 @@ async def test_valid_signs_are_accepted(raw: asyncpg.Connection) -> None:
         await raw.execute(LEDGER_INSERT, user_id, amount, kind, 100, None)
 
 
+async def test_a_refund_is_a_credit(raw: asyncpg.Connection) -> None:
+    """A negative refund would debit through the refund path (within its charge as far
+    as the refund trigger can tell): the amount-sign CHECK refuses it."""
+    user_id = await insert_user(raw)
+    charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 90, None)
+    await reject_ledger_row(
+        raw,
+        asyncpg.CheckViolationError,
+        "token_transactions_amount_sign",
+        (user_id, -5, "refund", 85, charge_id),
+    )
+
+
 async def test_idempotency_index_rejects_a_second_movement(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
     reference = uuid.uuid4()
@@ -547,3 +560,18 @@ async def test_revocation_is_final(raw: asyncpg.Connection) -> None:
             raw, asyncpg.CheckViolationError, "api_keys_revocation_final", sql, key_id
         )
     await raw.execute("UPDATE api_keys SET name = 'renamed' WHERE id = $1", key_id)
+
+
+async def test_a_key_never_changes_hands(raw: asyncpg.Connection) -> None:
+    """An API key's owner is fixed, active or revoked: moving a key to another user
+    would hand them its holder's access and bill them for it."""
+    owner, other = await insert_user(raw), await insert_user(raw)
+    key_id = await insert_key(raw, owner)
+    move = "UPDATE api_keys SET user_id = $2 WHERE id = $1"
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, "api_keys_revocation_final", move, key_id, other
+    )
+    await raw.execute("UPDATE api_keys SET is_active = false WHERE id = $1", key_id)
+    await assert_rejected(
+        raw, asyncpg.CheckViolationError, "api_keys_revocation_final", move, key_id, other
+    )

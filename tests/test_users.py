@@ -148,6 +148,22 @@ async def test_login_rehashes_when_parameters_changed(tokendb_clean: str, make_u
     await tokendb.authenticate(email="old@example.com", password=PASSWORD)
 
 
+async def test_a_wrong_password_is_refused_when_the_stored_hash_needs_a_rehash(
+    tokendb_clean: str, make_user
+) -> None:
+    """After the argon2 parameters change, every stored hash needs a rehash: login
+    takes the rehash path, and a wrong password must still be refused there, with
+    nothing written (the hash is not replaced by one of the wrong password)."""
+    user = await make_user(password=PASSWORD)
+    with passwords.parameters(time_cost=2, memory_cost=2048, parallelism=1):
+        assert passwords.needs_rehash(user.password_hash)
+        before = await table_counts()
+        with pytest.raises(tokendb.InvalidCredentials):
+            await tokendb.authenticate(email=user.email, password="wrong password")
+        assert await table_counts() == before
+    await tokendb.authenticate(email=user.email, password=PASSWORD)
+
+
 async def test_get_user_by_id_or_email(tokendb_clean: str, make_user) -> None:
     user = await make_user(email="kay@example.com")
     assert (await tokendb.get_user(user_id=user.id)).email == "kay@example.com"
