@@ -173,5 +173,5 @@ async def test_an_unmigrated_database_is_a_configuration_error(
     from tokendb.testing import test_server_url as admin_url
 
     async with isolated_tokendb(admin_url(request.config), tokendb_db, migrated=False):
-        with pytest.raises(ConfigurationError, match="aerich upgrade"):
+        with pytest.raises(ConfigurationError, match="run `tokendb migrate`"):
             await tokendb.get_balance(user="00000000-0000-0000-0000-000000000001")

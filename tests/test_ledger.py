@@ -154,6 +154,7 @@ async def test_refund_full_partial_and_never_more_than_charged(
     with pytest.raises(tokendb.RefundExceedsCharge) as nothing_left:
         await tokendb.refund(transaction=charge)
     assert nothing_left.value.refundable == 0
+    assert str(nothing_left.value) == f"transaction {charge.id} is already fully refunded"
 
 
 async def test_only_usage_rows_are_refundable(tokendb_clean: str, make_user) -> None:

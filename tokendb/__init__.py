@@ -23,14 +23,18 @@ from tokendb.chats import get_chat as get_chat
 from tokendb.chats import list_chats as list_chats
 from tokendb.chats import list_messages as list_messages
 from tokendb.chats import start_chat as start_chat
+from tokendb.config import tortoise_app as tortoise_app
 from tokendb.connection import close as close
 from tokendb.connection import connect as connect
 from tokendb.connection import init as init
+from tokendb.connection import is_initialised as is_initialised
 from tokendb.connection import migrate as migrate
+from tokendb.connection import tortoise_orm as tortoise_orm
 from tokendb.errors import ApiKeyExpired as ApiKeyExpired
 from tokendb.errors import ApiKeyRevoked as ApiKeyRevoked
 from tokendb.errors import ChatSessionEnded as ChatSessionEnded
 from tokendb.errors import ConfigurationError as ConfigurationError
+from tokendb.errors import ConfigurationWarning as ConfigurationWarning
 from tokendb.errors import DatabaseError as DatabaseError
 from tokendb.errors import DatabaseTimeout as DatabaseTimeout
 from tokendb.errors import DatabaseUnavailable as DatabaseUnavailable
@@ -81,6 +85,7 @@ __all__ = [
     "ChatSession",
     "ChatSessionEnded",
     "ConfigurationError",
+    "ConfigurationWarning",
     "DatabaseError",
     "DatabaseTimeout",
     "DatabaseUnavailable",
@@ -116,6 +121,7 @@ __all__ = [
     "get_user",
     "grant_bonus",
     "init",
+    "is_initialised",
     "issue_api_key",
     "list_api_keys",
     "list_chats",
@@ -128,5 +134,7 @@ __all__ = [
     "set_role",
     "start_chat",
     "top_up",
+    "tortoise_app",
+    "tortoise_orm",
     "verify_api_key",
 ]

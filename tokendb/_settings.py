@@ -29,6 +29,9 @@ class Settings:
     """Attempts of a transaction that hit a deadlock or serialization failure."""
     coalesce_charges: bool = True
     """Coalesce concurrent ``charge()`` calls into shared statements (:mod:`tokendb.ledger`)."""
+    server_settings: tuple[str, ...] | None = None
+    """The server settings tokendb's config put on the connection (``statement_timeout``,
+    ``lock_timeout``); None until :func:`tokendb.init` or :func:`tokendb.tortoise_orm` ran."""
 
 
 _initialised = Settings()
@@ -42,7 +45,8 @@ def current() -> Settings:
 
 
 def initialise(settings: Settings) -> None:
-    """Fix the settings of the connection :func:`tokendb.init` opens (called by init only)."""
+    """Fix the settings of the connection :func:`tokendb.init` (or
+    :func:`tokendb.tortoise_orm`) configures (called by them only)."""
     global _initialised
     _initialised = settings
 

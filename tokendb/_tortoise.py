@@ -10,7 +10,13 @@ which is why ``pyproject.toml`` pins ``tortoise-orm`` to the minor version
   context) is honoured;
 * :func:`pool`: the client's lazily created asyncpg pool (``_pool``,
   ``_pool_init_lock``), shared with the application's ORM code;
-* :func:`guard_transactions`: the workaround below.
+* :func:`guard_transactions`: the workaround below;
+* event loops: Tortoise binds a client's pool to the loop that opened it and,
+  in another loop, silently replaces the client by a new one, leaving the old
+  pool's connections open until garbage collection. tokendb adopts each new
+  client (:func:`_adopt`: guarded, its settings checked) and shuts down the
+  connections of a pool whose loop is closed (:func:`abandon_if_orphaned`);
+  :func:`close_pool` closes a pool but keeps its client for the next loop.
 
 The upstream bug
 ================
@@ -34,6 +40,9 @@ was not released causing a new request to be pending") reports the symptom.
 from __future__ import annotations
 
 import asyncio
+import socket
+import warnings
+from contextlib import suppress
 from typing import Any
 
 import asyncpg
@@ -50,12 +59,14 @@ from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 
 from tokendb import _settings, _waits
 from tokendb._translate import is_connection_loss, translate
-from tokendb.errors import ConfigurationError, DatabaseUnavailable
+from tokendb.errors import ConfigurationError, ConfigurationWarning, DatabaseUnavailable
 from tokendb.models import User
 
 __all__ = [
     "TESTED_MINOR",
     "TransactionalDBClient",
+    "abandon_if_orphaned",
+    "close_pool",
     "guard_transactions",
     "models_client",
     "pool",
@@ -69,18 +80,125 @@ were written against (``pyproject.toml`` pins it)."""
 _META = User._meta
 
 
+_adopted: BaseDBAsyncClient | None = None
+"""The client tokendb last adopted (:func:`_adopt`): compared by identity on every call."""
+
+_NO_CONTEXT_HINT = (
+    "tokendb is not initialised in this task: Tortoise's context is not visible here "
+    "(a new event loop after tokendb.close(), or Tortoise initialised by a framework hook "
+    "in a task of its own, as Quart's register_tortoise does). Call `await tokendb.init()` "
+    "(with apps=... for your own models) in this event loop, or in the framework's startup "
+    "hook instead of register_tortoise: tokendb makes its context visible to every task"
+)
+
+
 def models_client() -> BaseDBAsyncClient:
     """The connection of tokendb's models: the caller's transaction's, else the pooled client.
 
-    Raises :class:`ConfigurationError` when tokendb is not initialised.
+    Raises :class:`ConfigurationError` when tokendb is not initialised, or not
+    in a Tortoise context this task can see.
     """
     try:
-        return _META.db
+        client: BaseDBAsyncClient = _META.db
     except TortoiseConfigurationError as exc:
         raise ConfigurationError(
             "tokendb is not initialised: call `await tokendb.init()` "
             "(or use `async with tokendb.connect():`) first"
         ) from exc
+    except RuntimeError as exc:  # tortoise.context.require_context(): no context in this task
+        raise ConfigurationError(_NO_CONTEXT_HINT) from exc
+    if client is not _adopted and not isinstance(client, TransactionalDBClient):
+        _adopt(client)
+    return client
+
+
+def _adopt(client: BaseDBAsyncClient) -> None:
+    """A client used by tokendb for the first time: guard it, check it, retire the last one.
+
+    A client tokendb did not open itself (a framework's ``register_tortoise``),
+    or one Tortoise made because the event loop changed, gets the same
+    transaction guard as :func:`tokendb.init`'s. A warning names settings that
+    are missing (tokendb's timeouts are then off). A predecessor whose event
+    loop is closed cannot close its pool; its connections are shut down, so
+    the server does not keep their backends until garbage collection.
+    """
+    global _adopted
+    previous, _adopted = _adopted, client
+    guard_transactions(client)
+    _warn_if_unconfigured(client)
+    if previous is not None and previous is not client:
+        abandon_if_orphaned(previous)
+
+
+def _warn_if_unconfigured(client: BaseDBAsyncClient) -> None:
+    expected = _settings.current().server_settings
+    if expected is None:
+        missing = "tokendb's timeouts and transaction guard were never configured"
+    else:
+        present = getattr(client, "server_settings", None) or {}
+        absent = [name for name in expected if name not in present]
+        if not absent:
+            return
+        missing = f"the connection lacks {', '.join(absent)}"
+    warnings.warn(
+        f"{missing}: statements and lock waits are unbounded. Build the Tortoise config "
+        "with tokendb.tortoise_orm(apps=...) or initialise with tokendb.init(apps=...)",
+        ConfigurationWarning,
+        stacklevel=5,
+    )
+
+
+def _pool_loop(client: BaseDBAsyncClient) -> asyncio.AbstractEventLoop | None:
+    created: asyncpg.Pool | None = getattr(client, "_pool", None)
+    return getattr(created, "_loop", None) if created is not None else None
+
+
+def abandon_if_orphaned(client: BaseDBAsyncClient) -> bool:
+    """Shut down the connections of ``client``'s pool if its event loop is closed; True if so.
+
+    Such a pool can no longer be closed (closing needs its loop); shutting
+    its sockets down makes the server end their backends now. The client
+    opens a new pool in the next loop that uses it.
+    """
+    loop = _pool_loop(client)
+    if loop is None or not loop.is_closed():
+        return False
+    orphan: Any = getattr(client, "_pool")  # noqa: B009 - not in the base type
+    for holder in getattr(orphan, "_holders", ()):  # asyncpg's pool keeps a holder per slot
+        conn = getattr(holder, "_con", None)
+        transport = getattr(conn, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    _forget_pool(client)
+    return True
+
+
+def _forget_pool(client: BaseDBAsyncClient) -> None:
+    """Let ``client`` open a new pool in the next event loop that uses it (no loop switch)."""
+    client._pool = None  # type: ignore[attr-defined]
+    client._bound_loop = None
+    # Tortoise's pool lock binds to the loop that first waits on it.
+    client._pool_init_lock = asyncio.Lock()  # type: ignore[attr-defined]
+
+
+async def close_pool(client: BaseDBAsyncClient) -> None:
+    """Close ``client``'s pool, keeping the client (and its guard) for the next event loop.
+
+    A pool of a closed event loop is abandoned (:func:`abandon_if_orphaned`).
+    Raises :class:`ConfigurationError` for a pool of another loop that is still open.
+    """
+    if abandon_if_orphaned(client):
+        return
+    loop = _pool_loop(client)
+    if loop is not None and loop is not asyncio.get_running_loop():
+        raise ConfigurationError(
+            "tokendb's connection pool belongs to another event loop that is still open; "
+            "close it from that loop"
+        )
+    await client.close()
+    _forget_pool(client)
 
 
 async def pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
@@ -134,19 +252,20 @@ class _GuardedTransactionContext(TransactionContextPooled):
         return self.client
 
 
-def guard_transactions() -> None:
+def guard_transactions(client: BaseDBAsyncClient | None = None) -> None:
     """Make ``tortoise.transactions.in_transaction()`` on tokendb's connection leak-free.
 
-    Called by :func:`tokendb.init`. Only the client tokendb configured is
-    changed (an instance attribute, not a patch of Tortoise's class), so other
-    Tortoise connections of the application keep Tortoise's behaviour.
+    Applied to every client tokendb uses (:func:`_adopt`), whoever opened it.
+    Only that client is changed (an instance attribute, not a patch of
+    Tortoise's class), so other Tortoise connections of the application keep
+    Tortoise's behaviour.
     """
-    client = models_client()
+    client = client if client is not None else models_client()
     if not isinstance(client, AsyncpgDBClient) or isinstance(client, TransactionalDBClient):
         return
-    lock: asyncio.Lock = client._pool_init_lock
 
     def guarded() -> _GuardedTransactionContext:
-        return _GuardedTransactionContext(TransactionWrapper(client), lock)
+        # The lock is looked up per transaction: a new event loop gets a new one.
+        return _GuardedTransactionContext(TransactionWrapper(client), client._pool_init_lock)
 
     client._in_transaction = guarded  # type: ignore[method-assign]

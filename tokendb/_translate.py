@@ -129,7 +129,7 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
     ):
         return ConfigurationError(
             f"the database schema is missing or outdated ({exc}); "
-            "run `aerich upgrade` or `await tokendb.migrate()`"
+            "run `tokendb migrate` (or `await tokendb.migrate()`)"
         )
     if isinstance(exc, TortoiseConfigurationError):
         return ConfigurationError(

@@ -15,6 +15,7 @@ reported as a :class:`~tokendb.errors.ConfigurationError` naming it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "mask_url",
     "resolve_database",
     "resolve_database_async",
+    "tortoise_app",
     "tortoise_config",
 ]
 
@@ -71,6 +73,44 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
+def tortoise_app(*, connection: str = "default") -> dict[str, Any]:
+    """tokendb's entry in a host application's ``TORTOISE_ORM["apps"]``, on ``connection``.
+
+    ``{"models": ["tokendb.models", "aerich.models"], "default_connection": connection}``:
+    it carries Aerich's model too (every app's migration history lives in
+    Aerich's one table, created by ``tokendb migrate``), so the host's own app
+    must not list ``aerich.models``. The app label must be ``tokendb``
+    (:data:`APP_LABEL`): ``ForeignKeyField("tokendb.User")``.
+    """
+    return {"models": list(MODEL_MODULES), "default_connection": connection}
+
+
+def _with_apps(
+    apps: Mapping[str, Mapping[str, Any]] | None, connection_name: str
+) -> dict[str, Any]:
+    """The ``apps`` section: the host's apps first (a plain ``aerich`` command picks the
+    first app), then tokendb's."""
+    merged: dict[str, Any] = {}
+    for label, app in (apps or {}).items():
+        if label == APP_LABEL:
+            raise ConfigurationError(
+                f"the app label {APP_LABEL!r} is tokendb's own; name your app otherwise"
+            )
+        if not isinstance(app, Mapping) or not isinstance(app.get("models"), (list, tuple)):
+            raise ConfigurationError(
+                f"app {label!r} must be a mapping with a list of model modules: "
+                f'{{"{label}": {{"models": ["{label}.models"]}}}}'
+            )
+        if "aerich.models" in app["models"]:
+            raise ConfigurationError(
+                f"app {label!r} lists aerich.models, which tokendb's app already carries; "
+                "remove it from your app"
+            )
+        merged[label] = {"default_connection": connection_name, **app}
+    merged[APP_LABEL] = tortoise_app(connection=connection_name)
+    return merged
+
+
 def _parse_pool_size(value: str, name: str, variable: str) -> int:
     try:
         size = int(value)
@@ -91,17 +131,20 @@ def tortoise_config(
     max_size: int | None = None,
     connection_name: str = "default",
     variable: str = "DATABASE_URL",
+    apps: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Build the Tortoise config dict for tokendb's models on ``database_url``.
+    """Build the Tortoise config dict for tokendb's models (and ``apps``) on ``database_url``.
 
     ``database_url`` is a ``postgres://`` (or ``postgresql://``) URL. Tortoise
     URL parameters pass through, so ``?minsize=16&maxsize=16`` sizes the pool;
     ``min_size``/``max_size`` given here win over the URL, and the defaults
     (:data:`DEFAULT_POOL_MIN_SIZE`, :data:`DEFAULT_POOL_MAX_SIZE`) apply when
     neither says. ``variable`` names the setting the URL came from, for errors.
+    ``apps`` are the host application's own Tortoise apps, put before
+    tokendb's on the same connection.
 
     Raises :class:`ConfigurationError` (naming ``variable``) for a URL that is
-    not a usable PostgreSQL URL.
+    not a usable PostgreSQL URL, and for malformed ``apps``.
     """
     from tortoise.backends.base.config_generator import expand_db_url
     from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
@@ -164,12 +207,7 @@ def tortoise_config(
 
     return {
         "connections": {connection_name: connection},
-        "apps": {
-            APP_LABEL: {
-                "models": list(MODEL_MODULES),
-                "default_connection": connection_name,
-            }
-        },
+        "apps": _with_apps(apps, connection_name),
         "use_tz": True,
         "timezone": "UTC",
     }
@@ -280,7 +318,11 @@ async def resolve_database_async(database_url: str | None) -> ResolvedDatabase:
 
 
 def config_for(
-    database: ResolvedDatabase, *, min_size: int | None = None, max_size: int | None = None
+    database: ResolvedDatabase,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    apps: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The Tortoise config for ``database``.
 
@@ -294,6 +336,7 @@ def config_for(
         min_size=min_size if min_size is not None else env_min,
         max_size=max_size if max_size is not None else env_max,
         variable=database.variable,
+        apps=apps,
     )
 
 

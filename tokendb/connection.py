@@ -8,7 +8,8 @@ migrations from code (the same as ``aerich upgrade``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import concurrent.futures
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, Unpack
@@ -17,7 +18,13 @@ from tortoise import Tortoise
 
 from tokendb import _db, _settings, _tortoise
 from tokendb._translate import translated
-from tokendb.config import APP_LABEL, config_for, resolve_database_async
+from tokendb.config import (
+    APP_LABEL,
+    ResolvedDatabase,
+    config_for,
+    resolve_database,
+    resolve_database_async,
+)
 from tokendb.errors import ConfigurationError, TokenDBError
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "migrate",
     "migrations_location",
     "run_aerich",
+    "tortoise_orm",
 ]
 
 T = TypeVar("T")
@@ -62,10 +70,19 @@ def migrations_location() -> Path:
     )
 
 
+Apps = Mapping[str, Mapping[str, Any]]
+"""The host's own Tortoise apps, as in ``TORTOISE_ORM["apps"]``, e.g.
+``{"shop": {"models": ["shop.models"]}}``."""
+
+_initialised_url: str | None = None
+"""The URL :func:`init` (or :func:`tortoise_orm`) configured, for :func:`migrate` without one."""
+
+
 @translated
 async def init(
     database_url: str | None = None,
     *,
+    apps: Apps | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
     acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
@@ -73,16 +90,23 @@ async def init(
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     coalesce_charges: bool = True,
 ) -> None:
-    """Initialise Tortoise with tokendb's models and open the connection pool.
+    """Initialise Tortoise with tokendb's models (and ``apps``) and open the connection pool.
 
     ``database_url`` defaults to ``DATABASE_URL`` (read from the environment
     or ``.env``), else to tokendb's embedded server (``tokendb[embedded]``),
     which is started if need be and migrated here. URL parameters pass
     through to Tortoise, so ``?minsize=16&maxsize=16`` sizes the pool;
-    ``min_size``/``max_size`` win over the URL. Every wait is bounded:
-    ``acquire_timeout`` seconds for a pooled connection, and the server
-    cancels a statement after ``statement_timeout`` seconds or a row-lock
-    wait after ``lock_timeout`` seconds (``None`` disables either), raising
+    ``min_size``/``max_size`` win over the URL.
+
+    ``apps`` adds the application's own Tortoise apps on the same connection
+    (``{"shop": {"models": ["shop.models"]}}``; their models may have foreign
+    keys to ``tokendb.User``), so one ``init`` serves the whole application
+    and its ORM code shares tokendb's pool and transactions.
+
+    Every wait is bounded: ``acquire_timeout`` seconds for a pooled
+    connection, and the server cancels a statement after
+    ``statement_timeout`` seconds or a row-lock wait after ``lock_timeout``
+    seconds (``None`` disables either), raising
     :class:`~tokendb.errors.DatabaseTimeout`. The client gives up on its own
     a few seconds after ``statement_timeout`` (a server that stopped
     answering), and on opening a connection after ``acquire_timeout``.
@@ -95,13 +119,16 @@ async def init(
     give every call a statement of its own.
 
     The pool is opened and checked before returning, so a wrong URL fails
-    here, not on the first request.
+    here, not on the first request. Tortoise's context is made visible to
+    every task of the process (its global fallback), so request handlers
+    running in tasks of their own see it.
 
-    Raises :class:`ConfigurationError` for a missing or malformed URL and
-    :class:`DatabaseUnavailable` when the server cannot be reached.
+    Raises :class:`ConfigurationError` for a missing or malformed URL or apps
+    and :class:`DatabaseUnavailable` when the server cannot be reached.
     """
     config = await init_config(
         database_url,
+        apps=apps,
         min_size=min_size,
         max_size=max_size,
         acquire_timeout=acquire_timeout,
@@ -109,8 +136,8 @@ async def init(
         lock_timeout=lock_timeout,
         coalesce_charges=coalesce_charges,
     )
-    if Tortoise.is_inited():
-        await Tortoise.close_connections()
+    if is_initialised():
+        await close()
     try:
         await Tortoise.init(config=config, _enable_global_fallback=True)
     except BaseException:
@@ -122,6 +149,7 @@ async def init(
 class InitOptions(TypedDict, total=False):
     """The keyword arguments of :func:`init` besides the URL."""
 
+    apps: Apps | None
     min_size: int | None
     max_size: int | None
     acquire_timeout: float
@@ -139,21 +167,67 @@ async def init_config(
     seam's timeouts and returns the Tortoise config to initialise with; call
     :func:`check_connection` after ``Tortoise.init``. Same arguments as :func:`init`.
     """
-    min_size, max_size = options.get("min_size"), options.get("max_size")
+    _check_options(options)
+    database = await resolve_database_async(database_url)
+    if database.embedded:
+        await migrate(database.url)
+    return _configure(database, options)
+
+
+def tortoise_orm(database_url: str | None = None, **options: Unpack[InitOptions]) -> dict[str, Any]:
+    """The ``TORTOISE_ORM`` dict for an application that registers Tortoise itself.
+
+    For frameworks whose own hook initialises Tortoise (aiohttp's, Sanic's
+    ``register_tortoise``) and for the host's Aerich config::
+
+        TORTOISE_ORM = tokendb.tortoise_orm(apps={"shop": {"models": ["shop.models"]}})
+        register_tortoise(app, config=TORTOISE_ORM)
+
+    Takes the arguments of :func:`init` and carries the same settings: the
+    pool size and, in the connection's credentials, tokendb's
+    ``statement_timeout``/``lock_timeout`` and client-side bounds. The
+    transaction guard is applied on tokendb's first statement. The host's
+    apps come first in ``apps``, so a plain ``aerich`` command picks the
+    host's app, not ``tokendb``. Synchronous: it starts (and migrates) the
+    embedded server when no URL is configured.
+
+    Raises :class:`ConfigurationError` for a missing or malformed URL or apps.
+    """
+    _check_options(options)
+    database = resolve_database(database_url)
+    if database.embedded:
+        _run_in_a_thread(migrate(database.url))
+    return _configure(database, options)
+
+
+def _run_in_a_thread(coroutine: Awaitable[T]) -> T:
+    """Run ``coroutine`` to completion on an event loop of its own (callers may be in a loop)."""
+
+    async def run() -> T:
+        return await coroutine
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def _check_options(options: InitOptions) -> None:
+    for name in ("acquire_timeout", "statement_timeout", "lock_timeout"):
+        if name in options:
+            _check_timeout(name, options[name], optional=name != "acquire_timeout")
+
+
+def _configure(database: ResolvedDatabase, options: InitOptions) -> dict[str, Any]:
+    """The Tortoise config for ``database`` with tokendb's bounds; sets the seam's settings."""
+    global _initialised_url
     statement_timeout = options.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT)
     lock_timeout = options.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     acquire_timeout = options.get("acquire_timeout", DEFAULT_ACQUIRE_TIMEOUT)
-    coalesce_charges = options.get("coalesce_charges", True)
-    for name, seconds in (
-        ("acquire_timeout", acquire_timeout),
-        ("statement_timeout", statement_timeout),
-        ("lock_timeout", lock_timeout),
-    ):
-        _check_timeout(name, seconds, optional=name != "acquire_timeout")
-    database = await resolve_database_async(database_url)
-    config = config_for(database, min_size=min_size, max_size=max_size)  # validates sizes
-    if database.embedded:
-        await migrate(database.url)
+    config = config_for(
+        database,
+        min_size=options.get("min_size"),
+        max_size=options.get("max_size"),
+        apps=options.get("apps"),
+    )
     credentials = config["connections"]["default"]["credentials"]
     server_settings: dict[str, str] = dict(credentials.get("server_settings") or {})
     if statement_timeout is not None:
@@ -169,8 +243,15 @@ async def init_config(
     if statement_timeout is not None:
         credentials.setdefault("command_timeout", statement_timeout + _COMMAND_TIMEOUT_MARGIN)
     _settings.initialise(
-        _settings.Settings(acquire_timeout=acquire_timeout, coalesce_charges=coalesce_charges)
+        _settings.Settings(
+            acquire_timeout=acquire_timeout,
+            coalesce_charges=options.get("coalesce_charges", True),
+            server_settings=tuple(
+                name for name in ("statement_timeout", "lock_timeout") if name in server_settings
+            ),
+        )
     )
+    _initialised_url = database.url
     return config
 
 
@@ -212,16 +293,31 @@ def is_initialised() -> bool:
 
     try:
         User._meta.db  # noqa: B018 - resolving the connection is the check
-    except TortoiseConfigurationError:
+    except (TortoiseConfigurationError, RuntimeError):  # RuntimeError: no Tortoise context here
         return False
     return True
 
 
 @translated
 async def close() -> None:
-    """Close the connection pool opened by :func:`init` (a no-op when not initialised)."""
-    if Tortoise.is_inited():
-        await Tortoise.close_connections()
+    """Close the connection pool opened by :func:`init` (a no-op when not initialised).
+
+    Called in another event loop than the pool's, after that loop closed,
+    it shuts the pool's connections down instead of closing them politely.
+    """
+    global _initialised_url
+    _initialised_url = None
+    if not Tortoise.is_inited():
+        return
+    from tortoise.context import get_current_context
+
+    context = get_current_context()
+    if context is not None and context.inited:
+        # The storage, not connections.all(): that would replace a client of a
+        # closed loop by a new one (Tortoise's loop switch), leaking the old pool.
+        for client in list(context.connections._get_storage().values()):
+            _tortoise.abandon_if_orphaned(client)
+    await Tortoise.close_connections()
 
 
 @asynccontextmanager
@@ -241,13 +337,16 @@ async def connect(database_url: str | None = None, **options: Any) -> AsyncItera
 async def migrate(database_url: str | None = None) -> list[str]:
     """Apply tokendb's pending Aerich migrations (``aerich upgrade``); return the files applied.
 
-    ``database_url`` is resolved as by :func:`init` (``DATABASE_URL``, else the
-    embedded server).
+    ``database_url`` defaults to the database tokendb was initialised on
+    (:func:`init`, :func:`tortoise_orm`), else is resolved as by :func:`init`
+    (``DATABASE_URL``, else the embedded server).
 
     Each migration runs in its own transaction, so a failing one leaves the
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
     """
+    if database_url is None:
+        database_url = _initialised_url
     return await _upgrade(database_url, migrations_location())
 
 
@@ -267,17 +366,20 @@ async def run_aerich(
     action: Callable[[Any], Awaitable[T]],
     *,
     location: Path | None = None,
+    app: str = APP_LABEL,
+    apps: Apps | None = None,
 ) -> T:
-    """Run ``action(command)`` with an initialised ``aerich.Command`` for tokendb's app.
+    """Run ``action(command)`` with an initialised ``aerich.Command`` for ``app``.
 
-    ``location`` defaults to :func:`migrations_location`. A fresh Tortoise
-    context in a child task: Aerich closes the connections of whatever context
-    it runs in, and must not close the application's.
+    ``app`` defaults to tokendb's, ``location`` to :func:`migrations_location`;
+    ``apps`` are the host's apps (for a host app's own migrations). A fresh
+    Tortoise context in a child task: Aerich closes the connections of
+    whatever context it runs in, and must not close the application's.
     """
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
 
-    config = config_for(await resolve_database_async(database_url))
+    config = config_for(await resolve_database_async(database_url), apps=apps)
     credentials = config["connections"]["default"]["credentials"]
     # One connection holds the migration lock, one runs the migrations.
     credentials["minsize"], credentials["maxsize"] = 1, 2
@@ -295,7 +397,7 @@ async def run_aerich(
                     # then finds nothing left to apply.
                     await lock.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
                     try:
-                        command = Command(tortoise_config=config, app=APP_LABEL, location=folder)
+                        command = Command(tortoise_config=config, app=app, location=folder)
                         await command.init()
                         return await action(command)
                     finally:

@@ -23,6 +23,7 @@ __all__ = [
     "ApiKeyRevoked",
     "ChatSessionEnded",
     "ConfigurationError",
+    "ConfigurationWarning",
     "DatabaseError",
     "DatabaseTimeout",
     "DatabaseUnavailable",
@@ -52,6 +53,13 @@ class ConfigurationError(TokenDBError):
     def __init__(self, message: str, *, variable: str | None = None) -> None:
         super().__init__(message)
         self.variable = variable
+
+
+class ConfigurationWarning(UserWarning):
+    """tokendb runs, but not as configured: e.g. a connection without tokendb's timeouts.
+
+    Emitted once per connection client, on tokendb's first statement through it.
+    """
 
 
 class DatabaseError(TokenDBError):
@@ -187,10 +195,14 @@ class RefundExceedsCharge(TokenDBError):
     """Refunding ``requested`` tokens would exceed what is left of the charge."""
 
     def __init__(self, transaction_id: UUID, refundable: int, requested: int) -> None:
-        super().__init__(
-            f"transaction {transaction_id} has {refundable} refundable tokens, "
-            f"{requested} requested"
-        )
+        if refundable == 0:
+            message = f"transaction {transaction_id} is already fully refunded"
+        else:
+            message = (
+                f"transaction {transaction_id} has {refundable} refundable tokens, "
+                f"{requested} requested"
+            )
+        super().__init__(message)
         self.transaction_id = transaction_id
         self.refundable = refundable
         self.requested = requested

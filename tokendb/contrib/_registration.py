@@ -48,22 +48,24 @@ class TokenDBRegistration:
         from tortoise.context import get_current_context
 
         if connection.is_initialised():
-            if self._tokendb_apps:
+            context = get_current_context()
+            registered = set(context.apps.keys()) if context is not None and context.apps else set()
+            missing = sorted(set(self._tokendb_apps) - registered)
+            if missing:
                 # Tortoise has one global context per process and it is not ours
                 # to re-initialise: the app's models would silently go unregistered.
                 raise ConfigurationError(
                     "tokendb is already initialised in this process (tokendb.init() or the "
-                    "tokendb_db fixture), so the apps "
-                    f"{sorted(self._tokendb_apps)} cannot be added; initialise once, with "
-                    "RegisterTokenDB(apps=...) or tokendb.init_config()"
+                    f"tokendb_db fixture) without the apps {missing}: initialise once with "
+                    "them (tokendb.init(apps=...)); under the pytest plugin, override the "
+                    "tokendb_apps fixture to return them"
                 )
-            context = get_current_context()
             if self.app is not None:
                 self.app.state._tortoise_context = context
             return context
-        config = await connection.init_config(self._tokendb_url, **self._tokendb_options)
-        for label, app_config in self._tokendb_apps.items():
-            config["apps"][label] = {"default_connection": "default", **app_config}
+        config = await connection.init_config(
+            self._tokendb_url, apps=self._tokendb_apps, **self._tokendb_options
+        )
         self.config = config
         context = await super().init_orm()  # type: ignore[misc]
         self._tokendb_owner = True
