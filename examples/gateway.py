@@ -5,7 +5,9 @@ Run it (uses DATABASE_URL, else tokendb's embedded server)::
     uvicorn examples.gateway:app --port 8000
 
 Every route needs ``Authorization: Bearer sk_live_…`` with the ``chat``
-permission. The "model" is a stand-in that echoes; tokens are counted as
+permission. Every error, tokendb's and FastAPI's own, is an ``ErrorOut``
+(declared in the OpenAPI of every route); request bodies over 1 MiB are
+refused with 413. The "model" is a stand-in that echoes; tokens are counted as
 words. A prompt and its reply are two billed messages; when the balance
 cannot pay for the reply, the request fails with 402 and only the prompt
 (already processed) stays billed.
@@ -18,31 +20,34 @@ from fastapi import Depends, FastAPI, Query
 from pydantic import BaseModel, Field
 
 import tokendb
-from tokendb.contrib.fastapi import exception_handlers, lifespan, require_api_key
-from tokendb.contrib.schemas import (
-    BalanceOut,
-    ChatMessageOut,
-    ChatSessionOut,
-    ErrorOut,
-    TransactionOut,
+from tokendb.contrib.fastapi import (
+    RequestSizeLimit,
+    error_responses,
+    exception_handlers,
+    lifespan,
+    require_api_key,
 )
+from tokendb.contrib.schemas import BalanceOut, ChatMessageOut, ChatSessionOut, TransactionOut
 
 app = FastAPI(
     title="tokendb gateway example",
     lifespan=lifespan(),
     exception_handlers=exception_handlers(),
-    responses={status: {"model": ErrorOut} for status in (401, 402, 403, 404, 409, 503)},
+    responses=error_responses(),
 )
+app.add_middleware(RequestSizeLimit, max_bytes=1024 * 1024)
 
 ChatKey = Annotated[tokendb.ApiKey, Depends(require_api_key("chat"))]
 
 
+# The request schemas say all that the handlers refuse, so a client (or
+# schemathesis) that follows the OpenAPI document is never told 422.
 class NewSession(BaseModel):
-    model: str = Field(default="echo-1", min_length=1, max_length=50)
+    model: str = Field(default="echo-1", pattern=r"^[A-Za-z0-9._:/-]{1,50}$")
 
 
 class NewMessage(BaseModel):
-    content: str = Field(min_length=1, max_length=10_000)
+    content: str = Field(min_length=1, max_length=10_000, pattern=r"^[^\x00]*$")
 
 
 class Exchange(BaseModel):

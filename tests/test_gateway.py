@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import shutil
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -115,10 +119,9 @@ async def test_other_users_sessions_and_unscoped_keys_are_refused(
     assert invalid.status_code == 422
 
 
-async def test_uvicorn_serves_the_gateway_as_the_readme_shows(
-    tokendb_clean: str, funded_user: Any, make_api_key: Any
-) -> None:
-    _, auth = await customer(funded_user, make_api_key, 50)
+@contextlib.asynccontextmanager
+async def served_gateway(database_url: str) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """The gateway served by uvicorn in a child process; yields its base URL and output."""
     port = free_port()
     server = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -128,28 +131,176 @@ async def test_uvicorn_serves_the_gateway_as_the_readme_shows(
         "--port",
         str(port),
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": tokendb_clean},
+        env={**os.environ, "DATABASE_URL": database_url},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    output: list[bytes] = []
+    base_url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=base_url) as http:
             for _ in range(300):
                 try:
-                    await http.get("/docs")
+                    await http.get("/openapi.json")
                     break
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
-            session = (await http.post("/v1/chat/sessions", json={}, headers=auth)).json()
-            sent = await http.post(
-                f"/v1/chat/sessions/{session['id']}/messages",
-                json={"content": "ping"},
-                headers=auth,
-            )
-            assert sent.status_code == 200 and sent.json()["balance"] == 50 - 1 - 3
+        yield base_url, output
     finally:
         server.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.wait_for(server.communicate(), 60)
+        out, _ = await asyncio.wait_for(server.communicate(), 60)
+        output.append(out)
     # uvicorn re-raises the SIGTERM it handled, after a graceful shutdown.
-    assert server.returncode in (0, -signal.SIGTERM), output.decode()
-    assert b"Application shutdown complete" in output
+    assert server.returncode in (0, -signal.SIGTERM), out.decode()
+
+
+async def test_uvicorn_serves_the_gateway_as_the_readme_shows(
+    tokendb_clean: str, funded_user: Any, make_api_key: Any
+) -> None:
+    _, auth = await customer(funded_user, make_api_key, 50)
+    async with (
+        served_gateway(tokendb_clean) as (base_url, output),
+        httpx.AsyncClient(base_url=base_url) as http,
+    ):
+        session = (await http.post("/v1/chat/sessions", json={}, headers=auth)).json()
+        sent = await http.post(
+            f"/v1/chat/sessions/{session['id']}/messages",
+            json={"content": "ping"},
+            headers=auth,
+        )
+        assert sent.status_code == 200 and sent.json()["balance"] == 50 - 1 - 3
+    assert b"Application shutdown complete" in output[0]
+
+
+# --- the HTTP contract: one error shape, declared everywhere; hostile bodies ----------------
+
+ERROR_KEYS = {"error", "detail", "fields"}
+
+
+async def test_fastapis_own_errors_have_tokendbs_shape(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any
+) -> None:
+    _, auth = await customer(funded_user, make_api_key, 100)
+    invalid = await client.post("/v1/chat/sessions", json={"model": 7}, headers=auth)
+    assert invalid.status_code == 422
+    body = invalid.json()
+    assert set(body) == ERROR_KEYS and body["error"] == "ValidationError"
+    assert body["fields"]["field"] == "body.model" and body["fields"]["errors"]
+    missing = await client.post(f"/v1/chat/sessions/{uuid.uuid4()}/messages", json={}, headers=auth)
+    assert missing.status_code == 422 and missing.json()["fields"]["field"] == "body.content"
+    no_route = await client.get("/v1/nothing-here", headers=auth)
+    assert no_route.status_code == 404 and no_route.json() == {
+        "error": "NotFound",
+        "detail": "Not Found",
+        "fields": {},
+    }
+    wrong_method = await client.delete("/v1/balance", headers=auth)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"] == "MethodNotAllowed"
+    assert wrong_method.headers["allow"] == "GET"
+
+
+async def test_a_lone_surrogate_is_a_422_not_a_500(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any
+) -> None:
+    user, auth = await customer(funded_user, make_api_key, 100)
+    session = (await client.post("/v1/chat/sessions", json={}, headers=auth)).json()
+    json_headers = {**auth, "Content-Type": "application/json"}
+    # Valid JSON (an escaped lone surrogate), not valid Unicode: a 422 whose body
+    # still encodes (FastAPI's own handler crashed on it with a 500).
+    for path, field in [
+        (f"/v1/chat/sessions/{session['id']}/messages", "content"),
+        ("/v1/chat/sessions", "model"),
+    ]:
+        response = await client.post(
+            path, content=f'{{"{field}": "a\\ud800b"}}'.encode(), headers=json_headers
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "ValidationError"
+        assert response.json()["fields"]["field"] == f"body.{field}"
+    assert await tokendb.get_balance(user=user) == 100
+
+
+async def test_a_body_that_is_not_utf8_is_a_documented_400(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any
+) -> None:
+    _, auth = await customer(funded_user, make_api_key, 100)
+    response = await client.post(
+        "/v1/chat/sessions",
+        content=b'{"model": "\xff\xfe"}',
+        headers={**auth, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "BadRequest"
+
+
+async def test_a_body_over_the_limit_is_413_and_bills_nothing(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any
+) -> None:
+    user, auth = await customer(funded_user, make_api_key, 10_000_000)
+    session = (await client.post("/v1/chat/sessions", json={}, headers=auth)).json()
+    url = f"/v1/chat/sessions/{session['id']}/messages"
+    big = json.dumps({"content": "word " * (300 * 1024)}).encode()  # 1.5 MiB
+    declared = await client.post(
+        url, content=big, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert declared.status_code == 413
+    assert declared.json()["error"] == "RequestTooLarge"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    streamed = await client.post(
+        url, content=chunks(), headers={**auth, "Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413 and streamed.json()["error"] == "RequestTooLarge"
+    assert await tokendb.get_balance(user=user) == 10_000_000
+    assert await tokendb.list_messages(session=session["id"]) == []
+
+
+async def test_every_route_declares_the_error_shape_in_openapi(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for status in ("400", "401", "404", "413", "422", "500", "503"):
+                content = operation["responses"][status]["content"]["application/json"]
+                assert content["schema"] == {"$ref": "#/components/schemas/ErrorOut"}, (
+                    method,
+                    path,
+                    status,
+                )
+
+
+def schemathesis_command() -> list[str]:
+    script = Path(sys.executable).parent / "schemathesis"
+    return [str(script)] if script.exists() else [shutil.which("schemathesis") or "schemathesis"]
+
+
+async def test_schemathesis_finds_nothing_against_the_gateway(
+    tokendb_clean: str, funded_user: Any, make_api_key: Any, tmp_path: Path
+) -> None:
+    """Every check schemathesis has, on every route, with a funded key: zero failures."""
+    _, auth = await customer(funded_user, make_api_key, 100_000_000)
+    async with served_gateway(tokendb_clean) as (base_url, _):
+        run = await asyncio.create_subprocess_exec(
+            *schemathesis_command(),
+            "run",
+            f"{base_url}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            os.environ.get("TOKENDB_SCHEMATHESIS_EXAMPLES", "40"),
+            "--seed",
+            "12",
+            "--header",
+            f"Authorization: {auth['Authorization']}",
+            "--no-color",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=tmp_path,  # where it keeps its .schemathesis/ cache
+        )
+        output, _ = await asyncio.wait_for(run.communicate(), 300)
+    report = output.decode()
+    assert run.returncode == 0, report
+    assert "No issues found" in report, report

@@ -1,78 +1,64 @@
-"""tokendb in a Starlette app: lifespan registration and HTTP errors.
+"""tokendb in a Starlette app: lifespan registration, HTTP errors, a request size limit.
 
 ::
 
     from starlette.applications import Starlette
-    from tokendb.contrib.starlette import exception_handlers, lifespan
+    from starlette.middleware import Middleware
+    from tokendb.contrib.starlette import RequestSizeLimit, exception_handlers, lifespan
 
-    app = Starlette(routes=[...], lifespan=lifespan(), exception_handlers=exception_handlers())
+    app = Starlette(
+        routes=[...],
+        lifespan=lifespan(),
+        exception_handlers=exception_handlers(),
+        middleware=[Middleware(RequestSizeLimit)],
+    )
 
 :class:`RegisterTokenDB` is Tortoise's ``RegisterTortoise`` configured for
 tokendb (see :class:`~tokendb.contrib._registration.TokenDBRegistration`);
 enter it in your own lifespan to combine it with other startup work.
 
-Every :class:`~tokendb.TokenDBError` that escapes a route becomes a JSON
-response ``{"error": "<class name>", "detail": "<message>", "fields": {...}}``
-(:class:`~tokendb.contrib.schemas.ErrorOut`) with the status of
-:data:`STATUS_CODES`: 401 invalid, revoked or expired key (with
-``WWW-Authenticate: Bearer``), 403 missing permission, 402 insufficient
-tokens, 404 not found, 409 conflicts, 422 validation, 503 database
-unavailable (with ``Retry-After``). Anything else is a 500 whose body names
-the error class only: its message may describe the deployment.
+Every error response has one shape, ``{"error", "detail", "fields"}``
+(:class:`~tokendb.contrib.schemas.ErrorOut`): a :class:`~tokendb.TokenDBError`
+gets the status of :data:`tokendb.http.STATUS_CODES`, Starlette's own HTTP
+errors (404 route, 405, 413) keep theirs, and anything else is a 500 naming
+no detail.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from http import HTTPStatus
 from typing import Any
 
-from pydantic_core import to_jsonable_python
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tortoise.contrib.starlette import RegisterTortoise
 
 from tokendb.contrib._registration import TokenDBRegistration, lifespan_for
-from tokendb.contrib.schemas import ErrorOut
-from tokendb.errors import (
-    ChatSessionEnded,
-    DatabaseUnavailable,
-    EmailTaken,
-    InsufficientTokens,
-    InvalidApiKey,
-    InvalidCredentials,
-    NotFound,
-    PermissionDenied,
-    ReferenceConflict,
-    RefundExceedsCharge,
-    TokenDBError,
-    ValidationError,
-)
+from tokendb.errors import TokenDBError
+from tokendb.http import STATUS_CODES, error_body, http_error, status_code_for
 
 __all__ = [
+    "DEFAULT_MAX_REQUEST_SIZE",
     "STATUS_CODES",
     "RegisterTokenDB",
+    "RequestSizeLimit",
     "error_response",
     "exception_handlers",
+    "http_error_response",
     "lifespan",
     "status_code_for",
 ]
 
-STATUS_CODES: tuple[tuple[type[TokenDBError], int], ...] = (
-    (InvalidApiKey, 401),  # also ApiKeyRevoked and ApiKeyExpired
-    (InvalidCredentials, 401),
-    (PermissionDenied, 403),
-    (InsufficientTokens, 402),
-    (NotFound, 404),
-    (EmailTaken, 409),
-    (ReferenceConflict, 409),
-    (RefundExceedsCharge, 409),
-    (ChatSessionEnded, 409),
-    (ValidationError, 422),
-    (DatabaseUnavailable, 503),  # also DatabaseTimeout
-)
-"""The HTTP status of each error class; the first ``isinstance`` match wins, else 500."""
+DEFAULT_MAX_REQUEST_SIZE = 1024 * 1024
+"""Bytes of request body :class:`RequestSizeLimit` accepts by default (1 MiB)."""
+
+_ERROR_NAMES = {413: "RequestTooLarge"}
+"""Names of HTTP statuses whose phrase changed between Python versions."""
 
 
 class RegisterTokenDB(TokenDBRegistration, RegisterTortoise):
@@ -92,37 +78,127 @@ def lifespan(
     return lifespan_for(RegisterTokenDB, database_url, options)
 
 
-def status_code_for(exc: TokenDBError) -> int:
-    """The HTTP status for ``exc`` (see :data:`STATUS_CODES`)."""
-    for error_class, status in STATUS_CODES:
-        if isinstance(exc, error_class):
-            return status
-    return 500
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def error_response(exc: TokenDBError) -> JSONResponse:
-    """The JSON error response for ``exc``."""
-    status = status_code_for(exc)
-    fields = {key: value for key, value in vars(exc).items() if not key.startswith("_")}
-    detail = str(exc)
-    if status == 500:
-        fields, detail = {}, "internal error"
-    elif status == 503:
-        detail = "the database is unavailable; retry later"
-    headers: dict[str, str] = {}
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    elif status == 503:
-        headers["Retry-After"] = "1"
-    body = ErrorOut(error=type(exc).__name__, detail=detail, fields=to_jsonable_python(fields))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    """The JSON error response for ``exc`` (:func:`tokendb.http.http_error`)."""
+    error = http_error(exc)
+    return _json(error.body, error.status, error.headers)
 
 
-async def _handle(request: Request, exc: Exception) -> Response:
+def error_name(status: int) -> str:
+    """``NotFound`` for 404: the status phrase in CamelCase, the ``error`` of an HTTP error."""
+    if status in _ERROR_NAMES:
+        return _ERROR_NAMES[status]
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTPError"
+    return "".join(word.capitalize() for word in phrase.replace("-", " ").split())
+
+
+def http_error_response(
+    status: int,
+    detail: str,
+    fields: dict[str, Any] | None = None,
+    headers: Any = None,
+    *,
+    error: str | None = None,
+) -> JSONResponse:
+    """An error response in tokendb's shape for an error that is not a ``TokenDBError``.
+
+    ``error`` defaults to the status's name (:func:`error_name`).
+    """
+    body = error_body(error or error_name(status), detail, fields)
+    return _json(body, status, dict(headers or {}))
+
+
+async def _handle_tokendb_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TokenDBError)
     return error_response(exc)
 
 
-def exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
-    """``{TokenDBError: handler}`` for ``Starlette(exception_handlers=...)`` (or FastAPI's)."""
-    return {TokenDBError: _handle}
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code < 400:  # not an error: e.g. a 304 raised as an exception
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return http_error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette still logs the exception and re-raises it to the server.
+    return http_error_response(500, "internal error")
+
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def exception_handlers() -> dict[Any, Handler]:
+    """Handlers for ``Starlette(exception_handlers=...)``: every error in tokendb's one shape.
+
+    ``TokenDBError`` by :data:`~tokendb.http.STATUS_CODES`, Starlette's
+    ``HTTPException`` (404, 405, 413 …) with its own status and headers, and
+    any other exception as a bare 500.
+    """
+    return {
+        TokenDBError: _handle_tokendb_error,
+        HTTPException: _handle_http_exception,
+        Exception: _handle_unexpected,
+    }
+
+
+class RequestSizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is refused with 413.
+
+    A ``Content-Length`` over the limit is answered before anything is read;
+    a body streamed without one is counted as it is received, and the read
+    that passes the limit raises ``HTTPException(413)`` into the app (its
+    exception handlers answer it). Nothing of such a request reaches a route.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_REQUEST_SIZE) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a whole number of bytes >= 0, got {max_bytes!r}")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._detail())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _detail(self) -> str:
+        return f"the request body exceeds {self.max_bytes} bytes"
+
+    def _too_large(self) -> JSONResponse:
+        response = http_error_response(413, self._detail())
+        response.headers["Connection"] = "close"  # the unread body is not drained
+        return response
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
