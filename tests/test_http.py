@@ -50,10 +50,7 @@ def test_echoed_input_with_a_lone_surrogate_still_encodes() -> None:
 
 
 def test_the_core_mapping_needs_no_web_framework() -> None:
-    code = (
-        "import sys, tokendb.http\n"
-        "assert not {'starlette', 'fastapi'} & set(sys.modules)\n"
-    )
+    code = "import sys, tokendb.http\nassert not {'starlette', 'fastapi'} & set(sys.modules)\n"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
