@@ -177,7 +177,7 @@ def abandon_if_orphaned(client: BaseDBAsyncClient) -> bool:
 
 def _forget_pool(client: BaseDBAsyncClient) -> None:
     """Let ``client`` open a new pool in the next event loop that uses it (no loop switch)."""
-    client._pool = None  # type: ignore[attr-defined]
+    client._pool = None
     client._bound_loop = None
     # Tortoise's pool lock binds to the loop that first waits on it.
     client._pool_init_lock = asyncio.Lock()  # type: ignore[attr-defined]
