@@ -137,6 +137,16 @@ async def test_permissions(tokendb_clean: str, make_api_key) -> None:
         assert info.value.permission == "billing"
 
 
+async def test_a_permission_refusal_writes_nothing(tokendb_clean: str, make_api_key) -> None:
+    """The permission is decided before last_used_at is touched: a refused call
+    leaves the key as it was."""
+    api_key, secret = await make_api_key(permissions=["chat"])
+    with pytest.raises(tokendb.PermissionDenied):
+        await tokendb.verify_api_key(secret=secret, permission="billing")
+    stored = await _db.read("SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id)
+    assert stored[0]["last_used_at"] is None
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [

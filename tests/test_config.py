@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 
 import pytest
 
@@ -101,6 +102,31 @@ def test_env_file_is_read_without_overriding_the_environment(
     monkeypatch.setenv("DATABASE_URL", "postgres://from-env/db")
     orm = config.TORTOISE_ORM
     assert orm["connections"]["default"]["credentials"]["host"] == "from-env"
+
+
+def test_an_explicit_url_reads_nothing_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    """Neither the pool variables nor .env: the URL given is the whole configuration."""
+    from pathlib import Path
+
+    directory = Path(str(tmp_path))
+    (directory / ".env").write_text("TOKENDB_POOL_MIN_SIZE=3\nTOKENDB_FROM_DOTENV=1\n")
+    monkeypatch.chdir(directory)
+    monkeypatch.delenv("TOKENDB_POOL_MIN_SIZE", raising=False)
+    monkeypatch.delenv("TOKENDB_FROM_DOTENV", raising=False)
+    monkeypatch.setenv("TOKENDB_POOL_MAX_SIZE", "not a number")
+    explicit = config.resolve_database("postgres://given/db")
+    credentials = config.config_for(explicit)["connections"]["default"]["credentials"]
+    assert (credentials["minsize"], credentials["maxsize"]) == (
+        config.DEFAULT_POOL_MIN_SIZE,
+        config.DEFAULT_POOL_MAX_SIZE,
+    )
+    assert "TOKENDB_FROM_DOTENV" not in os.environ  # .env was not even read
+    monkeypatch.setenv("DATABASE_URL", "postgres://from-env/db")
+    with pytest.raises(ConfigurationError) as info:  # from the environment: its pool sizes too
+        config.config_for(config.resolve_database(None))
+    assert info.value.variable == "TOKENDB_POOL_MAX_SIZE"
 
 
 def test_aerich_reads_tortoise_orm(monkeypatch: pytest.MonkeyPatch) -> None:

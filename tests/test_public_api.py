@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import re
+import uuid
 
 import pytest
 
@@ -43,17 +45,79 @@ def test_operations_document_their_contract(operation) -> None:  # type: ignore[
     assert len(doc.splitlines()[0]) > 10, operation
 
 
+PUBLIC_FUNCTIONS = [
+    getattr(tokendb, name) for name in tokendb.__all__ if inspect.isfunction(getattr(tokendb, name))
+]
+
+
+def raised(function: object) -> list[str]:
+    """The error names of the ``Raises:`` section of ``function``'s docstring."""
+    doc = inspect.getdoc(function) or ""
+    section = re.search(r"^Raises:\n((?:    .*\n?|\n)+)", doc, flags=re.MULTILINE)
+    if section is None:
+        return []
+    return re.findall(r"^    (\w+):", section.group(1), flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("function", PUBLIC_FUNCTIONS, ids=lambda f: f.__name__)
+def test_every_public_function_lists_what_it_raises(function) -> None:  # type: ignore[no-untyped-def]
+    names = raised(function)
+    assert names, f"{function.__name__}'s docstring has no Raises: section"
+    unknown = [name for name in names if name not in tokendb.errors.__all__]
+    assert not unknown, f"{function.__name__} lists {unknown}, not in tokendb.errors"
+
+
+def test_the_raises_check_reads_the_section() -> None:
+    def documented() -> None:
+        """Do it.
+
+        Raises:
+            NotFound: when missing.
+            NoSuchError: a name the check must catch.
+        """
+
+    assert raised(documented) == ["NotFound", "NoSuchError"]
+    assert raised(test_the_raises_check_reads_the_section) == []
+
+
+UNKNOWN = uuid.UUID("00000000-0000-7000-8000-00000000beef")
+
+
+async def test_every_list_treats_an_unknown_owner_alike(
+    tokendb_clean: str, make_user, make_api_key
+) -> None:
+    """Siblings behave alike: an unknown owner is NotFound, a known one without rows []."""
+    user = await make_user(signup_bonus=0)
+    api_key, _ = await make_api_key(user=await make_user())
+    session = await tokendb.start_chat(api_key=api_key, model="m")
+    lists = {
+        "list_transactions": lambda owner: tokendb.list_transactions(user=owner),
+        "list_api_keys": lambda owner: tokendb.list_api_keys(user=owner),
+        "list_chats": lambda owner: tokendb.list_chats(user=owner),
+        "list_messages": lambda owner: tokendb.list_messages(session=owner),
+    }
+    assert set(lists) == {name for name in tokendb.__all__ if name.startswith("list_")} - {
+        "list_users"  # no owner
+    }
+    for name, listing in lists.items():
+        owner = session.id if name == "list_messages" else user.id
+        assert await listing(owner) == [], name
+        with pytest.raises(tokendb.NotFound) as info:
+            await listing(UNKNOWN)
+        assert info.value.key == UNKNOWN, name
+
+
 @pytest.mark.parametrize(
     "operation",
     [*OPERATIONS, tokendb.init, tokendb.close, tokendb.migrate],
     ids=lambda op: op.__name__,
 )
 def test_operations_translate_driver_errors(operation) -> None:  # type: ignore[no-untyped-def]
-    # @_db.translated wraps the function; the wrapper is what turns asyncpg,
+    # @translated wraps the function; the wrapper is what turns asyncpg,
     # OSError and Tortoise errors into TokenDBError leaves (any other decorator
     # built with functools.wraps would not carry the marker).
     assert getattr(operation, "__tokendb_translated__", False), (
-        f"{operation.__name__} is not @_db.translated"
+        f"{operation.__name__} is not @translated"
     )
 
 

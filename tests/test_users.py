@@ -319,3 +319,22 @@ def test_parameters_restores_what_was_in_force() -> None:
             "parallelism": 2,
         }
     assert passwords.current_parameters() == before
+
+
+async def test_parameters_are_seen_by_their_block_only_not_by_concurrent_callers() -> None:
+    """The demo seeds users with cheap costs while the gateway keeps registering real
+    ones: a coroutine running beside the block hashes with the costs it had."""
+    before = passwords.current_parameters()
+    inside = asyncio.Event()
+
+    async def beside() -> tuple[dict[str, int], str]:
+        await inside.wait()
+        return passwords.current_parameters(), await passwords.hash_password("x" * 10)
+
+    elsewhere = asyncio.ensure_future(beside())
+    with passwords.parameters(time_cost=3, memory_cost=4096, parallelism=2):
+        inside.set()
+        seen, made = await elsewhere
+        assert "m=4096,t=3,p=2" in await passwords.hash_password("x" * 10)
+    assert seen == before
+    assert "m=4096,t=3" not in made

@@ -1,9 +1,11 @@
-"""Keyset pagination on ``(created_at, id)``, shared by every list operation.
+"""Keyset pagination on ``(created_at, id)``, and the rules every list operation shares.
 
-A page boundary is the last row of the previous page, given as the model
-instance or its id. It must belong to the same owner (user or session) as
-the page: a foreign id is :class:`~tokendb.errors.NotFound`, so listing
-cannot be used to probe other tenants' rows.
+* A page boundary is the last row of the previous page, given as the model
+  instance or its id. It must belong to the same owner (user or session) as
+  the page: a foreign id is :class:`~tokendb.errors.NotFound`, so listing
+  cannot be used to probe other tenants' rows.
+* An unknown owner is :class:`~tokendb.errors.NotFound`; a known owner with
+  no rows is an empty list (:func:`require_owner`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def statements(table: str, owner_column: str, *, newest_first: bool) -> tuple[st
     return first, following
 
 
+async def require_owner(table: str, entity: str, owner_id: UUID) -> None:
+    """Raise :class:`NotFound` (``entity``, ``owner_id``) unless ``table`` has that row."""
+    if not await _db.read(f"SELECT 1 FROM {table} WHERE id = $1", owner_id):
+        raise NotFound(entity, owner_id)
+
+
 async def page(
     model: type[M],
     sql: tuple[str, str],
@@ -75,15 +83,21 @@ async def page(
     boundary: Any,
     field: str,
     entity: str,
+    owner: tuple[str, str] | None = None,
 ) -> list[M]:
     """One page of ``model`` rows owned by ``owner_id``: the first, or the one past ``boundary``.
 
     ``sql`` comes from :func:`statements`; ``boundary`` is the previous
-    page's last row (instance or id), checked by :func:`cursor`.
+    page's last row (instance or id), checked by :func:`cursor`. With
+    ``owner`` (its table and entity name), an empty first page checks that
+    the owner exists (:func:`require_owner`); pass None when the caller has
+    checked it already.
     """
     first, following = sql
     if boundary is None:
         rows = await _db.read(first, owner_id, limit)
+        if not rows and owner is not None:
+            await require_owner(*owner, owner_id)
     else:
         created_at, cursor_id = await cursor(
             boundary,

@@ -1,12 +1,14 @@
 """SQL that follows the models: column lists from their metadata, and the owner check.
 
-No statement names a table's columns by hand. :func:`insert` writes every
-column of a model (a new nullable column gets ``NULL`` until a statement
-gives it a value; a new ``NOT NULL`` column stops the import, naming each
-statement that has to say what goes in it), and :func:`select_list` reads
-every column of a model side by side with another's, so model instances
-built from the row (:func:`tokendb._rows.to_model`) are never partial.
-``tests/test_sql.py`` shows a new column reaching every statement.
+No statement names a table's columns by hand. :func:`insert` takes the
+column list from the model (a new nullable column gets the database's
+default until a statement gives it a value; a new ``NOT NULL`` column stops
+the import, naming the table, until every statement says what goes in it),
+statements read rows back whole (``RETURNING *``, ``SELECT *``), and
+:func:`select_list` reads every column of a model side by side with
+another's, so model instances built from a row (:func:`tokendb._rows.to_model`)
+are never partial. ``tests/test_sql.py`` shows a new column reaching every
+statement.
 """
 
 from __future__ import annotations
@@ -44,26 +46,27 @@ def _nullability(model: type[Model]) -> dict[str, bool]:
 
 
 def insert(model: type[Model], values: Mapping[str, str], *, source: str | None = None) -> str:
-    """``INSERT INTO <table> (<every column>) SELECT <values> [FROM <source>]``.
+    """``INSERT INTO <table> (<columns>) SELECT <values> [FROM <source>]``.
 
-    ``values`` maps columns to SQL expressions. A column it leaves out is
-    ``NULL`` when nullable; a ``NOT NULL`` one raises :class:`LookupError`
-    naming it, as does a key that is not a column. Append ``RETURNING …``.
+    ``values`` maps columns to SQL expressions, in any order (the model's
+    order is used). A nullable column it leaves out gets the database's
+    default; a ``NOT NULL`` one raises :class:`LookupError` naming the table
+    and column, as does a key that is not a column, so a new required column
+    stops the import until every statement says what goes in it. Append
+    ``RETURNING *`` to read the row back whole.
     """
     table = model._meta.db_table
     every = _nullability(model)
     unknown = sorted(set(values) - set(every))
     if unknown:
         raise LookupError(f"{table} has no column {', '.join(unknown)}")
-    expressions: list[str] = []
-    for column, nullable in every.items():
-        if column in values:
-            expressions.append(values[column])
-        elif nullable:
-            expressions.append("NULL")
-        else:
-            raise LookupError(f"INSERT INTO {table}: no value for NOT NULL column {column}")
-    sql = f"INSERT INTO {table} ({', '.join(every)})\nSELECT {', '.join(expressions)}"
+    missing = [
+        column for column, nullable in every.items() if column not in values and not nullable
+    ]
+    if missing:
+        raise LookupError(f"INSERT INTO {table}: no value for NOT NULL column {', '.join(missing)}")
+    named = [column for column in every if column in values]
+    sql = f"INSERT INTO {table} ({', '.join(named)})\nSELECT {', '.join(values[c] for c in named)}"
     return sql if source is None else f"{sql}\nFROM {source}"
 
 

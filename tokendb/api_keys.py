@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from tokendb import _args, _db, _sql, keys
+from tokendb import _args, _db, _keyset, _sql, keys
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import (
@@ -97,7 +97,11 @@ async def issue_api_key(
     :data:`~tokendb.keys.DEFAULT_PERMISSIONS` (``["*"]``, every permission).
     ``expires_at`` must be timezone-aware and in the future.
 
-    Raises :class:`ValidationError` and :class:`NotFound` (unknown user).
+    Raises:
+        ValidationError: a bad name, scope or expiry.
+        NotFound: unknown user.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     user_id = _args.ref_id(user, "user", User)
     clean_name = _args.text(name, "name", max_length=100)
@@ -142,12 +146,18 @@ async def verify_api_key(
 ) -> ApiKey:
     """The active, unexpired key whose plaintext is ``secret``, with ``.user`` loaded.
 
-    When ``permission`` is given the key must grant it. ``last_used_at`` is
-    set to now when it is NULL or older than ``touch_interval`` (forward
-    only), before this returns.
+    When ``permission`` is given the key must grant it. Every refusal is
+    decided before anything is written; then ``last_used_at`` is set to now
+    when it is NULL or older than ``touch_interval`` (forward only), before
+    this returns.
 
-    Raises :class:`InvalidApiKey` (malformed or unknown), :class:`ApiKeyRevoked`,
-    :class:`ApiKeyExpired` (both are ``InvalidApiKey``) and :class:`PermissionDenied`.
+    Raises:
+        InvalidApiKey: malformed or unknown key.
+        ApiKeyRevoked: the key was revoked (an ``InvalidApiKey``).
+        ApiKeyExpired: the key expired (an ``InvalidApiKey``).
+        PermissionDenied: the key does not grant ``permission``.
+        ValidationError: a bad ``permission`` or ``touch_interval``.
+        DatabaseUnavailable: the database is unreachable.
     """
     interval = _touch_interval(touch_interval)
     if permission is not None and not isinstance(permission, str):
@@ -166,10 +176,11 @@ async def verify_api_key(
         raise ApiKeyRevoked(api_key.key_prefix)
     if api_key.expires_at is not None and api_key.expires_at <= checked_at:
         raise ApiKeyExpired(api_key.key_prefix, api_key.expires_at)
-    if api_key.last_used_at is None or api_key.last_used_at < checked_at - interval:
-        api_key.last_used_at = await _touch(api_key.id, checked_at, interval)
     if permission is not None and not keys.grants(api_key.permissions, permission):
         raise PermissionDenied(permission, api_key.key_prefix)
+    # Every refusal is decided above, before the only write: a refused key is not touched.
+    if api_key.last_used_at is None or api_key.last_used_at < checked_at - interval:
+        api_key.last_used_at = await _touch(api_key.id, checked_at, interval)
     return api_key
 
 
@@ -195,7 +206,13 @@ async def revoke_api_key(
 ) -> ApiKey:
     """Deactivate ``api_key`` for good (there is no un-revoke); idempotent.
 
-    With ``user``, the key must belong to that user. Raises :class:`NotFound`.
+    With ``user``, the key must belong to that user.
+
+    Raises:
+        NotFound: unknown key, or another user's.
+        ValidationError: a malformed id.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     key_id = _args.ref_id(api_key, "api_key", ApiKey)
     rows = await _db.write(_REVOKE, key_id, _args.owner(user))
@@ -206,13 +223,22 @@ async def revoke_api_key(
 
 @translated
 async def list_api_keys(*, user: User | UUID | str, include_revoked: bool = True) -> list[ApiKey]:
-    """``user``'s keys, oldest first. Raises :class:`NotFound` for an unknown user."""
+    """``user``'s keys, oldest first (all of them: a user has few).
+
+    Like every ``list_*``: an unknown user is :class:`NotFound`, a user
+    without keys an empty list.
+
+    Raises:
+        NotFound: unknown user.
+        ValidationError: a malformed id.
+        DatabaseUnavailable: the database is unreachable.
+    """
     user_id = _args.ref_id(user, "user", User)
     rows = await _db.read(
         "SELECT * FROM api_keys WHERE user_id = $1 AND (is_active OR $2) ORDER BY created_at, id",
         user_id,
         bool(include_revoked),
     )
-    if not rows and not await _db.read("SELECT 1 FROM users WHERE id = $1", user_id):
-        raise NotFound("user", user_id)
+    if not rows:
+        await _keyset.require_owner("users", "user", user_id)
     return [to_model(ApiKey, row) for row in rows]

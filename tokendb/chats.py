@@ -86,8 +86,15 @@ async def start_chat(
     """Open a chat session billed to ``api_key``'s user, for ``model`` (1–50 characters).
 
     The key must be active and unexpired. With ``user``, the key must belong
-    to that user. Raises :class:`ApiKeyRevoked`, :class:`ApiKeyExpired`,
-    :class:`NotFound` (unknown key) and :class:`ValidationError`.
+    to that user.
+
+    Raises:
+        ApiKeyRevoked: the key was revoked.
+        ApiKeyExpired: the key expired.
+        NotFound: unknown key, or another user's.
+        ValidationError: a bad model name or a malformed id.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     key_id = _args.ref_id(api_key, "api_key", ApiKey)
     model_name = _args.text(model, "model", max_length=50)
@@ -119,8 +126,13 @@ async def add_message(
     model). ``tokens == 0`` stores the message without a ledger row. With
     ``user``, the session must belong to that user.
 
-    Raises :class:`InsufficientTokens` and :class:`ChatSessionEnded` (nothing
-    stored in either case), :class:`NotFound` and :class:`ValidationError`.
+    Raises:
+        InsufficientTokens: the balance does not cover ``tokens``; nothing stored.
+        ChatSessionEnded: the session has ended; nothing stored.
+        NotFound: unknown session, or another user's.
+        ValidationError: a bad role, content or token count.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     session_id = _args.ref_id(session, "session", ChatSession)
     member = _args.enum_member(role, MessageRole, "role")
@@ -165,7 +177,14 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
 async def end_chat(
     *, session: ChatSession | UUID | str, user: User | UUID | str | None = None
 ) -> ChatSession:
-    """End ``session``; idempotent (the first ``ended_at`` stays). Raises :class:`NotFound`."""
+    """End ``session``; idempotent (the first ``ended_at`` stays).
+
+    Raises:
+        NotFound: unknown session, or another user's.
+        ValidationError: a malformed id.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
+    """
     session_id = _args.ref_id(session, "session", ChatSession)
     rows = await _db.write(_END, session_id, _args.owner(user))
     if not rows:
@@ -177,7 +196,13 @@ async def end_chat(
 async def get_chat(
     *, session: ChatSession | UUID | str, user: User | UUID | str | None = None
 ) -> ChatSession:
-    """The chat session (with ``user``: only if it is theirs). Raises :class:`NotFound`."""
+    """The chat session (with ``user``: only if it is theirs).
+
+    Raises:
+        NotFound: unknown session, or another user's.
+        ValidationError: a malformed id.
+        DatabaseUnavailable: the database is unreachable.
+    """
     session_id = _args.ref_id(session, "session", ChatSession)
     rows = await _db.read(_SESSION, session_id, _args.owner(user))
     if not rows:
@@ -192,7 +217,17 @@ async def list_chats(
     limit: int = 50,
     before: ChatSession | UUID | str | None = None,
 ) -> list[ChatSession]:
-    """``user``'s chat sessions, newest first; ``before`` is the previous page's last session."""
+    """``user``'s chat sessions, newest first, ``limit`` (1–1000) per page.
+
+    Keyset pagination: ``before`` is the last session of the previous page.
+    Like every ``list_*``: an unknown user is :class:`NotFound`, a user
+    without sessions an empty list.
+
+    Raises:
+        NotFound: unknown user, or a ``before`` that is not this user's.
+        ValidationError: a bad ``limit`` or a malformed id.
+        DatabaseUnavailable: the database is unreachable.
+    """
     user_id = _args.ref_id(user, "user", User)
     return await _keyset.page(
         ChatSession,
@@ -203,6 +238,7 @@ async def list_chats(
         boundary=before,
         field="before",
         entity="chat session",
+        owner=("users", "user"),
     )
 
 
@@ -221,8 +257,14 @@ async def list_messages(
     """``session``'s messages, oldest first, ``limit`` (1–1000) per page.
 
     Keyset pagination on ``(created_at, id)``: ``after`` is the last message
-    of the previous page. Raises :class:`NotFound` (unknown session, another
-    user's session when ``user`` is given, or an ``after`` of another session).
+    of the previous page. Like every ``list_*``: an unknown session is
+    :class:`NotFound`, a session without messages an empty list.
+
+    Raises:
+        NotFound: unknown session, another user's session when ``user`` is
+            given, or an ``after`` of another session.
+        ValidationError: a bad ``limit`` or a malformed id.
+        DatabaseUnavailable: the database is unreachable.
     """
     session_id = _args.ref_id(session, "session", ChatSession)
     page = _args.page_limit(limit)
@@ -274,7 +316,11 @@ ORDER BY s.id
 
 @translated
 async def audit_chats() -> list[ChatDiscrepancy]:
-    """Every session where ``tokens_used``, Σ message tokens and Σ billed usage disagree."""
+    """Every session where ``tokens_used``, Σ message tokens and Σ billed usage disagree.
+
+    Raises:
+        DatabaseUnavailable: the database is unreachable.
+    """
     rows = await _db.read(_AUDIT_CHATS)
     return [
         ChatDiscrepancy(

@@ -248,6 +248,11 @@ class ResolvedDatabase:
     embedded: bool
     """True for tokendb's own embedded server (which tokendb migrates by itself)."""
 
+    @property
+    def explicit(self) -> bool:
+        """True when the URL was passed as an argument: nothing else comes from the environment."""
+        return self.variable == "database_url"
+
 
 def data_dir_from_env() -> Path:
     """Where the embedded server keeps its cluster: ``TOKENDB_DATA_DIR``, else ``~/.tokendb``."""
@@ -327,10 +332,14 @@ def config_for(
     """The Tortoise config for ``database``.
 
     Pool size: ``min_size``/``max_size`` when given, else
-    ``TOKENDB_POOL_MIN_SIZE``/``TOKENDB_POOL_MAX_SIZE``, else the URL's
+    ``TOKENDB_POOL_MIN_SIZE``/``TOKENDB_POOL_MAX_SIZE`` (only when the URL
+    came from the environment or the embedded server: an explicit URL means
+    nothing is read from the environment, ``.env`` included), else the URL's
     ``minsize``/``maxsize``, else the defaults; all validated together.
+
+    Raises :class:`ConfigurationError` naming the setting at fault.
     """
-    env_min, env_max = pool_sizes_from_env()
+    env_min, env_max = (None, None) if database.explicit else pool_sizes_from_env()
     return tortoise_config(
         database.url,
         min_size=min_size if min_size is not None else env_min,

@@ -121,10 +121,12 @@ async def init(
     The pool is opened and checked before returning, so a wrong URL fails
     here, not on the first request. Tortoise's context is made visible to
     every task of the process (its global fallback), so request handlers
-    running in tasks of their own see it.
+    running in tasks of their own see it. An explicit ``database_url`` is the
+    whole configuration: nothing is read from the environment for it.
 
-    Raises :class:`ConfigurationError` for a missing or malformed URL or apps
-    and :class:`DatabaseUnavailable` when the server cannot be reached.
+    Raises:
+        ConfigurationError: a missing or malformed URL or apps, bad pool sizes or timeouts.
+        DatabaseUnavailable: the server cannot be reached.
     """
     config = await init_config(
         database_url,
@@ -163,9 +165,13 @@ async def init_config(
 ) -> dict[str, Any]:
     """The first half of :func:`init`, for integrations that call ``Tortoise.init`` themselves.
 
-    Resolves the database (migrating the embedded server), sets the storage
-    seam's timeouts and returns the Tortoise config to initialise with; call
+    Resolves the database (migrating the embedded server), fixes the storage
+    seam's settings and returns the Tortoise config to initialise with; call
     :func:`check_connection` after ``Tortoise.init``. Same arguments as :func:`init`.
+
+    Raises:
+        ConfigurationError: a missing or malformed URL, bad pool sizes or timeouts.
+        DatabaseUnavailable: the embedded server could not be started or migrated.
     """
     _check_options(options)
     database = await resolve_database_async(database_url)
@@ -276,6 +282,10 @@ async def check_connection() -> None:
     """Guard Tortoise's transactions, open the pool and run ``SELECT 1``.
 
     On failure the connections are closed and the error raised.
+
+    Raises:
+        ConfigurationError: Tortoise is not initialised with tokendb's models.
+        DatabaseUnavailable: the server cannot be reached.
     """
     _tortoise.guard_transactions()
     try:
@@ -304,6 +314,9 @@ async def close() -> None:
 
     Called in another event loop than the pool's, after that loop closed,
     it shuts the pool's connections down instead of closing them politely.
+
+    Raises:
+        DatabaseError: closing the pool failed.
     """
     global _initialised_url
     _initialised_url = None
@@ -325,6 +338,10 @@ async def connect(database_url: str | None = None, **options: Any) -> AsyncItera
     """``async with tokendb.connect(url): ...`` runs the block with tokendb initialised.
 
     Takes the same arguments as :func:`init`; closes the pool on the way out.
+
+    Raises:
+        ConfigurationError: as :func:`init`.
+        DatabaseUnavailable: as :func:`init`.
     """
     await init(database_url, **options)
     try:
@@ -344,6 +361,11 @@ async def migrate(database_url: str | None = None) -> list[str]:
     Each migration runs in its own transaction, so a failing one leaves the
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
+
+    Raises:
+        ConfigurationError: a missing or malformed URL, or missing migrations.
+        DatabaseUnavailable: the server cannot be reached.
+        DatabaseError: a migration failed (the schema is left as it was).
     """
     if database_url is None:
         database_url = _initialised_url

@@ -300,7 +300,8 @@ async def list_transactions(
 
     Keyset pagination on ``(created_at, id)``, never OFFSET, so page 1,000
     costs what page 1 costs: pass the last row of the previous page as
-    ``before``.
+    ``before``. Like every ``list_*``: an unknown user is :class:`NotFound`,
+    a user without rows an empty list.
 
     Raises:
         NotFound: unknown user, or a ``before`` row that is not this user's.
@@ -308,7 +309,7 @@ async def list_transactions(
         DatabaseUnavailable: the database is unreachable.
     """
     user_id = _args.ref_id(user, "user", User)
-    rows = await _keyset.page(
+    return await _keyset.page(
         TokenTransaction,
         _ledger_sql.PAGES,
         owner_column="user_id",
@@ -317,11 +318,8 @@ async def list_transactions(
         boundary=before,
         field="before",
         entity="transaction",
+        owner=("users", "user"),
     )
-    # Every user has rows (the signup bonus): an empty first page asks whether it exists.
-    if not rows and before is None and await _ledger_sql.balance_or_none(user_id) is None:
-        raise NotFound("user", user_id)
-    return rows
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,11 @@ async def create_user(
     ``email`` is stored trimmed and lowercased; ``name`` is 1–100 characters;
     ``password`` at least 8 characters, stored as an argon2id hash.
 
-    Raises :class:`ValidationError` for bad input (nothing written) and
-    :class:`EmailTaken` when the address is registered in any letter case.
+    Raises:
+        ValidationError: bad input; nothing written.
+        EmailTaken: the address is registered, in any letter case.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     normalized = normalize_email(email)
     clean_name = _args.text(name, "name", max_length=100)
@@ -113,10 +116,14 @@ async def create_user(
 async def authenticate(*, email: str, password: str) -> User:
     """The user with ``email`` whose password is ``password``.
 
-    Raises :class:`InvalidCredentials` for an unknown email and a wrong
-    password alike; an unknown email still costs one hash verification, so
-    timing does not tell them apart. A hash made with older argon2 parameters
+    An unknown email still costs one hash verification, so timing does not
+    tell it from a wrong password. A hash made with older argon2 parameters
     is replaced on success.
+
+    Raises:
+        InvalidCredentials: unknown email or wrong password (deliberately the same).
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidCredentials()
@@ -152,8 +159,10 @@ async def authenticate(*, email: str, password: str) -> User:
 async def get_user(*, user_id: User | UUID | str | None = None, email: str | None = None) -> User:
     """The user with ``user_id`` or ``email`` (exactly one of them).
 
-    Raises :class:`NotFound`, or :class:`ValidationError` when both or
-    neither are given.
+    Raises:
+        NotFound: no such user.
+        ValidationError: both or neither given, or a malformed id.
+        DatabaseUnavailable: the database is unreachable.
     """
     if (user_id is None) == (email is None):
         raise ValidationError("user_id", "give exactly one of user_id and email")
@@ -175,9 +184,13 @@ async def get_user(*, user_id: User | UUID | str | None = None, email: str | Non
 
 @translated
 async def list_users(*, limit: int = 50, after: User | UUID | str | None = None) -> list[User]:
-    """Users in creation order (ids are time-ordered), ``limit`` per page.
+    """Users in creation order (ids are time-ordered), ``limit`` (1–1000) per page.
 
     ``after`` is the last user of the previous page (keyset pagination).
+
+    Raises:
+        ValidationError: a bad ``limit`` or ``after``.
+        DatabaseUnavailable: the database is unreachable.
     """
     page = _args.page_limit(limit)
     if after is None:
@@ -202,9 +215,13 @@ async def change_password(
     With ``current_password`` the write is conditional on the hash it was
     checked against, so it cannot overwrite a password changed meanwhile.
 
-    Raises :class:`ValidationError` for a too-short password,
-    :class:`InvalidCredentials` when ``current_password`` is wrong (or the
-    password changed meanwhile) and :class:`NotFound` for an unknown user.
+    Raises:
+        ValidationError: the new password is too short or too long.
+        InvalidCredentials: ``current_password`` is wrong, or the password
+            changed meanwhile.
+        NotFound: unknown user.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
     """
     user_id = _args.ref_id(user, "user", User)
     password = _password(new_password, "new_password")
@@ -235,7 +252,14 @@ async def change_password(
 
 @translated
 async def set_role(*, user: User | UUID | str, role: UserRole | str) -> User:
-    """Give ``user`` the ``role`` (``admin`` or ``user``). Raises :class:`NotFound`."""
+    """Give ``user`` the ``role`` (``admin`` or ``user``).
+
+    Raises:
+        NotFound: unknown user.
+        ValidationError: an unknown role or a malformed id.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
+    """
     user_id = _args.ref_id(user, "user", User)
     member = _args.enum_member(role, UserRole, "role")
     rows = await _db.write(

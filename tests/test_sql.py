@@ -1,0 +1,180 @@
+"""Tests for tokendb._sql: SQL follows the models, and a new column reaches every statement."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tortoise import fields
+from tortoise.models import Model
+
+import tokendb
+from tokendb import _sql
+from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenTransaction, User
+from tokendb.testing import test_server_url as server_url
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = (User, ApiKey, TokenTransaction, ChatSession, ChatMessage)
+
+
+class Widget(Model):
+    """A model of the test's own, with every kind of column the helper reads."""
+
+    id = fields.UUIDField(primary_key=True)
+    owner: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "tokendb.User", related_name=False
+    )
+    label = fields.CharField(max_length=20)
+    note = fields.TextField(null=True)
+
+    class Meta:
+        table = "widgets"
+        app = "sql_tests"
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+def test_the_columns_are_what_tortoise_maps_after_init(tokendb_db: str, model: type) -> None:
+    assert set(_sql.columns(model)) == set(model._meta.fields_db_projection.values())
+
+
+def test_columns_of_a_model_before_init_include_its_foreign_keys() -> None:
+    assert _sql.columns(Widget) == ("id", "owner_id", "label", "note")
+
+
+def test_an_insert_names_every_column_given_and_leaves_nullable_ones_to_the_database() -> None:
+    sql = _sql.insert(Widget, {"label": "$2", "id": "$1", "owner_id": "u.id"}, source="users u")
+    assert sql == "INSERT INTO widgets (id, owner_id, label)\nSELECT $1, u.id, $2\nFROM users u"
+    assert "note" in _sql.insert(
+        Widget, {"id": "$1", "owner_id": "$2", "label": "$3", "note": "$4"}
+    )
+
+
+def test_an_insert_without_a_required_column_names_it() -> None:
+    with pytest.raises(LookupError, match="widgets: no value for NOT NULL column owner_id, label"):
+        _sql.insert(Widget, {"id": "$1"})
+    with pytest.raises(LookupError, match="widgets has no column colour"):
+        _sql.insert(Widget, {"id": "$1", "owner_id": "$2", "label": "$3", "colour": "$4"})
+
+
+def test_a_select_list_reads_every_column_under_a_prefix() -> None:
+    assert _sql.select_list(Widget, "w", "widget_") == (
+        "w.id AS widget_id, w.owner_id AS widget_owner_id, w.label AS widget_label, "
+        "w.note AS widget_note"
+    )
+
+
+def test_the_owner_check() -> None:
+    assert _sql.owned_by("$2") == "($2::uuid IS NULL OR user_id = $2)"
+    assert _sql.owned_by("$2", "t.user_id") == "($2::uuid IS NULL OR t.user_id = $2)"
+
+
+def test_no_statement_lists_a_tables_columns_by_hand() -> None:
+    """Every INSERT is built by _sql.insert: none is written out in a module."""
+    for path in sorted((ROOT / "tokendb").rglob("*.py")):
+        text = path.read_text()
+        for table in (model._meta.db_table for model in MODELS):
+            by_hand = re.search(rf"INSERT INTO {table}\s*\(\s*\w+\s*,", text)
+            assert by_hand is None, f"{path.name} writes {table}'s columns by hand"
+
+
+# What a migration adding a column would do: a nullable column with a default, on every
+# table, and the same field on every model before tokendb builds its statements.
+NEW_COLUMN_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys, types, uuid
+    from tortoise import fields
+
+    package = types.ModuleType("tokendb")
+    package.__path__ = [sys.argv[2]]
+    sys.modules["tokendb"] = package  # tokendb.models alone, before any statement is built
+    from tokendb import models
+
+    MODELS = (models.User, models.ApiKey, models.TokenTransaction, models.ChatSession,
+              models.ChatMessage)
+    for model in MODELS:
+        model._meta.add_field("note", fields.TextField(null=True))
+    del sys.modules["tokendb"]
+    import tokendb  # the package, on the widened models
+
+    seen = []
+
+    def check(what, instance):
+        assert not instance._partial, f"{what}: a partial instance"
+        assert instance.note == "new", f"{what}: note is {instance.note!r}"
+        seen.append(what)
+
+    async def main(url):
+        await tokendb.migrate(url)
+        import asyncpg
+        conn = await asyncpg.connect(url)
+        for model in MODELS:
+            await conn.execute(
+                f"ALTER TABLE {model._meta.db_table} ADD COLUMN note text DEFAULT 'new'"
+            )
+        await conn.close()
+        async with tokendb.connect(url):
+            from tokendb import passwords
+            with passwords.parameters(**passwords.CHEAP_PARAMETERS):
+                user = await tokendb.create_user(
+                    email="new@example.com", password="correct horse", name="N"
+                )
+            check("create_user", user)
+            check("top_up", await tokendb.top_up(user=user, amount=1000))
+            reference = uuid.uuid4()
+            check("charge", await tokendb.charge(user=user, amount=5, reference_id=reference))
+            batch = await tokendb.charge_many(
+                items=[{"user": user, "amount": 5, "reference_id": reference},
+                       {"user": user, "amount": 3}]
+            )
+            check("charge_many (repeat of a prior row)", batch[0])
+            check("charge_many (charged)", batch[1])
+            check("refund", await tokendb.refund(transaction=batch[1]))
+            key, secret = await tokendb.issue_api_key(user=user, name="k")
+            check("issue_api_key", key)
+            verified = await tokendb.verify_api_key(secret=secret)
+            check("verify_api_key", verified)
+            check("verify_api_key (its user)", verified.user)
+            session = await tokendb.start_chat(api_key=key, model="m")
+            check("start_chat", session)
+            check("add_message", await tokendb.add_message(
+                session=session, role="user", content="hi", tokens=2))
+            check("end_chat", await tokendb.end_chat(session=session))
+            for row in await tokendb.list_transactions(user=user):
+                check(f"list_transactions ({row.type})", row)
+            assert await tokendb.audit_ledger() == []
+        print(len(seen), "instances carry the new column")
+
+    from tokendb.testing import throwaway_database
+    async def run():
+        async with throwaway_database(sys.argv[1], prefix="tokendb_column") as url:
+            await main(url)
+    asyncio.run(run())
+    """
+)
+
+
+def test_a_new_model_column_reaches_every_statement(pytestconfig: pytest.Config) -> None:
+    """A column added to every table and every model (nullable, with a database default)
+    comes back in every instance tokendb returns: written by its INSERTs (which leave it
+    to the default), read back by RETURNING *, SELECT * and the prefixed select lists of
+    the batch and the key lookup. No statement was edited for it."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NEW_COLUMN_SCRIPT,
+            server_url(pytestconfig),
+            str(Path(tokendb.__file__).parent),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "instances carry the new column" in result.stdout
