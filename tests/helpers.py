@@ -34,8 +34,8 @@ async def table_counts(conn: asyncpg.Connection | None = None) -> dict[str, Any]
 
     Read through tokendb's pool, or on ``conn`` (an observer outside it).
     """
-    row = await conn.fetchrow(STATE_SQL) if conn is not None else (await _db.read(STATE_SQL))[0]
-    return dict(row)
+    rows = await conn.fetch(STATE_SQL) if conn is not None else await _db.read(STATE_SQL)
+    return dict(rows[0])
 
 
 async def tamper(sql: str, *args: object) -> None:

@@ -22,9 +22,13 @@ from typing import Any
 import asyncpg
 
 import tokendb
+from tokendb.connection import InitOptions
 from tokendb.testing import throwaway_database
 
-SESSION_POOL = {"min_size": 1, "max_size": 20}  # what tokendb.testing's tokendb_db opens
+SESSION_POOL: InitOptions = {
+    "min_size": 1,
+    "max_size": 20,
+}  # what tokendb.testing's tokendb_db opens
 COMMAND_TIMEOUT = 60  # seconds for pg_ctl and initdb
 
 

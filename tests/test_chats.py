@@ -15,10 +15,10 @@ from tokendb.models import MessageRole, TransactionType
 
 
 @pytest.fixture
-def chat(make_api_key):  # type: ignore[no-untyped-def]
+def chat(make_api_key):
     """``await chat(model=..., **key_options)`` → (session, api_key, user)."""
 
-    async def factory(model: str = "gpt-4o", **key_options):  # type: ignore[no-untyped-def]
+    async def factory(model: str = "gpt-4o", **key_options):
         api_key, _ = await make_api_key(**key_options)
         session = await tokendb.start_chat(api_key=api_key, model=model)
         return session, api_key, await tokendb.get_user(user_id=api_key.user_id)

@@ -171,7 +171,7 @@ async def test_repeats_of_one_reference_in_one_batch_move_once(
     calls = [tokendb.charge(user=user, amount=9, reference_id=reference) for _ in range(20)]
     calls.append(tokendb.charge(user=other, amount=9, reference_id=reference))  # other user
     calls.append(tokendb.charge(user=user, amount=10, reference_id=reference))  # conflict
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    results: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
     assert len({r.id for r in results[:20]}) == 1
     assert results[20].id != results[0].id
     assert isinstance(results[21], tokendb.ReferenceConflict)
@@ -185,6 +185,8 @@ async def test_a_refused_first_attempt_leaves_the_reference_free(
 ) -> None:
     user = await funded_user(balance=10)
     reference = uuid.uuid4()
+    first: Any
+    second: Any
     first, second = await asyncio.gather(
         tokendb.charge(user=user, amount=50, reference_id=reference),
         tokendb.charge(user=user, amount=5, reference_id=reference),
@@ -198,7 +200,7 @@ async def test_an_unknown_user_fails_only_its_own_call(
     tokendb_clean: str, funded_user, coalescing_on
 ) -> None:
     user = await funded_user(balance=100)
-    results = await asyncio.gather(
+    results: list[Any] = await asyncio.gather(
         tokendb.charge(user=user, amount=1),
         tokendb.charge(user=UNKNOWN_USER, amount=1),
         tokendb.charge(user=user, amount=2),
@@ -341,13 +343,13 @@ async def test_a_statement_refused_by_one_item_fails_that_item_only(
 async def test_charge_many_gives_one_result_per_item(tokendb_clean: str, funded_user) -> None:
     user = await funded_user(balance=20)
     reference = uuid.uuid4()
-    results = await tokendb.charge_many(
+    results: list[Any] = await tokendb.charge_many(
         items=[
             tokendb.ChargeItem(user=user, amount=5, reference_id=reference),
             {"user": user.id, "amount": 5, "reference_id": str(reference)},  # a repeat
             {"user": user, "amount": 0},
             {"user": user, "amount": 1, "colour": "red"},
-            "not an item",
+            "not an item",  # type: ignore[list-item]
             tokendb.ChargeItem(user=UNKNOWN_USER, amount=1),
             tokendb.ChargeItem(user=user, amount=100),
             tokendb.ChargeItem(user=user, amount=15, description="the rest"),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any
 
 import pytest
 
@@ -27,11 +28,11 @@ async def wide_pool(tokendb_clean: str, request: pytest.FixtureRequest) -> Async
         yield
 
 
-async def settle(calls):  # type: ignore[no-untyped-def]
+async def settle(calls: Iterable[Awaitable[Any]]) -> list[Any]:
     return await asyncio.gather(*calls, return_exceptions=True)
 
 
-def successes(results: list[object], kind: type) -> list[object]:
+def successes(results: list[Any], kind: type) -> list[Any]:
     unexpected = [
         r
         for r in results
@@ -124,7 +125,7 @@ async def test_messages_racing_a_short_balance_and_end_chat(make_api_key, funded
     user = await funded_user(balance=100)
     api_key, _ = await make_api_key(user=user)
     session = await tokendb.start_chat(api_key=api_key, model="m")
-    calls = [
+    calls: list[Awaitable[object]] = [
         tokendb.add_message(session=session, role="assistant", content="x", tokens=3)
         for _ in range(60)
     ]
@@ -151,7 +152,7 @@ async def test_many_users_charged_and_chatting_at_once(make_api_key, funded_user
         api_key, _ = await make_api_key(user=user)
         sessions.append(await tokendb.start_chat(api_key=api_key, model="m"))
     rng = random.Random(11)
-    calls = []
+    calls: list[Awaitable[object]] = []
     for _ in range(400):
         index = rng.randrange(10)
         if rng.random() < 0.5:

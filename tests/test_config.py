@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
 import tokendb
 from tokendb import config
+from tokendb.connection import InitOptions
 from tokendb.errors import ConfigurationError
 
 
@@ -72,7 +74,7 @@ def test_passwords_are_masked_in_errors() -> None:
 
 
 def test_missing_database_url_is_a_configuration_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TOKENDB_EMBEDDED", "off")  # else the embedded server is the fallback
@@ -177,7 +179,7 @@ async def test_a_malformed_url_error_never_shows_the_password(url: str, secret: 
     "sizes", [{"min_size": 5, "max_size": 2}, {"max_size": 0}, {"min_size": 30}]
 )
 async def test_init_with_bad_pool_sizes_is_a_configuration_error(
-    tokendb_db: str, make_user, sizes: dict[str, int]
+    tokendb_db: str, make_user, sizes: InitOptions
 ) -> None:
     """init() validates the sizes with the URL's before it touches Tortoise, so a
     bad size is a ConfigurationError and the working session is left as it was."""

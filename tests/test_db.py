@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ async def short_acquire_timeout(tokendb_db: str) -> AsyncIterator[float]:
 
 
 @pytest.fixture
-async def exhausted_pool(tokendb_db: str) -> AsyncIterator[list[object]]:
+async def exhausted_pool(tokendb_db: str) -> AsyncIterator[list[Any]]:
     """Every pooled connection taken (and given back at the end)."""
     pool = await _tortoise.pool(_tortoise.models_client())
     held = [await pool.acquire() for _ in range(pool.get_max_size())]
@@ -67,7 +68,8 @@ async def test_an_exhausted_pool_is_a_database_timeout(
         await _db.read("SELECT 1")
     assert "no pooled connection became free" in str(info.value)
     assert short_acquire_timeout <= time.monotonic() - started < 2
-    assert asyncio.current_task().cancelling() == 0  # the deadline's cancel was taken back
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # the deadline's cancel was taken back
 
 
 async def test_the_pool_serves_again_once_connections_come_back(

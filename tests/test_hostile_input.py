@@ -77,7 +77,7 @@ async def _populate(user: tokendb.User, world: World, raw: asyncpg.Connection) -
     message = await tokendb.add_message(session=session, role="user", content="hi", tokens=5)
     ended = await tokendb.start_chat(api_key=key, model="gpt-test")
     await tokendb.end_chat(session=ended)
-    rows = [user, usage, key, revoked, expired, session, message, ended]
+    rows: list[Any] = [user, usage, key, revoked, expired, session, message, ended]
     world.objects += rows
     world.ids += [row.id for row in rows]
     world.secrets += [secret, revoked_secret, expired_secret]

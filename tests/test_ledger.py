@@ -383,7 +383,7 @@ async def test_list_transactions_pages_walk_the_user_created_index(raw, page: st
     )
     await raw.execute("ANALYZE token_transactions")
     if page == "first":
-        sql, args = _ledger_sql.PAGES[0], (users[3], 50)
+        sql, args = _ledger_sql.PAGES[0], (users[3], 50)  # type: tuple[str, tuple[object, ...]]
     else:
         cursor = await raw.fetchrow(
             "SELECT created_at, id FROM token_transactions WHERE user_id = $1 "

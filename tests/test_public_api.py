@@ -34,13 +34,13 @@ def test_there_are_operations_for_every_domain() -> None:
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.__name__)
-def test_operations_take_keyword_arguments_only(operation) -> None:  # type: ignore[no-untyped-def]
+def test_operations_take_keyword_arguments_only(operation) -> None:
     parameters = inspect.signature(operation).parameters.values()
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters), operation
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.__name__)
-def test_operations_document_their_contract(operation) -> None:  # type: ignore[no-untyped-def]
+def test_operations_document_their_contract(operation) -> None:
     doc = inspect.getdoc(operation) or ""
     assert len(doc.splitlines()[0]) > 10, operation
 
@@ -60,7 +60,7 @@ def raised(function: object) -> list[str]:
 
 
 @pytest.mark.parametrize("function", PUBLIC_FUNCTIONS, ids=lambda f: f.__name__)
-def test_every_public_function_lists_what_it_raises(function) -> None:  # type: ignore[no-untyped-def]
+def test_every_public_function_lists_what_it_raises(function) -> None:
     names = raised(function)
     assert names, f"{function.__name__}'s docstring has no Raises: section"
     unknown = [name for name in names if name not in tokendb.errors.__all__]
@@ -112,7 +112,7 @@ async def test_every_list_treats_an_unknown_owner_alike(
     [*OPERATIONS, tokendb.init, tokendb.close, tokendb.migrate],
     ids=lambda op: op.__name__,
 )
-def test_operations_translate_driver_errors(operation) -> None:  # type: ignore[no-untyped-def]
+def test_operations_translate_driver_errors(operation) -> None:
     # @translated wraps the function; the wrapper is what turns asyncpg,
     # OSError and Tortoise errors into TokenDBError leaves (any other decorator
     # built with functools.wraps would not carry the marker).

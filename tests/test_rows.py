@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from tortoise.models import Model
 
 import tokendb
 from tokendb import _db, _rows
@@ -30,7 +31,7 @@ def same_instance(fast: object, tortoise: object) -> None:
     ],
 )
 async def test_every_model_hydrates_like_tortoise(
-    tokendb_clean: str, make_api_key, model: type, table: str
+    tokendb_clean: str, make_api_key, model: type[Model], table: str
 ) -> None:
     api_key, _ = await make_api_key(
         permissions=["chat", "embeddings"], expires_at=datetime.now(UTC) + timedelta(days=1)

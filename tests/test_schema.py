@@ -229,12 +229,12 @@ async def assert_rejected(
 
 async def test_db_defaults_fill_raw_inserts(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
-    user = await raw.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+    (user,) = await raw.fetch("SELECT * FROM users WHERE id = $1", user_id)
     assert user["token_balance"] == 100
     assert user["role"] == "user"
     assert user["created_at"] is not None and user["updated_at"] is not None
     key_id = await insert_key(raw, user_id)
-    key = await raw.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+    (key,) = await raw.fetch("SELECT * FROM api_keys WHERE id = $1", key_id)
     assert key["permissions"] == "[]"
     assert key["is_active"] is True
     assert key["created_at"] is not None

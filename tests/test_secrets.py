@@ -122,7 +122,7 @@ async def test_keys_are_stored_and_compared_by_hash(make_api_key: Any, tokendb_d
     key, secret = await make_api_key()
     conn = await asyncpg.connect(tokendb_db)
     try:
-        stored = await conn.fetchrow(
+        (stored,) = await conn.fetch(
             "SELECT key_hash, key_prefix FROM api_keys WHERE id = $1", key.id
         )
     finally:

@@ -37,7 +37,7 @@ class Widget(Model):
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
-def test_the_columns_are_what_tortoise_maps_after_init(tokendb_db: str, model: type) -> None:
+def test_the_columns_are_what_tortoise_maps_after_init(tokendb_db: str, model: type[Model]) -> None:
     assert set(_sql.columns(model)) == set(model._meta.fields_db_projection.values())
 
 

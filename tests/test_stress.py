@@ -15,7 +15,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -25,6 +25,7 @@ import pytest_asyncio
 import tokendb
 from tests.pgcluster import database_name, isolated_tokendb, kill_backends, throwaway_cluster
 from tests.workload import Sizes, Workload
+from tokendb.connection import InitOptions
 from tokendb.testing import test_server_url as server_url
 
 pytestmark = pytest.mark.stress
@@ -73,7 +74,7 @@ async def recovered(workload: Workload, calls: int) -> list[str]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def stress_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIterator[str]:
     """A database of the test's own, tokendb on a pool of ``SIZES.pool`` connections."""
-    pool = {"min_size": SIZES.pool, "max_size": SIZES.pool}
+    pool: InitOptions = {"min_size": SIZES.pool, "max_size": SIZES.pool}
     async with isolated_tokendb(server_url(request.config), tokendb_db, **pool) as url:
         yield url
 
@@ -104,7 +105,7 @@ async def test_concurrent_load_keeps_the_books(stress_db: str, users: int) -> No
 
 async def _under_faults(
     url: str,
-    inject: Callable[[], Awaitable[int]],
+    inject: Callable[[], Coroutine[Any, Any, int]],
     operations: int,
 ) -> tuple[Workload, int]:
     """Run the workload (at least ``operations``) for as long as ``inject()`` injects faults."""
@@ -153,7 +154,7 @@ async def test_killed_backends_during_load(stress_db: str) -> None:
 async def test_server_restart_during_load(tokendb_db: str) -> None:
     """A restart (clean, then a crash) of the test's own cluster in the middle of the load."""
     started = time.monotonic()
-    pool = {"min_size": SIZES.pool, "max_size": SIZES.pool, "acquire_timeout": 5.0}
+    pool: InitOptions = {"min_size": SIZES.pool, "max_size": SIZES.pool, "acquire_timeout": 5.0}
     async with (
         throwaway_cluster() as cluster,
         isolated_tokendb(cluster.url, tokendb_db, **pool) as url,

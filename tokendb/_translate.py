@@ -15,8 +15,8 @@ translates it itself; :func:`translated` turns whatever is left into a
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 from tortoise.exceptions import BaseORMException
@@ -157,8 +157,12 @@ _TRANSLATED: tuple[type[BaseException], ...] = (
 )
 
 
-def translated(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Decorate a public coroutine so that no driver/ORM error escapes it."""
+def translated(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Decorate a public coroutine so that no driver/ORM error escapes it.
+
+    The result is still a coroutine function (typed as one), so callers can
+    hand its calls to ``asyncio.run`` or ``create_task``.
+    """
 
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:

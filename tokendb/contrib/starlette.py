@@ -26,7 +26,7 @@ no detail.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
 from typing import Any
@@ -132,7 +132,8 @@ async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     return http_error_response(500, "internal error")
 
 
-Handler = Callable[[Request, Exception], Awaitable[Response]]
+Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+"""An exception handler, typed so that FastAPI's ``exception_handlers=`` accepts it too."""
 
 
 def exception_handlers() -> dict[Any, Handler]:
