@@ -38,10 +38,13 @@ def test_fewer_than_three_rounds_is_refused() -> None:
     assert result.returncode != 0 and "at least 3" in result.stderr
 
 
-def test_the_readme_documents_the_command() -> None:
+def test_the_readme_links_the_benchmark_write_up() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("\n## Performance\n") :]
-    assert "python -m bench" in section and "bench/RESULTS.md" in section
+    assert "python -m bench" in section and "(bench/README.md)" in section
+    write_up = (ROOT / "bench" / "README.md").read_text()
+    for command in ("python -m bench --quick", "python -m bench.calls", "bench/RESULTS.md"):
+        assert command in write_up, command
 
 
 @pytest.mark.parametrize(
