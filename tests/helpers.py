@@ -108,17 +108,17 @@ def statements_sent() -> Iterator[list[str]]:
     are not statements of the call. Keep other connections quiet in the block.
     """
     sent: list[str] = []
-    original = asyncpg.Connection._execute
+    original = asyncpg.Connection._execute  # type: ignore[attr-defined]
 
     async def recording(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
         sent.append(query)
         return await original(self, query, *args, **kwargs)
 
-    asyncpg.Connection._execute = recording  # type: ignore[method-assign]
+    asyncpg.Connection._execute = recording  # type: ignore[attr-defined]
     try:
         yield sent
     finally:
-        asyncpg.Connection._execute = original  # type: ignore[method-assign]
+        asyncpg.Connection._execute = original  # type: ignore[attr-defined]
 
 
 def charge_batch(charges: Sequence[tuple[uuid.UUID, int]]) -> tuple[str, tuple[list[Any], ...]]:

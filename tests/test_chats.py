@@ -239,14 +239,14 @@ async def test_a_session_total_past_the_integer_column_is_a_validation_error(
 
 
 @pytest.fixture
-def late_credit(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def late_credit(monkeypatch: pytest.MonkeyPatch):
     """``late_credit(user, amount)``: a top-up lands after add_message's statement was
     refused, before the decision is made again with the rows locked."""
 
     def arrange(user: tokendb.User, amount: int) -> None:
         decide_under_lock = chats._add_under_lock
 
-        async def credit_lands_first(conn, arguments):  # type: ignore[no-untyped-def]
+        async def credit_lands_first(conn, arguments):
             await tokendb.top_up(user=user, amount=amount, description="late credit")
             return await decide_under_lock(conn, arguments)
 

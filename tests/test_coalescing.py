@@ -448,7 +448,7 @@ async def test_a_list_repeating_references_is_charged_in_one_statement(
         {"user": user, "amount": 2},
     ]
     with statements_sent() as sent:
-        results = await tokendb.charge_many(items=items)
+        results: list[Any] = await tokendb.charge_many(items=items)
     assert len(sent) == 1, sent
     assert [r.balance_after for r in results] == [92, 92, 97, 92, 90]
     assert len({results[0].id, results[1].id, results[3].id}) == 1
