@@ -61,8 +61,12 @@ def raised(function: object) -> list[str]:
 
 @pytest.mark.parametrize("function", PUBLIC_FUNCTIONS, ids=lambda f: f.__name__)
 def test_every_public_function_lists_what_it_raises(function) -> None:
+    """A ``Raises:`` section of tokendb.errors names, or an explicit "Raises nothing"."""
     names = raised(function)
-    assert names, f"{function.__name__}'s docstring has no Raises: section"
+    if not names:
+        assert "Raises nothing" in (inspect.getdoc(function) or ""), (
+            f"{function.__name__}'s docstring has no Raises: section"
+        )
     unknown = [name for name in names if name not in tokendb.errors.__all__]
     assert not unknown, f"{function.__name__} lists {unknown}, not in tokendb.errors"
 

@@ -80,7 +80,7 @@ def tortoise_app(*, connection: str = "default") -> dict[str, Any]:
     it carries Aerich's model too (every app's migration history lives in
     Aerich's one table, created by ``tokendb migrate``), so the host's own app
     must not list ``aerich.models``. The app label must be ``tokendb``
-    (:data:`APP_LABEL`): ``ForeignKeyField("tokendb.User")``.
+    (:data:`APP_LABEL`): ``ForeignKeyField("tokendb.User")``. Raises nothing.
     """
     return {"models": list(MODEL_MODULES), "default_connection": connection}
 

@@ -197,7 +197,9 @@ def tortoise_orm(database_url: str | None = None, **options: Unpack[InitOptions]
     host's app, not ``tokendb``. Synchronous: it starts (and migrates) the
     embedded server when no URL is configured.
 
-    Raises :class:`ConfigurationError` for a missing or malformed URL or apps.
+    Raises:
+        ConfigurationError: a missing or malformed URL or apps, bad pool sizes or timeouts.
+        DatabaseUnavailable: the embedded server could not be started or migrated.
     """
     _check_options(options)
     database = resolve_database(database_url)
@@ -296,7 +298,10 @@ async def check_connection() -> None:
 
 
 def is_initialised() -> bool:
-    """True when tokendb's models are bound to a connection in the current Tortoise context."""
+    """True when tokendb's models are bound to a connection in the current Tortoise context.
+
+    Raises nothing: a missing context is False.
+    """
     from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 
     from tokendb.models import User

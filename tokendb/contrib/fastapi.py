@@ -139,7 +139,7 @@ async def _handle_validation_error(request: Request, exc: Exception) -> Response
     )
 
 
-def exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+def exception_handlers() -> dict[Any, _starlette.Handler]:
     """Handlers for ``FastAPI(exception_handlers=...)``: every error in tokendb's one shape.
 
     Those of :func:`tokendb.contrib.starlette.exception_handlers`, and
