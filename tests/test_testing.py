@@ -116,3 +116,182 @@ def test_with_no_server_configured_the_suite_runs_on_the_embedded_server(
     assert "host=" in (downstream.path / "used_url.txt").read_text()  # the Unix socket
     status = embedded.server_status(embedded_data_dir)
     assert status.initialised and not status.running  # stopped when pytest exited
+
+
+# --- a host application's own models, on function-scoped loops, under xdist -----------------
+
+SHOP_MODELS = """
+from tortoise import fields
+from tortoise.models import Model
+
+
+class Project(Model):
+    id = fields.IntField(primary_key=True)
+    name = fields.CharField(max_length=100)
+    owner = fields.ForeignKeyField("tokendb.User", related_name="projects", on_delete="RESTRICT")
+
+    class Meta:
+        table = "shop_projects"
+"""
+
+SHOP_CONFTEST = """
+import pytest
+
+@pytest.fixture(scope="session")
+def tokendb_apps():
+    return {"shop": {"models": ["shop.models"]%s}}
+"""
+
+SHOP_TESTS = """
+import tokendb
+from fastapi import FastAPI
+from asgi_lifespan import LifespanManager
+from tokendb.contrib.fastapi import lifespan
+from shop.models import Project
+
+APPS = {"shop": {"models": ["shop.models"]}}
+
+
+async def test_the_apps_models_work_next_to_tokendbs(tokendb_clean, funded_user):
+    user = await funded_user(balance=50)
+    project = await Project.create(name="apollo", owner_id=user.id)
+    assert (await Project.get(id=project.id).prefetch_related("owner")).owner.email == user.email
+    await tokendb.charge(user=user, amount=20)
+    assert await tokendb.get_balance(user=user) == 30
+
+
+async def test_tokendb_clean_empties_the_apps_tables_too(tokendb_clean):
+    assert await Project.all().count() == 0
+
+
+async def test_the_hosts_lifespan_runs_under_the_plugin(tokendb_clean, make_user):
+    app = FastAPI(lifespan=lifespan(apps=APPS))
+    async with LifespanManager(app):
+        user = await make_user()
+        await Project.create(name="gemini", owner_id=user.id)
+    assert await Project.filter(owner_id=user.id).count() == 1  # the plugin's pool is still open
+"""
+
+
+@pytest.fixture
+def shop(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A downstream project with an app of its own whose model has a FK to tokendb.User."""
+    pytester.makeini(INI)
+    package = pytester.mkpydir("shop")
+    package.joinpath("models.py").write_text(SHOP_MODELS)
+    pytester.makepyfile(test_shop=SHOP_TESTS)
+    for variable in ("DATABASE_URL", "TOKENDB_TEST_DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    pytester.syspathinsert()
+    return pytester
+
+
+def test_an_apps_tables_are_generated_next_to_tokendbs(
+    shop: pytest.Pytester, request: pytest.FixtureRequest
+) -> None:
+    shop.makeconftest(SHOP_CONFTEST % "")
+    result = shop.runpytest_subprocess(
+        "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=3)
+
+
+async def test_an_apps_tables_come_from_its_aerich_migrations(
+    shop: pytest.Pytester, request: pytest.FixtureRequest
+) -> None:
+    from tokendb.apps import write_app_migration
+
+    written = await write_app_migration(
+        {"shop": {"models": ["shop.models"]}}, "shop", shop.path / "migrations"
+    )
+    assert written is not None and written.parent == shop.path / "migrations" / "shop"
+    shop.makeconftest(SHOP_CONFTEST % ', "migrations": "migrations"')
+    result = shop.runpytest_subprocess(
+        "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=3)
+
+
+# pytest-asyncio's defaults: every test and fixture on a loop of its own.
+FUNCTION_LOOPS_INI = """
+[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = function
+filterwarnings =
+    error::tortoise.warnings.TortoiseLoopSwitchWarning
+    error::tokendb.ConfigurationWarning
+"""
+
+MANY_TESTS = """
+import asyncio
+import os
+import pathlib
+
+import asyncpg
+import pytest
+import tokendb
+
+
+@pytest.mark.parametrize("n", range(50))
+async def test_each_test_on_its_own_loop(tokendb_clean, make_user, n):
+    users = await asyncio.gather(*(make_user() for _ in range(4)))
+    await asyncio.gather(*(tokendb.charge(user=u, amount=1) for u in users))
+    conn = await asyncpg.connect(tokendb_clean)
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with pathlib.Path(f"backends-{worker}.txt").open("a") as out:
+        out.write(f"{tokendb_clean} {count}\\n")
+"""
+
+
+def backend_counts(pytester: pytest.Pytester) -> dict[str, list[int]]:
+    """Per worker: the database it used, and the backends on it after each test."""
+    counts: dict[str, list[int]] = {}
+    for path in pytester.path.glob("backends-*.txt"):
+        for line in path.read_text().splitlines():
+            url, count = line.split()
+            counts.setdefault(url, []).append(int(count))
+    return counts
+
+
+def test_function_scoped_loops_leak_no_connections(
+    downstream: pytest.Pytester, request: pytest.FixtureRequest
+) -> None:
+    downstream.makeini(FUNCTION_LOOPS_INI)
+    downstream.makepyfile(test_many=MANY_TESTS)
+    result = downstream.runpytest_subprocess(
+        "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider", "-k", "many"
+    )
+    result.assert_outcomes(passed=50)
+    ((_, counts),) = backend_counts(downstream).items()
+    # One pool of at most 4 busy connections at a time, whatever the test's number:
+    # before, each test's pool stayed open (21 backends grew to 88 over 8 tests).
+    assert max(counts) <= 6, counts
+    assert max(counts[-10:]) <= max(counts[:10]) + 1, counts
+
+
+def test_pytest_xdist_workers_get_a_database_each(
+    downstream: pytest.Pytester, request: pytest.FixtureRequest
+) -> None:
+    downstream.makeini(FUNCTION_LOOPS_INI)
+    downstream.makepyfile(test_many=MANY_TESTS)
+    result = downstream.runpytest_subprocess(
+        "--tokendb-url",
+        admin_server_url(request.config),
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "many",
+        "-n",
+        "2",
+    )
+    result.assert_outcomes(passed=50)
+    counts = backend_counts(downstream)
+    assert len(counts) == 2  # two workers, two databases
+    assert all(max(per_worker) <= 6 for per_worker in counts.values()), counts

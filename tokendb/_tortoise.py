@@ -11,6 +11,7 @@ which is why ``pyproject.toml`` pins ``tortoise-orm`` to the minor version
 * :func:`pool`: the client's lazily created asyncpg pool (``_pool``,
   ``_pool_init_lock``), shared with the application's ORM code;
 * :func:`guard_transactions`: the workaround below;
+* :func:`table_sql`: the schema generator's ``CREATE TABLE`` for one model;
 * event loops: Tortoise binds a client's pool to the loop that opened it and,
   in another loop, silently replaces the client by a new one, leaving the old
   pool's connections open until garbage collection. tokendb adopts each new
@@ -56,6 +57,7 @@ from tortoise.backends.base.client import (
 from tortoise.connection import get_connections
 from tortoise.exceptions import BaseORMException
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
+from tortoise.models import Model
 
 from tokendb import _settings, _waits
 from tokendb._translate import is_connection_loss, translate
@@ -71,6 +73,7 @@ __all__ = [
     "models_client",
     "pool",
     "stale_attempts",
+    "table_sql",
 ]
 
 TESTED_MINOR = (1, 1)
@@ -230,6 +233,16 @@ def stale_attempts(client: BaseDBAsyncClient) -> int:
     """
     created: asyncpg.Pool | None = getattr(client, "_pool", None)
     return (created.get_max_size() if created is not None else 0) + 1
+
+
+def table_sql(model: type[Model]) -> tuple[str, str, set[str]]:
+    """``(table, CREATE TABLE statements, tables referred to)`` for ``model``, as Tortoise
+    and Aerich write them (its indexes and column comments included)."""
+    client: BaseDBAsyncClient = model._meta.db
+    generator = client.schema_generator(client)
+    table: dict[str, Any] = generator._get_table_sql(model, safe=False)
+    sql = "\n".join([table["table_creation_string"], *table["m2m_tables"]])
+    return table["table"], sql, set(table["references"])
 
 
 class _GuardedTransactionContext(TransactionContextPooled):

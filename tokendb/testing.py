@@ -6,14 +6,26 @@ installing tokendb changes nothing in suites that do not ask for them.
 
 Fixtures:
 
+``tokendb_apps`` (session)
+    The application's own Tortoise apps, ``{}`` by default. A suite whose
+    models live next to tokendb's overrides it in its ``conftest.py``::
+
+        @pytest.fixture(scope="session")
+        def tokendb_apps():
+            return {"shop": {"models": ["shop.models"], "migrations": "migrations"}}
+
+    ``migrations`` (optional) is the app's Aerich migrations folder (Aerich's
+    ``location``, holding ``shop/``); without it the tables are generated
+    from the models.
 ``tokendb_db`` (session)
     Creates a database with a unique name on the test server (see
     :func:`test_server_url`), applies tokendb's migrations through Aerich,
-    initialises tokendb on it and yields its URL. The database is dropped at
-    the end of the session, also on failure. For the session, argon2 runs
-    with cheap parameters (tests only!).
+    then creates the apps' tables (their migrations, else generated),
+    initialises tokendb with the apps on it and yields its URL. The database
+    is dropped at the end of the session, also on failure. For the session,
+    argon2 runs with cheap parameters (tests only!).
 ``tokendb_clean``
-    Truncates tokendb's tables (not Aerich's) before the test.
+    Empties tokendb's tables and the apps' (not Aerich's) before the test.
 ``make_user``, ``make_api_key``, ``funded_user``
     Factories going through the public operations.
 
@@ -22,12 +34,11 @@ The test server is, in this order: ``--tokendb-url``;
 ``postgres://postgres@127.0.0.1:5432/postgres``; tokendb's embedded server
 (``tokendb[embedded]``, data dir ``TOKENDB_DATA_DIR`` or ``~/.tokendb``).
 
-The fixtures are async (pytest-asyncio ≥ 1.0). The session-scoped fixture
-lives on the session event loop, so the suite must run its tests there too::
-
-    [tool.pytest.ini_options]
-    asyncio_default_fixture_loop_scope = "session"
-    asyncio_default_test_loop_scope = "session"
+Event loops: tests may run on pytest-asyncio's default function-scoped loops
+or on a session loop. The connection pool is opened by the first call in a
+test's loop; when that loop closes, its connections are shut down after the
+test (so a long suite never piles up backends), and the next test opens a
+pool of its own. Under pytest-xdist each worker gets a database of its own.
 
 Without pytest-asyncio the plugin still loads (so it never breaks an
 unrelated suite); using one of its fixtures then fails with a clear message.
@@ -40,8 +51,9 @@ import concurrent.futures
 import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,6 +79,7 @@ __all__ = [
     "make_user",
     "test_server_url",
     "throwaway_database",
+    "tokendb_apps",
     "tokendb_clean",
     "tokendb_db",
     "truncate_all",
@@ -76,6 +89,7 @@ DEFAULT_TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 TABLES = ("chat_messages", "chat_sessions", "token_transactions", "api_keys", "users")
 _PROBE_TIMEOUT = 3.0
 _server_url_key = pytest.StashKey[str]()
+_app_tables_key = pytest.StashKey[list[str]]()
 _embedded_key = pytest.StashKey[bool]()
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -176,16 +190,40 @@ async def throwaway_database(
             await admin.close()
 
 
-async def truncate_all() -> None:
-    """Empty tokendb's tables (keeping Aerich's migration history)."""
+async def truncate_all(tables: Sequence[str] = TABLES) -> None:
+    """Empty tokendb's tables (keeping Aerich's migration history), and ``tables`` besides."""
     from tokendb import _db
 
     async def truncate(conn: _db.Connection) -> None:
-        # The ledger refuses TRUNCATE unless this transaction says it is a test harness.
-        await conn.execute("SET LOCAL tokendb.allow_truncate = on")
-        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        await _truncate(conn, tables)
 
     await _db.transaction(truncate)
+
+
+async def _truncate(conn: asyncpg.Connection, tables: Sequence[str]) -> None:
+    # The ledger refuses TRUNCATE unless this transaction says it is a test harness.
+    await conn.execute("SET LOCAL tokendb.allow_truncate = on")
+    names = ", ".join(f'"{table}"' for table in dict.fromkeys([*TABLES, *tables]))
+    await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+
+
+def _truncate_in_a_thread(url: str, tables: Sequence[str]) -> None:
+    """Empty the tables on a connection of its own, off any event loop.
+
+    ``tokendb_clean`` works the same whichever loop the test runs on, and
+    leaves the test's loop to open the pool.
+    """
+
+    async def truncate() -> None:
+        conn = await asyncpg.connect(_asyncpg_dsn(url))
+        try:
+            async with conn.transaction():
+                await _truncate(conn, tables)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, truncate()).result()
 
 
 def _async_fixture(**options: Any) -> Callable[[F], F]:
@@ -209,32 +247,116 @@ def _async_fixture(**options: Any) -> Callable[[F], F]:
     return decorate
 
 
+@pytest.fixture(scope="session")
+def tokendb_apps() -> dict[str, dict[str, Any]]:
+    """The application's own Tortoise apps for ``tokendb_db``; override it to add yours.
+
+    ``{"shop": {"models": ["shop.models"], "migrations": "migrations"}}``:
+    ``migrations`` (optional) is the folder holding the app's Aerich
+    migrations (``migrations/shop/*.py``), applied after tokendb's; without
+    it the tables are generated from the models.
+    """
+    return {}
+
+
+def _split_apps(apps: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The Tortoise apps, and the migrations folder of those that have one."""
+    tortoise_apps: dict[str, Any] = {}
+    migrations: dict[str, Path] = {}
+    for label, app in apps.items():
+        entry = dict(app)
+        folder = entry.pop("migrations", None)
+        if folder is not None:
+            migrations[label] = Path(folder)
+        tortoise_apps[label] = entry
+    return tortoise_apps, migrations
+
+
+async def _create_app_tables(
+    url: str, tortoise_apps: dict[str, Any], migrations: dict[str, Path]
+) -> None:
+    """The apps' tables next to tokendb's: from their Aerich migrations, else generated."""
+    from tokendb.apps import create_app_tables
+    from tokendb.connection import run_aerich
+
+    async def upgrade(command: Any) -> list[str]:
+        applied: list[str] = await command.upgrade(run_in_transaction=True)
+        return applied
+
+    for label in tortoise_apps:
+        if label in migrations:
+            await run_aerich(
+                url, upgrade, location=migrations[label], app=label, apps=tortoise_apps
+            )
+        else:
+            await create_app_tables(url, tortoise_apps, label)
+
+
+def _app_tables(labels: Sequence[str]) -> list[str]:
+    """The tables of the apps' models (in the initialised Tortoise context)."""
+    from tortoise import Tortoise
+
+    registry = Tortoise.apps
+    return [
+        model._meta.db_table
+        for label in labels
+        if registry is not None and label in registry
+        for model in registry[label].values()
+    ]
+
+
 @_async_fixture(scope="session", loop_scope="session")
-async def tokendb_db(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    """A migrated throw-away database with tokendb initialised on it; yields its URL."""
+async def tokendb_db(
+    request: pytest.FixtureRequest, tokendb_apps: dict[str, dict[str, Any]]
+) -> AsyncIterator[str]:
+    """A migrated throw-away database with tokendb (and ``tokendb_apps``) on it; yields its URL."""
+    from tokendb import _tortoise
+
     server_url = await asyncio.to_thread(test_server_url, request.config)
     if request.config.stash.get(_embedded_key, False):
         from tokendb import embedded
 
         embedded.install_sigterm_handler()  # from the main thread, where signals are handled
+    tortoise_apps, migrations = _split_apps(tokendb_apps)
     # Cheap argon2 parameters for the session: production-strength hashing
     # costs ~100 ms a user and would dominate any suite that creates users.
     # The suite's own parameters come back afterwards.
     with passwords.parameters(**passwords.CHEAP_PARAMETERS):
         async with throwaway_database(server_url) as url:
             await tokendb.migrate(url)
-            await tokendb.init(url, min_size=1, max_size=20)
+            await _create_app_tables(url, tortoise_apps, migrations)
+            await tokendb.init(url, apps=tortoise_apps, min_size=1, max_size=20)
+            request.config.stash[_app_tables_key] = _app_tables(list(tortoise_apps))
+            # Each test opens the pool in its own event loop (see pytest_runtest_teardown).
+            await _tortoise.close_pool(_tortoise.models_client())
             try:
                 yield url
             finally:
                 await tokendb.close()
 
 
-@_async_fixture(loop_scope="session")
-async def tokendb_clean(tokendb_db: str) -> AsyncIterator[str]:
-    """``tokendb_db``, emptied before the test."""
-    await truncate_all()
-    yield tokendb_db
+@pytest.fixture
+def tokendb_clean(tokendb_db: str, request: pytest.FixtureRequest) -> str:
+    """``tokendb_db``, with tokendb's tables and the apps' emptied before the test."""
+    app_tables: list[str] = request.config.stash.get(_app_tables_key, [])
+    _truncate_in_a_thread(tokendb_db, app_tables)
+    return tokendb_db
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After a test whose event loop closed, shut down the connections of that loop's pool.
+
+    A pool cannot be closed once its loop is gone (pytest-asyncio's
+    function-scoped loops are closed with the test's fixtures); left alone,
+    every test would leave its connections open until garbage collection.
+    """
+    yield
+    from tokendb import _tortoise
+
+    client = _tortoise._adopted
+    if client is not None:
+        _tortoise.abandon_if_orphaned(client)
 
 
 @pytest.fixture
