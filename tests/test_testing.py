@@ -6,6 +6,7 @@ file, the plugin loaded through the ``pytest11`` entry point.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -182,7 +183,6 @@ def shop(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.P
     pytester.makepyfile(test_shop=SHOP_TESTS)
     for variable in ("DATABASE_URL", "TOKENDB_TEST_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
-    pytester.syspathinsert()
     return pytester
 
 
@@ -196,20 +196,25 @@ def test_an_apps_tables_are_generated_next_to_tokendbs(
     result.assert_outcomes(passed=3)
 
 
-async def test_an_apps_tables_come_from_its_aerich_migrations(
+def test_an_apps_tables_come_from_its_aerich_migrations(
     shop: pytest.Pytester, request: pytest.FixtureRequest
 ) -> None:
-    from tokendb.apps import write_app_migration
-
-    written = await write_app_migration(
-        {"shop": {"models": ["shop.models"]}}, "shop", shop.path / "migrations"
+    # In a child process: importing the app's models adds relations to tokendb's models.
+    write = (
+        "import asyncio, pathlib\n"
+        "from tokendb.apps import write_app_migration\n"
+        "apps = {'shop': {'models': ['shop.models']}}\n"
+        "print(asyncio.run(write_app_migration(apps, 'shop', pathlib.Path('migrations'))))\n"
     )
-    assert written is not None and written.parent == shop.path / "migrations" / "shop"
+    written = shop.run(sys.executable, "-c", write)
+    assert written.ret == 0, written.errlines
+    (migration,) = (shop.path / "migrations" / "shop").glob("0_*_init.py")
     shop.makeconftest(SHOP_CONFTEST % ', "migrations": "migrations"')
     result = shop.runpytest_subprocess(
         "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
     )
     result.assert_outcomes(passed=3)
+    assert 'CREATE TABLE "shop_projects"' in migration.read_text()
 
 
 # pytest-asyncio's defaults: every test and fixture on a loop of its own.

@@ -37,10 +37,37 @@ from tokendb import _tortoise
 from tokendb.config import APP_LABEL, tortoise_config
 from tokendb.errors import ConfigurationError
 
-__all__ = ["app_tables_sql", "create_app_tables", "write_app_migration"]
+__all__ = ["aerich_settings", "app_tables_sql", "create_app_tables", "write_app_migration"]
 
 _NO_DATABASE = "postgres://tokendb@127.0.0.1:1/unused"
 """Writing a migration needs Tortoise's models, not a database: nothing connects here."""
+
+
+def aerich_settings(config_file: Path) -> tuple[dict[str, Any], Path]:
+    """The ``TORTOISE_ORM`` apps and the migrations folder named by ``[tool.aerich]``.
+
+    Read as Aerich reads them: ``tortoise_orm`` (``"module.NAME"``, imported
+    with ``src_folder`` on ``sys.path``) and ``location``, relative to the
+    file's folder. Raises :class:`ConfigurationError` when they are missing.
+    """
+    import importlib
+    import sys
+    import tomllib
+
+    try:
+        settings = tomllib.loads(config_file.read_text(encoding="utf-8"))["tool"]["aerich"]
+        module_name, _, attribute = settings["tortoise_orm"].rpartition(".")
+        location = config_file.parent / settings["location"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(
+            f"{config_file} has no [tool.aerich] with tortoise_orm and location "
+            "(`aerich init -t settings.TORTOISE_ORM` writes them)"
+        ) from exc
+    source = str((config_file.parent / settings.get("src_folder", ".")).resolve())
+    if source not in sys.path:
+        sys.path.insert(0, source)
+    config = getattr(importlib.import_module(module_name), attribute)
+    return dict(config["apps"]), location
 
 
 def app_tables_sql(label: str, *, skip: frozenset[str] = frozenset()) -> tuple[str, str]:

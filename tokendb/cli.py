@@ -226,6 +226,38 @@ def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
         out.print("The schema is up to date.")
 
 
+@app.command("app-migration")
+def app_migration(
+    ctx: typer.Context,
+    app_label: Annotated[str, typer.Argument(metavar="APP", help="Your Tortoise app's label.")],
+    name: Annotated[str, typer.Option("--name", help="The migration's name.")] = "init",
+    config_file: Annotated[
+        Path, typer.Option("--config", help="The file with [tool.aerich].")
+    ] = Path("pyproject.toml"),
+) -> None:
+    """Write an Aerich migration creating your app's new tables (FKs to tokendb's allowed).
+
+    For your own Tortoise app next to tokendb's: instead of `aerich init-db`
+    (which copies tokendb's tables into your first migration), and for a new
+    model with a foreign key to tokendb's (which `aerich migrate` refuses).
+    Reads [tool.aerich] as aerich does; apply with `aerich --app APP upgrade`
+    after `tokendb migrate`. Every other change: `aerich --app APP migrate`.
+
+    Example: tokendb app-migration shop --name projects
+    """
+    from tokendb.apps import aerich_settings, write_app_migration
+
+    async def write() -> Path | None:
+        apps, location = aerich_settings(config_file)
+        return await write_app_migration(apps, app_label, location, name=name)
+
+    written = _run(ctx, write, connect=False)
+    if written is None:
+        out.print(f"No new model in app {app_label!r}: nothing written.")
+    else:
+        out.print(f"Wrote {written}; apply it with `aerich --app {app_label} upgrade`.")
+
+
 @app.command()
 def demo(
     ctx: typer.Context,

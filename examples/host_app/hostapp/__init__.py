@@ -1,0 +1,1 @@
+"""An example host application: projects whose usage is billed through tokendb."""
