@@ -171,3 +171,32 @@ async def test_gateway_block(tokendb_clean: str) -> None:
     assert '"content":"You said: hello there"' in out
     assert '"balance":94' in out  # 100 - 2 (prompt) - 4 (reply)
     assert '"type":"usage"' in out
+
+
+async def test_host_app_block_migrates_both_and_runs_the_apps_tests(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The host project from an empty database, by the README's recipe (CI runs it here)."""
+    (block,) = blocks("Use tokendb in your application", "bash")
+    assert block.splitlines()[1:3] == ["tokendb migrate", "aerich --app hostapp upgrade"]
+    async with throwaway_database(admin_server_url(request.config), prefix="tokendb_host") as url:
+        out = await bash(block, DATABASE_URL=url)
+    assert "Success upgrading to 0_" in out
+    assert " passed" in out and "failed" not in out
+
+
+def test_host_app_config_block_puts_the_hosts_app_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    (config, fixture) = blocks("Use tokendb in your application", "python")
+    monkeypatch.setenv("DATABASE_URL", EXAMPLE_SERVER)
+    namespace: dict[str, Any] = {}
+    exec(compile(config, "README.md", "exec"), namespace)
+    assert list(namespace["TORTOISE_ORM"]["apps"]) == ["hostapp", "tokendb"]
+    settings = load_module(
+        "host_settings", ROOT / "examples" / "host_app" / "hostapp" / "settings.py"
+    )
+    assert namespace["APPS"] == settings.APPS  # the README shows the example's config
+    assert "def tokendb_apps():" in fixture
+    conftest = (ROOT / "examples" / "host_app" / "tests" / "conftest.py").read_text()
+    assert (
+        '"hostapp": {"models": ["hostapp.models"], "migrations": HERE / "migrations"}' in conftest
+    )
