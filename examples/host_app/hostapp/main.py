@@ -59,8 +59,8 @@ async def owned_project(project_id: UUID, key: tokendb.ApiKey) -> Project:
 
 
 async def project_out(project: Project) -> ProjectOut:
-    charges = await ProjectCharge.filter(project_id=project.id).values_list("tokens", flat=True)
-    return ProjectOut(id=project.id, name=project.name, spent=sum(charges))
+    charges = await ProjectCharge.filter(project_id=project.id)
+    return ProjectOut(id=project.id, name=project.name, spent=sum(c.tokens for c in charges))
 
 
 @app.post("/projects", status_code=201)
