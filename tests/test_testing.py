@@ -32,6 +32,9 @@ async def test_factories_go_through_the_public_api(tokendb_clean, make_user, fun
     pathlib.Path("used_url.txt").write_text(tokendb_clean)
     user = await make_user(email="Ada@Example.com")
     assert user.email == "ada@example.com" and user.token_balance == 100
+    # The plugin's cheap argon2 costs reach the tests (a context variable the
+    # session fixture sets): production costs would make every user ~100 ms.
+    assert "$m=1024,t=1,p=1$" in user.password_hash
     rich = await funded_user(balance=1234)
     poor = await funded_user(balance=7)
     assert [await tokendb.get_balance(user=u) for u in (rich, poor)] == [1234, 7]

@@ -116,11 +116,16 @@ from tokendb.models import ChatMessage, TokenTransaction, TransactionType, User
 __all__ = [
     "ADD_MESSAGE",
     "AUDIT",
+    "BALANCE",
     "BATCH",
+    "BY_REFERENCE",
     "CREATE_USER",
     "IDEMPOTENCY_INDEX",
+    "LOCK_CHARGE",
+    "LOCK_USER",
     "MOVE",
     "PAGES",
+    "REFUNDED",
     "Movement",
     "Outcome",
     "balance_or_none",
@@ -145,7 +150,11 @@ class Movement(NamedTuple):
 
 
 def _record(source: str, **values: str) -> str:
-    """``INSERT INTO token_transactions`` of every column (:func:`tokendb._sql.insert`)."""
+    """``INSERT INTO token_transactions`` of a ledger row, its columns from the model.
+
+    Every ``NOT NULL`` column needs a value; a nullable one left out gets the
+    database's default (:func:`tokendb._sql.insert`).
+    """
     return _sql.insert(TokenTransaction, values, source=source)
 
 
