@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ class Result:
 def cli(tokendb_clean: str) -> Any:
     """``await cli("users", "list")`` runs ``python -m tokendb`` with DATABASE_URL = the test db."""
 
-    async def run(*args: str, stdin: str | None = None) -> Result:
-        env = {**os.environ, "DATABASE_URL": tokendb_clean, "COLUMNS": "200"}
+    async def run(*args: str, stdin: str | None = None, columns: int = 200) -> Result:
+        env = {**os.environ, "DATABASE_URL": tokendb_clean, "COLUMNS": str(columns)}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -260,3 +261,115 @@ async def test_migrate_reports_nothing_to_apply_on_a_migrated_database(cli: Any)
     result = await cli("migrate", "--json")
     assert result.code == 0 and result.json() == {"applied": []}
     assert (await cli("migrate")).stdout.strip() == "The schema is up to date."
+
+
+# --- the command-line contract: exit codes, one-line errors, help, tables, stdin --------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("users", "list", "--bogus"),
+            "Error: No such option: --bogus (see `tokendb users list --help`)",
+        ),
+        (("users", "get"), "Error: Missing argument 'user'."),
+        (("tokens", "charge", "-u", "x", "-a", "ten"), "Error: Invalid value for '--amount'"),
+        (("nonsense",), "Error: No such command 'nonsense'."),
+    ],
+)
+async def test_usage_errors_are_one_line_and_exit_2(
+    cli: Any, args: tuple[str, ...], message: str
+) -> None:
+    result = await cli(*args)
+    assert result.code == 2, result
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "╭" not in result.stderr and result.stdout == ""
+
+
+async def test_the_password_can_come_from_stdin(cli: Any) -> None:
+    created = await cli(
+        "users",
+        "create",
+        "-e",
+        "pipe@example.com",
+        "-n",
+        "Pipe",
+        "--password-stdin",
+        "--json",
+        stdin="correct horse battery\n",
+    )
+    assert created.code == 0, created.stderr
+    user = await tokendb.authenticate(email="pipe@example.com", password="correct horse battery")
+    assert str(user.id) == created.json()["id"]
+    # No password and no terminal to prompt on: a usage error, nothing created.
+    missing = await cli("users", "create", "-e", "nopw@example.com", "-n", "No", stdin="")
+    assert missing.code == 2 and "--password-stdin" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.get_user(email="nopw@example.com")
+
+
+async def test_tables_fit_80_columns_and_wide_shows_everything(cli: Any) -> None:
+    users = [
+        await tokendb.create_user(
+            email=f"a-rather-long-address-{n}@example.com",
+            password="correct horse battery",
+            name=f"Someone with a long name number {n}",
+        )
+        for n in range(3)
+    ]
+    await tokendb.issue_api_key(user=users[0], name="a key with a long name", permissions=["chat"])
+    await tokendb.charge(user=users[0], amount=3, description="a long description " * 4)
+    for args in [
+        ("users", "list"),
+        ("keys", "list", "-u", str(users[0].id)),
+        ("tokens", "history", "-u", str(users[0].id)),
+    ]:
+        narrow = await cli(*args, columns=80)
+        assert narrow.code == 0, narrow.stderr
+        lines = narrow.stdout.rstrip("\n").splitlines()
+        assert all(len(line) <= 80 for line in lines), narrow.stdout
+        rows = [line for line in lines if "…" in line.split()[0]]  # one line a row, short ids
+        assert len(rows) == (3 if args[0] == "users" else 1 if args[0] == "keys" else 2), lines
+        wide = await cli(*args, "--wide", columns=80)
+        assert wide.code == 0 and str(users[0].id) in wide.stdout
+        assert max(len(line) for line in wide.stdout.splitlines()) > 80
+    listed = (await cli("users", "list", columns=80)).stdout
+    assert all("…" + user.id.hex[-8:] in listed for user in users)
+
+
+def test_help_renders_text_in_brackets() -> None:
+    """rich's markup must not eat `[embedded]` (nor any other bracketed text)."""
+    root = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert "pip install 'tokendb[embedded]'" in root.output
+    for path in COMMANDS:
+        command: Any = typer.main.get_group(app)
+        for name in path:
+            command = command.commands[name]
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        brackets = {word for text in texts for word in re.findall(r"\w*\[[^\]\s]+\]", text)}
+        output = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+        for word in brackets:
+            assert word.replace("\\", "") in output, (path, word)
+
+
+async def test_a_fully_refunded_charge_says_so(cli: Any) -> None:
+    user = await tokendb.create_user(email="ref@example.com", password="hunter2hunter2", name="R")
+    charge = await tokendb.charge(user=user, amount=5)
+    assert (await cli("tokens", "refund", str(charge.id))).code == 0
+    again = await cli("tokens", "refund", str(charge.id))
+    assert again.code == 1
+    assert again.stderr.strip() == f"Error: transaction {charge.id} is already fully refunded"
+
+
+async def test_a_missing_schema_names_tokendb_migrate(
+    cli: Any, request: pytest.FixtureRequest
+) -> None:
+    from tokendb.testing import test_server_url, throwaway_database
+
+    async with throwaway_database(test_server_url(request.config), prefix="tokendb_cli") as url:
+        result = await cli("--database-url", url, "users", "list")
+    assert result.code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "run `tokendb migrate`" in result.stderr

@@ -2,10 +2,16 @@
 
 Each command opens the database (``--database-url``, else ``DATABASE_URL``,
 else the embedded server; see :func:`tokendb.config.resolve_database`), calls
-one public operation and prints the result: a rich table, or JSON with
-``--json``. A :class:`~tokendb.TokenDBError` becomes a one-line ``Error: …``
-on stderr and exit code 1, never a traceback. Secrets are printed once, by
-``keys issue``; password and key hashes never.
+one public operation and prints the result: a rich table (one line a row,
+fitting the terminal, ids shortened; ``--wide`` for every column in full),
+or JSON with ``--json``. Secrets are printed once, by ``keys issue``;
+password and key hashes never.
+
+Exit codes (:func:`main`): 0 success; 1 the operation failed (a
+:class:`~tokendb.TokenDBError`: a refused key, an unknown user, books that
+do not balance …); 2 a usage error (an unknown option, a missing argument);
+130 interrupted. Every error is one ``Error: …`` line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 from uuid import UUID
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -46,24 +53,31 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help texts are plain text: rich markup would eat `[embedded]`, `[tool.aerich]`.
+    rich_markup_mode=None,
 )
 users_app = typer.Typer(
-    help="Create and look up users.\n\nExample: tokendb users list", no_args_is_help=True
+    help="Create and look up users.\n\nExample: tokendb users list",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 keys_app = typer.Typer(
     help="Issue, list, verify and revoke API keys.\n\n"
     "Example: tokendb keys list --user ada@example.com",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 tokens_app = typer.Typer(
     help="Move tokens and read the ledger.\n\n"
     "Example: tokendb tokens balance --user ada@example.com",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(
     help="Manage the embedded PostgreSQL server (used when DATABASE_URL is unset).\n\n"
     "Example: tokendb db start",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
@@ -72,6 +86,7 @@ app.add_typer(db_app, name="db")
 
 out = Console()
 err = Console(stderr=True)
+_wide = Console(width=100_000)  # --wide tables: as wide as their contents
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 UserOption = Annotated[str, typer.Option("--user", "-u", help="The user's id or email.")]
@@ -107,9 +122,13 @@ def _root(
 # --- plumbing ---------------------------------------------------------------------------
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def _usage_error(message: str) -> NoReturn:
+    _fail(_escape(message), code=2)
 
 
 def _embedded(action: Callable[[], T]) -> T:
@@ -177,20 +196,100 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _emit(value: Any, *, as_json: bool, title: str | None = None) -> None:
-    """Print a model, a list of models or a dataclass: as JSON, or as a rich table."""
+_NARROW_COLUMNS: dict[str, dict[str, str]] = {
+    # Per model: the columns a narrow table shows, and their headers.
+    "User": {
+        "id": "id",
+        "email": "email",
+        "name": "name",
+        "role": "role",
+        "token_balance": "balance",
+        "created_at": "created",
+    },
+    "ApiKey": {
+        "id": "id",
+        "name": "name",
+        "key_prefix": "prefix",
+        "permissions": "permissions",
+        "is_active": "active",
+        "last_used_at": "last used",
+        "expires_at": "expires",
+    },
+    "TokenTransaction": {
+        "id": "id",
+        "type": "type",
+        "amount": "amount",
+        "balance_after": "balance",
+        "description": "description",
+        "created_at": "created",
+    },
+}
+
+WideOption = Annotated[
+    bool, typer.Option("--wide", help="Every column, ids in full, however wide the table.")
+]
+
+
+def _short(value: Any) -> Any:
+    """A UUID as its last 8 hex digits (the random part of a UUIDv7), a datetime to the minute."""
+    if isinstance(value, UUID):
+        return "…" + value.hex[-8:]
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    return value
+
+
+def _fit(columns: dict[str, str], cells: list[list[str]]) -> list[int]:
+    """Column widths that fit the terminal: the widest columns give way first (emails,
+    names, descriptions), down to 6 characters; ids and times only if that is not enough."""
+    widths = [
+        max([len(header)] + [len(row[index]) for row in cells])
+        for index, header in enumerate(columns.values())
+    ]
+    budget = out.width - 3 * len(widths)  # padding and a gap around every column
+    kept_whole = {i for i, name in enumerate(columns) if name == "id" or name.endswith("_at")}
+    for shrinkable in (set(range(len(widths))) - kept_whole, kept_whole - {0}):
+        while sum(widths) > budget and shrinkable:
+            index = max(shrinkable, key=lambda i: widths[i])
+            if widths[index] <= 6:
+                break
+            widths[index] -= 1
+    return widths
+
+
+def _emit(value: Any, *, as_json: bool, title: str | None = None, wide: bool = False) -> None:
+    """Print a model, a list of models or a dataclass: as JSON, or as a rich table.
+
+    A list is one line a row: in the terminal's width (80 columns when it is
+    not a terminal), ids shortened and long cells cut with an ellipsis; or,
+    ``wide``, every column in full.
+    """
     if as_json:
         typer.echo(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
         return
     if isinstance(value, list):
         rows = [_public(item) for item in value]
-        table = Table(title=title)
-        columns = list(rows[0]) if rows else ["(none)"]
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*(_escape(_cell(row[column])) for column in columns))
-        out.print(table)
+        columns = {name: name for name in rows[0]} if rows else {"(none)": "(none)"}
+        kind = type(value[0]).__name__ if value else ""
+        if not wide and kind in _NARROW_COLUMNS:
+            columns = _NARROW_COLUMNS[kind]
+        cells = [
+            [_escape(_cell(row[name] if wide else _short(row[name]))) for name in columns]
+            for row in rows
+        ]
+        if wide:
+            table = Table(title=title)
+            for header in columns.values():
+                table.add_column(header, no_wrap=True)
+        else:
+            table = Table(
+                title=f"{title} (--wide: all columns)", box=box.SIMPLE_HEAD, show_edge=False
+            )
+            for header, width in zip(columns.values(), _fit(columns, cells), strict=True):
+                table.add_column(header, no_wrap=True, overflow="ellipsis", width=width)
+        for row_cells in cells:
+            table.add_row(*row_cells)
+        (_wide if wide else out).print(table)
         return
     table = Table(title=title, show_header=False)
     table.add_column("field", style="bold")
@@ -346,26 +445,43 @@ def users_create(
     email: Annotated[str, typer.Option("--email", "-e", help="Stored lowercased.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Display name.")],
     password: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--password",
-            prompt=True,
-            hide_input=True,
-            confirmation_prompt=True,
-            help="At least 8 characters; prompted for when not given.",
+            help="At least 8 characters (visible in the process list: prefer "
+            "--password-stdin, or the prompt).",
         ),
-    ],
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option("--password-stdin", help="Read the password from the first line of stdin."),
+    ] = False,
     role: Annotated[str, typer.Option("--role", help="user or admin.")] = "user",
     as_json: JsonOption = False,
 ) -> None:
-    """Register a user (with the signup bonus).
+    """Register a user (with the signup bonus). Without --password(-stdin), prompts for it.
 
-    Example: tokendb users create --email ada@example.com --name Ada
+    Example: tokendb users create -e ada@example.com -n Ada --password-stdin < password.txt
     """
+    secret = _password(password, password_stdin)
     user = _run(
-        ctx, lambda: tokendb.create_user(email=email, password=password, name=name, role=role)
+        ctx, lambda: tokendb.create_user(email=email, password=secret, name=name, role=role)
     )
     _emit(user, as_json=as_json, title="User created")
+
+
+def _password(given: str | None, from_stdin: bool) -> str:
+    """The password: ``--password``, the first line of stdin, or typed twice at a prompt."""
+    if given is not None and from_stdin:
+        _usage_error("--password and --password-stdin exclude each other")
+    if given is not None:
+        return given
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        _usage_error("no password: pass --password-stdin (stdin is not a terminal to prompt on)")
+    typed: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return typed
 
 
 @users_app.command("get")
@@ -391,6 +507,7 @@ def users_list(
     after: Annotated[
         str | None, typer.Option("--after", help="Last user id of the previous page.")
     ] = None,
+    wide: WideOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """List users, oldest first, a page at a time.
@@ -398,7 +515,7 @@ def users_list(
     Example: tokendb users list --limit 10
     """
     users = _run(ctx, lambda: tokendb.list_users(limit=limit, after=after))
-    _emit(users, as_json=as_json, title="Users")
+    _emit(users, as_json=as_json, title="Users", wide=wide)
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -447,6 +564,7 @@ def keys_list(
     active_only: Annotated[
         bool, typer.Option("--active-only", help="Leave out revoked keys.")
     ] = False,
+    wide: WideOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """List a user's API keys (prefixes only, never secrets).
@@ -459,7 +577,7 @@ def keys_list(
             user=await _user_id(user), include_revoked=not active_only
         )
 
-    _emit(_run(ctx, action), as_json=as_json, title="API keys")
+    _emit(_run(ctx, action), as_json=as_json, title="API keys", wide=wide)
 
 
 @keys_app.command("revoke")
@@ -592,6 +710,7 @@ def tokens_history(
     before: Annotated[
         str | None, typer.Option("--before", help="Last transaction id of the previous page.")
     ] = None,
+    wide: WideOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Show a user's ledger, newest first, a page at a time.
@@ -604,7 +723,7 @@ def tokens_history(
             user=await _user_id(user), limit=limit, before=before
         )
 
-    _emit(_run(ctx, action), as_json=as_json, title="Ledger (newest first)")
+    _emit(_run(ctx, action), as_json=as_json, title="Ledger (newest first)", wide=wide)
 
 
 # --- audit ------------------------------------------------------------------------------
@@ -689,5 +808,23 @@ def db_url() -> None:
 
 
 def main() -> None:
-    """Entry point of the ``tokendb`` script."""
-    app()
+    """Entry point of the ``tokendb`` script: the exit codes of the module's docstring.
+
+    Usage errors are one line naming the command's ``--help``, where click
+    would print a usage block and a boxed message.
+    """
+    try:
+        code = app(prog_name="tokendb", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C or EOF at a prompt
+        err.print("Aborted.", highlight=False)
+        sys.exit(130)
+    except typer.TyperException as exc:  # click's UsageError and friends, as typer vendors them
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "tokendb"
+        if type(exc).__name__ == "NoArgsIsHelpError" and context is not None:
+            typer.echo(context.get_help())  # `tokendb users`: the group's help, as before
+            sys.exit(2)
+        message = f"{exc.format_message()} (see `{command} --help`)"
+        err.print(f"[bold red]Error:[/] {_escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
