@@ -290,7 +290,7 @@ async def test_schemathesis_finds_nothing_against_the_gateway(
             "--checks",
             "all",
             "--max-examples",
-            os.environ.get("TOKENDB_SCHEMATHESIS_EXAMPLES", "40"),
+            os.environ.get("TOKENDB_SCHEMATHESIS_EXAMPLES", "25"),
             "--seed",
             "12",
             "--header",

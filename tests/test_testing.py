@@ -240,7 +240,7 @@ import pytest
 import tokendb
 
 
-@pytest.mark.parametrize("n", range(50))
+@pytest.mark.parametrize("n", range(int(os.environ.get("MANY_TESTS", "50"))))
 async def test_each_test_on_its_own_loop(tokendb_clean, make_user, n):
     users = await asyncio.gather(*(make_user() for _ in range(4)))
     await asyncio.gather(*(tokendb.charge(user=u, amount=1) for u in users))
@@ -285,10 +285,11 @@ def test_function_scoped_loops_leak_no_connections(
 
 
 def test_pytest_xdist_workers_get_a_database_each(
-    downstream: pytest.Pytester, request: pytest.FixtureRequest
+    downstream: pytest.Pytester, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     downstream.makeini(FUNCTION_LOOPS_INI)
     downstream.makepyfile(test_many=MANY_TESTS)
+    monkeypatch.setenv("MANY_TESTS", "20")
     result = downstream.runpytest_subprocess(
         "--tokendb-url",
         admin_server_url(request.config),
@@ -299,7 +300,7 @@ def test_pytest_xdist_workers_get_a_database_each(
         "-n",
         "2",
     )
-    result.assert_outcomes(passed=50)
+    result.assert_outcomes(passed=20)
     counts = backend_counts(downstream)
     assert len(counts) == 2  # two workers, two databases
     assert all(max(per_worker) <= 6 for per_worker in counts.values()), counts
