@@ -30,7 +30,7 @@ from tests.helpers import (
     statements_sent,
     table_counts,
 )
-from tokendb import _db, _ledger_sql, _settings, ledger
+from tokendb import _db, _ledger_sql, _settings, _waits, ledger
 from tokendb.ids import new_id
 
 UNKNOWN_USER = uuid.UUID("00000000-0000-7000-8000-000000000001")
@@ -288,6 +288,31 @@ async def test_a_caller_cancelled_in_flight_stops_waiting_but_its_charge_commits
     assert await tokendb.get_balance(user=held) == 95  # ... with the cancelled caller's charge
     retry = await tokendb.charge(user=held, amount=5, reference_id=reference)
     assert retry.balance_after == 95 and await tokendb.get_balance(user=held) == 95
+
+
+async def test_a_coalesced_charge_runs_with_its_own_callers_settings(
+    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings changed for a block (tokendb._settings.using) are the block's only: a charge
+    queued behind the block's statement runs with its own caller's, not the block's."""
+    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    waits: list[float] = []  # the acquire_timeout each statement's connection is waited for
+    acquire = _waits.acquire
+
+    async def recorded(pool: Any, seconds: float) -> Any:
+        waits.append(seconds)
+        return await acquire(pool, seconds)
+
+    monkeypatch.setattr(_waits, "acquire", recorded)
+    own = _settings.current().acquire_timeout
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        with db_settings(acquire_timeout=own + 7):
+            in_block = started(tokendb.charge(user=held, amount=1))
+        await blocked_backends(lock)
+        outside = started(tokendb.charge(user=other, amount=1))
+        await asyncio.sleep(0)  # queued behind the block's statement
+    await asyncio.gather(in_block, outside)
+    assert waits == [own + 7, own]
 
 
 async def test_a_lost_batch_fails_its_callers_only_and_the_next_batch_works(

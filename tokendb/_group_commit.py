@@ -19,6 +19,11 @@ contending for the same locks were slower.
 *Durable.* A caller resumes only after the statement carrying its item has
 committed; nothing waits in memory across a crash.
 
+*Context.* A batch runs in the context (:mod:`contextvars`) of its oldest
+call, so a lone call runs in its own: settings a caller changed for a block
+(:func:`tokendb._settings.using`), and a request's logging or tracing
+context, reach its own statement, never one of a caller that came later.
+
 *Cancellation.* A call cancelled while queued is dropped before its batch is
 built: it is not sent. Once its batch is sent, the statement is not
 cancelled with it (other callers ride on it): the item commits or fails as
@@ -29,10 +34,11 @@ outcome is unknown, as for any write cancelled after it was sent.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from tokendb.errors import DatabaseUnavailable
 
@@ -40,6 +46,8 @@ __all__ = ["GroupCommit"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+_Entry: TypeAlias = tuple[Item, "asyncio.Future[Result]", contextvars.Context]
+"""A queued call: its item, the future its caller awaits, and the caller's context."""
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -78,51 +86,59 @@ class _Lane(Generic[Item, Result]):
     def __init__(self, owner: GroupCommit[Item, Result], loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
         self.loop = loop
-        self.queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self.queue: deque[_Entry[Item, Result]] = deque()
         self.flushing = False
         self._tasks: set[asyncio.Task[None]] = set()  # referenced while they run
 
     def submit(self, item: Item) -> asyncio.Future[Result]:
         waiter: asyncio.Future[Result] = self.loop.create_future()
-        self.queue.append((item, waiter))
+        self.queue.append((item, waiter, contextvars.copy_context()))
         if not self.flushing:
             self.flushing = True
-            task = self.loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._flush_soon(None)  # in the caller's own context
         return waiter
 
+    def _flush_soon(self, context: contextvars.Context | None) -> None:
+        """Send the next batch from a task of its own, in ``context`` (its oldest call's)."""
+        task = self.loop.create_task(self._flush(), context=context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _flush(self) -> None:
-        run_one, run_batch = self.owner.run_one, self.owner.run_batch
-        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+        batch = self._take()
         try:
-            while batch := self._take():
-                outcomes: Sequence[Result | BaseException]
-                if len(batch) == 1:
-                    try:
-                        outcomes = [await run_one(batch[0][0])]
-                    except Exception as exc:  # the error is this caller's outcome
-                        outcomes = [exc]
+            outcomes: Sequence[Result | BaseException] = ()
+            if len(batch) == 1:
+                try:
+                    outcomes = [await self.owner.run_one(batch[0][0])]
+                except Exception as exc:  # the error is this caller's outcome
+                    outcomes = [exc]
+            elif batch:
+                outcomes = await self.owner.run_batch([item for item, _, _ in batch])
+            for (_, waiter, _), outcome in zip(batch, outcomes, strict=True):
+                if waiter.done():
+                    continue  # cancelled in flight: the item stands, nobody waits for it
+                if isinstance(outcome, BaseException):
+                    waiter.set_exception(outcome)
                 else:
-                    outcomes = await run_batch([item for item, _ in batch])
-                for (_, waiter), outcome in zip(batch, outcomes, strict=True):
-                    if waiter.done():
-                        continue  # cancelled in flight: the item stands, nobody waits for it
-                    if isinstance(outcome, BaseException):
-                        waiter.set_exception(outcome)
-                    else:
-                        waiter.set_result(outcome)
-                batch = []
+                    waiter.set_result(outcome)
         except BaseException:
             self._fail(batch, queued=self.queue)
+            self.flushing = False
             raise
-        finally:
-            # Set in the same step that found the queue empty: a call queued
-            # after this point starts a new flusher.
+        # Calls that arrived meanwhile form the next batch, sent from a task
+        # in its oldest call's context; with none, the flag is cleared in the
+        # same step that found the queue empty: a call queued after this
+        # point starts a new flusher.
+        while self.queue and self.queue[0][1].done():
+            self.queue.popleft()  # cancelled while queued: not sent
+        if self.queue:
+            self._flush_soon(self.queue[0][2])
+        else:
             self.flushing = False
 
-    def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
-        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+    def _take(self) -> list[_Entry[Item, Result]]:
+        batch: list[_Entry[Item, Result]] = []
         limit = self.owner.max_batch
         while self.queue and len(batch) < limit:
             entry = self.queue.popleft()
@@ -132,12 +148,10 @@ class _Lane(Generic[Item, Result]):
 
     @staticmethod
     def _fail(
-        in_flight: list[tuple[Item, asyncio.Future[Result]]],
-        *,
-        queued: deque[tuple[Item, asyncio.Future[Result]]],
+        in_flight: list[_Entry[Item, Result]], *, queued: deque[_Entry[Item, Result]]
     ) -> None:
         """The flusher was stopped: its callers learn it, and how much they know."""
-        for _, waiter in in_flight:
+        for _, waiter, _ in in_flight:
             if not waiter.done():
                 waiter.set_exception(
                     DatabaseUnavailable(
@@ -147,7 +161,7 @@ class _Lane(Generic[Item, Result]):
                     )
                 )
         while queued:
-            _, waiter = queued.popleft()
+            _, waiter, _ = queued.popleft()
             if not waiter.done():
                 waiter.set_exception(
                     DatabaseUnavailable("the group commit was stopped; nothing was written")

@@ -1,0 +1,126 @@
+"""Tests for tokendb._group_commit: the generic queue, without a database.
+
+The ledger's use of it (outcomes, cancellation, lost batches) is tested in
+``tests/test_coalescing.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from contextvars import ContextVar
+
+import pytest
+
+import tokendb
+from tokendb._group_commit import GroupCommit
+
+WHO: ContextVar[str] = ContextVar("who", default="nobody")
+
+
+class Lane:
+    """A lane key (weakly referenced, as a connection pool's client is)."""
+
+
+async def test_each_batch_runs_in_the_context_of_its_oldest_caller() -> None:
+    """A call's context (tokendb's settings of a ``using`` block, a request's logging or
+    tracing context) reaches the statement that carries it, not a later caller's: the
+    queue does not run every later batch in the context of whoever started it."""
+    gate, in_flight = asyncio.Event(), asyncio.Event()
+    seen: list[tuple[object, str]] = []
+
+    async def run_one(item: str) -> str:
+        seen.append((item, WHO.get()))
+        if item == "first":
+            in_flight.set()
+            await gate.wait()  # in flight while the others arrive
+        return item
+
+    async def run_batch(items: Sequence[str]) -> list[str]:
+        seen.append((tuple(items), WHO.get()))
+        return list(items)
+
+    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    lane = Lane()
+
+    async def call(item: str, who: str) -> str:
+        WHO.set(who)
+        return await queue.submit(item, lane=lane)
+
+    first = asyncio.create_task(call("first", "A"))
+    await in_flight.wait()
+    alone = asyncio.create_task(call("alone", "B"))
+    await asyncio.sleep(0)
+    gate.set()
+    assert list(await asyncio.gather(first, alone)) == ["first", "alone"]
+    gate.clear()
+    in_flight.clear()
+
+    # Two that arrive while a batch is in flight share the next one, in the older's context.
+    first = asyncio.create_task(call("first", "A"))
+    await in_flight.wait()
+    together = [asyncio.create_task(call(item, who)) for item, who in (("c", "C"), ("d", "D"))]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(first, *together) == ["first", "c", "d"]
+    assert seen == [("first", "A"), ("alone", "B"), ("first", "A"), (("c", "d"), "C")]
+
+
+class ExecutorBug(Exception):
+    """What a broken executor raises (tokendb's never raise: each item's error is its outcome)."""
+
+
+async def outcomes(calls: list[asyncio.Future[str]]) -> list[object]:
+    """Each call's result or error; a call left without an outcome fails the test (timeout)."""
+    return list(await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5))
+
+
+async def test_a_failing_lone_call_gets_its_error_and_the_queue_goes_on() -> None:
+    async def run_one(item: str) -> str:
+        if item == "bad":
+            raise ExecutorBug(item)
+        return item
+
+    async def run_batch(items: Sequence[str]) -> list[str]:
+        return list(items)
+
+    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    lane = Lane()
+    (failed,) = await outcomes([queue.submit("bad", lane=lane)])
+    assert isinstance(failed, ExecutorBug)
+    assert await outcomes([queue.submit("good", lane=lane)]) == ["good"]
+
+
+@pytest.mark.parametrize("stop", ["executor raises", "flusher cancelled"])
+async def test_a_stopped_flusher_leaves_no_caller_without_an_outcome(stop: str) -> None:
+    """Every caller gets exactly one outcome: the batch in flight learns its outcome is
+    unknown, the calls queued behind it that nothing was written; the lane works again."""
+    gate, in_flight = asyncio.Event(), asyncio.Event()
+
+    async def run_one(item: str) -> str:
+        return item
+
+    async def run_batch(items: Sequence[str]) -> list[str]:
+        if "first" in items:
+            in_flight.set()
+            await gate.wait()
+            raise ExecutorBug("a broken executor")
+        return list(items)
+
+    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=2)
+    lane = Lane()
+    calls = [queue.submit(item, lane=lane) for item in ("first", "second", "queued")]
+    await in_flight.wait()
+    (flusher,) = queue._lanes[lane]._tasks
+    if stop == "flusher cancelled":
+        flusher.cancel()
+    else:
+        gate.set()
+    first, second, queued = await outcomes(calls)
+    with contextlib.suppress(ExecutorBug, asyncio.CancelledError):
+        await flusher
+    for lost in (first, second):
+        assert isinstance(lost, tokendb.DatabaseUnavailable) and lost.outcome_unknown
+    assert isinstance(queued, tokendb.DatabaseUnavailable) and not queued.outcome_unknown
+    assert await outcomes([queue.submit("later", lane=lane)]) == ["later"]
