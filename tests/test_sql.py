@@ -6,8 +6,10 @@ import re
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
+import asyncpg
 import pytest
 from tortoise import fields
 from tortoise.models import Model
@@ -36,6 +38,18 @@ class Widget(Model):
         app = "sql_tests"
 
 
+class Gadget(Model):
+    """Columns whose names only work quoted: a reserved word, and capitals."""
+
+    id = fields.UUIDField(primary_key=True)
+    position = fields.IntField(source_field="order")
+    label = fields.CharField(max_length=20, source_field="Label")
+
+    class Meta:
+        table = "gadgets"
+        app = "sql_tests"
+
+
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
 def test_the_columns_are_what_tortoise_maps_after_init(tokendb_db: str, model: type[Model]) -> None:
     assert set(_sql.columns(model)) == set(model._meta.fields_db_projection.values())
@@ -47,8 +61,10 @@ def test_columns_of_a_model_before_init_include_its_foreign_keys() -> None:
 
 def test_an_insert_names_every_column_given_and_leaves_nullable_ones_to_the_database() -> None:
     sql = _sql.insert(Widget, {"label": "$2", "id": "$1", "owner_id": "u.id"}, source="users u")
-    assert sql == "INSERT INTO widgets (id, owner_id, label)\nSELECT $1, u.id, $2\nFROM users u"
-    assert "note" in _sql.insert(
+    assert sql == (
+        'INSERT INTO "widgets" ("id", "owner_id", "label")\nSELECT $1, u.id, $2\nFROM users u'
+    )
+    assert '"note"' in _sql.insert(
         Widget, {"id": "$1", "owner_id": "$2", "label": "$3", "note": "$4"}
     )
 
@@ -62,9 +78,35 @@ def test_an_insert_without_a_required_column_names_it() -> None:
 
 def test_a_select_list_reads_every_column_under_a_prefix() -> None:
     assert _sql.select_list(Widget, "w", "widget_") == (
-        "w.id AS widget_id, w.owner_id AS widget_owner_id, w.label AS widget_label, "
-        "w.note AS widget_note"
+        'w."id" AS "widget_id", w."owner_id" AS "widget_owner_id", w."label" AS "widget_label", '
+        'w."note" AS "widget_note"'
     )
+
+
+async def test_statements_quote_the_column_names_the_model_gives(tokendb_db: str) -> None:
+    """Tortoise creates a column as the model names it (quoted), so the statements
+    built from the model must name it the same way: as written, not folded to lower
+    case, and never read as a keyword."""
+    conn = await asyncpg.connect(tokendb_db)
+    try:
+        await conn.execute(
+            'CREATE TEMP TABLE gadgets (id uuid PRIMARY KEY, "order" int NOT NULL, '
+            '"Label" varchar(20) NOT NULL)'
+        )
+        gadget_id = uuid.uuid4()
+        insert = _sql.insert(Gadget, {"id": "$1", "order": "$2", "Label": "$3"})
+        written = await conn.fetch(f"{insert}\nRETURNING *", gadget_id, 7, "seven")
+        assert [dict(row) for row in written] == [{"id": gadget_id, "order": 7, "Label": "seven"}]
+        (read,) = await conn.fetch(
+            f"SELECT {_sql.select_list(Gadget, 'g', 'gadget_')} FROM gadgets g"
+        )
+        assert dict(read.items()) == {
+            "gadget_id": gadget_id,
+            "gadget_order": 7,
+            "gadget_Label": "seven",
+        }
+    finally:
+        await conn.close()
 
 
 def test_the_owner_check() -> None:
@@ -77,7 +119,7 @@ def test_no_statement_lists_a_tables_columns_by_hand() -> None:
     for path in sorted((ROOT / "tokendb").rglob("*.py")):
         text = path.read_text()
         for table in (model._meta.db_table for model in MODELS):
-            by_hand = re.search(rf"INSERT INTO {table}\s*\(\s*\w+\s*,", text)
+            by_hand = re.search(rf'INSERT INTO "?{table}"?\s*\(\s*"?\w+"?\s*,', text)
             assert by_hand is None, f"{path.name} writes {table}'s columns by hand"
 
 

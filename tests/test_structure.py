@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -77,13 +78,30 @@ def test_the_group_commit_queue_imports_nothing_from_the_ledger() -> None:
     assert imports_of("tokendb._group_commit") <= {"tokendb.errors"}
 
 
+LEDGER_WRITE = re.compile(
+    r'_record\(|insert\(\s*(models\.)?TokenTransaction\b|INSERT\s+INTO\s+"?token_transactions\b',
+    flags=re.IGNORECASE,
+)
+"""A ledger row written: through _ledger_sql's helper, _sql.insert, or by hand (quoted or not)."""
+
+
 def test_only_the_ledger_sql_module_writes_ledger_rows() -> None:
-    writers = [
-        module
-        for module, path in MODULES.items()
-        if "_record(" in path.read_text() or "INSERT INTO token_transactions" in path.read_text()
-    ]
+    writers = [module for module, path in MODULES.items() if LEDGER_WRITE.search(path.read_text())]
     assert writers == ["tokendb._ledger_sql"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "_record(",
+        "_sql.insert(TokenTransaction, {})",
+        "_sql.insert(\n    models.TokenTransaction,",
+        "INSERT INTO token_transactions (id)",
+        'insert into "token_transactions" ("id")',
+    ],
+)
+def test_the_ledger_write_check_sees_every_way_of_writing_a_row(statement: str) -> None:
+    assert LEDGER_WRITE.search(statement)
 
 
 async def test_a_lone_charge_makes_few_calls_into_tokendb(tokendb_clean: str, make_user) -> None:

@@ -7,8 +7,10 @@ the import, naming the table, until every statement says what goes in it),
 statements read rows back whole (``RETURNING *``, ``SELECT *``), and
 :func:`select_list` reads every column of a model side by side with
 another's, so model instances built from a row (:func:`tokendb._rows.to_model`)
-are never partial. ``tests/test_sql.py`` shows a new column reaching every
-statement.
+are never partial. Names are quoted (:func:`quoted`), as Tortoise quotes
+them when it creates the table: a column named ``order`` or ``Label`` is
+written as the model names it. ``tests/test_sql.py`` shows a new column
+reaching every statement.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from collections.abc import Mapping
 
 from tortoise.models import Model
 
-__all__ = ["columns", "insert", "owned_by", "select_list"]
+__all__ = ["columns", "insert", "owned_by", "quoted", "select_list"]
+
+
+def quoted(name: str) -> str:
+    """``name`` as a quoted SQL identifier: kept as written, never read as a keyword."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def columns(model: type[Model]) -> tuple[str, ...]:
@@ -66,7 +73,10 @@ def insert(model: type[Model], values: Mapping[str, str], *, source: str | None 
     if missing:
         raise LookupError(f"INSERT INTO {table}: no value for NOT NULL column {', '.join(missing)}")
     named = [column for column in every if column in values]
-    sql = f"INSERT INTO {table} ({', '.join(named)})\nSELECT {', '.join(values[c] for c in named)}"
+    sql = (
+        f"INSERT INTO {quoted(table)} ({', '.join(map(quoted, named))})\n"
+        f"SELECT {', '.join(values[c] for c in named)}"
+    )
     return sql if source is None else f"{sql}\nFROM {source}"
 
 
@@ -75,7 +85,9 @@ def select_list(model: type[Model], alias: str, prefix: str) -> str:
 
     Read the row back with ``tokendb._rows.to_model(model, row, prefix)``.
     """
-    return ", ".join(f"{alias}.{column} AS {prefix}{column}" for column in columns(model))
+    return ", ".join(
+        f"{alias}.{quoted(column)} AS {quoted(prefix + column)}" for column in columns(model)
+    )
 
 
 def owned_by(parameter: str, column: str = "user_id") -> str:
