@@ -115,3 +115,47 @@ async def test_a_lone_charge_makes_few_calls_into_tokendb(tokendb_clean: str, ma
 def test_the_seam_and_the_ledger_sql_do_not_import_the_public_modules(module: str) -> None:
     public = {"tokendb", "tokendb.ledger", "tokendb.chats", "tokendb.users", "tokendb.api_keys"}
     assert not imports_of(module) & public
+
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
+
+
+def documented_layers() -> list[tuple[str, set[str]]]:
+    """docs/ARCHITECTURE.md's layer table, top layer first: (layer, its tokendb modules)."""
+    text = ARCHITECTURE.read_text()
+    table = text[text.index("| layer | modules | job |") :].split("\n\n")[0]
+    layers = []
+    for row in table.splitlines()[2:]:
+        layer, names = row.split("|")[1:3]
+        modules: set[str] = set()
+        for name in re.findall(r"`([\w/]+)`", names):
+            if name.endswith("/"):  # a subpackage: all of it
+                package = "tokendb." + name.strip("/")
+                modules |= {m for m in MODULES if m == package or m.startswith(package + ".")}
+            else:
+                modules.add("tokendb" if name == "__init__" else f"tokendb.{name}")
+        layers.append((layer.strip(), modules))
+    return layers
+
+
+def test_the_architecture_places_every_module_in_one_layer() -> None:
+    placed = [module for _, modules in documented_layers() for module in modules]
+    assert sorted(set(placed)) == sorted(placed), "a module in two layers"
+    assert set(placed) == set(MODULES), (
+        f"docs/ARCHITECTURE.md misses {sorted(set(MODULES) - set(placed))}, "
+        f"names {sorted(set(placed) - set(MODULES))} that do not exist"
+    )
+
+
+def test_imports_point_down_the_documented_layers() -> None:
+    """Principle 13: a module imports from its own layer or the layers below, also inside
+    functions and TYPE_CHECKING blocks."""
+    rank = {m: depth for depth, (_, modules) in enumerate(documented_layers()) for m in modules}
+    names = [layer for layer, _ in documented_layers()]
+    upward = [
+        f"{module} ({names[rank[module]]}) imports {imported} ({names[rank[imported]]})"
+        for module in sorted(MODULES)
+        for imported in sorted(imports_of(module))
+        if rank[imported] < rank[module]
+    ]
+    assert not upward, "\n".join(upward)
