@@ -124,3 +124,36 @@ async def test_a_stopped_flusher_leaves_no_caller_without_an_outcome(stop: str) 
         assert isinstance(lost, tokendb.DatabaseUnavailable) and lost.outcome_unknown
     assert isinstance(queued, tokendb.DatabaseUnavailable) and not queued.outcome_unknown
     assert await outcomes([queue.submit("later", lane=lane)]) == ["later"]
+
+
+async def test_the_next_batch_is_sent_before_the_last_ones_callers_resume() -> None:
+    """The database works on the next batch while the callers of the last one run their
+    own code (the overlap that group commit's throughput rests on)."""
+    gate, in_flight = asyncio.Event(), asyncio.Event()
+    events: list[str] = []
+
+    async def run_one(item: str) -> str:
+        events.append(f"sent {item}")
+        if item == "first":
+            in_flight.set()
+            await gate.wait()
+        return item
+
+    async def run_batch(items: Sequence[str]) -> list[str]:
+        events.append(f"sent {'+'.join(items)}")
+        return list(items)
+
+    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    lane = Lane()
+
+    async def call(item: str) -> None:
+        await queue.submit(item, lane=lane)
+        events.append(f"resumed {item}")
+
+    calls = [asyncio.create_task(call("first"))]
+    await in_flight.wait()
+    calls += [asyncio.create_task(call(item)) for item in ("b", "c")]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*calls)
+    assert events.index("sent b+c") < events.index("resumed first")

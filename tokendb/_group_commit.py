@@ -115,27 +115,30 @@ class _Lane(Generic[Item, Result]):
                     outcomes = [exc]
             elif batch:
                 outcomes = await self.owner.run_batch([item for item, _, _ in batch])
-            for (_, waiter, _), outcome in zip(batch, outcomes, strict=True):
-                if waiter.done():
-                    continue  # cancelled in flight: the item stands, nobody waits for it
-                if isinstance(outcome, BaseException):
-                    waiter.set_exception(outcome)
-                else:
-                    waiter.set_result(outcome)
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} items")
         except BaseException:
             self._fail(batch, queued=self.queue)
             self.flushing = False
             raise
         # Calls that arrived meanwhile form the next batch, sent from a task
-        # in its oldest call's context; with none, the flag is cleared in the
-        # same step that found the queue empty: a call queued after this
-        # point starts a new flusher.
+        # in its oldest call's context, scheduled before this batch's callers
+        # resume: it goes out first, and the database works on it while they
+        # run. With none, the flag is cleared in the same step that found the
+        # queue empty: a call queued after this point starts a new flusher.
         while self.queue and self.queue[0][1].done():
             self.queue.popleft()  # cancelled while queued: not sent
         if self.queue:
             self._flush_soon(self.queue[0][2])
         else:
             self.flushing = False
+        for (_, waiter, _), outcome in zip(batch, outcomes, strict=True):
+            if waiter.done():
+                continue  # cancelled in flight: the item stands, nobody waits for it
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
 
     def _take(self) -> list[_Entry[Item, Result]]:
         batch: list[_Entry[Item, Result]] = []
