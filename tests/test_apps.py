@@ -1,7 +1,7 @@
 """tokendb.apps and ``tokendb app-migration``: a host app's own migrations next to tokendb's.
 
 A throw-away host project (``garden``, whose models have foreign keys to
-tokendb's) follows the README's recipe with the real commands, in child
+tokendb's) follows the recipe of docs/host-apps.md with the real commands, in child
 processes (importing its models would add their relations to tokendb's
 model classes in this process): ``tokendb app-migration``, ``tokendb
 migrate``, ``aerich --app garden upgrade``, Aerich's drift check.
