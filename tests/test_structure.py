@@ -26,23 +26,68 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports_of(module: str) -> set[str]:
-    """The tokendb modules ``module`` imports, at the top or inside a function."""
+def imports_of(module: str, source: str | None = None) -> set[str]:
+    """The tokendb modules ``module`` imports, at the top, inside a function or under
+    ``TYPE_CHECKING``, absolute or relative (``source``: its text, else its file's)."""
     found: set[str] = set()
-    tree = ast.parse(MODULES[module].read_text())
+    tree = ast.parse(MODULES[module].read_text() if source is None else source)
+    is_package = MODULES[module].name == "__init__.py"
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name in MODULES)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module not in MODULES:
+        elif isinstance(node, ast.ImportFrom):
+            base = absolute(node, module, is_package=is_package)
+            if base not in MODULES:
                 continue
-            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            submodules = {f"{base}.{alias.name}" for alias in node.names}
             named = submodules & MODULES.keys()
             found.update(named)
             if named != submodules:  # a name from the module itself, not a submodule
-                found.add(node.module)
+                found.add(base)
     found.discard(module)
     return found
+
+
+def absolute(node: ast.ImportFrom, module: str, *, is_package: bool) -> str:
+    """The module an ``import from`` names, a relative one (``from . import x``) resolved."""
+    if node.level == 0:
+        return node.module or ""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def test_the_import_reader_sees_every_form_of_import() -> None:
+    source = """
+import tokendb.ledger
+from tokendb import chats
+from tokendb.users import create_user
+from . import api_keys
+from .keys import hash_key
+from .contrib import starlette
+
+def later():
+    from tokendb import demo
+
+if TYPE_CHECKING:
+    from tokendb import cli
+"""
+    assert imports_of("tokendb._sql", source) == {
+        "tokendb.ledger",
+        "tokendb.chats",
+        "tokendb.users",
+        "tokendb.api_keys",
+        "tokendb.keys",
+        "tokendb.contrib.starlette",
+        "tokendb.demo",
+        "tokendb.cli",
+    }
+    assert imports_of(
+        "tokendb.contrib.fastapi", "from .. import ledger\nfrom . import schemas"
+    ) == {
+        "tokendb.ledger",
+        "tokendb.contrib.schemas",
+    }
 
 
 def cycle_through(start: str, graph: dict[str, set[str]]) -> list[str] | None:
