@@ -38,6 +38,18 @@ class Widget(Model):
         app = "sql_tests"
 
 
+class Switch(Model):
+    """Columns the database fills: a generated key and a NOT NULL one with a db_default."""
+
+    id = fields.IntField(primary_key=True)
+    label = fields.CharField(max_length=20)
+    on = fields.BooleanField(db_default=False)
+
+    class Meta:
+        table = "switches"
+        app = "sql_tests"
+
+
 class Gadget(Model):
     """Columns whose names only work quoted: a reserved word, and capitals."""
 
@@ -67,6 +79,10 @@ def test_an_insert_names_every_column_given_and_leaves_nullable_ones_to_the_data
     assert '"note"' in _sql.insert(
         Widget, {"id": "$1", "owner_id": "$2", "label": "$3", "note": "$4"}
     )
+
+
+def test_an_insert_leaves_what_the_database_fills_to_the_database() -> None:
+    assert _sql.insert(Switch, {"label": "$1"}) == 'INSERT INTO "switches" ("label")\nSELECT $1'
 
 
 def test_an_insert_without_a_required_column_names_it() -> None:
@@ -123,8 +139,9 @@ def test_no_statement_lists_a_tables_columns_by_hand() -> None:
             assert by_hand is None, f"{path.name} writes {table}'s columns by hand"
 
 
-# What a migration adding a column would do: a nullable column with a default, on every
-# table, and the same field on every model before tokendb builds its statements.
+# What a migration adding columns would do: a nullable column with a default and a NOT NULL
+# one with a database default (Tortoise's db_default), on every table, and the same fields
+# on every model before tokendb builds its statements.
 NEW_COLUMN_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys, types, uuid
@@ -139,6 +156,7 @@ NEW_COLUMN_SCRIPT = textwrap.dedent(
               models.ChatMessage)
     for model in MODELS:
         model._meta.add_field("note", fields.TextField(null=True))
+        model._meta.add_field("flag", fields.BooleanField(db_default=True))  # NOT NULL
     del sys.modules["tokendb"]
     import tokendb  # the package, on the widened models
 
@@ -147,6 +165,7 @@ NEW_COLUMN_SCRIPT = textwrap.dedent(
     def check(what, instance):
         assert not instance._partial, f"{what}: a partial instance"
         assert instance.note == "new", f"{what}: note is {instance.note!r}"
+        assert instance.flag is True, f"{what}: flag is {instance.flag!r}"
         seen.append(what)
 
     async def main(url):
@@ -155,7 +174,8 @@ NEW_COLUMN_SCRIPT = textwrap.dedent(
         conn = await asyncpg.connect(url)
         for model in MODELS:
             await conn.execute(
-                f"ALTER TABLE {model._meta.db_table} ADD COLUMN note text DEFAULT 'new'"
+                f"ALTER TABLE {model._meta.db_table} ADD COLUMN note text DEFAULT 'new', "
+                "ADD COLUMN flag boolean NOT NULL DEFAULT true"
             )
         await conn.close()
         async with tokendb.connect(url):
@@ -200,10 +220,11 @@ NEW_COLUMN_SCRIPT = textwrap.dedent(
 
 
 def test_a_new_model_column_reaches_every_statement(pytestconfig: pytest.Config) -> None:
-    """A column added to every table and every model (nullable, with a database default)
-    comes back in every instance tokendb returns: written by its INSERTs (which leave it
-    to the default), read back by RETURNING *, SELECT * and the prefixed select lists of
-    the batch and the key lookup. No statement was edited for it."""
+    """Columns added to every table and every model (nullable with a database default,
+    and NOT NULL with a db_default) come back in every instance tokendb returns: written
+    by its INSERTs (which leave them to the default), read back by RETURNING *, SELECT *
+    and the prefixed select lists of the batch and the key lookup. No statement was
+    edited for them."""
     result = subprocess.run(
         [
             sys.executable,

@@ -1,9 +1,10 @@
 """SQL that follows the models: column lists from their metadata, and the owner check.
 
 No statement names a table's columns by hand. :func:`insert` takes the
-column list from the model (a new nullable column gets the database's
-default until a statement gives it a value; a new ``NOT NULL`` column stops
-the import, naming the table, until every statement says what goes in it),
+column list from the model (a new column that is nullable or has a database
+default, Tortoise's ``db_default``, gets that default until a statement
+gives it a value; a new ``NOT NULL`` column without one stops the import,
+naming the table, until every statement says what goes in it),
 statements read rows back whole (``RETURNING *``, ``SELECT *``), and
 :func:`select_list` reads every column of a model side by side with
 another's, so model instances built from a row (:func:`tokendb._rows.to_model`)
@@ -33,11 +34,12 @@ def columns(model: type[Model]) -> tuple[str, ...]:
     Works before Tortoise is initialised (statements are built at import):
     a foreign key ``user`` is its column ``user_id`` (or its ``source_field``).
     """
-    return tuple(_nullability(model))
+    return tuple(_optional(model))
 
 
-def _nullability(model: type[Model]) -> dict[str, bool]:
-    """Each column of ``model`` (in declaration order) and whether it may be NULL."""
+def _optional(model: type[Model]) -> dict[str, bool]:
+    """Each column of ``model`` (in declaration order) and whether an INSERT may leave it
+    out: it may be NULL, or the database fills it (``db_default``, a generated key)."""
     meta = model._meta
     found: dict[str, bool] = {}
     for name, field in meta.fields_map.items():
@@ -48,7 +50,9 @@ def _nullability(model: type[Model]) -> dict[str, bool]:
             column = meta.fields_db_projection[name]
         else:
             continue  # a reverse relation: no column
-        found.setdefault(column, bool(field.null))
+        found.setdefault(
+            column, bool(field.null or field.has_db_default() or getattr(field, "generated", False))
+        )
     return found
 
 
@@ -56,19 +60,20 @@ def insert(model: type[Model], values: Mapping[str, str], *, source: str | None 
     """``INSERT INTO <table> (<columns>) SELECT <values> [FROM <source>]``.
 
     ``values`` maps columns to SQL expressions, in any order (the model's
-    order is used). A nullable column it leaves out gets the database's
-    default; a ``NOT NULL`` one raises :class:`LookupError` naming the table
-    and column, as does a key that is not a column, so a new required column
-    stops the import until every statement says what goes in it. Append
-    ``RETURNING *`` to read the row back whole.
+    order is used). A column it leaves out that is nullable or has a
+    database default gets that default; any other ``NOT NULL`` one raises
+    :class:`LookupError` naming the table and column, as does a key that is
+    not a column, so a new required column stops the import until every
+    statement says what goes in it. Append ``RETURNING *`` to read the row
+    back whole.
     """
     table = model._meta.db_table
-    every = _nullability(model)
+    every = _optional(model)
     unknown = sorted(set(values) - set(every))
     if unknown:
         raise LookupError(f"{table} has no column {', '.join(unknown)}")
     missing = [
-        column for column, nullable in every.items() if column not in values and not nullable
+        column for column, optional in every.items() if column not in values and not optional
     ]
     if missing:
         raise LookupError(f"INSERT INTO {table}: no value for NOT NULL column {', '.join(missing)}")
