@@ -315,6 +315,32 @@ async def test_a_coalesced_charge_runs_with_its_own_callers_settings(
     assert waits == [own + 7, own]
 
 
+async def test_coalesced_charges_share_statements_only_with_the_same_settings(
+    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two calls queued together, one inside a settings block and one outside, do not
+    share a statement: neither runs under the other's settings."""
+    held, first, second = [await funded_user(balance=100) for _ in range(3)]
+    waits: list[float] = []
+    acquire = _waits.acquire
+
+    async def recorded(pool: Any, seconds: float) -> Any:
+        waits.append(seconds)
+        return await acquire(pool, seconds)
+
+    monkeypatch.setattr(_waits, "acquire", recorded)
+    own = _settings.current().acquire_timeout
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        in_flight = started(tokendb.charge(user=held, amount=1))
+        await blocked_backends(lock)
+        with db_settings(acquire_timeout=own + 7):
+            in_block = started(tokendb.charge(user=first, amount=1))
+        outside = started(tokendb.charge(user=second, amount=1))
+        await asyncio.sleep(0)  # both queued behind the statement in flight
+    await asyncio.gather(in_flight, in_block, outside)
+    assert waits == [own, own + 7, own]
+
+
 async def test_a_lost_batch_fails_its_callers_only_and_the_next_batch_works(
     tokendb_clean: str, funded_user, coalescing_on
 ) -> None:

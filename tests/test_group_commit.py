@@ -157,3 +157,32 @@ async def test_the_next_batch_is_sent_before_the_last_ones_callers_resume() -> N
     gate.set()
     await asyncio.gather(*calls)
     assert events.index("sent b+c") < events.index("resumed first")
+
+
+async def test_calls_share_a_batch_only_with_calls_of_their_group() -> None:
+    """The ledger groups by the caller's settings: a call never runs under another's."""
+    gate, in_flight = asyncio.Event(), asyncio.Event()
+    sent: list[tuple[str, ...]] = []
+
+    async def run_one(item: str) -> str:
+        sent.append((item,))
+        if item == "first":
+            in_flight.set()
+            await gate.wait()
+        return item
+
+    async def run_batch(items: Sequence[str]) -> list[str]:
+        sent.append(tuple(items))
+        return list(items)
+
+    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    lane = Lane()
+    calls = [queue.submit("first", lane=lane, group="x")]
+    await in_flight.wait()
+    calls += [
+        queue.submit(item, lane=lane, group=group)
+        for item, group in (("a", "x"), ("b", "x"), ("c", "y"), ("d", "x"))
+    ]
+    gate.set()
+    assert await outcomes(calls) == ["first", "a", "b", "c", "d"]
+    assert sent == [("first",), ("a", "b"), ("c",), ("d",)]  # arrival order kept

@@ -23,6 +23,8 @@ committed; nothing waits in memory across a crash.
 call, so a lone call runs in its own: settings a caller changed for a block
 (:func:`tokendb._settings.using`), and a request's logging or tracing
 context, reach its own statement, never one of a caller that came later.
+Calls share a batch only with calls of the same ``group`` (the ledger's:
+the caller's settings), so no call runs under another caller's settings.
 
 *Cancellation.* A call cancelled while queued is dropped before its batch is
 built: it is not sent. Once its batch is sent, the statement is not
@@ -37,7 +39,7 @@ import asyncio
 import contextvars
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from tokendb.errors import DatabaseUnavailable
@@ -46,8 +48,8 @@ __all__ = ["GroupCommit"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-_Entry: TypeAlias = tuple[Item, "asyncio.Future[Result]", contextvars.Context]
-"""A queued call: its item, the future its caller awaits, and the caller's context."""
+_Entry: TypeAlias = tuple[Item, "asyncio.Future[Result]", contextvars.Context, Hashable]
+"""A queued call: its item, the future its caller awaits, the caller's context, its group."""
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -67,17 +69,18 @@ class GroupCommit(Generic[Item, Result]):
             weakref.WeakKeyDictionary()
         )
 
-    def submit(self, item: Item, *, lane: object) -> asyncio.Future[Result]:
+    def submit(self, item: Item, *, lane: object, group: Hashable = None) -> asyncio.Future[Result]:
         """Queue ``item`` on ``lane`` (what shares statements: a connection pool's client).
 
-        Await the returned future: it holds ``item``'s result, or raises its
-        error, once the statement carrying it has committed.
+        ``item`` shares a batch only with items of an equal ``group``. Await
+        the returned future: it holds ``item``'s result, or raises its error,
+        once the statement carrying it has committed.
         """
         loop = asyncio.get_running_loop()
         queue = self._lanes.get(lane)
         if queue is None or queue.loop is not loop:
             queue = self._lanes[lane] = _Lane(self, loop)
-        return queue.submit(item)
+        return queue.submit(item, group)
 
 
 class _Lane(Generic[Item, Result]):
@@ -90,9 +93,9 @@ class _Lane(Generic[Item, Result]):
         self.flushing = False
         self._tasks: set[asyncio.Task[None]] = set()  # referenced while they run
 
-    def submit(self, item: Item) -> asyncio.Future[Result]:
+    def submit(self, item: Item, group: Hashable) -> asyncio.Future[Result]:
         waiter: asyncio.Future[Result] = self.loop.create_future()
-        self.queue.append((item, waiter, contextvars.copy_context()))
+        self.queue.append((item, waiter, contextvars.copy_context(), group))
         if not self.flushing:
             self.flushing = True
             self._flush_soon(None)  # in the caller's own context
@@ -114,7 +117,7 @@ class _Lane(Generic[Item, Result]):
                 except Exception as exc:  # the error is this caller's outcome
                     outcomes = [exc]
             elif batch:
-                outcomes = await self.owner.run_batch([item for item, _, _ in batch])
+                outcomes = await self.owner.run_batch([entry[0] for entry in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} items")
         except BaseException:
@@ -132,7 +135,7 @@ class _Lane(Generic[Item, Result]):
             self._flush_soon(self.queue[0][2])
         else:
             self.flushing = False
-        for (_, waiter, _), outcome in zip(batch, outcomes, strict=True):
+        for (_, waiter, _, _), outcome in zip(batch, outcomes, strict=True):
             if waiter.done():
                 continue  # cancelled in flight: the item stands, nobody waits for it
             if isinstance(outcome, BaseException):
@@ -144,6 +147,8 @@ class _Lane(Generic[Item, Result]):
         batch: list[_Entry[Item, Result]] = []
         limit = self.owner.max_batch
         while self.queue and len(batch) < limit:
+            if batch and self.queue[0][3] != batch[0][3]:
+                break  # another group: the next batch, in arrival order
             entry = self.queue.popleft()
             if not entry[1].done():  # a cancelled caller is not sent
                 batch.append(entry)
@@ -154,7 +159,7 @@ class _Lane(Generic[Item, Result]):
         in_flight: list[_Entry[Item, Result]], *, queued: deque[_Entry[Item, Result]]
     ) -> None:
         """The flusher was stopped: its callers learn it, and how much they know."""
-        for _, waiter, _ in in_flight:
+        for _, waiter, _, _ in in_flight:
             if not waiter.done():
                 waiter.set_exception(
                     DatabaseUnavailable(
@@ -164,7 +169,7 @@ class _Lane(Generic[Item, Result]):
                     )
                 )
         while queued:
-            _, waiter, _ = queued.popleft()
+            _, waiter, _, _ = queued.popleft()
             if not waiter.done():
                 waiter.set_exception(
                     DatabaseUnavailable("the group commit was stopped; nothing was written")

@@ -13,9 +13,10 @@ cannot race, are in :mod:`tokendb._ledger_sql`. Where the locks are taken:
 * ``refund`` locks the charged user's row, then reads what was refunded.
 
 Whether ``charge()`` is coalesced is decided in one place,
-:func:`_coalescing_lane`: concurrent calls of one process share statements
-(group commit, :mod:`tokendb._group_commit`) unless the caller is inside its
-own transaction or ``tokendb.init(coalesce_charges=False)`` turned it off.
+:func:`_coalescing_lane`: concurrent calls of one process with the same
+settings share statements (group commit, :mod:`tokendb._group_commit`)
+unless the caller is inside its own transaction or
+``tokendb.init(coalesce_charges=False)`` turned it off.
 
 *Backstops.* The database refuses what Python already refuses:
 ``users_token_balance_nonnegative``, the sign of ``amount`` per type, the
@@ -75,15 +76,18 @@ _CHARGES: GroupCommit[Movement, TokenTransaction] = GroupCommit(
 concurrent ones share :data:`~tokendb._ledger_sql.BATCH`."""
 
 
-def _coalescing_lane() -> object | None:
-    """Whether ``charge()`` is coalesced: the lane its call may share, or None.
+def _coalescing_lane() -> tuple[object, _settings.Settings] | None:
+    """Whether ``charge()`` is coalesced: the lane its call may share and the
+    settings of the calls it may share a statement with, or None.
 
     None (a statement of its own) when coalescing is off, or inside the
     caller's transaction: a shared statement would commit outside it.
     """
-    if not _settings.current().coalesce_charges:
+    settings = _settings.current()
+    if not settings.coalesce_charges:
         return None
-    return _db.pooled_client()
+    client = _db.pooled_client()
+    return None if client is None else (client, settings)
 
 
 @translated
@@ -121,7 +125,8 @@ async def charge(
     lane = _coalescing_lane()
     if lane is None:
         return await _ledger_sql.move(movement, TransactionType.USAGE)
-    return await _CHARGES.submit(movement, lane=lane)
+    client, settings = lane
+    return await _CHARGES.submit(movement, lane=client, group=settings)
 
 
 @translated
