@@ -18,6 +18,7 @@ import pytest_asyncio
 
 import tokendb
 from tokendb import embedded
+from tokendb.schema import TABLES
 
 pytest_plugins = ["pytester"]  # tests/test_testing.py runs downstream suites
 
@@ -60,6 +61,49 @@ async def raw(tokendb_db: str) -> AsyncIterator[asyncpg.Connection]:
     backstop tests cannot leave broken books behind.
     """
     conn = await asyncpg.connect(tokendb_db)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        yield conn
+    finally:
+        await tx.rollback()
+        await conn.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def app_role(tokendb_db: str, tokendb_app_url: str) -> AsyncIterator[str]:
+    """The URL of the application role tokendb runs as, with all the threat model allows it.
+
+    ``tokendb grant`` gives it SELECT, INSERT, UPDATE and DELETE; the threat
+    model (README, "Guarantees") lets it TRUNCATE too, so the tests do.
+    """
+    role = await asyncpg.connect(tokendb_app_url)
+    try:
+        name = await role.fetchval("SELECT current_user")
+        superuser = await role.fetchval(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+        owns = await role.fetchval(
+            "SELECT pg_has_role(current_user, relowner, 'MEMBER') FROM pg_class "
+            "WHERE oid = 'token_transactions'::regclass"
+        )
+    finally:
+        await role.close()
+    assert not superuser and not owns, "tokendb_app_role = true runs tokendb as a DML-only role"
+    owner = await asyncpg.connect(tokendb_db)
+    tables = ", ".join(TABLES)
+    try:
+        await owner.execute(f'GRANT TRUNCATE ON {tables} TO "{name}"')
+        yield tokendb_app_url
+    finally:
+        await owner.execute(f'REVOKE TRUNCATE ON {tables} FROM "{name}"')
+        await owner.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def app_raw(app_role: str) -> AsyncIterator[asyncpg.Connection]:
+    """Like ``raw``, as the application role tokendb runs as: DML only, not the owner."""
+    conn = await asyncpg.connect(app_role)
     tx = conn.transaction()
     await tx.start()
     try:

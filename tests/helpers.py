@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import shutil
 import socket
 import sys
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from tokendb import _db, _settings
+from tokendb.connection import migrations_location
 from tokendb.ids import new_id
 from tokendb.testing import TABLES
 
@@ -38,18 +40,19 @@ async def table_counts(conn: asyncpg.Connection | None = None) -> dict[str, Any]
     return dict(rows[0])
 
 
-async def tamper(sql: str, *args: object) -> None:
-    """Change committed rows around the Python layer, triggers off (superuser test server).
+async def tamper(url: str, sql: str, *args: object) -> None:
+    """Change committed rows around the Python layer, triggers off, as the superuser of ``url``.
 
     For tests that prove a check finds what the database's own backstops
-    would have refused.
+    would have refused (no application role can switch them off).
     """
-
-    async def body(conn: _db.Connection) -> None:
-        await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(sql, *args)
-
-    await _db.transaction(body)
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(sql, *args)
+    finally:
+        await conn.close()
 
 
 @contextlib.asynccontextmanager
@@ -205,3 +208,14 @@ def load_module(name: str, path: Path) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def migrations_copy(tmp_path: Path, *, upto: int | None = None) -> Path:
+    """A copy of tokendb's migrations folder, optionally only up to number ``upto``."""
+    source = migrations_location() / "tokendb"
+    target = tmp_path / "migrations" / "tokendb"
+    target.mkdir(parents=True)
+    for path in sorted(source.glob("*.py")):
+        if upto is None or int(path.name.split("_", 1)[0]) <= upto:
+            shutil.copy(path, target / path.name)
+    return target.parent

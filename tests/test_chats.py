@@ -213,14 +213,14 @@ async def test_audit_chats_finds_a_session_whose_counters_disagree(
     await tokendb.add_message(session=session, role="user", content="x", tokens=5)
     bump = "UPDATE chat_sessions SET tokens_used = tokens_used + $2 WHERE id = $1"
     try:
-        await tamper(bump, session.id, 1)
+        await tamper(tokendb_clean, bump, session.id, 1)
         assert await tokendb.audit_chats() == [
             tokendb.ChatDiscrepancy(
                 session_id=session.id, tokens_used=6, message_tokens=5, billed_tokens=5
             )
         ]
     finally:
-        await tamper(bump, session.id, -1)
+        await tamper(tokendb_clean, bump, session.id, -1)
     assert await tokendb.audit_chats() == []
 
 

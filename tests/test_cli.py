@@ -232,7 +232,7 @@ async def test_audit_exits_1_when_the_books_do_not_balance(cli: Any, tokendb_cle
     shift = "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1"
     try:
         # Around the Python layer: a balance that its ledger does not explain.
-        await tamper(shift, user.id, 7)
+        await tamper(tokendb_clean, shift, user.id, 7)
         broken = await cli("audit", "--json")
         assert broken.code == 1
         report = broken.json()
@@ -241,7 +241,7 @@ async def test_audit_exits_1_when_the_books_do_not_balance(cli: Any, tokendb_cle
         assert report["ledger"][0]["balance"] == report["ledger"][0]["ledger_sum"] + 7
         assert (await cli("audit")).code == 1
     finally:
-        await tamper(shift, user.id, -7)
+        await tamper(tokendb_clean, shift, user.id, -7)
 
 
 async def test_demo_seeds_users_with_a_progress_bar_and_balances_the_books(cli: Any) -> None:

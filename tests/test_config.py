@@ -7,6 +7,7 @@ import importlib
 import os
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 import tokendb
@@ -142,7 +143,7 @@ async def test_init_with_a_malformed_url_raises_before_connecting() -> None:
     assert "database_url" in str(info.value)
 
 
-async def test_unreachable_server_is_database_unavailable(tokendb_db: str) -> None:
+async def test_unreachable_server_is_database_unavailable(tokendb_app_url: str) -> None:
     # Port 1 on loopback refuses connections. init() replaces the process-wide
     # configuration, so the session's is restored afterwards.
     try:
@@ -152,7 +153,7 @@ async def test_unreachable_server_is_database_unavailable(tokendb_db: str) -> No
         with pytest.raises(ConfigurationError):  # the failed init left nothing half-open
             await tokendb.get_balance(user="00000000-0000-0000-0000-000000000000")
     finally:
-        await tokendb.init(tokendb_db, min_size=1, max_size=20)
+        await tokendb.init(tokendb_app_url, min_size=1, max_size=20)
     assert await tokendb.audit_ledger() == []
 
 
@@ -179,27 +180,34 @@ async def test_a_malformed_url_error_never_shows_the_password(url: str, secret: 
     "sizes", [{"min_size": 5, "max_size": 2}, {"max_size": 0}, {"min_size": 30}]
 )
 async def test_init_with_bad_pool_sizes_is_a_configuration_error(
-    tokendb_db: str, make_user, sizes: InitOptions
+    tokendb_app_url: str, make_user, sizes: InitOptions
 ) -> None:
     """init() validates the sizes with the URL's before it touches Tortoise, so a
     bad size is a ConfigurationError and the working session is left as it was."""
     user = await make_user()
     try:
         with pytest.raises(tokendb.ConfigurationError):
-            await tokendb.init(tokendb_db, **sizes)
+            await tokendb.init(tokendb_app_url, **sizes)
         # Unusable afterwards is acceptable; a raw ValueError is not.
         with contextlib.suppress(tokendb.TokenDBError):
             await tokendb.get_balance(user=user)
     finally:
-        await tokendb.init(tokendb_db, min_size=1, max_size=20)
+        await tokendb.init(tokendb_app_url, min_size=1, max_size=20)
 
 
-async def test_an_unmigrated_database_is_a_configuration_error(
-    request: pytest.FixtureRequest, tokendb_db: str
+async def test_a_schema_gone_after_init_is_a_configuration_error(
+    request: pytest.FixtureRequest, tokendb_app_url: str
 ) -> None:
+    """init() refuses an unmigrated database (tests/test_integrity.py, attack 10);
+    a table that goes missing afterwards names `tokendb migrate` too."""
     from tests.pgcluster import isolated_tokendb
     from tokendb.testing import test_server_url as admin_url
 
-    async with isolated_tokendb(admin_url(request.config), tokendb_db, migrated=False):
+    async with isolated_tokendb(admin_url(request.config), tokendb_app_url) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("DROP TABLE chat_messages")
+        finally:
+            await conn.close()
         with pytest.raises(ConfigurationError, match="run `tokendb migrate`"):
-            await tokendb.get_balance(user="00000000-0000-0000-0000-000000000001")
+            await tokendb.list_messages(session="00000000-0000-0000-0000-000000000001")

@@ -101,17 +101,19 @@ async def test_migrations_block(tmp_path: Path, request: pytest.FixtureRequest) 
     assert "No changes detected" in out  # the models and the migrations agree
 
 
-async def test_library_example(tokendb_clean: str, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_library_example(
+    tokendb_clean: str, tokendb_app_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     (example,) = [b for b in blocks("The library", "python") if "async def main(url" in b]
     assert len(example.strip().splitlines()) <= 25
     namespace: dict[str, Any] = {}
     exec(compile(example, "README.md", "exec"), namespace)
     # The example opens and closes its own connection (tokendb.connect on the
-    # session's URL); initialise the session's again afterwards.
+    # session's URL, as the application role); initialise the session's again afterwards.
     try:
-        await namespace["main"](tokendb_clean)
+        await namespace["main"](tokendb_app_url)
     finally:
-        await tokendb.init(tokendb_clean, min_size=1, max_size=20)
+        await tokendb.init(tokendb_app_url, min_size=1, max_size=20)
     assert capsys.readouterr().out.strip() == "1058"
 
 

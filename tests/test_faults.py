@@ -8,7 +8,6 @@ session database or anyone else's.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import uuid
 from collections import Counter
@@ -22,7 +21,7 @@ import pytest_asyncio
 from tortoise.transactions import in_transaction
 
 import tokendb
-from tests.helpers import holding_row_lock
+from tests.helpers import holding_row_lock, migrations_copy
 from tests.pgcluster import SESSION_POOL, database_name, isolated_tokendb, kill_backends
 from tokendb import _db
 from tokendb.connection import _upgrade, migrations_location
@@ -33,11 +32,11 @@ BOUND = 20.0  # seconds: any call that takes longer counts as a hang
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def faults_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIterator[str]:
+async def faults_db(request: pytest.FixtureRequest, tokendb_app_url: str) -> AsyncIterator[str]:
     """tokendb on a database of the test's own, on a pool of 4 connections."""
     async with isolated_tokendb(
         server_url(request.config),
-        tokendb_db,
+        tokendb_app_url,
         min_size=1,
         max_size=4,
         lock_timeout=None,
@@ -322,7 +321,7 @@ async def test_callers_that_give_up_mid_call_leak_no_connection(
     assert await tokendb.audit_ledger(user=user) == []
 
 
-async def test_init_against_a_server_that_is_down_is_unavailable(tokendb_db: str) -> None:
+async def test_init_against_a_server_that_is_down_is_unavailable(tokendb_app_url: str) -> None:
     """The pool is opened (Tortoise's lazy ensure_connection) and checked inside init."""
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -338,17 +337,17 @@ async def test_init_against_a_server_that_is_down_is_unavailable(tokendb_db: str
         with pytest.raises(tokendb.ConfigurationError):
             await tokendb.get_balance(user=uuid.uuid4())  # not left half-initialised
     finally:
-        await tokendb.init(tokendb_db, **SESSION_POOL)
+        await tokendb.init(tokendb_app_url, **SESSION_POOL)
 
 
 # -- timeouts ----------------------------------------------------------------
 
 
 async def test_lock_timeout_on_a_hot_user_is_database_timeout(
-    request: pytest.FixtureRequest, tokendb_db: str, make_user: Any
+    request: pytest.FixtureRequest, tokendb_app_url: str, make_user: Any
 ) -> None:
     async with isolated_tokendb(
-        server_url(request.config), tokendb_db, lock_timeout=0.3, statement_timeout=30
+        server_url(request.config), tokendb_app_url, lock_timeout=0.3, statement_timeout=30
     ) as url:
         user = await make_user()
         usage = await tokendb.charge(user=user, amount=10)
@@ -384,10 +383,10 @@ async def test_lock_timeout_on_a_hot_user_is_database_timeout(
 
 
 async def test_statement_timeout_is_database_timeout(
-    request: pytest.FixtureRequest, tokendb_db: str, make_user: Any
+    request: pytest.FixtureRequest, tokendb_app_url: str, make_user: Any
 ) -> None:
     async with isolated_tokendb(
-        server_url(request.config), tokendb_db, lock_timeout=None, statement_timeout=0.3
+        server_url(request.config), tokendb_app_url, lock_timeout=None, statement_timeout=0.3
     ) as url:
         user = await make_user()
         async with holding_row_lock(url, user.id):
@@ -398,10 +397,10 @@ async def test_statement_timeout_is_database_timeout(
 
 
 async def test_an_exhausted_pool_is_database_timeout(
-    request: pytest.FixtureRequest, tokendb_db: str, make_user: Any
+    request: pytest.FixtureRequest, tokendb_app_url: str, make_user: Any
 ) -> None:
     async with isolated_tokendb(
-        server_url(request.config), tokendb_db, min_size=1, max_size=1, acquire_timeout=0.3
+        server_url(request.config), tokendb_app_url, min_size=1, max_size=1, acquire_timeout=0.3
     ):
         user = await make_user()
         async with _db.connection():  # the only connection, held
@@ -412,17 +411,6 @@ async def test_an_exhausted_pool_is_database_timeout(
 
 
 # -- migrations --------------------------------------------------------------
-
-
-def migrations_copy(tmp_path: Path, *, upto: int | None = None) -> Path:
-    """A copy of tokendb's migrations folder, optionally only up to number ``upto``."""
-    source = migrations_location() / "tokendb"
-    target = tmp_path / "migrations" / "tokendb"
-    target.mkdir(parents=True)
-    for path in sorted(source.glob("*.py")):
-        if upto is None or int(path.name.split("_", 1)[0]) <= upto:
-            shutil.copy(path, target / path.name)
-    return target.parent
 
 
 SCHEMA = """
@@ -467,6 +455,11 @@ INSERT INTO chat_messages (id, session_id, role, content, tokens, created_at)
 VALUES ('00000000-0000-7000-8000-000000000006', '00000000-0000-7000-8000-000000000005',
         'user', 'hello', 30, now());
 """
+# The same rows on the current schema, where a message carries its session's running total.
+SEED_CURRENT = SEED.replace(
+    "tokens, created_at)", "tokens, tokens_used_after, created_at)"
+).replace("'hello', 30, now()", "'hello', 30, 30, now()")
+LEDGER_COLUMNS = "id, user_id, amount, type, description, reference_id, balance_after, created_at"
 
 
 async def test_upgrade_of_a_database_holding_data_keeps_it(
@@ -480,13 +473,24 @@ async def test_upgrade_of_a_database_holding_data_keeps_it(
         try:
             await conn.execute(SEED)
             before = await conn.fetch(DATA)
-            rows_before = await conn.fetch("SELECT * FROM token_transactions ORDER BY id")
+            ledger = f"SELECT {LEDGER_COLUMNS} FROM token_transactions ORDER BY id"
+            rows_before = await conn.fetch(ledger)
 
             applied = await tokendb.migrate(url)
 
             assert applied and all(not name.startswith("0_") for name in applied)
             assert await conn.fetch(DATA) == before
-            assert await conn.fetch("SELECT * FROM token_transactions ORDER BY id") == rows_before
+            assert await conn.fetch(ledger) == rows_before
+            # The chain positions and running totals the new columns hold were
+            # filled in from the rows' order.
+            assert [
+                tuple(row)
+                for row in await conn.fetch(
+                    "SELECT seq, balance_after FROM token_transactions ORDER BY created_at, id"
+                )
+            ] == [(1, 100), (2, 70)]
+            (message,) = await conn.fetch("SELECT seq, tokens_used_after FROM chat_messages")
+            assert tuple(message) == (1, 30)
             # The upgrade's constraints now guard the old data too.
             with pytest.raises(asyncpg.CheckViolationError):
                 await conn.execute("UPDATE users SET token_balance = -1")
@@ -521,10 +525,10 @@ async def test_a_failing_migration_leaves_the_schema_as_it_was(
     location = migrations_copy(tmp_path)
     async with throwaway_database(server_url(request.config), prefix="tokendb_migr") as url:
         await _upgrade(url, location)
-        (location / "tokendb" / "2_20991231000000_broken.py").write_text(BROKEN_MIGRATION)
+        (location / "tokendb" / "9_20991231000000_broken.py").write_text(BROKEN_MIGRATION)
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute(SEED)
+            await conn.execute(SEED_CURRENT)
             schema, data = await conn.fetch(SCHEMA), await conn.fetch(DATA)
 
             with pytest.raises(tokendb.TokenDBError) as caught:
@@ -534,10 +538,10 @@ async def test_a_failing_migration_leaves_the_schema_as_it_was(
             assert await conn.fetch(SCHEMA) == schema
             assert await conn.fetch(DATA) == data
             # Fixed, it applies: nothing of the failed attempt was recorded as done.
-            (location / "tokendb" / "2_20991231000000_broken.py").write_text(
+            (location / "tokendb" / "9_20991231000000_broken.py").write_text(
                 BROKEN_MIGRATION.replace(" - 1000;  -- violates a CHECK: fails", ";")
             )
-            assert await _upgrade(url, location) == ["2_20991231000000_broken.py"]
+            assert await _upgrade(url, location) == ["9_20991231000000_broken.py"]
             assert (
                 await conn.fetchval(
                     "SELECT count(*) FROM information_schema.columns WHERE column_name = 'nickname'"

@@ -224,8 +224,12 @@ async def test_audit_finds_broken_books(tokendb_clean: str, make_user) -> None:
     topup = await tokendb.top_up(user=user, amount=10)
     assert await tokendb.audit_ledger() == []
     try:
-        await tamper("UPDATE users SET token_balance = 115 WHERE id = $1", user.id)
-        await tamper("UPDATE token_transactions SET balance_after = 999 WHERE id = $1", topup.id)
+        await tamper(tokendb_clean, "UPDATE users SET token_balance = 115 WHERE id = $1", user.id)
+        await tamper(
+            tokendb_clean,
+            "UPDATE token_transactions SET balance_after = 999 WHERE id = $1",
+            topup.id,
+        )
         expected = tokendb.LedgerDiscrepancy(
             user_id=user.id,
             balance=115,
@@ -237,8 +241,12 @@ async def test_audit_finds_broken_books(tokendb_clean: str, make_user) -> None:
         assert await tokendb.audit_ledger(user=user) == [expected]
         assert await tokendb.audit_ledger(user=bystander) == []
     finally:
-        await tamper("UPDATE users SET token_balance = 110 WHERE id = $1", user.id)
-        await tamper("UPDATE token_transactions SET balance_after = 110 WHERE id = $1", topup.id)
+        await tamper(tokendb_clean, "UPDATE users SET token_balance = 110 WHERE id = $1", user.id)
+        await tamper(
+            tokendb_clean,
+            "UPDATE token_transactions SET balance_after = 110 WHERE id = $1",
+            topup.id,
+        )
     assert await tokendb.audit_ledger() == []
 
 
@@ -252,7 +260,11 @@ async def test_audit_finds_a_broken_chain_whose_sums_still_agree(
     topup = await tokendb.top_up(user=user, amount=10)
     await tokendb.charge(user=user, amount=5)
     try:
-        await tamper("UPDATE token_transactions SET balance_after = 999 WHERE id = $1", topup.id)
+        await tamper(
+            tokendb_clean,
+            "UPDATE token_transactions SET balance_after = 999 WHERE id = $1",
+            topup.id,
+        )
         assert await tokendb.audit_ledger() == [
             tokendb.LedgerDiscrepancy(
                 user_id=user.id,
@@ -263,18 +275,22 @@ async def test_audit_finds_a_broken_chain_whose_sums_still_agree(
             )
         ]
     finally:
-        await tamper("UPDATE token_transactions SET balance_after = 110 WHERE id = $1", topup.id)
+        await tamper(
+            tokendb_clean,
+            "UPDATE token_transactions SET balance_after = 110 WHERE id = $1",
+            topup.id,
+        )
     assert await tokendb.audit_ledger() == []
 
 
 async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, make_user) -> None:
     user = await make_user()
     try:
-        await tamper("DELETE FROM token_transactions WHERE user_id = $1", user.id)
+        await tamper(tokendb_clean, "DELETE FROM token_transactions WHERE user_id = $1", user.id)
         [found] = await tokendb.audit_ledger()
         assert (found.balance, found.ledger_sum, found.broken_links) == (100, 0, 0)
     finally:
-        await tamper("UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
+        await tamper(tokendb_clean, "UPDATE users SET token_balance = 0 WHERE id = $1", user.id)
     assert await tokendb.audit_ledger() == []
 
 
@@ -333,11 +349,12 @@ async def test_refund_trigger_backstop_holds_for_concurrent_raw_refunds(
             charge.id,
             balance,
         )
-        # Second full refund of the same charge, concurrently.
+        # Second full refund of the same charge, concurrently, continuing the
+        # chain as the second transaction sees it (so the chain check passes).
         racing = asyncio.ensure_future(
             second.execute(
                 "INSERT INTO token_transactions (user_id, amount, type, reference_id, "
-                "balance_after) VALUES ($1, 100, 'refund', $2, 600)",
+                "balance_after) VALUES ($1, 100, 'refund', $2, 500)",
                 user.id,
                 charge.id,
             )
@@ -377,8 +394,8 @@ async def test_list_transactions_pages_walk_the_user_created_index(raw, page: st
     )
     await raw.execute(  # 500 rows each; the books do not matter (rolled back)
         "INSERT INTO token_transactions (id, user_id, amount, type, balance_after, created_at) "
-        "SELECT gen_random_uuid(), u, 1, 'topup', g, now() + g * interval '1 ms' "
-        "FROM unnest($1::uuid[]) AS u, generate_series(1, 500) AS g",
+        "SELECT gen_random_uuid(), u, 1, 'topup', g, now() - (501 - g) * interval '1 ms' "
+        "FROM unnest($1::uuid[]) AS u, generate_series(1, 500) AS g ORDER BY u, g",
         users,
     )
     await raw.execute("ANALYZE token_transactions")

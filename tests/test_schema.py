@@ -9,11 +9,16 @@ bad input first.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis.strategies import emails
 
-TABLES = {"users", "api_keys", "token_transactions", "chat_sessions", "chat_messages"}
+import tokendb
+from tokendb.schema import BACKSTOPS, TABLES
+from tokendb.users import normalize_email
 
 # table -> column -> (data_type, nullable, default or None)
 COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
@@ -23,7 +28,7 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "password_hash": ("character varying(255)", False, None),
         "name": ("character varying(100)", False, None),
         "role": ("character varying(5)", False, "'user'::character varying"),
-        "token_balance": ("integer", False, "100"),
+        "token_balance": ("integer", False, "0"),
         "created_at": ("timestamp with time zone", False, "now()"),
         "updated_at": ("timestamp with time zone", False, "now()"),
     },
@@ -47,7 +52,8 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "description": ("text", True, None),
         "reference_id": ("uuid", True, None),
         "balance_after": ("integer", False, None),
-        "created_at": ("timestamp with time zone", False, "now()"),
+        "created_at": ("timestamp with time zone", False, "clock_timestamp()"),
+        "seq": ("integer", False, None),
     },
     "chat_sessions": {
         "id": ("uuid", False, "gen_random_uuid()"),
@@ -64,7 +70,9 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "role": ("character varying(9)", False, None),
         "content": ("text", False, None),
         "tokens": ("integer", False, None),
-        "created_at": ("timestamp with time zone", False, "now()"),
+        "created_at": ("timestamp with time zone", False, "clock_timestamp()"),
+        "tokens_used_after": ("integer", False, None),
+        "seq": ("integer", False, None),
     },
 }
 
@@ -80,6 +88,8 @@ FOREIGN_KEYS = {
 CHECKS = {
     "users_token_balance_nonnegative",
     "users_role_valid",
+    "users_email_normalised",
+    "users_email_shape",
     "api_keys_permissions_array",
     "token_transactions_type_valid",
     "token_transactions_amount_nonzero",
@@ -106,6 +116,8 @@ INDEXES = {
         False,
         "(reference_id) WHERE ((type)::text = 'refund'::text)",
     ),
+    "token_transactions_user_seq_key": (True, "(user_id, seq)"),
+    "chat_messages_session_seq_key": (True, "(session_id, seq)"),
 }
 
 
@@ -113,7 +125,7 @@ async def test_all_five_tables_exist(raw: asyncpg.Connection) -> None:
     rows = await raw.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
     )
-    assert {row["table_name"] for row in rows} >= TABLES
+    assert {row["table_name"] for row in rows} >= set(TABLES)
 
 
 @pytest.mark.parametrize("table", sorted(COLUMNS))
@@ -230,7 +242,7 @@ async def assert_rejected(
 async def test_db_defaults_fill_raw_inserts(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
     (user,) = await raw.fetch("SELECT * FROM users WHERE id = $1", user_id)
-    assert user["token_balance"] == 100
+    assert user["token_balance"] == 0  # what a user without ledger rows has
     assert user["role"] == "user"
     assert user["created_at"] is not None and user["updated_at"] is not None
     key_id = await insert_key(raw, user_id)
@@ -265,22 +277,82 @@ async def test_role_only_takes_its_values(raw: asyncpg.Connection) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("email", "constraint"),
+    [
+        ("Ada@X.io", "users_email_normalised"),
+        (" ada@x.io", "users_email_normalised"),
+        ("ada@x.io ", "users_email_normalised"),
+        (" not an email ", "users_email_normalised"),
+        ("not an email", "users_email_shape"),
+        ("ada@localhost", "users_email_shape"),
+        ("ada@@x.io", "users_email_shape"),
+        ("@x.io", "users_email_shape"),
+        ("", "users_email_shape"),
+    ],
+)
+async def test_emails_are_stored_normalised_and_shaped_like_an_address(
+    raw: asyncpg.Connection, email: str, constraint: str
+) -> None:
+    await assert_rejected(
+        raw,
+        asyncpg.CheckViolationError,
+        constraint,
+        "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')",
+        email,
+    )
+    user_id = await insert_user(raw)
+    await assert_rejected(
+        raw,
+        asyncpg.CheckViolationError,
+        constraint,
+        "UPDATE users SET email = $2 WHERE id = $1",
+        user_id,
+        email,
+    )
+
+
+@given(email=emails())
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+async def test_every_email_tokendb_accepts_fits_the_database_checks(
+    raw: asyncpg.Connection, email: str
+) -> None:
+    """What :func:`tokendb.users.normalize_email` stores, the CHECKs accept (their
+    lower() follows the database's locale; the Python side is the stricter)."""
+    try:
+        normalized = normalize_email(email)
+    except tokendb.ValidationError:
+        return
+    assert await raw.fetchval(
+        r"SELECT $1 = lower(btrim($1)) AND $1 ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'",
+        normalized,
+    ), normalized
+
+
 async def test_email_unique_case_insensitively(raw: asyncpg.Connection) -> None:
     email = f"ada-{uuid.uuid4().hex[:8]}@example.com"
     await insert_user(raw, email=email)
     await assert_rejected(
         raw,
         asyncpg.UniqueViolationError,
-        "users_email_lower_key",
-        "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')",
-        email.upper(),
-    )
-    await assert_rejected(
-        raw,
-        asyncpg.UniqueViolationError,
         "users_email_key",
         "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')",
         email,
+    )
+    # Behind users_email_normalised (which refuses capitals first), the
+    # case-insensitive index still holds.
+    await raw.execute("SET CONSTRAINTS ALL IMMEDIATE")  # no pending events: ALTER TABLE may run
+    await raw.execute("ALTER TABLE users DROP CONSTRAINT users_email_normalised")  # rolled back
+    await assert_rejected(
+        raw,
+        asyncpg.UniqueViolationError,
+        "users_email_lower_key",
+        "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')",
+        email.upper(),
     )
 
 
@@ -314,6 +386,24 @@ LEDGER_INSERT = (
     "INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id) "
     "VALUES ($1, $2, $3, $4, $5)"
 )
+# The same row, its balance_after continuing the user's chain.
+LEDGER_APPEND = (
+    "INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id) "
+    "SELECT $1, $2, $3, coalesce((SELECT balance_after FROM token_transactions "
+    "WHERE user_id = $1 ORDER BY seq DESC LIMIT 1), 0) + $2, $4 RETURNING id"
+)
+
+
+async def append(
+    raw: asyncpg.Connection,
+    user_id: uuid.UUID,
+    amount: int,
+    kind: str,
+    reference: uuid.UUID | None = None,
+) -> uuid.UUID:
+    """A ledger row that continues ``user_id``'s chain; its id."""
+    row_id: uuid.UUID = await raw.fetchval(LEDGER_APPEND, user_id, amount, kind, reference)
+    return row_id
 
 
 async def reject_ledger_row(
@@ -328,13 +418,13 @@ async def reject_ledger_row(
 
 @pytest.mark.parametrize(
     ("amount", "kind", "balance_after", "constraint"),
-    [
-        (0, "topup", 100, "token_transactions_amount_nonzero"),
-        (-5, "topup", 100, "token_transactions_amount_sign"),
-        (-5, "bonus", 100, "token_transactions_amount_sign"),
-        (5, "usage", 100, "token_transactions_amount_sign"),
-        (5, "gift", 100, "token_transactions_type_valid"),
-        (5, "topup", -1, "token_transactions_balance_after_nonnegative"),
+    [  # each row continues an empty ledger, so only the CHECK named can refuse it
+        (0, "topup", 0, "token_transactions_amount_nonzero"),
+        (-5, "topup", -5, "token_transactions_amount_sign"),
+        (-5, "bonus", -5, "token_transactions_amount_sign"),
+        (5, "usage", 5, "token_transactions_amount_sign"),
+        (5, "gift", 5, "token_transactions_type_valid"),
+        (-1, "usage", -1, "token_transactions_balance_after_nonnegative"),
     ],
 )
 async def test_ledger_row_checks(
@@ -349,7 +439,87 @@ async def test_ledger_row_checks(
 async def test_valid_signs_are_accepted(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
     for amount, kind in [(5, "topup"), (5, "bonus"), (-5, "usage")]:
-        await raw.execute(LEDGER_INSERT, user_id, amount, kind, 100, None)
+        await append(raw, user_id, amount, kind)
+
+
+async def test_each_ledger_row_continues_its_users_chain(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    first = await append(raw, user_id, 10, "topup")
+    for balance_after in (10, 25):  # made up; or of an amount not sent
+        await assert_rejected(
+            raw,
+            asyncpg.CheckViolationError,
+            "token_transactions_chain",
+            "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+            "VALUES ($1, 10, 'topup', $2)",
+            user_id,
+            balance_after,
+        )
+    second = await append(raw, user_id, 10, "topup")
+    chain = await raw.fetch(
+        "SELECT id, seq, balance_after FROM token_transactions WHERE user_id = $1 ORDER BY seq",
+        user_id,
+    )
+    assert [tuple(row) for row in chain] == [(first, 1, 10), (second, 2, 20)]
+
+
+async def test_the_database_dates_chained_rows(raw: asyncpg.Connection) -> None:
+    """A row dated in the future is dated now; one dated before its predecessor
+    (in (created_at, id)) right after it: the chain's order is (created_at, id)."""
+    user_id = await insert_user(raw)
+    session_id = await insert_session(raw, user_id)
+    for table, insert in [
+        (
+            "token_transactions",
+            "INSERT INTO token_transactions (user_id, amount, type, balance_after, created_at) "
+            "SELECT $1, 1, 'topup', coalesce(max(balance_after), 0) + 1, $2 "
+            "FROM token_transactions WHERE user_id = $1 RETURNING created_at",
+        ),
+        (
+            "chat_messages",
+            "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after, "
+            "created_at) VALUES ($1, 'user', 'x', 0, 0, $2) RETURNING created_at",
+        ),
+    ]:
+        owner = session_id if table == "chat_messages" else user_id
+        before = await raw.fetchval("SELECT clock_timestamp()")
+        future = await raw.fetchval(insert, owner, datetime(2999, 1, 1, tzinfo=UTC))
+        after = await raw.fetchval("SELECT clock_timestamp()")
+        assert before <= future <= after
+        past = await raw.fetchval(insert, owner, datetime(2000, 1, 1, tzinfo=UTC))
+        assert past == future + timedelta(microseconds=1)
+
+
+async def test_a_multi_row_insert_continues_the_chain_row_by_row(raw: asyncpg.Connection) -> None:
+    """A BEFORE ROW trigger sees the rows its own statement inserted before (as the
+    coalesced batch relies on): rows in chain order pass, the same rows reversed do not."""
+    user_id = await insert_user(raw)
+    insert = (
+        "INSERT INTO token_transactions (id, user_id, amount, type, balance_after, created_at) "
+        "SELECT gen_random_uuid(), $1, 1, 'topup', g, clock_timestamp() "
+        "FROM generate_series($2::int, $3::int) AS g ORDER BY g {direction}"
+    )
+    await raw.execute(insert.format(direction="ASC"), user_id, 1, 5)
+    await assert_rejected(
+        raw,
+        asyncpg.CheckViolationError,
+        "token_transactions_chain",
+        insert.format(direction="DESC"),
+        user_id,
+        6,
+        10,
+    )
+
+
+async def test_seq_is_the_databases_to_set(raw: asyncpg.Connection) -> None:
+    """Whatever seq a writer sends, the chain trigger sets the next one."""
+    user_id = await insert_user(raw)
+    await raw.execute(
+        "INSERT INTO token_transactions (user_id, amount, type, balance_after, seq) "
+        "VALUES ($1, 7, 'topup', 7, 99)",
+        user_id,
+    )
+    assert await raw.fetchval("SELECT seq FROM token_transactions WHERE user_id = $1", user_id) == 1
 
 
 async def test_a_refund_is_a_credit(raw: asyncpg.Connection) -> None:
@@ -368,7 +538,8 @@ async def test_a_refund_is_a_credit(raw: asyncpg.Connection) -> None:
 async def test_idempotency_index_rejects_a_second_movement(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
     reference = uuid.uuid4()
-    await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 95, reference)
+    await append(raw, user_id, 100, "topup")
+    await append(raw, user_id, -5, "usage", reference)
     await reject_ledger_row(
         raw,
         asyncpg.UniqueViolationError,
@@ -376,18 +547,21 @@ async def test_idempotency_index_rejects_a_second_movement(raw: asyncpg.Connecti
         (user_id, -5, "usage", 90, reference),
     )
     # The same reference is fine for another type and for another user.
-    await raw.execute(LEDGER_INSERT, user_id, 5, "topup", 95, reference)
-    await raw.execute(LEDGER_INSERT, await insert_user(raw), -5, "usage", 95, reference)
+    await append(raw, user_id, 5, "topup", reference)
+    other = await insert_user(raw)
+    await append(raw, other, 100, "topup")
+    await append(raw, other, -5, "usage", reference)
     # Without a reference there is no idempotency key at all.
-    await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 90, None)
-    await raw.execute(LEDGER_INSERT, user_id, -5, "usage", 85, None)
+    await append(raw, user_id, -5, "usage")
+    await append(raw, user_id, -5, "usage")
 
 
 async def test_refunds_share_their_charge_reference(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
-    charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 90, None)
-    await raw.execute(LEDGER_INSERT, user_id, 4, "refund", 94, charge_id)
-    await raw.execute(LEDGER_INSERT, user_id, 6, "refund", 100, charge_id)
+    await append(raw, user_id, 100, "topup")
+    charge_id = await append(raw, user_id, -10, "usage")
+    await append(raw, user_id, 4, "refund", charge_id)
+    await append(raw, user_id, 6, "refund", charge_id)
     await reject_ledger_row(
         raw,
         asyncpg.CheckViolationError,
@@ -399,39 +573,43 @@ async def test_refunds_share_their_charge_reference(raw: asyncpg.Connection) -> 
 async def test_refund_must_target_a_usage_row_of_the_same_user(raw: asyncpg.Connection) -> None:
     owner = await insert_user(raw)
     other = await insert_user(raw)
-    charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", owner, -10, "usage", 90, None)
-    topup_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", owner, 10, "topup", 100, None)
-    for user_id, reference in [(other, charge_id), (owner, topup_id), (owner, uuid.uuid4())]:
+    await append(raw, owner, 100, "topup")
+    charge_id = await append(raw, owner, -10, "usage")
+    topup_id = await append(raw, owner, 10, "topup")
+    for user_id, reference, after in [
+        (other, charge_id, 1),
+        (owner, topup_id, 101),
+        (owner, uuid.uuid4(), 101),
+    ]:
         await reject_ledger_row(
             raw,
             asyncpg.CheckViolationError,
             "token_transactions_refund_target",
-            (user_id, 1, "refund", 91, reference),
+            (user_id, 1, "refund", after, reference),
         )
 
 
-async def test_ledger_is_append_only(raw: asyncpg.Connection) -> None:
-    user_id = await insert_user(raw)
-    tx_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, 5, "topup", 105, None)
-    await assert_rejected(
-        raw,
-        asyncpg.RestrictViolationError,
-        "token_transactions_append_only",
-        "UPDATE token_transactions SET amount = 50 WHERE id = $1",
-        tx_id,
-    )
-    await assert_rejected(
-        raw,
-        asyncpg.RestrictViolationError,
-        "token_transactions_append_only",
+async def test_ledger_is_append_only_for_all_but_the_owner(
+    raw: asyncpg.Connection, app_raw: asyncpg.Connection
+) -> None:
+    user_id = await insert_user(app_raw)
+    tx_id = await append(app_raw, user_id, 5, "topup")
+    for sql in (
+        "UPDATE token_transactions SET description = 'edited' WHERE id = $1",
         "DELETE FROM token_transactions WHERE id = $1",
-        tx_id,
-    )
+    ):
+        await assert_rejected(
+            app_raw, asyncpg.RestrictViolationError, "token_transactions_append_only", sql, tx_id
+        )
+    # The owner (here: the server's admin role, which created the tables) may.
+    other = await insert_user(raw)
+    mine = await append(raw, other, 5, "topup")
+    await raw.execute("UPDATE token_transactions SET description = 'fixed' WHERE id = $1", mine)
 
 
 async def test_ledger_rows_are_never_removed_by_a_cascade(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
-    await raw.execute(LEDGER_INSERT, user_id, 5, "topup", 105, None)
+    await append(raw, user_id, 5, "topup")
     await assert_rejected(
         raw,
         asyncpg.ForeignKeyViolationError,
@@ -454,14 +632,16 @@ async def test_sessions_keep_their_api_key(raw: asyncpg.Connection) -> None:
     )
 
 
-async def test_deleting_a_user_without_ledger_rows_cascades(raw: asyncpg.Connection) -> None:
+MESSAGE_INSERT = (
+    "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+    "VALUES ($1, 'user', 'hi', 0, 0)"
+)
+
+
+async def test_the_owner_may_delete_a_user_without_ledger_rows(raw: asyncpg.Connection) -> None:
     user_id = await insert_user(raw)
     session_id = await insert_session(raw, user_id)
-    await raw.execute(
-        "INSERT INTO chat_messages (session_id, role, content, tokens) "
-        "VALUES ($1, 'user', 'hi', 0)",
-        session_id,
-    )
+    await raw.execute(MESSAGE_INSERT, session_id)
     # Sessions (and their messages) go first, so the RESTRICT on api keys does not fire.
     await raw.execute("DELETE FROM chat_sessions WHERE user_id = $1", user_id)
     await raw.execute("DELETE FROM users WHERE id = $1", user_id)
@@ -472,18 +652,47 @@ async def test_deleting_a_user_without_ledger_rows_cascades(raw: asyncpg.Connect
     )
 
 
-async def test_deleting_a_session_cascades_to_its_messages(raw: asyncpg.Connection) -> None:
-    user_id = await insert_user(raw)
-    session_id = await insert_session(raw, user_id)
-    await raw.execute(
-        "INSERT INTO chat_messages (session_id, role, content, tokens) "
-        "VALUES ($1, 'user', 'hi', 0)",
+async def test_api_keys_are_kept_for_all_but_the_owner(app_raw: asyncpg.Connection) -> None:
+    """Also through ON DELETE CASCADE, which runs as the table's owner: the
+    session's role must be the owner too."""
+    user_id = await insert_user(app_raw)
+    key_id = await insert_key(app_raw, user_id)
+    for sql, target in [
+        ("DELETE FROM api_keys WHERE id = $1", key_id),
+        ("DELETE FROM users WHERE id = $1", user_id),
+    ]:
+        await assert_rejected(app_raw, asyncpg.RestrictViolationError, "api_keys_kept", sql, target)
+
+
+async def test_sessions_are_deleted_by_the_owner_alone_with_their_messages(
+    raw: asyncpg.Connection, app_raw: asyncpg.Connection
+) -> None:
+    session_id = await insert_session(app_raw, await insert_user(app_raw))
+    await app_raw.execute(MESSAGE_INSERT, session_id)
+    await assert_rejected(
+        app_raw,
+        asyncpg.RestrictViolationError,
+        "chat_sessions_kept",
+        "DELETE FROM chat_sessions WHERE id = $1",
         session_id,
     )
-    await raw.execute("DELETE FROM chat_sessions WHERE id = $1", session_id)
-    assert (
-        await raw.fetchval("SELECT count(*) FROM chat_messages WHERE session_id = $1", session_id)
-        == 0
+    mine = await insert_session(raw, await insert_user(raw))
+    await raw.execute(MESSAGE_INSERT, mine)
+    await raw.execute("DELETE FROM chat_sessions WHERE id = $1", mine)
+    await raw.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the deferred checks, now
+    assert await raw.fetchval("SELECT count(*) FROM chat_messages WHERE session_id = $1", mine) == 0
+
+
+async def test_a_message_leaves_only_with_its_session(app_raw: asyncpg.Connection) -> None:
+    session_id = await insert_session(app_raw, await insert_user(app_raw))
+    await app_raw.execute(MESSAGE_INSERT, session_id)
+    await app_raw.execute("SET CONSTRAINTS chat_messages_kept IMMEDIATE")
+    await assert_rejected(
+        app_raw,
+        asyncpg.RestrictViolationError,
+        "chat_messages_kept",
+        "DELETE FROM chat_messages WHERE session_id = $1",
+        session_id,
     )
 
 
@@ -495,14 +704,19 @@ async def test_deleting_a_session_cascades_to_its_messages(raw: asyncpg.Connecti
             "chat_sessions_tokens_used_nonnegative",
         ),
         (
-            "INSERT INTO chat_messages (session_id, role, content, tokens) "
-            "VALUES ($1, 'user', 'x', -1)",
+            "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+            "VALUES ($1, 'user', 'x', -1, -1)",
             "chat_messages_tokens_nonnegative",
         ),
         (
-            "INSERT INTO chat_messages (session_id, role, content, tokens) "
-            "VALUES ($1, 'robot', 'x', 1)",
+            "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+            "VALUES ($1, 'robot', 'x', 1, 1)",
             "chat_messages_role_valid",
+        ),
+        (
+            "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+            "VALUES ($1, 'user', 'x', 5, 3)",
+            "chat_messages_chain",
         ),
     ],
 )
@@ -511,19 +725,25 @@ async def test_chat_checks(raw: asyncpg.Connection, sql: str, constraint: str) -
     await assert_rejected(raw, asyncpg.CheckViolationError, constraint, sql, session_id)
 
 
-async def test_truncating_the_ledger_is_refused(raw: asyncpg.Connection) -> None:
-    await assert_rejected(
-        raw,
-        asyncpg.RestrictViolationError,
-        "token_transactions_append_only",
-        "TRUNCATE token_transactions",
-    )
-    await assert_rejected(
-        raw,
-        asyncpg.RestrictViolationError,
-        "token_transactions_append_only",
-        "TRUNCATE users CASCADE",
-    )
+NO_TRUNCATE = {
+    table: "token_transactions_append_only"
+    if table == "token_transactions"
+    else f"{table}_no_truncate"
+    for table in TABLES
+}
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+async def test_truncate_is_the_owners_alone(app_raw: asyncpg.Connection, table: str) -> None:
+    """Even for a role granted TRUNCATE; CASCADE reaches tables that refuse it too."""
+    with pytest.raises(asyncpg.RestrictViolationError) as info:
+        async with app_raw.transaction():
+            await app_raw.execute(f"TRUNCATE {table} CASCADE")
+    assert info.value.constraint_name in NO_TRUNCATE.values()
+    if table in ("token_transactions", "chat_messages"):  # nothing references them
+        await assert_rejected(
+            app_raw, asyncpg.RestrictViolationError, NO_TRUNCATE[table], f"TRUNCATE {table}"
+        )
 
 
 async def test_a_balance_only_changes_with_its_ledger_row(raw: asyncpg.Connection) -> None:
@@ -575,3 +795,57 @@ async def test_a_key_never_changes_hands(raw: asyncpg.Connection) -> None:
     await assert_rejected(
         raw, asyncpg.CheckViolationError, "api_keys_revocation_final", move, key_id, other
     )
+
+
+async def test_an_expired_keys_expiry_is_final(raw: asyncpg.Connection) -> None:
+    user_id = await insert_user(raw)
+    live, expired = await insert_key(raw, user_id), await insert_key(raw, user_id)
+    await raw.execute(
+        "UPDATE api_keys SET expires_at = now() + interval '1 day' WHERE id = $1", live
+    )
+    await raw.execute(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", expired
+    )
+    for value in ("NULL", "now() + interval '1 day'"):
+        await assert_rejected(
+            raw,
+            asyncpg.CheckViolationError,
+            "api_keys_expiry_final",
+            f"UPDATE api_keys SET expires_at = {value} WHERE id = $1",
+            expired,
+        )
+    # A key that has not expired may still be extended, or made permanent.
+    await raw.execute(
+        "UPDATE api_keys SET expires_at = now() + interval '2 days' WHERE id = $1", live
+    )
+    await raw.execute("UPDATE api_keys SET expires_at = NULL WHERE id = $1", live)
+
+
+# --- the schema as tokendb.schema describes it --------------------------------------------
+
+
+async def named_objects(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        """
+        SELECT conname AS name FROM pg_constraint WHERE conrelid = ANY($1::regclass[])
+        UNION SELECT tgname FROM pg_trigger
+            WHERE tgrelid = ANY($1::regclass[]) AND NOT tgisinternal
+        UNION SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+            WHERE x.indrelid = ANY($1::regclass[])
+        """,
+        list(TABLES),
+    )
+    return {row["name"] for row in rows}
+
+
+async def test_backstops_are_the_named_checks_triggers_and_unique_indexes_of_the_schema(
+    raw: asyncpg.Connection,
+) -> None:
+    """init() requires exactly what the migrations create: every name in
+    BACKSTOPS exists, and every CHECK, trigger and unique index (but the
+    ones PostgreSQL names itself) is in BACKSTOPS."""
+    present = await named_objects(raw)
+    assert set(BACKSTOPS) <= present
+    generated = {name for name in present if name.endswith(("_pkey", "_fkey", "_idx"))}
+    generated |= {"users_email_key", "api_keys_key_hash_key"}  # UNIQUE columns of the init
+    assert present - generated == set(BACKSTOPS)

@@ -58,7 +58,7 @@ class Books:
 amounts = st.integers(min_value=1, max_value=150)
 
 
-def make_machine(loop: asyncio.AbstractEventLoop) -> type[RuleBasedStateMachine]:
+def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBasedStateMachine]:
     class LedgerMachine(RuleBasedStateMachine):
         users = Bundle("users")
         charges = Bundle("charges")
@@ -76,7 +76,7 @@ def make_machine(loop: asyncio.AbstractEventLoop) -> type[RuleBasedStateMachine]
 
         @initialize()
         def empty_database(self) -> None:
-            self.run(truncate_all())
+            self.run(truncate_all(owner_url))
 
         @rule(target=users)
         def create_user(self) -> uuid.UUID:
@@ -215,7 +215,7 @@ def make_machine(loop: asyncio.AbstractEventLoop) -> type[RuleBasedStateMachine]
 
 
 async def test_random_call_sequences_agree_with_the_model(tokendb_clean: str) -> None:
-    machine = make_machine(asyncio.get_running_loop())
+    machine = make_machine(asyncio.get_running_loop(), tokendb_clean)
     await asyncio.to_thread(
         run_state_machine_as_test,
         machine,

@@ -72,10 +72,10 @@ async def recovered(workload: Workload, calls: int) -> list[str]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def stress_db(request: pytest.FixtureRequest, tokendb_db: str) -> AsyncIterator[str]:
+async def stress_db(request: pytest.FixtureRequest, tokendb_app_url: str) -> AsyncIterator[str]:
     """A database of the test's own, tokendb on a pool of ``SIZES.pool`` connections."""
     pool: InitOptions = {"min_size": SIZES.pool, "max_size": SIZES.pool}
-    async with isolated_tokendb(server_url(request.config), tokendb_db, **pool) as url:
+    async with isolated_tokendb(server_url(request.config), tokendb_app_url, **pool) as url:
         yield url
 
 
@@ -151,13 +151,13 @@ async def test_killed_backends_during_load(stress_db: str) -> None:
     report("kill", workload, started, kill_rounds=rounds, backends_killed=killed)
 
 
-async def test_server_restart_during_load(tokendb_db: str) -> None:
+async def test_server_restart_during_load(tokendb_app_url: str) -> None:
     """A restart (clean, then a crash) of the test's own cluster in the middle of the load."""
     started = time.monotonic()
     pool: InitOptions = {"min_size": SIZES.pool, "max_size": SIZES.pool, "acquire_timeout": 5.0}
     async with (
         throwaway_cluster() as cluster,
-        isolated_tokendb(cluster.url, tokendb_db, **pool) as url,
+        isolated_tokendb(cluster.url, tokendb_app_url, **pool) as url,
     ):
         outage_errors: list[BaseException] = []
 
@@ -187,13 +187,13 @@ async def test_server_restart_during_load(tokendb_db: str) -> None:
         report("restart", workload, started, restarts=restarts)
 
 
-async def test_a_server_that_stops_answering_is_a_timeout_not_a_hang(tokendb_db: str) -> None:
+async def test_a_server_that_stops_answering_is_a_timeout_not_a_hang(tokendb_app_url: str) -> None:
     """Backends frozen (SIGSTOP): no server-side timeout can fire; the client's bound does."""
     async with (
         throwaway_cluster() as cluster,
         isolated_tokendb(
             cluster.url,
-            tokendb_db,
+            tokendb_app_url,
             min_size=2,
             max_size=2,
             statement_timeout=0.5,

@@ -77,6 +77,9 @@ deadlock; PostgreSQL then aborts one side and the batch is retried.)
 every lock is held, and their ids are minted in arrival order
 (:func:`tokendb.ids.new_id` is monotonic), so one user's rows sort by
 ``(created_at, id)`` in the order their ``balance_after`` chain was computed.
+They are inserted in that order too: the database checks each ledger row
+against the user's newest row, which for the second row of a user in a
+batch is the first (migration 2, ``token_transactions_chain``).
 
 *Failure isolation.* A constraint or trigger that refuses the statement
 refuses it whole, and nothing was written: the batch is re-run one movement
@@ -275,7 +278,9 @@ async def balance_or_none(user_id: UUID) -> int | None:
 # --- many charges in one statement ------------------------------------------------------
 
 _BATCH_MOVED = _record(
-    "walk w JOIN items i ON i.seq = w.seq CROSS JOIN stamp WHERE w.outcome = 'moved'",
+    # In chain order: the database checks each row against the one inserted before it.
+    "walk w JOIN items i ON i.seq = w.seq CROSS JOIN stamp WHERE w.outcome = 'moved'"
+    " ORDER BY i.seq",
     id="i.id",
     user_id="i.user_id",
     amount="-i.amount",
@@ -536,6 +541,7 @@ _MESSAGE = _sql.insert(
         "role": "$3",
         "content": "$4",
         "tokens": "$5",
+        "tokens_used_after": "tokens_used",  # the session's total, this message included
         "created_at": "clock_timestamp()",
     },
     source="session",
@@ -561,7 +567,7 @@ ADD_MESSAGE = f"""
 WITH session AS (
     UPDATE chat_sessions SET tokens_used = tokens_used + $5
     WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
-    RETURNING id, user_id, model
+    RETURNING id, user_id, model, tokens_used
 ), debit AS (
     UPDATE users
     SET token_balance = token_balance - $5, updated_at = clock_timestamp()

@@ -60,7 +60,7 @@ from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
 from tortoise.models import Model
 
 from tokendb import _settings, _waits
-from tokendb._translate import is_connection_loss, translate
+from tokendb._translate import is_connection_loss, message_of, translate
 from tokendb.errors import ConfigurationError, ConfigurationWarning, DatabaseUnavailable
 from tokendb.models import User
 
@@ -216,7 +216,7 @@ async def pool(client: BaseDBAsyncClient) -> asyncpg.Pool:
     try:
         await asyncio.wait_for(wrapper.ensure_connection(), _settings.current().acquire_timeout)
     except BaseORMException as exc:
-        raise DatabaseUnavailable(f"the database is unavailable: {exc}") from exc
+        raise DatabaseUnavailable(f"the database is unavailable: {message_of(exc)}") from exc
     except Exception as exc:
         if isinstance(exc, TimeoutError) or is_connection_loss(exc):
             raise translate(exc) from exc

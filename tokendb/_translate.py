@@ -35,6 +35,7 @@ __all__ = [
     "RETRYABLE",
     "TIMED_OUT",
     "is_connection_loss",
+    "message_of",
     "translate",
     "translated",
 ]
@@ -81,6 +82,20 @@ def is_connection_loss(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
 
 
+def message_of(exc: BaseException) -> str:
+    """What ``exc`` says, without what PostgreSQL adds about the row at fault.
+
+    ``str()`` of an asyncpg error appends the server's DETAIL and HINT, and a
+    DETAIL quotes the failing row or key: a password or key hash, an argon2
+    salt. Only the primary message reaches a :class:`TokenDBError` (the
+    original stays its ``__cause__``). Tortoise wraps asyncpg errors in its own.
+    """
+    inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    if isinstance(inner, asyncpg.PostgresError):
+        return str(inner.args[0]) if inner.args else type(inner).__name__
+    return str(exc)
+
+
 def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBError:
     """The :class:`TokenDBError` that stands for a driver/ORM error ``exc``.
 
@@ -108,15 +123,16 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
     if is_connection_loss(exc):
         if outcome_unknown:
             message = (
-                f"lost the database connection after the write was sent ({exc}); "
+                f"lost the database connection after the write was sent ({message_of(exc)}); "
                 "the outcome is unknown: retry with the same reference_id to be safe"
             )
         else:
-            message = f"the database is unavailable: {exc}"
+            message = f"the database is unavailable: {message_of(exc)}"
         return DatabaseUnavailable(message, outcome_unknown=outcome_unknown, sqlstate=sqlstate)
     if isinstance(exc, RETRYABLE):
         return DatabaseUnavailable(
-            f"transaction rolled back by a concurrency conflict ({exc}); it is safe to retry",
+            f"transaction rolled back by a concurrency conflict ({message_of(exc)}); "
+            "it is safe to retry",
             sqlstate=sqlstate,
         )
     if isinstance(
@@ -128,24 +144,26 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
         ),
     ):
         return ConfigurationError(
-            f"the database schema is missing or outdated ({exc}); "
+            f"the database schema is missing or outdated ({message_of(exc)}); "
             "run `tokendb migrate` (or `await tokendb.migrate()`)"
         )
     if isinstance(exc, TortoiseConfigurationError):
         return ConfigurationError(
-            f"tokendb is not initialised ({exc}); call `await tokendb.init()` first"
+            f"tokendb is not initialised ({message_of(exc)}); call `await tokendb.init()` first"
         )
     if isinstance(exc, asyncpg.PostgresError):
         return DatabaseError(
-            f"the database rejected the statement: {exc}",
+            f"the database rejected the statement: {message_of(exc)}",
             sqlstate=sqlstate,
             constraint=getattr(exc, "constraint_name", None),
         )
     if isinstance(
         exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, BaseORMException)
     ):
-        return DatabaseError(f"database error: {exc}")
-    return DatabaseError(f"unexpected error talking to the database: {exc!r}")
+        return DatabaseError(f"database error: {message_of(exc)}")
+    return DatabaseError(
+        f"unexpected error talking to the database: {type(exc).__name__}: {message_of(exc)}"
+    )
 
 
 _TRANSLATED: tuple[type[BaseException], ...] = (

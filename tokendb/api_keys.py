@@ -128,8 +128,14 @@ async def issue_api_key(
 def _touch_interval(value: Any) -> timedelta:
     if value is DEFAULT_TOUCH_INTERVAL:
         return value  # every request passes the default: skip the checks
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    if isinstance(value, timedelta):
+        value = _args.exact_timedelta(value)
+        seconds = value.total_seconds()
+    elif isinstance(value, float):
+        seconds = value = float.__float__(value)  # exact, as _args does for the other types
+    elif isinstance(value, int) and not isinstance(value, bool):
+        seconds = value = _args.exact_int(value, "touch_interval")
+    else:
         raise ValidationError("touch_interval", "must be a timedelta or a number of seconds")
     # Checked before timedelta() sees it: NaN, infinities and huge numbers raise there.
     if not (math.isfinite(seconds) and 0 <= seconds <= MAX_TOUCH_INTERVAL.total_seconds()):
@@ -160,10 +166,13 @@ async def verify_api_key(
         DatabaseUnavailable: the database is unreachable.
     """
     interval = _touch_interval(touch_interval)
-    if permission is not None and not isinstance(permission, str):
-        raise ValidationError("permission", "must be a string")
+    if permission is not None:
+        if not isinstance(permission, str):
+            raise ValidationError("permission", "must be a string")
+        permission = _args.exact_str(permission)
     if not keys.is_well_formed(secret):
         raise InvalidApiKey()
+    secret = _args.exact_str(secret)
     rows = await _db.read(_LOOKUP, keys.hash_key(secret))
     if not rows:
         raise InvalidApiKey()

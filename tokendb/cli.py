@@ -358,6 +358,38 @@ def app_migration(
 
 
 @app.command()
+def grant(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Argument(help="The application role (it must exist).")],
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the statements instead of running them.")
+    ] = False,
+) -> None:
+    """Let ROLE run tokendb: DML on its tables, SELECT on Aerich's; nothing more.
+
+    Run it as the owner of tokendb's tables (where you run `tokendb migrate`);
+    the application then connects as ROLE. The database refuses what would
+    break the books to every role but the owner.
+
+    Example: tokendb grant gateway
+    """
+    from tokendb import schema
+
+    if sql:
+        try:
+            statements = schema.grant_sql(role)
+        except TokenDBError as exc:
+            _fail(_escape(str(exc)))
+        typer.echo("".join(f"{statement};\n" for statement in statements), nl=False)
+        return
+    state: _State = ctx.ensure_object(_State)
+    statements = _run(
+        ctx, lambda: schema.grant(role=role, database_url=state.database_url), connect=False
+    )
+    out.print(f"Granted {role} what the application role needs ({len(statements)} statements).")
+
+
+@app.command()
 def demo(
     ctx: typer.Context,
     users: Annotated[

@@ -16,7 +16,7 @@ from typing import Any, TypedDict, TypeVar, Unpack
 
 from tortoise import Tortoise
 
-from tokendb import _db, _settings, _tortoise
+from tokendb import _settings, _tortoise, schema
 from tokendb._translate import translated
 from tokendb.config import (
     APP_LABEL,
@@ -26,6 +26,7 @@ from tokendb.config import (
     resolve_database_async,
 )
 from tokendb.errors import ConfigurationError, TokenDBError
+from tokendb.schema import migrations_location as migrations_location
 
 __all__ = [
     "InitOptions",
@@ -51,23 +52,6 @@ DEFAULT_LOCK_TIMEOUT = 10.0
 
 _COMMAND_TIMEOUT_MARGIN = 5.0
 """Seconds the client waits beyond ``statement_timeout`` before giving up on a statement."""
-
-
-def migrations_location() -> Path:
-    """The folder holding tokendb's Aerich migrations (``<location>/tokendb/*.py``).
-
-    An installed wheel carries them as ``tokendb/_migrations``; a source
-    checkout (or an editable install) has them in ``migrations/`` beside the
-    package.
-    """
-    package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir / "_migrations", package_dir.parent / "migrations"):
-        if (candidate / APP_LABEL).is_dir():
-            return candidate
-    raise ConfigurationError(
-        f"tokendb's migrations are missing (looked in {package_dir / '_migrations'} "
-        f"and {package_dir.parent / 'migrations'}); reinstall tokendb"
-    )
 
 
 Apps = Mapping[str, Mapping[str, Any]]
@@ -118,14 +102,18 @@ async def init(
     statements, group-commit style (:mod:`tokendb.ledger`); turn it off to
     give every call a statement of its own.
 
-    The pool is opened and checked before returning, so a wrong URL fails
-    here, not on the first request. Tortoise's context is made visible to
+    The pool is opened and the schema checked before returning, so a wrong
+    URL or an unmigrated database fails here, not on the first request: in
+    one catalog query, Aerich must have recorded tokendb's newest migration
+    and every backstop (constraint, trigger) must be there
+    (:func:`tokendb.schema.check`). Tortoise's context is made visible to
     every task of the process (its global fallback), so request handlers
     running in tasks of their own see it. An explicit ``database_url`` is the
     whole configuration: nothing is read from the environment for it.
 
     Raises:
-        ConfigurationError: a missing or malformed URL or apps, bad pool sizes or timeouts.
+        ConfigurationError: a missing or malformed URL or apps, bad pool sizes or timeouts,
+            a schema that ``tokendb migrate`` did not make.
         DatabaseUnavailable: the server cannot be reached.
     """
     config = await init_config(
@@ -281,17 +269,18 @@ def _check_timeout(name: str, seconds: object, *, optional: bool) -> None:
 
 @translated
 async def check_connection() -> None:
-    """Guard Tortoise's transactions, open the pool and run ``SELECT 1``.
+    """Guard Tortoise's transactions, open the pool and check the schema (one query).
 
     On failure the connections are closed and the error raised.
 
     Raises:
-        ConfigurationError: Tortoise is not initialised with tokendb's models.
+        ConfigurationError: Tortoise is not initialised with tokendb's models, or the schema
+            is not the one ``tokendb migrate`` makes (:func:`tokendb.schema.check`).
         DatabaseUnavailable: the server cannot be reached.
     """
     _tortoise.guard_transactions()
     try:
-        await _db.read("SELECT 1")
+        await schema.check()
     except TokenDBError:
         await Tortoise.close_connections()
         raise

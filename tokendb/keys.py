@@ -81,6 +81,7 @@ def normalize_permissions(permissions: Iterable[str] | None) -> list[str]:
     for scope in permissions:
         if not isinstance(scope, str):
             raise ValidationError("permissions", f"scopes must be strings, got {scope!r}")
+        scope = str.__str__(scope)  # an exact str: a subclass could override what is checked
         if scope != ALL_PERMISSIONS and not _PERMISSION_PATTERN.fullmatch(scope):
             raise ValidationError(
                 "permissions", f"invalid scope {scope!r} (use '*' or names like 'chat')"

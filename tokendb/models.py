@@ -58,7 +58,9 @@ class User(Model):
     password_hash = fields.CharField(max_length=255)
     name = fields.CharField(max_length=100)
     role = fields.CharEnumField(UserRole, max_length=5, default=UserRole.USER)
-    token_balance = fields.IntField(default=100)
+    # 0, like the database's default: a balance is only ever what the ledger
+    # says (see tokendb.ledger), and a user without ledger rows has 0 tokens.
+    token_balance = fields.IntField(default=0)
     created_at = fields.DatetimeField(auto_now_add=True)
     updated_at = fields.DatetimeField(auto_now=True)
 
@@ -174,6 +176,9 @@ class ChatMessage(Model):
     role = fields.CharEnumField(MessageRole, max_length=9)
     content = fields.TextField()
     tokens = fields.IntField()
+    # The session's tokens_used after this message: each message continues
+    # the previous one's total, as balance_after does in the ledger.
+    tokens_used_after = fields.IntField()
     created_at = fields.DatetimeField(auto_now_add=True)
 
     session_id: UUID

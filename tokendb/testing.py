@@ -25,7 +25,10 @@ Fixtures:
     is dropped at the end of the session, also on failure. For the session,
     argon2 runs with cheap parameters (tests only!).
 ``tokendb_clean``
-    Empties tokendb's tables and the apps' (not Aerich's) before the test.
+    Empties tokendb's tables and the apps' (not Aerich's) before the test, as their owner.
+``tokendb_app_url`` (session)
+    The URL tokendb is initialised with: the application role's when the
+    ``tokendb_app_role`` ini option is on, else ``tokendb_db``'s.
 ``make_user``, ``make_api_key``, ``funded_user``
     Factories going through the public operations.
 
@@ -40,6 +43,11 @@ test's loop; when that loop closes, its connections are shut down after the
 test (so a long suite never piles up backends), and the next test opens a
 pool of its own. Under pytest-xdist each worker gets a database of its own.
 
+With ``tokendb_app_role = true`` in the ini file, ``tokendb_db`` runs tokendb
+the way production should: as an application role that may run DML on the
+tables but owns nothing (:func:`application_role`), while the fixtures that
+set up and empty the database act as the owner. Off by default.
+
 Without pytest-asyncio the plugin still loads (so it never breaks an
 unrelated suite); using one of its fixtures then fails with a clear message.
 """
@@ -50,18 +58,19 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 import tokendb
-from tokendb import passwords
+from tokendb import passwords, schema
 
 try:
     import pytest_asyncio
@@ -74,11 +83,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TEST_DATABASE_URL",
     "TABLES",
+    "application_role",
     "funded_user",
     "make_api_key",
     "make_user",
     "test_server_url",
     "throwaway_database",
+    "tokendb_app_url",
     "tokendb_apps",
     "tokendb_clean",
     "tokendb_db",
@@ -91,6 +102,7 @@ _PROBE_TIMEOUT = 3.0
 _server_url_key = pytest.StashKey[str]()
 _app_tables_key = pytest.StashKey[list[str]]()
 _embedded_key = pytest.StashKey[bool]()
+_app_url_key = pytest.StashKey[str]()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,6 +116,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(default: $TOKENDB_TEST_DATABASE_URL, else "
         + DEFAULT_TEST_DATABASE_URL
         + " if it answers, else tokendb's embedded server)",
+    )
+    parser.addini(
+        "tokendb_app_role",
+        type="bool",
+        default=False,
+        help="tokendb_db initialises tokendb as a DML-only application role "
+        "(not the tables' owner), as production should run it",
     )
 
 
@@ -190,8 +209,20 @@ async def throwaway_database(
             await admin.close()
 
 
-async def truncate_all(tables: Sequence[str] = TABLES) -> None:
-    """Empty tokendb's tables (keeping Aerich's migration history), and ``tables`` besides."""
+async def truncate_all(tables: Sequence[str] = TABLES, *, database_url: str | None = None) -> None:
+    """Empty tokendb's tables (keeping Aerich's migration history), and ``tables`` besides.
+
+    The tables refuse TRUNCATE to everyone but their owner: pass the owner's
+    ``database_url`` (``tokendb_db``'s), or leave it out to truncate through
+    tokendb's own pool when tokendb runs as the owner.
+    """
+    if database_url is not None:
+        conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+        try:
+            await _truncate(conn, tables)
+        finally:
+            await conn.close()
+        return
     from tokendb import _db
 
     async def truncate(conn: _db.Connection) -> None:
@@ -201,10 +232,62 @@ async def truncate_all(tables: Sequence[str] = TABLES) -> None:
 
 
 async def _truncate(conn: asyncpg.Connection, tables: Sequence[str]) -> None:
-    # The ledger refuses TRUNCATE unless this transaction says it is a test harness.
-    await conn.execute("SET LOCAL tokendb.allow_truncate = on")
     names = ", ".join(f'"{table}"' for table in dict.fromkeys([*TABLES, *tables]))
     await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+
+
+def _with_credentials(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{host}"))
+
+
+@asynccontextmanager
+async def application_role(database_url: str, tables: Sequence[str] = ()) -> AsyncIterator[str]:
+    """A new DML-only application role on ``database_url``'s database; yields its URL.
+
+    ``database_url`` connects as the owner of tokendb's (migrated) tables or
+    a superuser. The role, ``tokendb_app_<random>``, logs in with a random
+    password and is granted what :func:`tokendb.schema.grant` grants, plus
+    DML on ``tables`` (an application's own) and the schema's sequences;
+    nothing else. It is dropped, with its privileges, on the way out: close
+    the connections it opened first.
+    """
+    role = f"tokendb_app_{uuid.uuid4().hex[:12]}"
+    password = secrets.token_urlsafe(24)
+    admin = await asyncpg.connect(_asyncpg_dsn(database_url))
+    try:
+        # The password goes in as a literal: CREATE ROLE takes no parameters.
+        literal = await admin.fetchval("SELECT quote_literal($1)", password)
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD {literal}')
+    finally:
+        await admin.close()
+    try:
+        await schema.grant(role=role, database_url=database_url)
+        if tables:
+            admin = await asyncpg.connect(_asyncpg_dsn(database_url))
+            try:
+                names = ", ".join(f'"{table}"' for table in tables)
+                await admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON {names} TO "{role}"')
+                await admin.execute(
+                    f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA current_schema TO "{role}"'
+                )
+            finally:
+                await admin.close()
+        yield _with_credentials(database_url, role, password)
+    finally:
+        admin = await asyncpg.connect(_asyncpg_dsn(database_url))
+        try:
+            await admin.execute(f'DROP OWNED BY "{role}"')  # its privileges in this database
+            await admin.execute(f'DROP ROLE "{role}"')
+        finally:
+            await admin.close()
+
+
+@asynccontextmanager
+async def _as_owner(url: str) -> AsyncIterator[str]:
+    yield url
 
 
 def _truncate_in_a_thread(url: str, tables: Sequence[str]) -> None:
@@ -309,7 +392,12 @@ def _app_tables(labels: Sequence[str]) -> list[str]:
 async def tokendb_db(
     request: pytest.FixtureRequest, tokendb_apps: dict[str, dict[str, Any]]
 ) -> AsyncIterator[str]:
-    """A migrated throw-away database with tokendb (and ``tokendb_apps``) on it; yields its URL."""
+    """A migrated throw-away database with tokendb (and ``tokendb_apps``) on it; yields its URL.
+
+    The URL connects as the owner of the tables (the server's admin role);
+    under ``tokendb_app_role`` tokendb itself runs as an application role
+    (``tokendb_app_url``).
+    """
     from tokendb import _tortoise
 
     server_url = await asyncio.to_thread(test_server_url, request.config)
@@ -326,13 +414,26 @@ async def tokendb_db(
             await tokendb.migrate(url)
             await _create_app_tables(url, tortoise_apps, migrations)
             await tokendb.init(url, apps=tortoise_apps, min_size=1, max_size=20)
-            request.config.stash[_app_tables_key] = _app_tables(list(tortoise_apps))
-            # Each test opens the pool in its own event loop (see pytest_runtest_teardown).
-            await _tortoise.close_pool(_tortoise.models_client())
-            try:
-                yield url
-            finally:
-                await tokendb.close()
+            app_tables = _app_tables(list(tortoise_apps))
+            request.config.stash[_app_tables_key] = app_tables
+            as_app = bool(request.config.getini("tokendb_app_role"))
+            async with application_role(url, app_tables) if as_app else _as_owner(url) as runs_as:
+                if as_app:
+                    await tokendb.init(runs_as, apps=tortoise_apps, min_size=1, max_size=20)
+                request.config.stash[_app_url_key] = runs_as
+                # Each test opens the pool in its own event loop (see pytest_runtest_teardown).
+                await _tortoise.close_pool(_tortoise.models_client())
+                try:
+                    yield url
+                finally:
+                    await tokendb.close()
+
+
+@pytest.fixture(scope="session")
+def tokendb_app_url(tokendb_db: str, request: pytest.FixtureRequest) -> str:
+    """The URL tokendb is initialised with: the application role's under
+    ``tokendb_app_role``, else ``tokendb_db``'s (the owner's)."""
+    return request.config.stash[_app_url_key]
 
 
 @pytest.fixture

@@ -57,9 +57,10 @@ def normalize_email(email: Any) -> str:
     return normalized
 
 
-def _password(password: Any, field: str = "password") -> str:
-    if not isinstance(password, str):
-        raise ValidationError(field, f"must be a string, got {type(password).__name__}")
+def _password(value: Any, field: str = "password") -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {type(value).__name__}")
+    password = _args.exact_str(value)
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValidationError(field, f"must be at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
@@ -125,7 +126,9 @@ async def authenticate(*, email: str, password: str) -> User:
         DatabaseUnavailable: the database is unreachable, or the connection was lost
             (``.outcome_unknown`` once the write was sent).
     """
-    if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
+    if not isinstance(password, str) or len(password := _args.exact_str(password)) > (
+        MAX_PASSWORD_LENGTH
+    ):
         raise InvalidCredentials()
     try:
         normalized = normalize_email(email)
@@ -227,7 +230,9 @@ async def change_password(
     password = _password(new_password, "new_password")
     checked_hash: str | None = None
     if current_password is not None:
-        if not isinstance(current_password, str) or len(current_password) > MAX_PASSWORD_LENGTH:
+        if not isinstance(current_password, str) or len(
+            current_password := _args.exact_str(current_password)
+        ) > (MAX_PASSWORD_LENGTH):
             raise InvalidCredentials()
         rows = await _db.read("SELECT password_hash FROM users WHERE id = $1", user_id)
         if not rows:

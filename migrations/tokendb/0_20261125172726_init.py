@@ -1,9 +1,13 @@
 from tortoise import BaseDBAsyncClient
 
+from tokendb._migration_guard import ALREADY_APPLIED, apply_once
+
 RUN_IN_TRANSACTION = True
 
 
 async def upgrade(db: BaseDBAsyncClient) -> str:
+    if not await apply_once(db, __file__):
+        return ALREADY_APPLIED  # by a concurrent `aerich upgrade`, while this one waited
     return """
         CREATE TABLE IF NOT EXISTS "users" (
     "id" UUID NOT NULL PRIMARY KEY,

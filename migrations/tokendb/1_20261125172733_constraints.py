@@ -8,10 +8,14 @@ generated init migration below it is the floor.
 
 from tortoise import BaseDBAsyncClient
 
+from tokendb._migration_guard import ALREADY_APPLIED, apply_once
+
 RUN_IN_TRANSACTION = True
 
 
 async def upgrade(db: BaseDBAsyncClient) -> str:
+    if not await apply_once(db, __file__):
+        return ALREADY_APPLIED  # by a concurrent `aerich upgrade`, while this one waited
     return """
 -- DB defaults, so raw SQL inserts get the same values as the application.
 -- gen_random_uuid() is built in since PostgreSQL 13; tokendb itself sends

@@ -89,6 +89,7 @@ class ChatMessageOut(_Out):
     role: MessageRole
     content: str
     tokens: int
+    tokens_used_after: int
     created_at: datetime
 
 

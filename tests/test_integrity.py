@@ -1,0 +1,818 @@
+"""Integrity against every client (issue 9): each attack, as the application role.
+
+tokendb runs as a DML-only application role in this suite (``tokendb_app_role``
+in pyproject.toml), and so do the exported Tortoise models. Every attack of
+the issue is sent twice around tokendb's operations: through the models and
+as raw SQL on a connection of that role (granted TRUNCATE too, as the threat
+model allows), committed. Each is refused (by the constraint named) or made
+harmless, and then the books are checked in SQL (:mod:`tests.books`).
+Attack 11 (concurrent ``aerich upgrade`` processes) is in ``test_migrations.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from tortoise import Tortoise
+from tortoise.transactions import in_transaction
+
+import tokendb
+from tests import books
+from tests.helpers import migrations_copy
+from tokendb import _db
+from tokendb._translate import translated
+from tokendb.connection import _upgrade
+from tokendb.models import (
+    ApiKey,
+    ChatMessage,
+    ChatSession,
+    MessageRole,
+    TokenTransaction,
+    TransactionType,
+    User,
+)
+from tokendb.schema import BACKSTOPS
+from tokendb.testing import application_role, throwaway_database
+from tokendb.testing import test_server_url as admin_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def app(app_role: str, tokendb_clean: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the application role, outside any transaction: what it sends commits."""
+    conn = await asyncpg.connect(app_role)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def owner(tokendb_clean: str) -> AsyncIterator[asyncpg.Connection]:
+    """The owner's connection, to read the books."""
+    conn = await asyncpg.connect(tokendb_clean)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def constraint_of(exc: BaseException) -> str | None:
+    """The constraint an error (asyncpg's, Tortoise's wrapping it, tokendb's) names."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        name = getattr(error, "constraint_name", None) or getattr(error, "constraint", None)
+        if name:
+            return str(name)
+        todo += [e for e in (error.__cause__, error.__context__) if e is not None]
+        todo += [arg for arg in error.args if isinstance(arg, BaseException)]
+    return None
+
+
+@contextlib.contextmanager
+def refused(constraint: str) -> Iterator[None]:
+    """The block fails, and the error names ``constraint``."""
+    with pytest.raises(Exception) as info:
+        yield
+    assert constraint_of(info.value) == constraint, repr(info.value)
+
+
+async def assert_books_balance(owner: asyncpg.Connection) -> None:
+    assert await books.problems(owner) == []
+    assert await tokendb.audit_ledger() == []
+    assert await tokendb.audit_chats() == []
+
+
+def email() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}@example.com"
+
+
+# --- 1. a balance no ledger row gave ------------------------------------------------------
+
+
+async def test_attack_1_a_user_created_with_a_balance_via_the_model(
+    owner: asyncpg.Connection,
+) -> None:
+    rich = email()
+    with refused("users_balance_follows_ledger"):
+        await User.create(email=rich, password_hash="x", name="n", token_balance=10**9)
+    assert not await User.filter(email=rich).exists()
+    # With the model's default, a valid user without tokens: nothing to spend.
+    plain = await User.create(email=email(), password_hash="x", name="n")
+    assert plain.token_balance == 0 == await tokendb.get_balance(user=plain)
+    with pytest.raises(tokendb.InsufficientTokens):
+        await tokendb.charge(user=plain, amount=1)
+    await assert_books_balance(owner)
+
+
+async def test_attack_1_a_user_inserted_with_a_balance_as_raw_sql(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    with refused("users_balance_follows_ledger"):
+        await app.execute(
+            "INSERT INTO users (email, password_hash, name, token_balance) "
+            "VALUES ($1, 'x', 'n', 1000000000)",
+            email(),
+        )
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("users_balance_follows_ledger"):
+        await app.execute("UPDATE users SET token_balance = 1000000000 WHERE id = $1", user.id)
+    assert await tokendb.get_balance(user=user) == 100
+    await assert_books_balance(owner)
+
+
+# --- 2. a balance with one ledger row that does not add up --------------------------------
+
+
+async def test_attack_2_a_balance_and_a_row_that_do_not_add_up_via_the_models(
+    owner: asyncpg.Connection,
+) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("token_transactions_chain"):
+        async with in_transaction():
+            await User.filter(id=user.id).update(token_balance=1_000_000)
+            await TokenTransaction.create(
+                user_id=user.id, amount=1, type=TransactionType.TOPUP, balance_after=1_000_000
+            )
+    assert await tokendb.get_balance(user=user) == 100
+    await assert_books_balance(owner)
+
+
+async def test_attack_2_a_balance_and_a_row_that_do_not_add_up_as_raw_sql(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("token_transactions_chain"):
+        async with app.transaction():
+            await app.execute("UPDATE users SET token_balance = 1000000 WHERE id = $1", user.id)
+            await app.execute(
+                "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+                "VALUES ($1, 1, 'topup', 1000000)",
+                user.id,
+            )
+    # The same balance written as what it is, a top-up of the difference, is a
+    # movement like tokendb.top_up's: the books balance, nothing to refuse.
+    async with app.transaction():
+        await app.execute("UPDATE users SET token_balance = 1000000 WHERE id = $1", user.id)
+        await app.execute(
+            "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+            "VALUES ($1, 999900, 'topup', 1000000)",
+            user.id,
+        )
+    assert await tokendb.get_balance(user=user) == 1_000_000
+    await assert_books_balance(owner)
+
+
+# --- 3. made-up balance_after -------------------------------------------------------------
+
+
+async def test_attack_3_made_up_rows_via_the_models(owner: asyncpg.Connection) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("token_transactions_chain"):
+        await TokenTransaction.create(
+            user_id=user.id, amount=5, type=TransactionType.TOPUP, balance_after=5_000
+        )
+    with refused("token_transactions_chain"):
+        await TokenTransaction.bulk_create(
+            [
+                TokenTransaction(
+                    user_id=user.id, amount=5, type=TransactionType.TOPUP, balance_after=after
+                )
+                for after in (105, 999)
+            ]
+        )
+    # A row that continues the chain, without the balance it gives: refused at commit.
+    with refused("users_balance_follows_ledger"):
+        await TokenTransaction.create(
+            user_id=user.id, amount=5, type=TransactionType.TOPUP, balance_after=105
+        )
+    assert [tx.balance_after for tx in await tokendb.list_transactions(user=user)] == [100]
+    await assert_books_balance(owner)
+
+
+async def test_attack_3_made_up_rows_as_raw_sql(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    insert = (
+        "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+        "VALUES ($1, $2, $3, $4)"
+    )
+    for amount, kind, after, constraint in [
+        (5, "topup", 5_000, "token_transactions_chain"),
+        (-5, "usage", 100, "token_transactions_chain"),
+        (5, "topup", 105, "users_balance_follows_ledger"),
+    ]:
+        with refused(constraint):
+            await app.execute(insert, user.id, amount, kind, after)
+    await assert_books_balance(owner)
+
+
+# --- 4. a row dated in the future -----------------------------------------------------------
+
+
+async def test_attack_4_a_row_dated_in_the_future_is_dated_now(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """Harmless: the database dates the row when it is written, so the user's
+    next movements continue after it."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    async with app.transaction():
+        await app.execute("UPDATE users SET token_balance = 110 WHERE id = $1", user.id)
+        dated = await app.fetchval(
+            "INSERT INTO token_transactions (user_id, amount, type, balance_after, created_at) "
+            "VALUES ($1, 10, 'topup', 110, '2999-01-01') RETURNING created_at",
+            user.id,
+        )
+    assert dated <= await owner.fetchval("SELECT clock_timestamp()")
+    # Through the model too.
+    async with in_transaction():
+        await User.filter(id=user.id).update(token_balance=120)
+        row = await TokenTransaction.create(
+            user_id=user.id,
+            amount=10,
+            type=TransactionType.TOPUP,
+            balance_after=120,
+            created_at=datetime(2999, 1, 1, tzinfo=UTC),
+        )
+    stored = await owner.fetchval("SELECT created_at FROM token_transactions WHERE id = $1", row.id)
+    assert dated < stored <= await owner.fetchval("SELECT clock_timestamp()")
+    charged = await tokendb.charge(user=user, amount=30)
+    assert (charged.balance_after, charged.created_at > stored) == (90, True)
+    await assert_books_balance(owner)
+
+
+# --- 5. emptying the ledger -----------------------------------------------------------------
+
+
+async def test_attack_5_the_ledger_cannot_be_emptied_or_edited(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("token_transactions_append_only"):
+        async with app.transaction():
+            await app.execute("SET LOCAL tokendb.allow_truncate = on")
+            await app.execute("TRUNCATE token_transactions")
+    with refused("token_transactions_append_only"):
+        await TokenTransaction.all().delete()
+    with refused("token_transactions_append_only"):
+        await TokenTransaction.filter(user_id=user.id).update(amount=1_000)
+    with refused("token_transactions_append_only"):
+        await app.execute("DELETE FROM token_transactions WHERE user_id = $1", user.id)
+    with refused("users_no_truncate"):
+        await app.execute("TRUNCATE users CASCADE")
+    charged = await tokendb.charge(user=user, amount=40)
+    assert charged.balance_after == 60
+    assert len(await tokendb.list_transactions(user=user)) == 2
+    await assert_books_balance(owner)
+
+
+# --- 6. chats: a message nobody paid for, a stale session saved back --------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def session(tokendb_clean: str) -> ChatSession:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    key, _ = await tokendb.issue_api_key(user=user, name="k")
+    return await tokendb.start_chat(api_key=key, model="m")
+
+
+async def test_attack_6_a_message_without_its_charge_via_the_models(
+    session: ChatSession, owner: asyncpg.Connection
+) -> None:
+    with refused("chat_sessions_tokens_follow_messages"):
+        await ChatMessage.create(
+            session_id=session.id,
+            role=MessageRole.USER,
+            content="free?",
+            tokens=50,
+            tokens_used_after=50,
+        )
+    with refused("chat_messages_billed"):
+        async with in_transaction():
+            await ChatSession.filter(id=session.id).update(tokens_used=50)
+            await ChatMessage.create(
+                session_id=session.id,
+                role=MessageRole.USER,
+                content="free?",
+                tokens=50,
+                tokens_used_after=50,
+            )
+    assert await ChatMessage.filter(session_id=session.id).count() == 0
+    await assert_books_balance(owner)
+
+
+async def test_attack_6_a_stale_session_saved_back(
+    session: ChatSession, owner: asyncpg.Connection
+) -> None:
+    stale = await ChatSession.get(id=session.id)
+    await tokendb.add_message(session=session, role="user", content="hi", tokens=7)
+    with refused("chat_sessions_tokens_follow_messages"):
+        await stale.save()  # tokens_used back to 0
+    assert (await tokendb.get_chat(session=session)).tokens_used == 7
+    await tokendb.end_chat(session=session)
+    stale = await ChatSession.get(id=session.id)
+    stale.ended_at = None
+    with refused("chat_sessions_ended_final"):
+        await stale.save()
+    with pytest.raises(tokendb.ChatSessionEnded):
+        await tokendb.add_message(session=session, role="user", content="again", tokens=3)
+    await assert_books_balance(owner)
+
+
+async def test_attack_6_chats_as_raw_sql(
+    session: ChatSession, app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    message = await tokendb.add_message(session=session, role="user", content="hi", tokens=7)
+    insert = (
+        "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+        "VALUES ($1, 'user', 'x', $2, $3)"
+    )
+    for sql, args, constraint in [
+        (insert, (50, 57), "chat_sessions_tokens_follow_messages"),
+        (insert, (50, 50), "chat_messages_chain"),
+        (
+            "UPDATE chat_sessions SET tokens_used = 0 WHERE id = $1",
+            (),
+            "chat_sessions_tokens_follow_messages",
+        ),
+        (
+            "UPDATE chat_messages SET tokens = 0 WHERE session_id = $1",
+            (),
+            "chat_messages_immutable",
+        ),
+        ("DELETE FROM chat_messages WHERE session_id = $1", (), "chat_messages_kept"),
+        ("DELETE FROM chat_sessions WHERE id = $1", (), "chat_sessions_kept"),
+    ]:
+        with refused(constraint):
+            await app.execute(sql, session.id, *args)
+    # A second usage row for the message: one per message (the idempotency index).
+    with refused("token_transactions_idempotency_key"):
+        async with app.transaction():
+            await app.execute(
+                "UPDATE users SET token_balance = token_balance - 7 WHERE id = $1", session.user_id
+            )
+            await app.execute(
+                "INSERT INTO token_transactions (user_id, amount, type, balance_after, "
+                "reference_id) SELECT $1, -7, 'usage', token_balance, $2 FROM users WHERE id = $1",
+                session.user_id,
+                message.id,
+            )
+    # Redacting a message's text is allowed; its numbers are not touched.
+    await app.execute("UPDATE chat_messages SET content = '[redacted]' WHERE id = $1", message.id)
+    await tokendb.end_chat(session=session)
+    with refused("chat_sessions_ended_final"):
+        await app.execute("UPDATE chat_sessions SET ended_at = NULL WHERE id = $1", session.id)
+    with refused("chat_messages_session_open"):
+        await app.execute(insert, session.id, 0, 7)
+    await assert_books_balance(owner)
+
+
+# --- 7. revived keys ------------------------------------------------------------------------
+
+
+async def test_attack_7_a_revoked_key_never_verifies_again(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    user = await tokendb.create_user(
+        email=email(), password="long enough", name="n", signup_bonus=0
+    )
+    key, secret = await tokendb.issue_api_key(user=user, name="k", permissions=["admin"])
+    await tokendb.revoke_api_key(api_key=key)
+    (row,) = await owner.fetch("SELECT * FROM api_keys WHERE id = $1", key.id)
+    with refused("api_keys_kept"):
+        await ApiKey.filter(id=key.id).delete()
+    with refused("api_keys_kept"):
+        await app.execute("DELETE FROM api_keys WHERE id = $1", key.id)
+    with refused("api_keys_kept"):  # ON DELETE CASCADE runs as the owner: refused all the same
+        await app.execute("DELETE FROM users WHERE id = $1", user.id)
+    # A new key with the revoked key's hash: the hash is taken for good.
+    with refused("api_keys_key_hash_key"):
+        await app.execute(
+            "INSERT INTO api_keys (user_id, key_hash, key_prefix, name, permissions) "
+            "VALUES ($1, $2, $3, 'again', '[\"admin\"]')",
+            user.id,
+            row["key_hash"],
+            row["key_prefix"],
+        )
+    with refused("api_keys_revocation_final"):
+        await ApiKey.filter(id=key.id).update(is_active=True)
+    for permission in (None, "admin"):
+        with pytest.raises(tokendb.ApiKeyRevoked):
+            await tokendb.verify_api_key(secret=secret, permission=permission)
+    await assert_books_balance(owner)
+
+
+async def test_attack_7_an_expired_key_never_verifies_again(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    key, secret = await tokendb.issue_api_key(
+        user=user, name="k", expires_at=datetime.now(UTC) + timedelta(days=1)
+    )
+    # Its expiry arrives (the owner moves it; a key that has not expired may change).
+    await owner.execute(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", key.id
+    )
+    stale = await ApiKey.get(id=key.id)
+    stale.expires_at = None
+    with refused("api_keys_expiry_final"):
+        await stale.save()
+    with refused("api_keys_expiry_final"):
+        await app.execute(
+            "UPDATE api_keys SET expires_at = now() + interval '1 year' WHERE id = $1", key.id
+        )
+    with pytest.raises(tokendb.ApiKeyExpired):
+        await tokendb.verify_api_key(secret=secret)
+    with pytest.raises(tokendb.ApiKeyExpired):
+        await tokendb.start_chat(api_key=key, model="m")
+    with refused("chat_sessions_key_valid"):
+        await app.execute(
+            "INSERT INTO chat_sessions (user_id, api_key_id, model) VALUES ($1, $2, 'm')",
+            user.id,
+            key.id,
+        )
+    await assert_books_balance(owner)
+
+
+# --- 8. emails ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "constraint"),
+    [
+        ("Ada@X.io", "users_email_normalised"),
+        (" ada@x.io ", "users_email_normalised"),
+        (" not an email ", "users_email_normalised"),
+        ("not an email", "users_email_shape"),
+    ],
+)
+async def test_attack_8_emails_stay_normalised(
+    app: asyncpg.Connection, owner: asyncpg.Connection, value: str, constraint: str
+) -> None:
+    user = await tokendb.create_user(email="ada@x.io", password="long enough", name="Ada")
+    with refused(constraint):
+        await User.filter(id=user.id).update(email=value)
+    with refused(constraint):
+        await app.execute("UPDATE users SET email = $2 WHERE id = $1", user.id, value)
+    with refused(constraint):
+        await app.execute(
+            "INSERT INTO users (email, password_hash, name) VALUES ($1, 'x', 'n')", value
+        )
+    assert (await tokendb.authenticate(email="Ada@X.io ", password="long enough")).id == user.id
+    assert (await tokendb.get_user(email="ADA@x.io")).id == user.id
+    await assert_books_balance(owner)
+
+
+async def test_attack_8_non_ascii_capitals_as_the_servers_locale_folds_them(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """lower() follows the database's locale: under C.UTF-8 (this server) it folds
+    Ä, under the C locale ASCII only. What tokendb stores is folded by Python."""
+    folds = await owner.fetchval("SELECT lower('ÄDA@X.IO') = 'äda@x.io'")
+    user = await tokendb.create_user(email="ÄDA@X.IO", password="long enough", name="Äda")
+    assert user.email == "äda@x.io"
+    if folds:
+        with refused("users_email_normalised"):
+            await app.execute("UPDATE users SET email = 'ÄDA@x.io' WHERE id = $1", user.id)
+    await assert_books_balance(owner)
+
+
+# --- 9. lying ints, DETAIL in error texts --------------------------------------------------------
+
+
+class LyingInt(int):
+    """An int whose comparisons always pass and whose __index__/__int__ say ``told``."""
+
+    told: int = 0
+
+    def __new__(cls, value: int, told: int) -> LyingInt:
+        self = super().__new__(cls, value)
+        self.told = told
+        return self
+
+    def __index__(self) -> int:
+        return self.told
+
+    def __int__(self) -> int:
+        return self.told
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return False
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __ge__(self, other: object) -> bool:
+        return True
+
+
+class Indexable:
+    """An integer type that is not an int (as numpy's are): it counts for its __index__."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+async def test_attack_9_lying_ints_are_checked_as_the_number_sent(
+    owner: asyncpg.Connection,
+) -> None:
+    """An int subclass counts for the digits it holds, which is what asyncpg
+    encodes, whatever its methods say; that number is checked and sent."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    for liar in (LyingInt(-5, told=5), LyingInt(10**12, told=5), LyingInt(0, told=5)):
+        with pytest.raises(tokendb.ValidationError) as info:
+            await tokendb.charge(user=user, amount=liar)
+        assert info.value.field == "amount"
+    for liar in (LyingInt(-5, told=5), LyingInt(10**12, told=5)):
+        with pytest.raises(tokendb.ValidationError):
+            await tokendb.create_user(
+                email=email(), password="long enough", name="n", signup_bonus=liar
+            )
+    charged = await tokendb.charge(user=user, amount=LyingInt(3, told=10**9))
+    assert (charged.amount, charged.balance_after) == (-3, 97)
+    charged = await tokendb.charge(user=user, amount=Indexable(4))  # type: ignore[arg-type]
+    assert (charged.amount, charged.balance_after) == (-4, 93)
+    not_numbers: tuple[Any, ...] = (True, 3.0, "3", Indexable(-1), Indexable(2**31))
+    for not_a_number in not_numbers:
+        with pytest.raises(tokendb.ValidationError):
+            await tokendb.charge(user=user, amount=not_a_number)
+    await assert_books_balance(owner)
+
+
+class LyingStr(str):
+    def __len__(self) -> int:
+        return 1
+
+    def strip(self, chars: str | None = None) -> str:
+        return "ok"
+
+
+async def test_attack_9_lying_strings_are_checked_as_the_text_sent(tokendb_clean: str) -> None:
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.issue_api_key(user=user, name=LyingStr("x" * 101))
+    assert info.value.field == "name"
+    with pytest.raises(tokendb.ValidationError):
+        await tokendb.change_password(user=user, new_password=LyingStr("x" * 5000))
+
+
+async def test_attack_9_database_errors_carry_no_detail(
+    app: asyncpg.Connection, tokendb_clean: str
+) -> None:
+    """A CHECK that fires on a row with a password hash: PostgreSQL's DETAIL
+    quotes the row; tokendb's error says what was refused, not the row."""
+    password_hash = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo"
+
+    @translated
+    async def write() -> None:
+        await _db.write(
+            "INSERT INTO users (email, password_hash, name, role) VALUES ($1, $2, 'n', 'root')",
+            email(),
+            password_hash,
+        )
+
+    with pytest.raises(tokendb.DatabaseError) as info:
+        await write()
+    cause = info.value.__cause__
+    assert isinstance(cause, asyncpg.CheckViolationError) and password_hash in str(cause)
+    assert info.value.constraint == "users_role_valid"
+    assert password_hash not in str(info.value)
+    assert "c2FsdHNhbHRzYWx0" not in str(info.value) and "DETAIL" not in str(info.value)
+
+
+# --- 10. a schema tokendb migrate did not make ---------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def server(request: pytest.FixtureRequest, tokendb_app_url: str) -> AsyncIterator[str]:
+    """The test server; tokendb is initialised on the session's database again afterwards."""
+    try:
+        yield admin_url(request.config)
+    finally:
+        await tokendb.init(tokendb_app_url, min_size=1, max_size=20)
+
+
+async def refused_by_init(url: str, *fragments: str) -> None:
+    with pytest.raises(tokendb.ConfigurationError) as info:
+        await tokendb.init(url)
+    for fragment in ("tokendb migrate", *fragments):
+        assert fragment in str(info.value), str(info.value)
+    assert not tokendb.connection.is_initialised()
+
+
+async def test_attack_10_init_refuses_a_schema_tokendb_migrate_did_not_make(
+    server: str, tmp_path: Any
+) -> None:
+    async with throwaway_database(server, prefix="tokendb_init") as url:
+        await refused_by_init(url, "no aerich table")
+        # Tortoise.generate_schemas(): the tables, none of the backstops.
+        await Tortoise.init(db_url=url, modules={"tokendb": ["tokendb.models"]})
+        await Tortoise.generate_schemas()
+        await Tortoise.close_connections()
+        await refused_by_init(url, f"{len(BACKSTOPS)} of its backstops are missing")
+        # A host application's own Aerich migration of tokendb's models: its
+        # app's records, not tokendb's.
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "CREATE TABLE aerich (id SERIAL PRIMARY KEY, version VARCHAR(255) NOT NULL, "
+                "app VARCHAR(100) NOT NULL, content JSONB NOT NULL);"
+                "INSERT INTO aerich (version, app, content) VALUES ('0_init.py', 'models', '{}')"
+            )
+        finally:
+            await conn.close()
+        await refused_by_init(url, "has not recorded tokendb's migration")
+    async with throwaway_database(server, prefix="tokendb_init") as url:
+        await _upgrade(url, migrations_copy(tmp_path, upto=0))  # the init migration alone
+        await refused_by_init(url, "has not recorded tokendb's migration", "backstops are missing")
+
+
+async def test_attack_10_init_refuses_a_schema_missing_one_backstop(server: str) -> None:
+    async with throwaway_database(server, prefix="tokendb_init") as url:
+        await tokendb.migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute('DROP TRIGGER "chat_messages_billed" ON "chat_messages"')
+        finally:
+            await conn.close()
+        await refused_by_init(url, "1 of its backstops are missing (chat_messages_billed)")
+
+
+async def test_attack_10_an_application_role_that_cannot_read_aerich_is_told_to_grant(
+    server: str,
+) -> None:
+    async with throwaway_database(server, prefix="tokendb_init") as url:
+        await tokendb.migrate(url)
+        async with application_role(url) as role_url:
+            await tokendb.init(role_url)  # granted: fine
+            await tokendb.close()
+            conn = await asyncpg.connect(url)
+            try:
+                role = role_url.split("//", 1)[1].split(":", 1)[0]
+                await conn.execute(f'REVOKE SELECT ON aerich FROM "{role}"')
+            finally:
+                await conn.close()
+            with pytest.raises(tokendb.ConfigurationError, match="tokendb grant"):
+                await tokendb.init(role_url)
+
+
+# --- around the triggers: what else the application role can send -------------------------------
+
+
+async def test_a_temp_table_does_not_shadow_the_ledger_for_the_triggers(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """A TEMP table named like tokendb's is what unqualified names find first in
+    the session that made it; the trigger functions pin their search_path."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("token_transactions_chain"):
+        async with app.transaction():
+            await app.execute(
+                "CREATE TEMP TABLE token_transactions (user_id uuid, seq int, "
+                "balance_after int, created_at timestamptz, id uuid) ON COMMIT DROP"
+            )
+            await app.execute(
+                "INSERT INTO pg_temp.token_transactions VALUES ($1, 1, 999999, '2000-01-01', "
+                "gen_random_uuid())",
+                user.id,
+            )
+            await app.execute(
+                "UPDATE public.users SET token_balance = 1000004 WHERE id = $1", user.id
+            )
+            await app.execute(
+                "INSERT INTO public.token_transactions (user_id, amount, type, balance_after) "
+                "VALUES ($1, 5, 'topup', 1000004)",
+                user.id,
+            )
+    await assert_books_balance(owner)
+
+
+async def test_the_switches_of_the_owner_are_out_of_reach(app: asyncpg.Connection) -> None:
+    for sql in (
+        "SET session_replication_role = replica",
+        "ALTER TABLE token_transactions DISABLE TRIGGER token_transactions_chain",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute(sql)
+
+
+async def test_two_repeatable_read_writers_cannot_fork_a_users_chain(
+    app_role: str, owner: asyncpg.Connection, tokendb_clean: str
+) -> None:
+    """A REPEATABLE READ snapshot cannot see rows committed after it. One
+    writer adds a +5/-5 pair (the balance does not change, so the user's row
+    is not updated and no serialization failure stops the other); the other,
+    whose snapshot predates the pair, adds a row after what it sees. Both
+    rows would claim the same predecessor: token_transactions_user_seq_key
+    refuses the second."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    first, second = await asyncpg.connect(app_role), await asyncpg.connect(app_role)
+    try:
+        late = second.transaction(isolation="repeatable_read")
+        await late.start()
+        await second.fetchval(
+            "SELECT balance_after FROM token_transactions WHERE user_id = $1", user.id
+        )
+        async with first.transaction(isolation="repeatable_read"):
+            for amount, kind, after in [(5, "topup", 105), (-5, "usage", 100)]:
+                await first.execute(
+                    "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+                    "VALUES ($1, $2, $3, $4)",
+                    user.id,
+                    amount,
+                    kind,
+                    after,
+                )
+        with refused("token_transactions_user_seq_key"):
+            await second.execute(
+                "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+                "VALUES ($1, 7, 'topup', 107)",
+                user.id,
+            )
+        await late.rollback()
+    finally:
+        await first.close()
+        await second.close()
+    await assert_books_balance(owner)
+
+
+async def test_a_session_opens_on_its_own_users_live_key(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    alice = await tokendb.create_user(email=email(), password="long enough", name="a")
+    bob = await tokendb.create_user(email=email(), password="long enough", name="b")
+    key, _ = await tokendb.issue_api_key(user=alice, name="k")
+    insert = "INSERT INTO chat_sessions (user_id, api_key_id, model) VALUES ($1, $2, 'm')"
+    with refused("chat_sessions_key_owner"):
+        await app.execute(insert, bob.id, key.id)
+    session_id = await app.fetchval(insert + " RETURNING id", alice.id, key.id)
+    for sql, args in [
+        ("UPDATE chat_sessions SET user_id = $2 WHERE id = $1", (bob.id,)),
+        ("UPDATE chat_sessions SET created_at = '2000-01-01' WHERE id = $1", ()),
+    ]:
+        with refused("chat_sessions_immutable"):
+            await app.execute(sql, session_id, *args)
+    await tokendb.revoke_api_key(api_key=key)
+    with refused("chat_sessions_key_valid"):
+        await app.execute(insert, alice.id, key.id)
+    await assert_books_balance(owner)
+
+
+async def test_a_usage_row_bills_exactly_its_message(
+    session: ChatSession, app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """A usage row referencing a message of its user bills that message's tokens:
+    none for a message of 0 tokens."""
+    free = await tokendb.add_message(session=session, role="user", content="hi", tokens=0)
+    with refused("chat_messages_billed"):
+        await tokendb.charge(user=session.user_id, amount=5, reference_id=free.id)
+    with refused("chat_messages_billed"):
+        async with app.transaction():
+            await app.execute(
+                "UPDATE users SET token_balance = token_balance - 5 WHERE id = $1",
+                session.user_id,
+            )
+            await app.execute(
+                "INSERT INTO token_transactions (user_id, amount, type, balance_after, "
+                "reference_id) SELECT $1, -5, 'usage', token_balance, $2 FROM users WHERE id = $1",
+                session.user_id,
+                free.id,
+            )
+    await assert_books_balance(owner)
+
+
+async def test_concurrent_messages_and_end_chat_keep_the_session_books(
+    session: ChatSession, owner: asyncpg.Connection
+) -> None:
+    """The message trigger locks its session: ending it waits for messages in flight."""
+    results = await asyncio.gather(
+        *(
+            tokendb.add_message(session=session, role="user", content=str(i), tokens=1)
+            for i in range(20)
+        ),
+        tokendb.end_chat(session=session),
+        return_exceptions=True,
+    )
+    assert all(
+        not isinstance(r, Exception) or isinstance(r, tokendb.ChatSessionEnded) for r in results
+    )
+    await assert_books_balance(owner)
