@@ -155,6 +155,7 @@ async def refusing_ledger_rows(
     await conn.execute(
         f"""
         CREATE SEQUENCE test_refusals;
+        GRANT USAGE ON SEQUENCE test_refusals TO PUBLIC;  -- tokendb's role counts there too
         CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             PERFORM nextval('test_refusals');

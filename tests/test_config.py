@@ -210,4 +210,6 @@ async def test_a_schema_gone_after_init_is_a_configuration_error(
         finally:
             await conn.close()
         with pytest.raises(ConfigurationError, match="run `tokendb migrate`"):
-            await tokendb.list_messages(session="00000000-0000-0000-0000-000000000001")
+            await tokendb.add_message(
+                session="00000000-0000-0000-0000-000000000001", role="user", content="x", tokens=1
+            )

@@ -86,7 +86,7 @@ async def _populate(user: tokendb.User, world: World, raw: asyncpg.Connection) -
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(tokendb_db: str) -> AsyncIterator[World]:
-    await truncate_all(tokendb_db)
+    await truncate_all(database_url=tokendb_db)
     alice = await tokendb.create_user(email="alice@example.com", password="alice pass", name="A")
     bob = await tokendb.create_user(email="bob@example.com", password="bob password", name="B")
     world = World(alice, bob)

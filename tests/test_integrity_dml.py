@@ -232,7 +232,7 @@ async def seed(world: World) -> None:
 async def test_random_dml_as_the_application_role_never_breaks_the_books(
     data: st.DataObject, app_role: str, tokendb_db: str
 ) -> None:
-    await truncate_all(tokendb_db)
+    await truncate_all(database_url=tokendb_db)
     world = World()
     await seed(world)
     owner = await asyncpg.connect(tokendb_db)

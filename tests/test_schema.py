@@ -526,7 +526,8 @@ async def test_a_refund_is_a_credit(raw: asyncpg.Connection) -> None:
     """A negative refund would debit through the refund path (within its charge as far
     as the refund trigger can tell): the amount-sign CHECK refuses it."""
     user_id = await insert_user(raw)
-    charge_id = await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 90, None)
+    await append(raw, user_id, 100, "topup")
+    charge_id = await append(raw, user_id, -10, "usage")
     await reject_ledger_row(
         raw,
         asyncpg.CheckViolationError,

@@ -76,7 +76,7 @@ def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBa
 
         @initialize()
         def empty_database(self) -> None:
-            self.run(truncate_all(owner_url))
+            self.run(truncate_all(database_url=owner_url))
 
         @rule(target=users)
         def create_user(self) -> uuid.UUID:
