@@ -678,21 +678,27 @@ async def test_attack_10_an_application_role_that_cannot_read_aerich_is_told_to_
 # --- around the triggers: what else the application role can send -------------------------------
 
 
-async def test_a_temp_table_does_not_shadow_the_ledger_for_the_triggers(
+async def test_temp_objects_do_not_stand_in_for_tokendbs_in_the_triggers(
     app: asyncpg.Connection, owner: asyncpg.Connection
 ) -> None:
-    """A TEMP table named like tokendb's is what unqualified names find first in
-    the session that made it; the trigger functions pin their search_path."""
+    """A TEMP table or type is what unqualified names find first in the session
+    that made it. The trigger functions name tokendb's tables with their schema and
+    their variables' types with pg_catalog (or pin their search_path)."""
     user = await tokendb.create_user(email=email(), password="long enough", name="n")
     with refused("token_transactions_chain"):
         async with app.transaction():
+            for name in ("uuid", "int4", "timestamptz", "record", "text"):
+                await app.execute(f"CREATE TYPE pg_temp.{name} AS (x int)")
+            for table in ("users", "token_transactions", "chat_sessions", "chat_messages"):
+                await app.execute(
+                    f"CREATE TEMP TABLE {table} (id pg_catalog.uuid, user_id pg_catalog.uuid, "
+                    "session_id pg_catalog.uuid, seq int, balance_after int, token_balance int, "
+                    "tokens_used int, tokens_used_after int, created_at timestamp with time zone, "
+                    "ended_at timestamp with time zone) ON COMMIT DROP"
+                )
             await app.execute(
-                "CREATE TEMP TABLE token_transactions (user_id uuid, seq int, "
-                "balance_after int, created_at timestamptz, id uuid) ON COMMIT DROP"
-            )
-            await app.execute(
-                "INSERT INTO pg_temp.token_transactions VALUES ($1, 1, 999999, '2000-01-01', "
-                "gen_random_uuid())",
+                "INSERT INTO pg_temp.token_transactions (user_id, seq, balance_after, created_at, "
+                "id) VALUES ($1, 1, 999999, '2000-01-01', gen_random_uuid())",
                 user.id,
             )
             await app.execute(
@@ -703,6 +709,24 @@ async def test_a_temp_table_does_not_shadow_the_ledger_for_the_triggers(
                 "VALUES ($1, 5, 'topup', 1000004)",
                 user.id,
             )
+            # What a check at commit reading the TEMP table would find: all consistent.
+            await app.execute(
+                "INSERT INTO pg_temp.token_transactions (user_id, seq, balance_after, created_at, "
+                "id) VALUES ($1, 2, 1000004, now(), gen_random_uuid())",
+                user.id,
+            )
+    # The same session's legitimate movement is accepted: its checks read tokendb's tables.
+    async with app.transaction():
+        for name in ("uuid", "int4", "timestamptz", "record"):
+            await app.execute(f"CREATE TYPE pg_temp.{name} AS (x int)")
+        await app.execute("CREATE TEMP TABLE users (token_balance int) ON COMMIT DROP")
+        await app.execute("UPDATE public.users SET token_balance = 105 WHERE id = $1", user.id)
+        await app.execute(
+            "INSERT INTO public.token_transactions (user_id, amount, type, balance_after) "
+            "VALUES ($1, 5, 'topup', 105)",
+            user.id,
+        )
+    assert await tokendb.get_balance(user=user) == 105
     await assert_books_balance(owner)
 
 

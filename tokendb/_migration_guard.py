@@ -31,7 +31,7 @@ from typing import Any
 
 from tokendb.config import APP_LABEL
 
-__all__ = ["ALREADY_APPLIED", "MIGRATION_STEP_LOCK", "apply_once"]
+__all__ = ["ALREADY_APPLIED", "MIGRATION_STEP_LOCK", "apply_once", "current_schema"]
 
 MIGRATION_STEP_LOCK = 0x746F6B656E6432
 """The advisory lock key one migration's transaction holds (not tokendb.migrate()'s)."""
@@ -77,3 +77,10 @@ async def apply_once(db: Any, migration_file: str) -> bool:
         [APP_LABEL, Path(migration_file).name],
     )
     return not rows
+
+
+async def current_schema(db: Any) -> str:
+    """The schema the migration runs in (where its tables are), quoted for SQL."""
+    _, rows = await db.execute_query("SELECT quote_ident(current_schema()) AS name")
+    name: str = rows[0]["name"]
+    return name

@@ -25,15 +25,21 @@ predecessor (two concurrent REPEATABLE READ transactions, whose snapshots
 cannot see each other's rows) cannot both commit. It is not a model field;
 nothing but the database writes it.
 
-Every function runs with ``search_path`` pinned to this schema and then
-``pg_temp``: otherwise a session's TEMP table named ``users`` would be read
-in place of the real one. Each step's reverse is in :func:`downgrade`, in
-reverse order; the downgrade restores migration 1's functions as they were.
+No function may read a session's TEMP objects in place of tokendb's (a TEMP
+table named ``users``, a TEMP type named ``uuid``: the application role can
+create both). The three functions on every movement's path name each table
+with this schema and each variable's type with ``pg_catalog`` (``@schema``
+below is replaced by the schema the migration runs in); the others run with
+``search_path`` pinned to this schema, then ``pg_temp``, which costs a
+setting switch per call (10–20 % of a charge's statement, ``python -m
+bench.triggers``). PostgreSQL never looks functions or operators up in
+``pg_temp``. Each step's reverse is in :func:`downgrade`, in reverse order;
+the downgrade restores migration 1's functions as they were.
 """
 
 from tortoise import BaseDBAsyncClient
 
-from tokendb._migration_guard import ALREADY_APPLIED, apply_once
+from tokendb._migration_guard import ALREADY_APPLIED, apply_once, current_schema
 
 RUN_IN_TRANSACTION = True
 
@@ -41,7 +47,10 @@ RUN_IN_TRANSACTION = True
 async def upgrade(db: BaseDBAsyncClient) -> str:
     if not await apply_once(db, __file__):
         return ALREADY_APPLIED  # by a concurrent `aerich upgrade`, while this one waited
-    return """
+    return UPGRADE.replace("@schema.", f"{await current_schema(db)}.")
+
+
+UPGRADE = """
 -- Functions created below keep this path (SET search_path FROM CURRENT):
 -- this schema, then pg_temp explicitly last, so no TEMP table shadows ours.
 SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
@@ -64,32 +73,6 @@ ALTER FUNCTION "tokendb_refund_within_charge"() SET search_path FROM CURRENT;
 -- 1. Balances: 0 by default, like the model; a user without ledger rows has 0 tokens.
 ALTER TABLE "users" ALTER COLUMN "token_balance" SET DEFAULT 0;
 
--- The date of a chained row (a ledger row, a chat message), as the database
--- keeps it: never after the row was written (a date in the future becomes
--- now), and after the previous row of its chain in (created_at, id) (an
--- earlier one becomes 1 microsecond after it). So the chain's order is
--- (created_at, id) whatever a writer sends, a row dated in 2999 cannot
--- freeze its chain, and a client whose clock runs ahead or behind the
--- server's is not refused. Refused only if the previous row is dated in
--- the future itself (written before this migration).
-CREATE FUNCTION "tokendb_dated"(
-    wanted timestamptz, row_id uuid, prev_at timestamptz, prev_id uuid, chain text
-) RETURNS timestamptz
-    LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
-DECLARE
-    at timestamptz := least(wanted, clock_timestamp());
-BEGIN
-    IF prev_at IS NULL OR (at, row_id) > (prev_at, prev_id) THEN
-        RETURN at;
-    END IF;
-    at := prev_at + interval '1 microsecond';
-    IF at > clock_timestamp() THEN
-        RAISE EXCEPTION 'the previous row of this chain is dated in the future (%)', prev_at
-            USING ERRCODE = 'check_violation', CONSTRAINT = chain || '_order';
-    END IF;
-    RETURN at;
-END
-$$;
 -- Raw inserts that rely on the default get the time they ran, not their
 -- transaction's start (several rows of one chain in one transaction).
 ALTER TABLE "token_transactions" ALTER COLUMN "created_at" SET DEFAULT clock_timestamp();
@@ -110,57 +93,107 @@ CREATE UNIQUE INDEX "token_transactions_user_seq_key" ON "token_transactions" ("
 COMMENT ON COLUMN "token_transactions"."seq" IS
     'position in the user''s ledger (1, 2, ...); set by the database (token_transactions_chain)';
 
--- Each row continues the newest row of its user: seq + 1, balance_after =
--- previous balance_after + amount, dated after it (tokendb_dated). A multi-row INSERT sees its own earlier rows here (a BEFORE ROW
--- trigger sees the rows its statement already inserted), so a batch is
--- inserted in chain order. Writers of one user's ledger take turns on the
--- user's row: tokendb's statements hold that lock already (their UPDATE of
--- users); a writer that did not is refused by token_transactions_user_seq_key
--- rather than forking the chain.
-CREATE FUNCTION "tokendb_ledger_chain"() RETURNS trigger
-    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+-- Each chained row continues the newest row of its chain: a ledger row its
+-- user's, a chat message its session's (which must be open; its row is
+-- locked, so ending the session waits for the message). It gets seq + 1;
+-- its running total (balance_after, tokens_used_after) must be the
+-- previous one's + its own amount (tokens); and it is dated by the database:
+-- never after it is written (a date in the future becomes now) and after the
+-- previous row in (created_at, id) (an earlier one becomes 1 microsecond
+-- after it). So the chain's order is (created_at, id) whatever a writer
+-- sends, a row dated in 2999 cannot freeze its chain, and a client whose
+-- clock runs ahead or behind the server's is not refused.
+-- A multi-row INSERT sees its own earlier rows here (a BEFORE ROW trigger
+-- sees the rows its statement already inserted), so a batch is inserted in
+-- chain order. Writers of one chain take turns on the user's (session's)
+-- row: tokendb's statements hold that lock already (their UPDATE of it); a
+-- writer that did not is refused by the unique seq index rather than
+-- forking the chain.
+CREATE FUNCTION "tokendb_chain"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    prev record;
+    ended pg_catalog.timestamptz;
+    prev_seq pg_catalog.int4;
+    prev_after pg_catalog.int4;
+    prev_at pg_catalog.timestamptz;
+    prev_id pg_catalog.uuid;
+    total pg_catalog.int4;
+    step pg_catalog.int4;
+    dated pg_catalog.timestamptz := least(NEW."created_at", clock_timestamp());
 BEGIN
-    SELECT "seq", "balance_after", "created_at", "id" INTO prev FROM "token_transactions"
-        WHERE "user_id" = NEW."user_id" ORDER BY "seq" DESC LIMIT 1;
-    NEW."seq" := coalesce(prev."seq", 0) + 1;
-    NEW."created_at" := tokendb_dated(
-        NEW."created_at", NEW."id", prev."created_at", prev."id", TG_TABLE_NAME);
-    IF NEW."balance_after" IS DISTINCT FROM coalesce(prev."balance_after", 0) + NEW."amount" THEN
-        RAISE EXCEPTION 'balance_after % does not continue the ledger: % + % = %',
-            NEW."balance_after", coalesce(prev."balance_after", 0), NEW."amount",
-            coalesce(prev."balance_after", 0) + NEW."amount"
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'token_transactions_chain';
+    IF TG_TABLE_NAME = 'token_transactions' THEN
+        SELECT "seq", "balance_after", "created_at", "id" INTO prev_seq, prev_after, prev_at, prev_id
+        FROM @schema."token_transactions" WHERE "user_id" = NEW."user_id"
+        ORDER BY "seq" DESC LIMIT 1;
+        total := NEW."balance_after";
+        step := NEW."amount";
+    ELSE
+        SELECT "ended_at" INTO ended FROM @schema."chat_sessions"
+            WHERE "id" = NEW."session_id" FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN NEW;  -- chat_messages_session_id_fkey refuses it
+        END IF;
+        IF ended IS NOT NULL THEN
+            RAISE EXCEPTION 'chat session % has ended', NEW."session_id"
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_session_open';
+        END IF;
+        SELECT "seq", "tokens_used_after", "created_at", "id"
+            INTO prev_seq, prev_after, prev_at, prev_id
+        FROM @schema."chat_messages" WHERE "session_id" = NEW."session_id"
+        ORDER BY "seq" DESC LIMIT 1;
+        total := NEW."tokens_used_after";
+        step := NEW."tokens";
+    END IF;
+    NEW."seq" := coalesce(prev_seq, 0) + 1;
+    IF prev_seq IS NOT NULL AND (dated, NEW."id") <= (prev_at, prev_id) THEN
+        dated := prev_at + interval '1 microsecond';
+        IF dated > clock_timestamp() THEN  -- only if the previous row is dated in the future
+            RAISE EXCEPTION 'the previous row of this chain is dated in the future (%)', prev_at
+                USING ERRCODE = 'check_violation', CONSTRAINT = TG_TABLE_NAME || '_order';
+        END IF;
+    END IF;
+    NEW."created_at" := dated;
+    IF total IS DISTINCT FROM coalesce(prev_after, 0) + step THEN
+        RAISE EXCEPTION '% % does not continue its chain: % + % = %',
+            CASE TG_TABLE_NAME WHEN 'chat_messages' THEN 'tokens_used_after' ELSE 'balance_after' END,
+            total, coalesce(prev_after, 0), step, coalesce(prev_after, 0) + step
+            USING ERRCODE = 'check_violation', CONSTRAINT = TG_TABLE_NAME || '_chain';
     END IF;
     RETURN NEW;
 END
 $$;
 CREATE TRIGGER "token_transactions_chain"
     BEFORE INSERT ON "token_transactions"
-    FOR EACH ROW EXECUTE FUNCTION "tokendb_ledger_chain"();
+    FOR EACH ROW EXECUTE FUNCTION "tokendb_chain"();
 
 -- 3. Balances follow the ledger at commit, whichever was written first:
 -- users INSERT (a balance no row gave), users UPDATE (migration 1) and
 -- ledger INSERT (a row whose balance the user does not have).
 CREATE OR REPLACE FUNCTION "tokendb_balance_follows_ledger"() RETURNS trigger
-    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+    LANGUAGE plpgsql AS $$
 DECLARE
-    owner_id uuid;
-    current_balance integer;
-    last_after integer;
+    owner_id pg_catalog.uuid;
+    newest_seq pg_catalog.int4;
+    current_balance pg_catalog.int4;
+    last_after pg_catalog.int4;
 BEGIN
     IF TG_TABLE_NAME = 'users' THEN
         owner_id := NEW."id";
+        SELECT "balance_after" INTO last_after FROM @schema."token_transactions"
+            WHERE "user_id" = owner_id ORDER BY "seq" DESC LIMIT 1;
     ELSE
         owner_id := NEW."user_id";
+        SELECT "seq", "balance_after" INTO newest_seq, last_after FROM @schema."token_transactions"
+            WHERE "user_id" = owner_id ORDER BY "seq" DESC LIMIT 1;
+        IF newest_seq IS DISTINCT FROM NEW."seq" THEN
+            -- A later row of this transaction (no other can be later: it would
+            -- take this row's seq) is checked by its own event: one check a user.
+            RETURN NULL;
+        END IF;
     END IF;
-    SELECT "token_balance" INTO current_balance FROM "users" WHERE "id" = owner_id;
+    SELECT "token_balance" INTO current_balance FROM @schema."users" WHERE "id" = owner_id;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    SELECT "balance_after" INTO last_after FROM "token_transactions"
-        WHERE "user_id" = owner_id ORDER BY "seq" DESC LIMIT 1;
     IF coalesce(last_after, 0) <> current_balance THEN
         RAISE EXCEPTION 'token_balance of user % is % but its ledger says %: '
             'balances change only through the ledger', owner_id, current_balance,
@@ -273,41 +306,10 @@ CREATE UNIQUE INDEX "chat_messages_session_seq_key" ON "chat_messages" ("session
 COMMENT ON COLUMN "chat_messages"."seq" IS
     'position in the session (1, 2, ...); set by the database (chat_messages_chain)';
 
--- A message goes into an open session (whose row it locks, so ending the
--- session waits for it) and continues the session's newest message:
--- seq + 1, tokens_used_after = previous + tokens, dated after it (tokendb_dated).
-CREATE FUNCTION "tokendb_message_chain"() RETURNS trigger
-    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-DECLARE
-    session record;
-    prev record;
-BEGIN
-    SELECT "ended_at" INTO session FROM "chat_sessions"
-        WHERE "id" = NEW."session_id" FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RETURN NEW;  -- chat_messages_session_id_fkey refuses it
-    END IF;
-    IF session."ended_at" IS NOT NULL THEN
-        RAISE EXCEPTION 'chat session % has ended', NEW."session_id"
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_session_open';
-    END IF;
-    SELECT "seq", "tokens_used_after", "created_at", "id" INTO prev FROM "chat_messages"
-        WHERE "session_id" = NEW."session_id" ORDER BY "seq" DESC LIMIT 1;
-    NEW."seq" := coalesce(prev."seq", 0) + 1;
-    NEW."created_at" := tokendb_dated(
-        NEW."created_at", NEW."id", prev."created_at", prev."id", TG_TABLE_NAME);
-    IF NEW."tokens_used_after" IS DISTINCT FROM coalesce(prev."tokens_used_after", 0) + NEW."tokens" THEN
-        RAISE EXCEPTION 'tokens_used_after % does not continue the session: % + % = %',
-            NEW."tokens_used_after", coalesce(prev."tokens_used_after", 0), NEW."tokens",
-            coalesce(prev."tokens_used_after", 0) + NEW."tokens"
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_chain';
-    END IF;
-    RETURN NEW;
-END
-$$;
+-- A message continues its session's chain (tokendb_chain, above).
 CREATE TRIGGER "chat_messages_chain"
     BEFORE INSERT ON "chat_messages"
-    FOR EACH ROW EXECUTE FUNCTION "tokendb_message_chain"();
+    FOR EACH ROW EXECUTE FUNCTION "tokendb_chain"();
 
 -- What a message says is final, except its text and role (which a host may
 -- redact): the billed numbers, the session, the order.
@@ -405,18 +407,18 @@ CREATE TRIGGER "chat_sessions_immutable"
 -- tokens > 0. For a new usage row referencing a message of its user: it
 -- bills exactly that message's tokens. (The idempotency index allows one
 -- such row per message.)
-CREATE FUNCTION "tokendb_chat_books"() RETURNS trigger
-    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+CREATE FUNCTION "tokendb_chat_books"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    target_id uuid;
-    session record;
-    last_after integer;
-    message_tokens integer;
-    billed integer;
+    target_id pg_catalog.uuid;
+    owner_id pg_catalog.uuid;
+    session_total pg_catalog.int4;
+    last_after pg_catalog.int4;
+    message_tokens pg_catalog.int4;
+    billed pg_catalog.int4;
 BEGIN
     IF TG_TABLE_NAME = 'token_transactions' THEN
         SELECT m."tokens" INTO message_tokens
-        FROM "chat_messages" m JOIN "chat_sessions" s ON s."id" = m."session_id"
+        FROM @schema."chat_messages" m JOIN @schema."chat_sessions" s ON s."id" = m."session_id"
         WHERE m."id" = NEW."reference_id" AND s."user_id" = NEW."user_id";
         IF FOUND AND NEW."amount" <> -message_tokens THEN
             RAISE EXCEPTION 'usage row % bills % tokens for message % of % tokens',
@@ -429,24 +431,25 @@ BEGIN
     ELSE
         target_id := NEW."session_id";
     END IF;
-    SELECT "user_id", "tokens_used" INTO session FROM "chat_sessions" WHERE "id" = target_id;
+    SELECT "user_id", "tokens_used" INTO owner_id, session_total FROM @schema."chat_sessions"
+        WHERE "id" = target_id;
     IF NOT FOUND THEN
-        RETURN NULL;  -- deleted later in the transaction
+        RETURN NULL;  -- deleted later in the transaction (by the owner)
     END IF;
-    SELECT "tokens_used_after" INTO last_after FROM "chat_messages"
+    SELECT "tokens_used_after" INTO last_after FROM @schema."chat_messages"
         WHERE "session_id" = target_id ORDER BY "seq" DESC LIMIT 1;
-    IF coalesce(last_after, 0) <> session."tokens_used" THEN
+    IF coalesce(last_after, 0) <> session_total THEN
         RAISE EXCEPTION 'tokens_used of chat session % is % but its messages say %',
-            target_id, session."tokens_used", coalesce(last_after, 0)
+            target_id, session_total, coalesce(last_after, 0)
             USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_sessions_tokens_follow_messages';
     END IF;
     IF TG_TABLE_NAME = 'chat_messages' THEN
-        SELECT "tokens" INTO message_tokens FROM "chat_messages" WHERE "id" = NEW."id";
+        SELECT "tokens" INTO message_tokens FROM @schema."chat_messages" WHERE "id" = NEW."id";
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
-        SELECT -"amount" INTO billed FROM "token_transactions"
-            WHERE "user_id" = session."user_id" AND "type" = 'usage' AND "reference_id" = NEW."id";
+        SELECT -"amount" INTO billed FROM @schema."token_transactions"
+            WHERE "user_id" = owner_id AND "type" = 'usage' AND "reference_id" = NEW."id";
         IF coalesce(billed, 0) <> message_tokens THEN
             RAISE EXCEPTION 'chat message % of % tokens is billed %', NEW."id", message_tokens,
                 coalesce(billed, 0)
@@ -496,7 +499,6 @@ DROP FUNCTION IF EXISTS "tokendb_message_kept"();
 DROP TRIGGER IF EXISTS "chat_messages_immutable" ON "chat_messages";
 DROP FUNCTION IF EXISTS "tokendb_message_immutable"();
 DROP TRIGGER IF EXISTS "chat_messages_chain" ON "chat_messages";
-DROP FUNCTION IF EXISTS "tokendb_message_chain"();
 DROP INDEX IF EXISTS "chat_messages_session_seq_key";
 ALTER TABLE "chat_messages" DROP COLUMN IF EXISTS "seq";
 ALTER TABLE "chat_messages" DROP COLUMN IF EXISTS "tokens_used_after";
@@ -550,13 +552,12 @@ END
 $$;
 
 DROP TRIGGER IF EXISTS "token_transactions_chain" ON "token_transactions";
-DROP FUNCTION IF EXISTS "tokendb_ledger_chain"();
+DROP FUNCTION IF EXISTS "tokendb_chain"();
 DROP INDEX IF EXISTS "token_transactions_user_seq_key";
 ALTER TABLE "token_transactions" DROP COLUMN IF EXISTS "seq";
 
 ALTER TABLE "chat_messages" ALTER COLUMN "created_at" SET DEFAULT now();
 ALTER TABLE "token_transactions" ALTER COLUMN "created_at" SET DEFAULT now();
-DROP FUNCTION IF EXISTS "tokendb_dated"(timestamptz, uuid, timestamptz, uuid, text);
 ALTER TABLE "users" ALTER COLUMN "token_balance" SET DEFAULT 100;
 
 ALTER FUNCTION "tokendb_refund_within_charge"() RESET search_path;
