@@ -26,7 +26,7 @@ from tortoise.transactions import in_transaction
 
 import tokendb
 from tests import books
-from tests.helpers import migrations_copy
+from tests.helpers import blocked_backends, migrations_copy
 from tokendb import _db
 from tokendb._translate import translated
 from tokendb.connection import _upgrade
@@ -190,10 +190,10 @@ async def test_attack_3_made_up_rows_via_the_models(owner: asyncpg.Connection) -
                 TokenTransaction(
                     user_id=user.id, amount=5, type=TransactionType.TOPUP, balance_after=after
                 )
-                for after in (105, 999)
+                for after in (5_000, 999)
             ]
         )
-    # A row that continues the chain, without the balance it gives: refused at commit.
+    # A row that continues the chain, without the balance it gives: refused.
     with refused("users_balance_follows_ledger"):
         await TokenTransaction.create(
             user_id=user.id, amount=5, type=TransactionType.TOPUP, balance_after=105
@@ -757,15 +757,11 @@ async def test_two_repeatable_read_writers_cannot_fork_a_users_chain(
             "SELECT balance_after FROM token_transactions WHERE user_id = $1", user.id
         )
         async with first.transaction(isolation="repeatable_read"):
-            for amount, kind, after in [(5, "topup", 105), (-5, "usage", 100)]:
-                await first.execute(
-                    "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
-                    "VALUES ($1, $2, $3, $4)",
-                    user.id,
-                    amount,
-                    kind,
-                    after,
-                )
+            await first.execute(  # one statement: at its end the balance is the newest row's
+                "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+                "VALUES ($1, 5, 'topup', 105), ($1, -5, 'usage', 100)",
+                user.id,
+            )
         with refused("token_transactions_user_seq_key"):
             await second.execute(
                 "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
@@ -839,4 +835,46 @@ async def test_concurrent_messages_and_end_chat_keep_the_session_books(
     assert all(
         not isinstance(r, Exception) or isinstance(r, tokendb.ChatSessionEnded) for r in results
     )
+    await assert_books_balance(owner)
+
+
+async def test_a_message_and_a_usage_row_for_it_cannot_pass_each_other(
+    session: ChatSession, app_role: str, owner: asyncpg.Connection
+) -> None:
+    """Write skew: one transaction bills message X (a usage row referencing it, here
+    as a +5/-5 pair that leaves the balance alone), another inserts X with 0 tokens.
+    Each check, alone, would find nothing of the other. The message's check waits for
+    the user's row, which the usage row's foreign key holds until it commits, and then
+    sees it."""
+    message_id = uuid.uuid4()
+    first, second = await asyncpg.connect(app_role), await asyncpg.connect(app_role)
+    try:
+        billing = first.transaction()
+        await billing.start()
+        await first.execute(
+            "INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id) "
+            "SELECT $1, 5, 'topup', token_balance + 5, NULL::uuid FROM users WHERE id = $1 "
+            "UNION ALL SELECT $1, -5, 'usage', token_balance, $2 FROM users WHERE id = $1",
+            session.user_id,
+            message_id,
+        )
+
+        async def message() -> None:
+            async with second.transaction():
+                await second.execute(
+                    "INSERT INTO chat_messages (id, session_id, role, content, tokens, "
+                    "tokens_used_after) SELECT $1, id, 'user', 'x', 0, tokens_used "
+                    "FROM chat_sessions WHERE id = $2",
+                    message_id,
+                    session.id,
+                )
+
+        racing = asyncio.ensure_future(message())
+        await blocked_backends(owner, like="%COMMIT%")  # the message's check waits at commit
+        await billing.commit()
+        with refused("chat_messages_billed"):
+            await asyncio.wait_for(racing, 10)
+    finally:
+        await first.close()
+        await second.close()
     await assert_books_balance(owner)

@@ -388,7 +388,7 @@ async def test_list_transactions_pages_walk_the_user_created_index(raw, page: st
     users = [uuid.uuid4() for _ in range(20)]
     await raw.execute(
         "INSERT INTO users (id, email, password_hash, name, role, token_balance, created_at, "
-        "updated_at) SELECT id, id::text || '@example.com', 'x', 'n', 'user', 0, now(), now() "
+        "updated_at) SELECT id, id::text || '@example.com', 'x', 'n', 'user', 500, now(), now() "
         "FROM unnest($1::uuid[]) AS id",
         users,
     )

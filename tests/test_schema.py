@@ -386,11 +386,12 @@ LEDGER_INSERT = (
     "INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id) "
     "VALUES ($1, $2, $3, $4, $5)"
 )
-# The same row, its balance_after continuing the user's chain.
+# A movement as tokendb writes one: the balance, and the row that continues the chain.
 LEDGER_APPEND = (
+    "WITH moved AS (UPDATE users SET token_balance = token_balance + $2 WHERE id = $1 "
+    "RETURNING id, token_balance) "
     "INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id) "
-    "SELECT $1, $2, $3, coalesce((SELECT balance_after FROM token_transactions "
-    "WHERE user_id = $1 ORDER BY seq DESC LIMIT 1), 0) + $2, $4 RETURNING id"
+    "SELECT id, $2, $3, token_balance, $4 FROM moved RETURNING id"
 )
 
 
@@ -471,9 +472,10 @@ async def test_the_database_dates_chained_rows(raw: asyncpg.Connection) -> None:
     for table, insert in [
         (
             "token_transactions",
+            "WITH moved AS (UPDATE users SET token_balance = token_balance + 1 WHERE id = $1 "
+            "RETURNING id, token_balance) "
             "INSERT INTO token_transactions (user_id, amount, type, balance_after, created_at) "
-            "SELECT $1, 1, 'topup', coalesce(max(balance_after), 0) + 1, $2 "
-            "FROM token_transactions WHERE user_id = $1 RETURNING created_at",
+            "SELECT id, 1, 'topup', token_balance, $2 FROM moved RETURNING created_at",
         ),
         (
             "chat_messages",
@@ -495,9 +497,10 @@ async def test_a_multi_row_insert_continues_the_chain_row_by_row(raw: asyncpg.Co
     coalesced batch relies on): rows in chain order pass, the same rows reversed do not."""
     user_id = await insert_user(raw)
     insert = (
+        "WITH moved AS (UPDATE users SET token_balance = $3 WHERE id = $1 RETURNING id) "
         "INSERT INTO token_transactions (id, user_id, amount, type, balance_after, created_at) "
-        "SELECT gen_random_uuid(), $1, 1, 'topup', g, clock_timestamp() "
-        "FROM generate_series($2::int, $3::int) AS g ORDER BY g {direction}"
+        "SELECT gen_random_uuid(), moved.id, 1, 'topup', g, clock_timestamp() "
+        "FROM moved, generate_series($2::int, $3::int) AS g ORDER BY g {direction}"
     )
     await raw.execute(insert.format(direction="ASC"), user_id, 1, 5)
     await assert_rejected(
@@ -515,8 +518,9 @@ async def test_seq_is_the_databases_to_set(raw: asyncpg.Connection) -> None:
     """Whatever seq a writer sends, the chain trigger sets the next one."""
     user_id = await insert_user(raw)
     await raw.execute(
+        "WITH moved AS (UPDATE users SET token_balance = 7 WHERE id = $1 RETURNING id) "
         "INSERT INTO token_transactions (user_id, amount, type, balance_after, seq) "
-        "VALUES ($1, 7, 'topup', 7, 99)",
+        "SELECT id, 7, 'topup', 7, 99 FROM moved",
         user_id,
     )
     assert await raw.fetchval("SELECT seq FROM token_transactions WHERE user_id = $1", user_id) == 1

@@ -165,38 +165,30 @@ CREATE TRIGGER "token_transactions_chain"
     BEFORE INSERT ON "token_transactions"
     FOR EACH ROW EXECUTE FUNCTION "tokendb_chain"();
 
--- 3. Balances follow the ledger at commit, whichever was written first:
--- users INSERT (a balance no row gave), users UPDATE (migration 1) and
--- ledger INSERT (a row whose balance the user does not have).
+-- 3. Balances follow the ledger. At commit, for a user inserted or whose
+-- balance changed (a balance no row gave): token_balance = the newest row's
+-- balance_after (0 without rows). At the end of every statement that
+-- inserts ledger rows, for each of their users, the same: a ledger row
+-- comes with its balance (in the same statement, as tokendb writes them, or
+-- after the balance was set), never before it. One check a statement, not
+-- one a row: a coalesced batch of 64 charges pays it once. The same
+-- statement check holds a usage row that references a message of its user
+-- to that message's tokens (the other side is chat_messages_billed).
 CREATE OR REPLACE FUNCTION "tokendb_balance_follows_ledger"() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
-    owner_id pg_catalog.uuid;
-    newest_seq pg_catalog.int4;
     current_balance pg_catalog.int4;
     last_after pg_catalog.int4;
 BEGIN
-    IF TG_TABLE_NAME = 'users' THEN
-        owner_id := NEW."id";
-        SELECT "balance_after" INTO last_after FROM @schema."token_transactions"
-            WHERE "user_id" = owner_id ORDER BY "seq" DESC LIMIT 1;
-    ELSE
-        owner_id := NEW."user_id";
-        SELECT "seq", "balance_after" INTO newest_seq, last_after FROM @schema."token_transactions"
-            WHERE "user_id" = owner_id ORDER BY "seq" DESC LIMIT 1;
-        IF newest_seq IS DISTINCT FROM NEW."seq" THEN
-            -- A later row of this transaction (no other can be later: it would
-            -- take this row's seq) is checked by its own event: one check a user.
-            RETURN NULL;
-        END IF;
-    END IF;
-    SELECT "token_balance" INTO current_balance FROM @schema."users" WHERE "id" = owner_id;
+    SELECT "token_balance" INTO current_balance FROM @schema."users" WHERE "id" = NEW."id";
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    SELECT "balance_after" INTO last_after FROM @schema."token_transactions"
+        WHERE "user_id" = NEW."id" ORDER BY "seq" DESC LIMIT 1;
     IF coalesce(last_after, 0) <> current_balance THEN
         RAISE EXCEPTION 'token_balance of user % is % but its ledger says %: '
-            'balances change only through the ledger', owner_id, current_balance,
+            'balances change only through the ledger', NEW."id", current_balance,
             coalesce(last_after, 0)
             USING ERRCODE = 'check_violation', CONSTRAINT = 'users_balance_follows_ledger';
     END IF;
@@ -207,10 +199,53 @@ CREATE CONSTRAINT TRIGGER "users_balance_follows_ledger_on_insert"
     AFTER INSERT ON "users"
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION "tokendb_balance_follows_ledger"();
-CREATE CONSTRAINT TRIGGER "token_transactions_balance_follows_ledger"
+
+CREATE FUNCTION "tokendb_ledger_books"() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    owner_id pg_catalog.uuid;
+    current_balance pg_catalog.int4;
+    last_after pg_catalog.int4;
+    row_id pg_catalog.uuid;
+    message_id pg_catalog.uuid;
+    billed pg_catalog.int4;
+    message_tokens pg_catalog.int4;
+BEGIN
+    -- "inserted" is the statement's new rows (a transition table: no TEMP
+    -- table can stand in for it).
+    SELECT u."id", u."token_balance", last."balance_after"
+        INTO owner_id, current_balance, last_after
+    FROM (SELECT DISTINCT "user_id" FROM inserted) AS n
+    JOIN @schema."users" u ON u."id" = n."user_id"
+    CROSS JOIN LATERAL (
+        SELECT t."balance_after" FROM @schema."token_transactions" t
+        WHERE t."user_id" = n."user_id" ORDER BY t."seq" DESC LIMIT 1
+    ) AS last
+    WHERE u."token_balance" <> last."balance_after"
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'token_balance of user % is % but its ledger says %: '
+            'a ledger row comes with its balance', owner_id, current_balance, last_after
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'users_balance_follows_ledger';
+    END IF;
+    SELECT i."id", i."reference_id", -i."amount", m."tokens"
+        INTO row_id, message_id, billed, message_tokens
+    FROM inserted i
+    JOIN @schema."chat_messages" m ON m."id" = i."reference_id"
+    JOIN @schema."chat_sessions" s ON s."id" = m."session_id" AND s."user_id" = i."user_id"
+    WHERE i."type" = 'usage' AND i."reference_id" IS NOT NULL AND -i."amount" <> m."tokens"
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'usage row % bills % tokens for message % of % tokens',
+            row_id, billed, message_id, message_tokens
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_billed';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER "token_transactions_books"
     AFTER INSERT ON "token_transactions"
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION "tokendb_balance_follows_ledger"();
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION "tokendb_ledger_books"();
 
 -- 4. Append-only for every role but the owner; no escape hatch in a setting.
 CREATE OR REPLACE FUNCTION "tokendb_ledger_append_only"() RETURNS trigger
@@ -404,9 +439,9 @@ CREATE TRIGGER "chat_sessions_immutable"
 -- tokens_used_after (0 without messages). For a new message also: it is
 -- billed by exactly its usage row (the session's user, type usage,
 -- reference_id = the message's id, amount = -tokens), and only when
--- tokens > 0. For a new usage row referencing a message of its user: it
--- bills exactly that message's tokens. (The idempotency index allows one
--- such row per message.)
+-- tokens > 0 (a usage row written later for a message is checked by
+-- token_transactions_books). The idempotency index allows one such row per
+-- message.
 CREATE FUNCTION "tokendb_chat_books"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     target_id pg_catalog.uuid;
@@ -416,17 +451,7 @@ DECLARE
     message_tokens pg_catalog.int4;
     billed pg_catalog.int4;
 BEGIN
-    IF TG_TABLE_NAME = 'token_transactions' THEN
-        SELECT m."tokens" INTO message_tokens
-        FROM @schema."chat_messages" m JOIN @schema."chat_sessions" s ON s."id" = m."session_id"
-        WHERE m."id" = NEW."reference_id" AND s."user_id" = NEW."user_id";
-        IF FOUND AND NEW."amount" <> -message_tokens THEN
-            RAISE EXCEPTION 'usage row % bills % tokens for message % of % tokens',
-                NEW."id", -NEW."amount", NEW."reference_id", message_tokens
-                USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_billed';
-        END IF;
-        RETURN NULL;
-    ELSIF TG_TABLE_NAME = 'chat_sessions' THEN
+    IF TG_TABLE_NAME = 'chat_sessions' THEN
         target_id := NEW."id";
     ELSE
         target_id := NEW."session_id";
@@ -448,6 +473,10 @@ BEGIN
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
+        -- A usage row for this message written by a concurrent transaction
+        -- holds a key-share lock on the user (its foreign key's check) until
+        -- it commits: wait for it, so that one of the two sees the other.
+        PERFORM FROM @schema."users" WHERE "id" = owner_id FOR UPDATE;
         SELECT -"amount" INTO billed FROM @schema."token_transactions"
             WHERE "user_id" = owner_id AND "type" = 'usage' AND "reference_id" = NEW."id";
         IF coalesce(billed, 0) <> message_tokens THEN
@@ -472,17 +501,11 @@ CREATE CONSTRAINT TRIGGER "chat_messages_billed"
     AFTER INSERT ON "chat_messages"
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION "tokendb_chat_books"();
-CREATE CONSTRAINT TRIGGER "token_transactions_usage_bills_message"
-    AFTER INSERT ON "token_transactions"
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW WHEN (NEW."type" = 'usage' AND NEW."reference_id" IS NOT NULL)
-    EXECUTE FUNCTION "tokendb_chat_books"();
 """
 
 
 async def downgrade(db: BaseDBAsyncClient) -> str:
     return """
-DROP TRIGGER IF EXISTS "token_transactions_usage_bills_message" ON "token_transactions";
 DROP TRIGGER IF EXISTS "chat_messages_billed" ON "chat_messages";
 DROP TRIGGER IF EXISTS "chat_sessions_tokens_follow_messages" ON "chat_sessions";
 DROP TRIGGER IF EXISTS "chat_sessions_tokens_follow_messages_on_insert" ON "chat_sessions";
@@ -529,7 +552,8 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS "token_transactions_balance_follows_ledger" ON "token_transactions";
+DROP TRIGGER IF EXISTS "token_transactions_books" ON "token_transactions";
+DROP FUNCTION IF EXISTS "tokendb_ledger_books"();
 DROP TRIGGER IF EXISTS "users_balance_follows_ledger_on_insert" ON "users";
 CREATE OR REPLACE FUNCTION "tokendb_balance_follows_ledger"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
