@@ -211,34 +211,31 @@ DECLARE
     message_tokens pg_catalog.int4;
 BEGIN
     -- "inserted" is the statement's new rows (a transition table: no TEMP
-    -- table can stand in for it).
-    SELECT u."id", u."token_balance", last."balance_after"
-        INTO owner_id, current_balance, last_after
-    FROM (SELECT DISTINCT "user_id" FROM inserted) AS n
-    JOIN @schema."users" u ON u."id" = n."user_id"
-    CROSS JOIN LATERAL (
-        SELECT t."balance_after" FROM @schema."token_transactions" t
-        WHERE t."user_id" = n."user_id" ORDER BY t."seq" DESC LIMIT 1
-    ) AS last
-    WHERE u."token_balance" <> last."balance_after"
-    LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'token_balance of user % is % but its ledger says %: '
-            'a ledger row comes with its balance', owner_id, current_balance, last_after
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'users_balance_follows_ledger';
-    END IF;
-    SELECT i."id", i."reference_id", -i."amount", m."tokens"
-        INTO row_id, message_id, billed, message_tokens
-    FROM inserted i
-    JOIN @schema."chat_messages" m ON m."id" = i."reference_id"
-    JOIN @schema."chat_sessions" s ON s."id" = m."session_id" AND s."user_id" = i."user_id"
-    WHERE i."type" = 'usage' AND i."reference_id" IS NOT NULL AND -i."amount" <> m."tokens"
-    LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'usage row % bills % tokens for message % of % tokens',
-            row_id, billed, message_id, message_tokens
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_billed';
-    END IF;
+    -- table can stand in for it). Only the scans of it are planned on each
+    -- call; the lookups in the loops are planned once a session.
+    FOR owner_id IN SELECT DISTINCT "user_id" FROM inserted LOOP
+        SELECT "balance_after" INTO last_after FROM @schema."token_transactions"
+            WHERE "user_id" = owner_id ORDER BY "seq" DESC LIMIT 1;
+        SELECT "token_balance" INTO current_balance FROM @schema."users" WHERE "id" = owner_id;
+        IF current_balance IS DISTINCT FROM last_after THEN
+            RAISE EXCEPTION 'token_balance of user % is % but its ledger says %: '
+                'a ledger row comes with its balance', owner_id, current_balance, last_after
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'users_balance_follows_ledger';
+        END IF;
+    END LOOP;
+    FOR row_id, owner_id, message_id, billed IN
+        SELECT "id", "user_id", "reference_id", -"amount" FROM inserted
+        WHERE "type" = 'usage' AND "reference_id" IS NOT NULL
+    LOOP
+        SELECT m."tokens" INTO message_tokens
+        FROM @schema."chat_messages" m JOIN @schema."chat_sessions" s ON s."id" = m."session_id"
+        WHERE m."id" = message_id AND s."user_id" = owner_id;
+        IF FOUND AND billed <> message_tokens THEN
+            RAISE EXCEPTION 'usage row % bills % tokens for message % of % tokens',
+                row_id, billed, message_id, message_tokens
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'chat_messages_billed';
+        END IF;
+    END LOOP;
     RETURN NULL;
 END
 $$;
