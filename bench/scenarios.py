@@ -101,6 +101,7 @@ INSERT INTO token_transactions
 SELECT (substr($2, 1, 24) || lpad(to_hex(g), 12, '0'))::uuid, $1, 1, 'topup',
        'bench history', NULL, $3 + g, clock_timestamp()
 FROM generate_series(1, $4) AS g
+ORDER BY g  -- chain order: the database checks each row against the one before
 """
 
 
@@ -116,10 +117,11 @@ async def history_user(bench: Bench, rows: int) -> UUID:
     if rows not in bench.histories:
         (user_id,) = await seed_users(bench, 1, TOP_UP_START)
         async with bench.pool.acquire() as conn, conn.transaction():
-            await conn.execute(_SEED_HISTORY, user_id, str(new_id()), TOP_UP_START, rows)
+            # The balance first: the database checks each ledger statement against it.
             await conn.execute(
                 "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1", user_id, rows
             )
+            await conn.execute(_SEED_HISTORY, user_id, str(new_id()), TOP_UP_START, rows)
         await bench.pool.execute("VACUUM (ANALYZE) token_transactions")
         bench.histories[rows] = user_id
     return bench.histories[rows]
