@@ -349,6 +349,12 @@ async def test_attack_6_chats_as_raw_sql(
             "chat_sessions_tokens_follow_messages",
         ),
         (
+            "INSERT INTO chat_sessions (user_id, api_key_id, model, tokens_used) "
+            "SELECT user_id, api_key_id, 'm', $2 FROM chat_sessions WHERE id = $1",
+            (50,),
+            "chat_sessions_tokens_follow_messages",
+        ),
+        (
             "UPDATE chat_messages SET tokens = 0 WHERE session_id = $1",
             (),
             "chat_messages_immutable",
@@ -874,6 +880,33 @@ async def test_a_message_and_a_usage_row_for_it_cannot_pass_each_other(
         await billing.commit()
         with refused("chat_messages_billed"):
             await asyncio.wait_for(racing, 10)
+    finally:
+        await first.close()
+        await second.close()
+    await assert_books_balance(owner)
+
+
+async def test_two_repeatable_read_writers_cannot_fork_a_sessions_chain(
+    session: ChatSession, app_role: str, owner: asyncpg.Connection
+) -> None:
+    """As for the ledger: a 0-token message changes nothing on its session (whose row
+    it only locks), so a REPEATABLE READ snapshot older than it does not stop the
+    next writer, whose message would follow the same predecessor."""
+    first, second = await asyncpg.connect(app_role), await asyncpg.connect(app_role)
+    insert = (
+        "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+        "VALUES ($1, 'user', 'x', 0, 0)"
+    )
+    try:
+        late = second.transaction(isolation="repeatable_read")
+        await late.start()
+        await second.fetchval(
+            "SELECT count(*) FROM chat_messages WHERE session_id = $1", session.id
+        )
+        await first.execute(insert, session.id)
+        with refused("chat_messages_session_seq_key"):
+            await second.execute(insert, session.id)
+        await late.rollback()
     finally:
         await first.close()
         await second.close()
