@@ -73,12 +73,16 @@ def garden(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def run(project: Path, url: str, *command: str) -> subprocess.CompletedProcess[str]:
+def run(
+    project: Path, url: str, *command: str, answer: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``command`` in ``project`` with ``answer`` on stdin (nothing: no terminal to ask on)."""
     bin_dir = Path(sys.executable).parent
     return subprocess.run(
         [str(bin_dir / command[0]), *command[1:]],
         cwd=project,
         env={**os.environ, "DATABASE_URL": url, "COLUMNS": "200"},
+        input=answer,
         capture_output=True,
         text=True,
         timeout=120,
@@ -203,3 +207,25 @@ def test_a_broken_host_config_is_a_one_line_error(
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("Error: ") and len(done.stderr.splitlines()) == 1, done.stderr
     assert message in done.stderr
+
+
+def test_a_field_that_looks_renamed_is_asked_about_as_aerich_does(garden: Path) -> None:
+    (garden / "pyproject.toml").write_text(
+        '[tool.aerich]\ntortoise_orm = "garden.settings.TORTOISE_ORM"\nlocation = "./migrations"\n'
+    )
+    models = garden / "garden" / "models.py"
+    models.write_text(PLOT + "    name = fields.CharField(max_length=50)\n")
+    url = "postgres://unused@127.0.0.1:1/x"  # nothing connects
+    ok(run(garden, url, "tokendb", "app-migration", "garden"))
+    models.write_text(PLOT + "    title = fields.CharField(max_length=50)\n")
+    # No terminal to answer Aerich's question: one line, nothing written (was a traceback).
+    unanswered = run(garden, url, "tokendb", "app-migration", "garden", "--name", "title")
+    assert unanswered.returncode == 1 and "Traceback" not in unanswered.stderr
+    assert unanswered.stderr.startswith("Error: app 'garden': a field looks renamed")
+    assert not list((garden / "migrations" / "garden").glob("1_*"))
+    renamed = run(
+        garden, url, "tokendb", "app-migration", "garden", "--name", "title", answer="y\n"
+    )
+    ok(renamed)
+    (second,) = (garden / "migrations" / "garden").glob("1_*_title.py")
+    assert 'RENAME COLUMN "name" TO "title"' in second.read_text()

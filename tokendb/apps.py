@@ -203,6 +203,7 @@ def _diff_across_apps(label: str, folder: Path, state: dict[str, Any]) -> str | 
     from aerich.ddl.postgres import PostgresDDL
     from aerich.migrate import Migrate
     from aerich.utils import get_models_describe
+    from asyncclick.exceptions import Abort  # what Aerich's questions raise
 
     registry = Tortoise.apps or {}
     foreign: dict[str, Any] = {
@@ -279,9 +280,15 @@ def _diff_across_apps(label: str, folder: Path, state: dict[str, Any]) -> str | 
     CrossAppMigrate.ddl = PostgresDDL(client)
     CrossAppMigrate._last_version_content = state
     old, new = CrossAppMigrate._exclude_model_name_changes(state, get_models_describe(label))
-    # As `aerich migrate` does: a field that looks renamed is asked about.
-    CrossAppMigrate.diff_models(dict(old), dict(new), no_input=False)
-    CrossAppMigrate.diff_models(dict(new), dict(old), False, no_input=False)
+    # As `aerich migrate` does: a field that looks renamed is asked about (on stdin).
+    try:
+        CrossAppMigrate.diff_models(dict(old), dict(new), no_input=False)
+        CrossAppMigrate.diff_models(dict(new), dict(old), False, no_input=False)
+    except Abort as exc:  # EOF (no terminal) or Ctrl-C at Aerich's question
+        raise ConfigurationError(
+            f"app {label!r}: a field looks renamed and the question whether it was got no "
+            "answer (no terminal, or interrupted): nothing written; run it in a terminal"
+        ) from exc
     CrossAppMigrate._merge_operators()
     if not CrossAppMigrate.upgrade_operators:
         return None
