@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import tokendb
-from tests.helpers import asgi_client, free_port, load_module
+from tests.helpers import CHILD_PYTEST_ADDOPTS, asgi_client, free_port, load_module
 from tokendb import embedded
 from tokendb.testing import DEFAULT_TEST_DATABASE_URL, throwaway_database
 from tokendb.testing import test_server_url as admin_server_url
@@ -148,6 +148,7 @@ def test_pytest_plugin_blocks_run_as_a_downstream_suite(
     pytester.makeini(ini)
     pytester.makepyfile(test_readme=module)
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
     result = pytester.runpytest_subprocess(
         "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
     )
@@ -190,7 +191,7 @@ async def test_host_app_block_migrates_both_and_runs_the_apps_tests(
     (block,) = blocks("The recipe", "bash", HOST_APPS)
     assert block.splitlines()[1:3] == ["tokendb migrate", "aerich --app hostapp upgrade"]
     async with throwaway_database(admin_server_url(request.config), prefix="tokendb_host") as url:
-        out = await bash(block, DATABASE_URL=url)
+        out = await bash(block, DATABASE_URL=url, PYTEST_ADDOPTS=CHILD_PYTEST_ADDOPTS)
     assert "Success upgrading to 0_" in out
     assert " passed" in out and "failed" not in out
 

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 import tokendb
+from tests.helpers import CHILD_PYTEST_ADDOPTS
 from tokendb import embedded
 from tokendb.testing import _split_apps
 from tokendb.testing import test_server_url as admin_server_url
@@ -60,6 +61,7 @@ def downstream(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> py
     pytester.makepyfile(test_downstream=DOWNSTREAM)
     for variable in ("DATABASE_URL", "TOKENDB_TEST_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
     return pytester
 
 
@@ -188,6 +190,7 @@ def shop(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.P
     pytester.makepyfile(test_shop=SHOP_TESTS)
     for variable in ("DATABASE_URL", "TOKENDB_TEST_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
     return pytester
 
 
