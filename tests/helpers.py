@@ -23,6 +23,13 @@ from tokendb.testing import TABLES
 
 # Per table: its row count, and a digest of every row, so an UPDATE that
 # keeps the count shows as well as an INSERT or a DELETE.
+CHILD_PYTEST_ADDOPTS = "-p no:schemathesis -p no:hypothesispytest"
+"""``PYTEST_ADDOPTS`` for the downstream suites the tests run in child pytest processes.
+
+The test extra installs schemathesis and hypothesis, whose pytest plugins every pytest
+process imports (schemathesis alone ~1 s of CPU): a dozen child suites (and each
+pytest-xdist worker) paid it for plugins they never use."""
+
 STATE_SQL = "SELECT " + ", ".join(
     f"(SELECT count(*) FROM {table}) AS {table}, "
     f"(SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t)"

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 import tokendb
@@ -43,18 +44,17 @@ class Harvest(Model):
     billed = fields.ForeignKeyField("tokendb.TokenTransaction", related_name="harvests")
 """
 
+STEWARD = """
+    steward = fields.ForeignKeyField(
+        "tokendb.User", related_name="stewarded", null=True, on_delete="SET NULL"
+    )
+"""
+
 SETTINGS = """
 import tokendb
 
 APPS = {"garden": {"models": %r}}
 TORTOISE_ORM = tokendb.tortoise_orm(apps=APPS)
-"""
-
-PYPROJECT = """
-[tool.aerich]
-tortoise_orm = "garden.settings.TORTOISE_ORM"
-location = "./migrations"
-src_folder = "./."
 """
 
 
@@ -69,17 +69,20 @@ def garden(tmp_path: Path) -> Iterator[Path]:
     (package / "__init__.py").write_text("")
     (package / "models.py").write_text(PLOT)
     (package / "harvest.py").write_text(HARVEST)
-    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
     garden_models(tmp_path, "models")
     yield tmp_path
 
 
-def run(project: Path, url: str, *command: str) -> subprocess.CompletedProcess[str]:
+def run(
+    project: Path, url: str, *command: str, answer: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``command`` in ``project`` with ``answer`` on stdin (nothing: no terminal to ask on)."""
     bin_dir = Path(sys.executable).parent
     return subprocess.run(
         [str(bin_dir / command[0]), *command[1:]],
         cwd=project,
         env={**os.environ, "DATABASE_URL": url, "COLUMNS": "200"},
+        input=answer,
         capture_output=True,
         text=True,
         timeout=120,
@@ -95,6 +98,9 @@ async def test_the_readme_recipe_migrates_a_host_app_with_foreign_keys_to_tokend
     garden: Path, request: pytest.FixtureRequest
 ) -> None:
     async with throwaway_database(admin_server_url(request.config), prefix="tokendb_apps") as url:
+        # Aerich's own setup: with tortoise-orm 1.x it writes [tool.tortoise], not [tool.aerich].
+        ok(run(garden, url, "aerich", "init", "-t", "garden.settings.TORTOISE_ORM"))
+        assert "[tool.tortoise]" in (garden / "pyproject.toml").read_text()
         written = ok(run(garden, url, "tokendb", "app-migration", "garden"))
         (first,) = (garden / "migrations" / "garden").glob("0_*_init.py")
         assert first.name in written
@@ -127,6 +133,39 @@ async def test_the_readme_recipe_migrates_a_host_app_with_foreign_keys_to_tokend
         )
         assert "No changes detected" in ok(run(garden, url, *drift))
 
+        # A foreign key to tokendb's User on an existing model: Aerich fails on it
+        # (it looks tokendb.User up among the app's own models) ...
+        models = garden / "garden" / "models.py"
+        models.write_text(PLOT + STEWARD)
+        failed = run(garden, url, *drift)
+        assert failed.returncode != 0 and "KeyError: 'tokendb.User'" in failed.stderr
+        # ... tokendb writes it, both ways, and Aerich finds nothing left to do.
+        ok(run(garden, url, "tokendb", "app-migration", "garden", "--name", "steward"))
+        assert "Success upgrading to 2_" in ok(
+            run(garden, url, "aerich", "--app", "garden", "upgrade")
+        )
+        assert "No changes detected" in ok(run(garden, url, *drift))
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval(STEWARD_FK) == 1
+            models.write_text(PLOT)  # and dropped again
+            ok(run(garden, url, "tokendb", "app-migration", "garden", "--name", "no_steward"))
+            assert "Success upgrading to 3_" in ok(
+                run(garden, url, "aerich", "--app", "garden", "upgrade")
+            )
+            assert "No changes detected" in ok(run(garden, url, *drift))
+            assert await conn.fetchval(STEWARD_FK) == 0
+        finally:
+            await conn.close()
+
+
+STEWARD_FK = """
+SELECT count(*) FROM pg_constraint
+WHERE conrelid = 'plot'::regclass AND contype = 'f' AND confrelid = 'users'::regclass
+  AND conkey = ARRAY[(SELECT attnum FROM pg_attribute
+                      WHERE attrelid = 'plot'::regclass AND attname = 'steward_id')]
+"""
+
 
 async def test_tokendbs_own_app_and_unknown_apps_are_refused(tmp_path: Path) -> None:
     apps = {"garden": {"models": ["garden.models"]}}
@@ -138,4 +177,55 @@ async def test_tokendbs_own_app_and_unknown_apps_are_refused(tmp_path: Path) -> 
 def test_a_project_without_aerich_settings_is_a_one_line_error(tmp_path: Path) -> None:
     done = run(tmp_path, "postgres://unused@127.0.0.1:1/x", "tokendb", "app-migration", "garden")
     assert done.returncode == 1
-    assert done.stderr.startswith("Error: pyproject.toml has no [tool.aerich]")
+    assert done.stderr.startswith("Error: pyproject.toml has no [tool.aerich] (or [tool.tortoise])")
+
+
+@pytest.mark.parametrize(
+    ("settings", "models", "message"),
+    [
+        (None, PLOT, "cannot load garden.settings.TORTOISE_ORM"),  # no such module
+        ("TORTOISE_ORM = {'apps': }", PLOT, "SyntaxError"),
+        ("TORTOISE_ORM = {}", PLOT, "KeyError"),
+        (SETTINGS % ["garden.models"], PLOT.replace("tokendb.User", "tokendb.Owner"), "Owner"),
+        (SETTINGS % ["garden.nothing"], PLOT, "garden.nothing"),
+    ],
+    ids=["no-settings-module", "syntax-error", "no-apps", "unknown-fk-target", "no-models-module"],
+)
+def test_a_broken_host_config_is_a_one_line_error(
+    garden: Path, settings: str | None, models: str, message: str
+) -> None:
+    (garden / "pyproject.toml").write_text(
+        '[tool.aerich]\ntortoise_orm = "garden.settings.TORTOISE_ORM"\nlocation = "./migrations"\n'
+    )
+    settings_file = garden / "garden" / "settings.py"
+    if settings is None:
+        settings_file.unlink()
+    else:
+        settings_file.write_text(settings)
+    (garden / "garden" / "models.py").write_text(models)
+    done = run(garden, "postgres://unused@127.0.0.1:1/x", "tokendb", "app-migration", "garden")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("Error: ") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert message in done.stderr
+
+
+def test_a_field_that_looks_renamed_is_asked_about_as_aerich_does(garden: Path) -> None:
+    (garden / "pyproject.toml").write_text(
+        '[tool.aerich]\ntortoise_orm = "garden.settings.TORTOISE_ORM"\nlocation = "./migrations"\n'
+    )
+    models = garden / "garden" / "models.py"
+    models.write_text(PLOT + "    name = fields.CharField(max_length=50)\n")
+    url = "postgres://unused@127.0.0.1:1/x"  # nothing connects
+    ok(run(garden, url, "tokendb", "app-migration", "garden"))
+    models.write_text(PLOT + "    title = fields.CharField(max_length=50)\n")
+    # No terminal to answer Aerich's question: one line, nothing written (was a traceback).
+    unanswered = run(garden, url, "tokendb", "app-migration", "garden", "--name", "title")
+    assert unanswered.returncode == 1 and "Traceback" not in unanswered.stderr
+    assert unanswered.stderr.startswith("Error: app 'garden': a field looks renamed")
+    assert not list((garden / "migrations" / "garden").glob("1_*"))
+    renamed = run(
+        garden, url, "tokendb", "app-migration", "garden", "--name", "title", answer="y\n"
+    )
+    ok(renamed)
+    (second,) = (garden / "migrations" / "garden").glob("1_*_title.py")
+    assert 'RENAME COLUMN "name" TO "title"' in second.read_text()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
+import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -213,3 +217,46 @@ async def test_a_schema_gone_after_init_is_a_configuration_error(
             await tokendb.add_message(
                 session="00000000-0000-0000-0000-000000000001", role="user", content="x", tokens=1
             )
+
+
+def test_libpqs_sslmode_becomes_asyncpgs_ssl() -> None:
+    """Hosted PostgreSQL URLs carry ?sslmode=require; asyncpg.connect() has no sslmode."""
+    built = config.tortoise_config("postgres://u:pw@db.internal/app?sslmode=require")
+    credentials = built["connections"]["default"]["credentials"]
+    assert credentials["ssl"] == "require" and "sslmode" not in credentials
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgres://u:pw@h/db?sslmode=sometimes", "sslmode must be one of"),
+        ("postgres://u:pw@h/db?statment_timeout=5", "unknown URL parameter(s) statment_timeout"),
+        ("postgres://u:pw@h/db?dsn=x", "unknown URL parameter(s) dsn"),
+    ],
+)
+def test_url_parameters_asyncpg_would_refuse_are_configuration_errors(
+    url: str, message: str
+) -> None:
+    """Tortoise hands them to asyncpg, which raised TypeError on the first connection."""
+    with pytest.raises(ConfigurationError, match=re.escape(message)) as info:
+        config.tortoise_config(url)
+    assert info.value.variable == "DATABASE_URL" and "pw" not in str(info.value)
+
+
+async def test_a_url_with_sslmode_connects(tokendb_db: str) -> None:
+    """The CLI on a URL with ?sslmode=disable (the local server has no TLS): it works,
+    where asyncpg's TypeError used to escape as a traceback."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokendb",
+        "--database-url",
+        tokendb_db + ("&" if "?" in tokendb_db else "?") + "sslmode=disable",
+        "audit",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, errors = await process.communicate()
+    assert process.returncode == 0, errors.decode()
+    assert json.loads(out)["books_balance"] is True

@@ -157,14 +157,17 @@ def test_a_task_that_cannot_see_tortoises_context_gets_a_configuration_error(
     assert facts["inited"] is False
 
 
+@pytest.mark.parametrize("inits", [1, 2])
 def test_migrate_without_a_url_migrates_the_initialised_database(
-    tokendb_db: str, tmp_path: Any
+    tokendb_db: str, tmp_path: Any, inits: int
 ) -> None:
     # No DATABASE_URL and no embedded server allowed: only the initialised URL can be used.
+    # Initialised twice (the second init closes the first's pool): still that URL.
     facts = run_child(
-        """
+        f"""
         async def main():
-            await tokendb.init(URL)
+            for _ in range({inits}):
+                await tokendb.init(URL)
             try:
                 return await tokendb.migrate()
             finally:

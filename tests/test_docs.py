@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import tokendb
-from tests.helpers import asgi_client, free_port, load_module
+from tests.helpers import CHILD_PYTEST_ADDOPTS, asgi_client, free_port, load_module
 from tokendb import embedded
 from tokendb.testing import DEFAULT_TEST_DATABASE_URL, throwaway_database
 from tokendb.testing import test_server_url as admin_server_url
@@ -150,6 +150,7 @@ def test_pytest_plugin_blocks_run_as_a_downstream_suite(
     pytester.makeini(ini)
     pytester.makepyfile(test_readme=module)
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
     result = pytester.runpytest_subprocess(
         "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
     )
@@ -192,21 +193,28 @@ async def test_host_app_block_migrates_both_and_runs_the_apps_tests(
     (block,) = blocks("The recipe", "bash", HOST_APPS)
     assert block.splitlines()[1:3] == ["tokendb migrate", "aerich --app hostapp upgrade"]
     async with throwaway_database(admin_server_url(request.config), prefix="tokendb_host") as url:
-        out = await bash(block, DATABASE_URL=url)
+        out = await bash(block, DATABASE_URL=url, PYTEST_ADDOPTS=CHILD_PYTEST_ADDOPTS)
     assert "Success upgrading to 0_" in out
     assert " passed" in out and "failed" not in out
 
 
-def test_host_app_config_block_puts_the_hosts_app_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_app_config_block_puts_the_hosts_app_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     (config, fixture) = blocks("The recipe", "python", HOST_APPS)
+    example = ROOT / "examples" / "host_app" / "hostapp" / "settings.py"
+    assert config in example.read_text()  # the recipe shows the example's settings
+    settings = tmp_path / "recipe_settings.py"
+    settings.write_text(config)
+    # Importing APPS (as the app and its tests do) resolves no database: no
+    # DATABASE_URL and no embedded server allowed, and no error.
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TOKENDB_EMBEDDED", "off")
+    monkeypatch.chdir(tmp_path)  # no .env
+    module = load_module("recipe_settings", settings)
+    assert module.APPS == {"hostapp": {"models": ["hostapp.models"]}}
     monkeypatch.setenv("DATABASE_URL", EXAMPLE_SERVER)
-    namespace: dict[str, Any] = {}
-    exec(compile(config, "docs/host-apps.md", "exec"), namespace)
-    assert list(namespace["TORTOISE_ORM"]["apps"]) == ["hostapp", "tokendb"]
-    settings = load_module(
-        "host_settings", ROOT / "examples" / "host_app" / "hostapp" / "settings.py"
-    )
-    assert namespace["APPS"] == settings.APPS  # the recipe shows the example's config
+    assert list(module.TORTOISE_ORM["apps"]) == ["hostapp", "tokendb"]
     assert "def tokendb_apps():" in fixture
     conftest = (ROOT / "examples" / "host_app" / "tests" / "conftest.py").read_text()
     assert (

@@ -13,7 +13,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+import tokendb
+from tests.helpers import CHILD_PYTEST_ADDOPTS
 from tokendb import embedded
+from tokendb.testing import _split_apps
 from tokendb.testing import test_server_url as admin_server_url
 
 INI = """
@@ -58,6 +61,7 @@ def downstream(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> py
     pytester.makepyfile(test_downstream=DOWNSTREAM)
     for variable in ("DATABASE_URL", "TOKENDB_TEST_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
     return pytester
 
 
@@ -186,6 +190,7 @@ def shop(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.P
     pytester.makepyfile(test_shop=SHOP_TESTS)
     for variable in ("DATABASE_URL", "TOKENDB_TEST_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
     return pytester
 
 
@@ -200,7 +205,7 @@ def test_an_apps_tables_are_generated_next_to_tokendbs(
 
 
 def test_an_apps_tables_come_from_its_aerich_migrations(
-    shop: pytest.Pytester, request: pytest.FixtureRequest
+    shop: pytest.Pytester, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # In a child process: importing the app's models adds relations to tokendb's models.
     write = (
@@ -212,12 +217,37 @@ def test_an_apps_tables_come_from_its_aerich_migrations(
     written = shop.run(sys.executable, "-c", write)
     assert written.ret == 0, written.errlines
     (migration,) = (shop.path / "migrations" / "shop").glob("0_*_init.py")
-    shop.makeconftest(SHOP_CONFTEST % ', "migrations": "migrations"')
-    result = shop.runpytest_subprocess(
-        "--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"
-    )
-    result.assert_outcomes(passed=3)
     assert 'CREATE TABLE "shop_projects"' in migration.read_text()
+    shop.makeconftest(SHOP_CONFTEST % ', "migrations": "migrations"')
+    # Started from another directory (an IDE, a monorepo): "migrations" is the
+    # rootdir's, not the working directory's (where none were found, none applied).
+    elsewhere = shop.mkdir("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    options = ["--tokendb-url", admin_server_url(request.config), "-p", "no:cacheprovider"]
+    result = shop.runpytest_subprocess(str(shop.path), "--rootdir", str(shop.path), *options)
+    result.assert_outcomes(passed=3)
+
+    # A model added without its migration: the fixture says so, not an UndefinedTableError.
+    shop.path.joinpath("shop", "models.py").write_text(
+        SHOP_MODELS + "\n\nclass Invoice(Model):\n    id = fields.IntField(primary_key=True)\n"
+    )
+    unmigrated = shop.runpytest_subprocess(str(shop.path), "--rootdir", str(shop.path), *options)
+    unmigrated.assert_outcomes(passed=0, errors=3)
+    assert (
+        "the migrations of app 'shop' create no table ['invoice']: write the missing "
+        "migration with `tokendb app-migration shop`"
+    ) in unmigrated.stdout.str()
+
+
+def test_an_apps_migrations_folder_without_its_migrations_is_refused(tmp_path: Path) -> None:
+    apps = {"shop": {"models": ["shop.models"], "migrations": "migrations"}}
+    with pytest.raises(tokendb.ConfigurationError, match="holds no shop/ migrations"):
+        _split_apps(apps, tmp_path)
+    (tmp_path / "migrations" / "shop").mkdir(parents=True)
+    (tmp_path / "migrations" / "shop" / "0_20260101000000_init.py").write_text("")
+    tortoise_apps, migrations = _split_apps(apps, tmp_path)
+    assert tortoise_apps == {"shop": {"models": ["shop.models"]}}
+    assert migrations == {"shop": tmp_path / "migrations"}
 
 
 # pytest-asyncio's defaults: every test and fixture on a loop of its own.

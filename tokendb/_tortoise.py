@@ -235,13 +235,14 @@ def stale_attempts(client: BaseDBAsyncClient) -> int:
     return (created.get_max_size() if created is not None else 0) + 1
 
 
-def table_sql(model: type[Model]) -> tuple[str, str, set[str]]:
+def table_sql(model: type[Model], *, m2m: bool = True) -> tuple[str, str, set[str]]:
     """``(table, CREATE TABLE statements, tables referred to)`` for ``model``, as Tortoise
-    and Aerich write them (its indexes and column comments included)."""
+    and Aerich write them (its indexes and column comments included; its many-to-many
+    tables too unless ``m2m`` is false)."""
     client: BaseDBAsyncClient = model._meta.db
     generator = client.schema_generator(client)
     table: dict[str, Any] = generator._get_table_sql(model, safe=False)
-    sql = "\n".join([table["table_creation_string"], *table["m2m_tables"]])
+    sql = "\n".join([table["table_creation_string"], *(table["m2m_tables"] if m2m else [])])
     return table["table"], sql, set(table["references"])
 
 

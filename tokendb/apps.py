@@ -7,18 +7,19 @@ runs fine, but Aerich 0.10 cannot write its migrations by itself:
   host's first migration: tokendb's five tables too, without their
   constraints and triggers (they belong to ``tokendb migrate``);
 * ``aerich --app host migrate`` refuses a *new* model with a foreign key into
-  another app ("Can't create schema due to cyclic fk references");
+  another app ("Can't create schema due to cyclic fk references"), and
+  fails on a foreign key into another app added to or dropped from an
+  existing model (``KeyError: 'tokendb.User'``): it looks the referred
+  model up among the app's own;
 * tokendb's models on a connection of their own do not help: Tortoise's
   schema generator refuses the cross-connection foreign key the same way.
 
-:func:`write_app_migration` (``tokendb app-migration APP``) writes the
-migration Aerich cannot: ``CREATE TABLE`` for the app's models that its
-migrations do not create yet, in foreign-key order, referring to tokendb's
-tables (which ``tokendb migrate`` creates first), with the models' state
-Aerich diffs against afterwards. Every other change (columns, indexes) is
-``aerich --app host migrate`` as usual, and ``aerich --app host upgrade``
-applies both. :func:`create_app_tables` creates an app's tables directly
-(the pytest plugin, for apps without migrations).
+:func:`write_app_migration` (``tokendb app-migration APP``) is ``aerich
+migrate`` told about the other apps' models: the same diff and file, where
+those foreign keys refer to tokendb's tables (which ``tokendb migrate``
+creates first), and a first migration with the app's own tables only.
+``aerich --app host upgrade`` applies it. :func:`create_app_tables` creates
+an app's tables directly (the pytest plugin, for apps without migrations).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from typing import Any
 
 from tortoise import Tortoise
 from tortoise.context import TortoiseContext, _current_context
+from tortoise.exceptions import BaseORMException
+from tortoise.models import Model
 
 from tokendb import _tortoise
 from tokendb.config import APP_LABEL, tortoise_config
-from tokendb.errors import ConfigurationError
+from tokendb.errors import ConfigurationError, TokenDBError
 
 __all__ = ["aerich_settings", "app_tables_sql", "create_app_tables", "write_app_migration"]
 
@@ -44,30 +47,43 @@ _NO_DATABASE = "postgres://tokendb@127.0.0.1:1/unused"
 
 
 def aerich_settings(config_file: Path) -> tuple[dict[str, Any], Path]:
-    """The ``TORTOISE_ORM`` apps and the migrations folder named by ``[tool.aerich]``.
+    """The ``TORTOISE_ORM`` apps and the migrations folder named by Aerich's settings.
 
-    Read as Aerich reads them: ``tortoise_orm`` (``"module.NAME"``, imported
-    with ``src_folder`` on ``sys.path``) and ``location``, relative to the
-    file's folder. Raises :class:`ConfigurationError` when they are missing.
+    Read as Aerich reads them: ``[tool.aerich]``, else ``[tool.tortoise]``
+    (what ``aerich init`` writes with tortoise-orm 1.x); ``tortoise_orm``
+    (``"module.NAME"``, imported with ``src_folder`` on ``sys.path``) and
+    ``location``, relative to the file's folder. Raises
+    :class:`ConfigurationError` when they are missing or the config does not
+    import.
     """
     import importlib
     import sys
     import tomllib
 
     try:
-        settings = tomllib.loads(config_file.read_text(encoding="utf-8"))["tool"]["aerich"]
+        tool = tomllib.loads(config_file.read_text(encoding="utf-8"))["tool"]
+        settings = tool.get("aerich") or tool["tortoise"]
         module_name, _, attribute = settings["tortoise_orm"].rpartition(".")
         location = config_file.parent / settings["location"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, KeyError, TypeError, AttributeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigurationError(
-            f"{config_file} has no [tool.aerich] with tortoise_orm and location "
-            "(`aerich init -t settings.TORTOISE_ORM` writes them)"
+            f"{config_file} has no [tool.aerich] (or [tool.tortoise]) with tortoise_orm and "
+            "location (`aerich init -t settings.TORTOISE_ORM` writes them)"
         ) from exc
     source = str((config_file.parent / settings.get("src_folder", ".")).resolve())
     if source not in sys.path:
         sys.path.insert(0, source)
-    config = getattr(importlib.import_module(module_name), attribute)
-    return dict(config["apps"]), location
+    try:
+        config = getattr(importlib.import_module(module_name), attribute)
+        apps = dict(config["apps"])
+    except TokenDBError:
+        raise
+    except Exception as exc:  # the host's own module: whatever it raises, one clear error
+        raise ConfigurationError(
+            f"cannot load {settings['tortoise_orm']} (tortoise_orm in {config_file}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return apps, location
 
 
 def app_tables_sql(label: str, *, skip: frozenset[str] = frozenset()) -> tuple[str, str]:
@@ -160,6 +176,126 @@ def _models_state(folder: Path) -> tuple[int, dict[str, Any]]:
     return int(versions[-1].name.split("_")[0]), decompress_dict(state)
 
 
+_AERICH_RUN_STATE = (
+    "upgrade_operators",
+    "downgrade_operators",
+    "_upgrade_fk_m2m_index_operators",
+    "_downgrade_fk_m2m_index_operators",
+    "_upgrade_m2m",
+    "_downgrade_m2m",
+    "_rename_fields",
+    "_rename_models",
+)
+
+
+def _diff_across_apps(label: str, folder: Path, state: dict[str, Any]) -> str | None:
+    """Aerich's own diff of app ``label`` against ``state``, told about the other apps' models.
+
+    The migration file's text, or None when nothing changed. Aerich diffs
+    one app's models and looks up every model a relation refers to among
+    them: a new table, or a new or dropped relational field, referring to
+    another app's model (``tokendb.User``) fails there ("cyclic fk
+    references", ``KeyError: 'tokendb.User'``). Here those models are known,
+    and taken to exist (``tokendb migrate`` runs first). Everything else is
+    Aerich's ``migrate`` as it is. Needs an initialised Tortoise context
+    holding every app; connects to nothing.
+    """
+    from aerich.ddl.postgres import PostgresDDL
+    from aerich.migrate import Migrate
+    from aerich.utils import get_models_describe
+    from asyncclick.exceptions import Abort  # what Aerich's questions raise
+
+    registry = Tortoise.apps or {}
+    foreign: dict[str, Any] = {
+        name: describe
+        for other in registry
+        if other != label
+        for name, describe in get_models_describe(other).items()
+    }
+
+    class CrossAppMigrate(Migrate):
+        @classmethod
+        def add_model(cls, model: type[Model]) -> str:
+            # CREATE TABLE, not Aerich's CREATE TABLE IF NOT EXISTS: a name taken by
+            # another app's table (tokendb's) fails the migration instead of adopting it.
+            # (Aerich writes the many-to-many tables itself.)
+            return _tortoise.table_sql(model, m2m=False)[1].rstrip().rstrip(";")
+
+        @classmethod
+        def _handle_add_models(
+            cls,
+            upgrade: bool,
+            new_models: dict[str, dict[str, Any]],
+            new_table_items: list[Any],
+            other_table_items: list[Any] | None = None,
+        ) -> None:
+            # Another app's tables exist: a new table may refer to them.
+            existing = [
+                *(other_table_items or []),
+                *((name, d, None) for name, d in foreign.items()),
+            ]
+            super()._handle_add_models(upgrade, new_models, new_table_items, existing)
+
+        @classmethod
+        def _handle_relational(
+            cls,
+            key: str,
+            old_model_describe: dict[str, Any],
+            new_model_describe: dict[str, Any],
+            model: Any,
+            old_models: dict[str, Any],
+            new_models: dict[str, Any],
+            upgrade: bool = True,
+        ) -> None:
+            super()._handle_relational(
+                key,
+                old_model_describe,
+                new_model_describe,
+                model,
+                {**foreign, **old_models},
+                {**foreign, **new_models},
+                upgrade,
+            )
+
+        @classmethod
+        def _handle_m2m_fields(
+            cls,
+            old_model_describe: dict[str, Any],
+            new_model_describe: dict[str, Any],
+            model: Any,
+            new_models: dict[str, Any],
+            upgrade: bool = True,
+        ) -> None:
+            super()._handle_m2m_fields(
+                old_model_describe, new_model_describe, model, {**foreign, **new_models}, upgrade
+            )
+
+    # Aerich keeps a run's state in class attributes (lists, dicts): fresh ones for this run.
+    for attribute in _AERICH_RUN_STATE:
+        setattr(CrossAppMigrate, attribute, type(getattr(Migrate, attribute))())
+    client = Tortoise.get_connection("default")
+    CrossAppMigrate.app = label
+    CrossAppMigrate.migrate_location = folder
+    CrossAppMigrate.dialect = client.schema_generator.DIALECT
+    CrossAppMigrate.ddl = PostgresDDL(client)
+    CrossAppMigrate._last_version_content = state
+    old, new = CrossAppMigrate._exclude_model_name_changes(state, get_models_describe(label))
+    # As `aerich migrate` does: a field that looks renamed is asked about (on stdin).
+    try:
+        CrossAppMigrate.diff_models(dict(old), dict(new), no_input=False)
+        CrossAppMigrate.diff_models(dict(new), dict(old), False, no_input=False)
+    except Abort as exc:  # EOF (no terminal) or Ctrl-C at Aerich's question
+        raise ConfigurationError(
+            f"app {label!r}: a field looks renamed and the question whether it was got no "
+            "answer (no terminal, or interrupted): nothing written; run it in a terminal"
+        ) from exc
+    CrossAppMigrate._merge_operators()
+    if not CrossAppMigrate.upgrade_operators:
+        return None
+    text: str = CrossAppMigrate._get_diff_file_content()
+    return text
+
+
 async def write_app_migration(
     apps: Mapping[str, Mapping[str, Any]],
     label: str,
@@ -167,22 +303,24 @@ async def write_app_migration(
     *,
     name: str = "init",
 ) -> Path | None:
-    """Write the Aerich migration creating app ``label``'s new tables; return its path.
+    """Write app ``label``'s next Aerich migration, foreign keys to tokendb's models allowed.
+
+    What ``aerich --app label migrate`` writes (new tables, columns, indexes,
+    relations; the models' state Aerich diffs against next), where Aerich
+    alone fails: a new table, or a new or dropped foreign key, referring to
+    another app's model (tokendb's ``User``, taken to exist: ``tokendb
+    migrate`` runs first). Its first migration holds the app's own tables
+    only, where ``aerich init-db`` would copy tokendb's into it.
 
     ``apps`` are the host's Tortoise apps (as in ``TORTOISE_ORM["apps"]``,
     tokendb's may be among them), ``location`` Aerich's migrations folder
-    (the app's files go to ``location/label/``). A model is new when the
-    app's last migration does not record it. The file records the models'
-    state with the new models added (and nothing else changed), so a later
-    ``aerich --app label migrate`` writes the other changes. Returns None
-    when there is no new model. Nothing connects to a database.
+    (the app's files go to ``location/label/``). Returns None when nothing
+    changed since the app's last migration. Nothing connects to a database.
 
     Raises :class:`ConfigurationError` for tokendb's own app, an unknown app,
-    or a last migration without ``MODELS_STATE``.
+    models Tortoise refuses (an unknown model in a relation …), or a last
+    migration without ``MODELS_STATE``.
     """
-    from aerich.migrate import Migrate
-    from aerich.utils import get_models_describe
-
     if label == APP_LABEL:
         raise ConfigurationError("tokendb's own migrations come with tokendb: `tokendb migrate`")
     host_apps = {key: value for key, value in apps.items() if key != APP_LABEL}
@@ -192,16 +330,14 @@ async def write_app_migration(
     number, state = _models_state(folder)
 
     async def render(context: Any) -> str | None:
-        described = get_models_describe(label)
-        new = {model: described[model] for model in described if model not in state}
-        if not new:
-            return None
-        upgrade, downgrade = app_tables_sql(label, skip=frozenset(state))
-        return Migrate.build_migration_file_text(
-            upgrade_sql=upgrade, downgrade_sql=downgrade, models_state={**state, **new}
-        )
+        return _diff_across_apps(label, folder, state)
 
-    content = await _in_context(tortoise_config(_NO_DATABASE, apps=host_apps), render)
+    try:
+        content = await _in_context(tortoise_config(_NO_DATABASE, apps=host_apps), render)
+    except (BaseORMException, ImportError) as exc:  # the host's models, as Tortoise loads them
+        raise ConfigurationError(
+            f"the Tortoise apps do not load: {type(exc).__name__}: {exc}"
+        ) from exc
     if content is None:
         return None
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")

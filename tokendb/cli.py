@@ -331,16 +331,17 @@ def app_migration(
     app_label: Annotated[str, typer.Argument(metavar="APP", help="Your Tortoise app's label.")],
     name: Annotated[str, typer.Option("--name", help="The migration's name.")] = "init",
     config_file: Annotated[
-        Path, typer.Option("--config", help="The file with [tool.aerich].")
+        Path, typer.Option("--config", help="The file with [tool.aerich] or [tool.tortoise].")
     ] = Path("pyproject.toml"),
 ) -> None:
-    """Write an Aerich migration creating your app's new tables (FKs to tokendb's allowed).
+    """Write your app's next Aerich migration (foreign keys to tokendb's models allowed).
 
-    For your own Tortoise app next to tokendb's: instead of `aerich init-db`
-    (which copies tokendb's tables into your first migration), and for a new
-    model with a foreign key to tokendb's (which `aerich migrate` refuses).
-    Reads [tool.aerich] as aerich does; apply with `aerich --app APP upgrade`
-    after `tokendb migrate`. Every other change: `aerich --app APP migrate`.
+    For your own Tortoise app next to tokendb's: `aerich migrate`, told about
+    tokendb's models. Aerich alone copies tokendb's tables into your first
+    migration (`aerich init-db`) and fails on a new model or a new foreign
+    key that refers to tokendb's models. Reads [tool.aerich] (or
+    [tool.tortoise]) as aerich does; apply with `aerich --app APP upgrade`
+    after `tokendb migrate`.
 
     Example: tokendb app-migration shop --name projects
     """
@@ -352,9 +353,12 @@ def app_migration(
 
     written = _run(ctx, write, connect=False)
     if written is None:
-        out.print(f"No new model in app {app_label!r}: nothing written.")
+        out.print(f"No changes in app {app_label!r}: nothing written.", soft_wrap=True)
     else:
-        out.print(f"Wrote {written}; apply it with `aerich --app {app_label} upgrade`.")
+        # soft_wrap: the command stays on one line, to be copied.
+        out.print(
+            f"Wrote {written}; apply it with `aerich --app {app_label} upgrade`.", soft_wrap=True
+        )
 
 
 @app.command()

@@ -136,7 +136,8 @@ def tortoise_config(
     """Build the Tortoise config dict for tokendb's models (and ``apps``) on ``database_url``.
 
     ``database_url`` is a ``postgres://`` (or ``postgresql://``) URL. Tortoise
-    URL parameters pass through, so ``?minsize=16&maxsize=16`` sizes the pool;
+    URL parameters pass through to asyncpg (libpq's ``sslmode`` as ``ssl``; an unknown
+    one is a :class:`ConfigurationError`), so ``?minsize=16&maxsize=16`` sizes the pool;
     ``min_size``/``max_size`` given here win over the URL, and the defaults
     (:data:`DEFAULT_POOL_MIN_SIZE`, :data:`DEFAULT_POOL_MAX_SIZE`) apply when
     neither says. ``variable`` names the setting the URL came from, for errors.
@@ -188,6 +189,7 @@ def tortoise_config(
         ) from None
 
     credentials: dict[str, Any] = connection["credentials"]
+    _asyncpg_parameters(credentials, variable)
     for key, given, default in (
         ("minsize", min_size, DEFAULT_POOL_MIN_SIZE),
         ("maxsize", max_size, DEFAULT_POOL_MAX_SIZE),
@@ -211,6 +213,46 @@ def tortoise_config(
         "use_tz": True,
         "timezone": "UTC",
     }
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_URL_PARAMETERS = frozenset(
+    {"minsize", "maxsize", "schema", "application_name", "max_queries"}
+    | {"max_inactive_connection_lifetime"}
+)
+"""URL parameters Tortoise's asyncpg client or asyncpg's pool take; besides those of
+``asyncpg.connect`` (but for the ones a URL cannot carry: :data:`_NOT_IN_URLS`)."""
+_NOT_IN_URLS = frozenset({"dsn", "loop", "connection_class", "record_class", "server_settings"})
+
+
+def _asyncpg_parameters(credentials: dict[str, Any], variable: str) -> None:
+    """Check the URL's parameters against what asyncpg takes, in place.
+
+    libpq's ``sslmode`` (in most hosted PostgreSQL URLs) becomes asyncpg's
+    ``ssl``, which takes the same modes. Tortoise hands every other parameter
+    to ``asyncpg.create_pool``, where an unknown one is a ``TypeError`` on the
+    first connection: raise :class:`ConfigurationError` naming it instead.
+    """
+    import inspect
+
+    import asyncpg
+
+    if "sslmode" in credentials:
+        mode = credentials.pop("sslmode")
+        if mode not in _SSL_MODES:
+            raise ConfigurationError(
+                f"{variable}: sslmode must be one of {', '.join(_SSL_MODES)}, got {mode!r}",
+                variable=variable,
+            )
+        credentials.setdefault("ssl", mode)
+    known = _URL_PARAMETERS | (set(inspect.signature(asyncpg.connect).parameters) - _NOT_IN_URLS)
+    unknown = sorted(set(credentials) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"{variable}: unknown URL parameter(s) {', '.join(unknown)} (asyncpg's "
+            "connection parameters, sslmode, minsize and maxsize are understood)",
+            variable=variable,
+        )
 
 
 def load_env_file() -> None:

@@ -127,7 +127,8 @@ async def init(
         coalesce_charges=coalesce_charges,
     )
     if is_initialised():
-        await close()
+        # Not close(): that forgets the URL just configured, which migrate() defaults to.
+        await _close_connections()
     try:
         await Tortoise.init(config=config, _enable_global_fallback=True)
     except BaseException:
@@ -314,6 +315,11 @@ async def close() -> None:
     """
     global _initialised_url
     _initialised_url = None
+    await _close_connections()
+
+
+async def _close_connections() -> None:
+    """Close Tortoise's connections; a pool of a closed event loop is shut down instead."""
     if not Tortoise.is_inited():
         return
     from tortoise.context import get_current_context

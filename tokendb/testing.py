@@ -15,8 +15,10 @@ Fixtures:
             return {"shop": {"models": ["shop.models"], "migrations": "migrations"}}
 
     ``migrations`` (optional) is the app's Aerich migrations folder (Aerich's
-    ``location``, holding ``shop/``); without it the tables are generated
-    from the models.
+    ``location``, holding ``shop/``; relative to pytest's rootdir); without
+    it the tables are generated from the models. A folder without the app's
+    migrations, or migrations that do not create a model's table, fail
+    ``tokendb_db`` with a :class:`~tokendb.ConfigurationError` saying so.
 ``tokendb_db`` (session)
     Creates a database with a unique name on the test server (see
     :func:`test_server_url`), applies tokendb's migrations through Aerich,
@@ -336,21 +338,36 @@ def tokendb_apps() -> dict[str, dict[str, Any]]:
 
     ``{"shop": {"models": ["shop.models"], "migrations": "migrations"}}``:
     ``migrations`` (optional) is the folder holding the app's Aerich
-    migrations (``migrations/shop/*.py``), applied after tokendb's; without
-    it the tables are generated from the models.
+    migrations (``migrations/shop/*.py``; relative to pytest's rootdir),
+    applied after tokendb's; without it the tables are generated from the models.
     """
     return {}
 
 
-def _split_apps(apps: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The Tortoise apps, and the migrations folder of those that have one."""
+def _split_apps(
+    apps: Mapping[str, Mapping[str, Any]], root: Path
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The Tortoise apps, and the migrations folder of those that have one.
+
+    A relative folder is relative to ``root`` (pytest's rootdir), not to the
+    directory pytest happens to be started from. Raises
+    :class:`~tokendb.ConfigurationError` for a folder without the app's
+    migrations: applying none would leave the app without tables.
+    """
     tortoise_apps: dict[str, Any] = {}
     migrations: dict[str, Path] = {}
     for label, app in apps.items():
         entry = dict(app)
         folder = entry.pop("migrations", None)
         if folder is not None:
-            migrations[label] = Path(folder)
+            location = root / Path(folder)
+            if not any((location / label).glob("[0-9]*_*.py")):
+                raise tokendb.ConfigurationError(
+                    f"tokendb_apps: app {label!r} names the migrations folder {location}, "
+                    f"which holds no {label}/ migrations: write them with `tokendb "
+                    f"app-migration {label}`, or leave out 'migrations' to generate the tables"
+                )
+            migrations[label] = location
         tortoise_apps[label] = entry
     return tortoise_apps, migrations
 
@@ -388,6 +405,24 @@ def _app_tables(labels: Sequence[str]) -> list[str]:
     ]
 
 
+async def _check_migrated(label: str) -> None:
+    """Raise :class:`~tokendb.ConfigurationError` naming app ``label``'s models whose
+    tables its migrations do not create (a model added without a migration)."""
+    from tokendb import _db
+
+    tables = _app_tables([label])
+    rows = await _db.read(
+        "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(quote_ident(name)) IS NULL",
+        tables,
+    )
+    if rows:
+        missing = sorted(row["name"] for row in rows)
+        raise tokendb.ConfigurationError(
+            f"tokendb_apps: the migrations of app {label!r} create no table {missing}: "
+            f"write the missing migration with `tokendb app-migration {label}`"
+        )
+
+
 @_async_fixture(scope="session", loop_scope="session")
 async def tokendb_db(
     request: pytest.FixtureRequest, tokendb_apps: dict[str, dict[str, Any]]
@@ -405,7 +440,7 @@ async def tokendb_db(
         from tokendb import embedded
 
         embedded.install_sigterm_handler()  # from the main thread, where signals are handled
-    tortoise_apps, migrations = _split_apps(tokendb_apps)
+    tortoise_apps, migrations = _split_apps(tokendb_apps, request.config.rootpath)
     # Cheap argon2 parameters for the session: production-strength hashing
     # costs ~100 ms a user and would dominate any suite that creates users.
     # The suite's own parameters come back afterwards.
@@ -414,19 +449,24 @@ async def tokendb_db(
             await tokendb.migrate(url)
             await _create_app_tables(url, tortoise_apps, migrations)
             await tokendb.init(url, apps=tortoise_apps, min_size=1, max_size=20)
-            app_tables = _app_tables(list(tortoise_apps))
-            request.config.stash[_app_tables_key] = app_tables
-            as_app = bool(request.config.getini("tokendb_app_role"))
-            async with application_role(url, app_tables) if as_app else _as_owner(url) as runs_as:
-                if as_app:
-                    await tokendb.init(runs_as, apps=tortoise_apps, min_size=1, max_size=20)
-                request.config.stash[_app_url_key] = runs_as
-                # Each test opens the pool in its own event loop (see pytest_runtest_teardown).
-                await _tortoise.close_pool(_tortoise.models_client())
-                try:
-                    yield url
-                finally:
-                    await tokendb.close()
+            try:
+                app_tables = _app_tables(list(tortoise_apps))
+                request.config.stash[_app_tables_key] = app_tables
+                for label in migrations:
+                    await _check_migrated(label)
+                as_app = bool(request.config.getini("tokendb_app_role"))
+                async with application_role(url, app_tables) if as_app else _as_owner(url) as runs:
+                    if as_app:
+                        await tokendb.init(runs, apps=tortoise_apps, min_size=1, max_size=20)
+                    request.config.stash[_app_url_key] = runs
+                    # Each test opens the pool in its own event loop (see pytest_runtest_teardown).
+                    await _tortoise.close_pool(_tortoise.models_client())
+                    try:
+                        yield url
+                    finally:
+                        await tokendb.close()  # before the role goes
+            finally:
+                await tokendb.close()
 
 
 @pytest.fixture(scope="session")
