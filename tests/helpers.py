@@ -9,7 +9,7 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -129,6 +129,38 @@ def statements_sent() -> Iterator[list[str]]:
         yield sent
     finally:
         asyncpg.Connection._execute = original  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def after_statement(sql: str, probe: Callable[[], Awaitable[None]]) -> Iterator[None]:
+    """Run ``await probe()`` right after each statement whose text is ``sql`` returns.
+
+    The call that sent it waits meanwhile, with its transaction open: a probe
+    on another connection sees the locks that statement took.
+    """
+    original = asyncpg.Connection._execute
+
+    async def probing(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        result = await original(self, query, *args, **kwargs)
+        if query == sql:
+            await probe()
+        return result
+
+    asyncpg.Connection._execute = probing  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        asyncpg.Connection._execute = original  # type: ignore[method-assign]
+
+
+async def row_is_locked(conn: asyncpg.Connection, table: str, row_id: uuid.UUID) -> bool:
+    """Whether another transaction holds a lock on the row (asked with NOWAIT, from ``conn``)."""
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE NOWAIT", row_id)
+    except asyncpg.LockNotAvailableError:
+        return True
+    return False
 
 
 def charge_batch(charges: Sequence[tuple[uuid.UUID, int]]) -> tuple[str, tuple[list[Any], ...]]:

@@ -269,3 +269,55 @@ async def test_a_verify_within_the_touch_interval_is_one_statement(
             await tokendb.verify_api_key(secret=secret)
     assert len(sent) == 5, sent
     assert not any(statement.lstrip().upper().startswith("UPDATE") for statement in sent)
+
+
+@pytest.mark.parametrize(("age", "touched"), [(59.5, False), (60.5, True)])
+async def test_last_used_at_is_written_again_after_60_seconds_by_default(
+    tokendb_clean: str, make_api_key, age: float, touched: bool
+) -> None:
+    api_key, secret = await make_api_key()
+    await tokendb.verify_api_key(secret=secret)
+    await _db.write(
+        "UPDATE api_keys SET last_used_at = now() - make_interval(secs => $2) WHERE id = $1",
+        api_key.id,
+        age,
+    )
+    with statements_sent() as sent:
+        await tokendb.verify_api_key(secret=secret)
+    assert len(sent) == (2 if touched else 1)
+
+
+@pytest.mark.parametrize(
+    ("interval", "valid"),
+    [
+        (timedelta(days=365), True),
+        (365 * 86400, True),
+        (0, True),
+        (timedelta(days=365, seconds=1), False),
+        (-0.5, False),
+    ],
+)
+async def test_touch_interval_is_0_to_365_days(
+    tokendb_clean: str, make_api_key, interval: object, valid: bool
+) -> None:
+    _, secret = await make_api_key()
+    if valid:
+        await tokendb.verify_api_key(secret=secret, touch_interval=interval)  # type: ignore[arg-type]
+        return
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.verify_api_key(secret=secret, touch_interval=interval)  # type: ignore[arg-type]
+    assert info.value.field == "touch_interval"
+
+
+async def test_list_api_keys_includes_revoked_keys_by_default(
+    tokendb_clean: str, make_api_key
+) -> None:
+    api_key, _ = await make_api_key()
+    await tokendb.revoke_api_key(api_key=api_key)
+    [listed] = await tokendb.list_api_keys(user=api_key.user_id)
+    assert listed.id == api_key.id and not listed.is_active
+
+
+async def test_a_key_name_is_at_most_100_characters(tokendb_clean: str, make_user) -> None:
+    api_key, _ = await tokendb.issue_api_key(user=await make_user(), name="k" * 100)
+    assert api_key.name == "k" * 100

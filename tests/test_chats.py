@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 import tokendb
-from tests.helpers import table_counts, tamper
-from tokendb import _db, chats
+from tests.helpers import after_statement, row_is_locked, table_counts, tamper
+from tokendb import _db, _ledger_sql, chats
 from tokendb._args import INT4_MAX
 from tokendb.models import MessageRole, TransactionType
 
@@ -282,3 +284,88 @@ async def test_a_refused_message_that_a_late_credit_does_not_cover_stores_nothin
     assert await tokendb.list_messages(session=session) == []
     assert (await tokendb.get_chat(session=session)).tokens_used == 0
     assert await tokendb.get_balance(user=user) == 101
+
+
+async def test_the_locked_decision_locks_the_session_then_the_user(
+    tokendb_clean: str, chat
+) -> None:
+    """After a refusal, add_message decides again holding both rows, taken in the one
+    order every chat statement uses (session, then user), so it cannot deadlock."""
+    session, _, user = await chat()
+    observer = await asyncpg.connect(tokendb_clean)
+    seen: list[tuple[str, bool, bool]] = []
+
+    def probe(step: str):  # type: ignore[no-untyped-def]
+        async def check() -> None:
+            locked = (
+                await row_is_locked(observer, "chat_sessions", session.id),
+                await row_is_locked(observer, "users", user.id),
+            )
+            seen.append((step, *locked))
+
+        return check
+
+    try:
+        with (
+            after_statement(chats._LOCK_OPEN_SESSION, probe("session")),
+            after_statement(_ledger_sql.LOCK_USER, probe("user")),
+            pytest.raises(tokendb.InsufficientTokens),
+        ):
+            await tokendb.add_message(session=session, role="user", content="x", tokens=101)
+    finally:
+        await observer.close()
+    assert seen == [("session", True, False), ("user", True, True)]
+
+
+async def test_message_content_is_stored_as_given(tokendb_clean: str, chat) -> None:
+    session, _, _ = await chat()
+    message = await tokendb.add_message(session=session, role="user", content="  hi\n", tokens=0)
+    assert message.content == "  hi\n"
+    assert (await tokendb.list_messages(session=session))[0].content == "  hi\n"
+
+
+async def test_content_is_at_most_4_000_000_characters(tokendb_clean: str, chat) -> None:
+    session, _, _ = await chat()
+    stored = await tokendb.add_message(
+        session=session, role="user", content="c" * 4_000_000, tokens=0
+    )
+    assert len(stored.content) == 4_000_000
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.add_message(session=session, role="user", content="c" * 4_000_001, tokens=0)
+    assert info.value.field == "content"
+
+
+async def test_a_model_name_is_at_most_50_characters(tokendb_clean: str, make_api_key) -> None:
+    api_key, _ = await make_api_key()
+    assert (await tokendb.start_chat(api_key=api_key, model="m" * 50)).model == "m" * 50
+
+
+async def test_pages_are_50_sessions_and_100_messages_by_default(
+    tokendb_clean: str, chat, make_api_key
+) -> None:
+    api_key, _ = await make_api_key()
+    for _ in range(51):
+        await tokendb.start_chat(api_key=api_key, model="m")
+    assert len(await tokendb.list_chats(user=api_key.user_id)) == 50
+    session, _, _ = await chat()
+    for _ in range(101):
+        await tokendb.add_message(session=session, role="user", content="x", tokens=0)
+    assert len(await tokendb.list_messages(session=session)) == 100
+
+
+async def test_audit_chats_finds_a_message_billed_to_nothing(tokendb_clean: str, chat) -> None:
+    """Counters and messages agree; only the usage row is missing (it bills another
+    reference): found, as billed_tokens disagreeing."""
+    session, _, _ = await chat()
+    message = await tokendb.add_message(session=session, role="user", content="x", tokens=5)
+    move = "UPDATE token_transactions SET reference_id = $2 WHERE reference_id = $1"
+    elsewhere = uuid.uuid4()
+    try:
+        await tamper(move, message.id, elsewhere)
+        [found] = await tokendb.audit_chats()
+        assert (found.tokens_used, found.message_tokens, found.billed_tokens) == (5, 5, 0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            found.billed_tokens = 5  # type: ignore[misc]
+    finally:
+        await tamper(move, elsewhere, message.id)
+    assert await tokendb.audit_chats() == []

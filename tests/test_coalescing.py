@@ -388,6 +388,24 @@ async def test_a_statement_refused_by_one_item_fails_that_item_only(
     assert [await tokendb.get_balance(user=u) for u in users] == [98, 100, 98]
 
 
+async def test_a_list_refused_by_one_item_is_sent_once_then_item_by_item(
+    funded_user, poison_description: str
+) -> None:
+    """A statement refused as a whole wrote nothing, and sending it again would be
+    refused again: one batch statement, then one statement per item."""
+    user = await funded_user(balance=100)
+    items = [{"user": user, "amount": 1, "description": text} for text in ("a", "poison", "b")]
+    with statements_sent() as sent:
+        results = await tokendb.charge_many(items=items)
+    assert [type(r) for r in results] == [
+        tokendb.TokenTransaction,
+        tokendb.DatabaseError,
+        tokendb.TokenTransaction,
+    ]
+    assert sent == [charge_batch([])[0], *[_ledger_sql.MOVE] * 3]
+    assert await tokendb.get_balance(user=user) == 98
+
+
 # --- charge_many ----------------------------------------------------------------------
 
 
@@ -418,6 +436,34 @@ async def test_charge_many_gives_one_result_per_item(tokendb_clean: str, funded_
     assert (results[6].balance, results[6].requested) == (15, 100)
     assert results[7].balance_after == 0 and results[7].description == "the rest"
     assert await tokendb.get_balance(user=user) == 0
+
+
+@pytest.mark.parametrize("item", [{"user": UNKNOWN_USER}, {"amount": 1}])
+async def test_a_charge_many_item_needs_a_user_and_an_amount(
+    tokendb_clean: str, item: dict[str, object]
+) -> None:
+    [result] = await tokendb.charge_many(items=[item])
+    assert isinstance(result, tokendb.ValidationError) and result.field == "items"
+
+
+def test_a_charge_item_is_an_immutable_value() -> None:
+    item = tokendb.ChargeItem(user=UNKNOWN_USER, amount=5)
+    assert item == tokendb.ChargeItem(user=UNKNOWN_USER, amount=5)
+    assert len({item, tokendb.ChargeItem(user=UNKNOWN_USER, amount=5)}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        item.amount = 6  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("items", "statements"), [(256, 1), (257, 2)])
+async def test_charge_many_sends_one_statement_per_256_items(
+    tokendb_clean: str, funded_user, items: int, statements: int
+) -> None:
+    """The documented batch size: beyond a few hundred a batch only holds its locks longer."""
+    user = await funded_user(balance=1000)
+    with statements_sent() as sent:
+        results = await tokendb.charge_many(items=[{"user": user, "amount": 1}] * items)
+    assert len(sent) == statements
+    assert results[-1].balance_after == 1000 - items
 
 
 async def test_charge_many_of_nothing(tokendb_clean: str) -> None:
@@ -454,7 +500,7 @@ async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
 ) -> None:
     """The batch's snapshot predates a row another process committed while the batch
     waited for the user's lock: the unique index refuses the duplicate, and the batch
-    runs again on a new snapshot that sees it."""
+    runs again, as one statement, on a new snapshot that sees it."""
     user = await funded_user(balance=100)
     reference = uuid.uuid4()
     async with holding_row_lock(tokendb_clean, user.id) as lock:
@@ -468,11 +514,17 @@ async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
         )
         await blocked_backends(lock, like="%WITH RECURSIVE items%")
         theirs = new_id()
-        await lock.execute(_ledger_sql.MOVE, user.id, -4, "usage", theirs, reference, "elsewhere")
-        await lock.execute("COMMIT")
-        await lock.execute("BEGIN")  # for the rollback on the way out
-    results = await batch
-    assert results[0].id == theirs and results[0].description == "elsewhere"
+        with statements_sent() as sent:
+            await lock.execute(_ledger_sql.MOVE, user.id, -4, "usage", theirs, reference, "x")
+            await lock.execute("COMMIT")
+            await lock.execute("BEGIN")  # for the rollback on the way out
+            results = await batch
+    # The refused statement runs again as a whole, not as one statement per item.
+    assert [statement for statement in sent if "WITH RECURSIVE items" in statement] == [
+        charge_batch([])[0]
+    ]
+    assert sent.count(_ledger_sql.MOVE) == 1  # theirs
+    assert results[0].id == theirs and results[0].description == "x"
     assert results[1].balance_after == 95
     assert await tokendb.get_balance(user=user) == 95
 
@@ -542,3 +594,113 @@ async def test_crossing_batches_lock_their_users_in_id_order_and_cannot_deadlock
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     assert failures == [], "crossing batches deadlocked"
     assert [await tokendb.get_balance(user=u) for u in (low, high)] == [95, 95]
+
+
+async def test_a_lost_list_gives_each_item_its_unknown_outcome(
+    tokendb_clean: str, funded_user
+) -> None:
+    """charge_many raises nothing for an item: a batch lost with its connection is
+    DatabaseUnavailable(outcome_unknown=True) for each of its items, one object each."""
+    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        call = started(
+            tokendb.charge_many(items=[{"user": held, "amount": 3}, {"user": other, "amount": 3}])
+        )
+        (pid,) = await blocked_backends(lock, like="%WITH RECURSIVE items%")
+        await lock.execute("SELECT pg_terminate_backend($1)", pid)
+        results = await asyncio.wait_for(call, 30)
+    assert [type(r) for r in results] == [tokendb.DatabaseUnavailable] * 2
+    assert all(r.outcome_unknown for r in results) and results[0] is not results[1]
+    assert [await tokendb.get_balance(user=u) for u in (held, other)] == [100, 100]
+
+
+async def test_a_batch_that_waited_for_a_lock_builds_on_what_committed_meanwhile(
+    tokendb_clean: str, funded_user
+) -> None:
+    """While a batch waits for a user's row, a credit commits. The batch decides on
+    the balance it finds once it holds the lock, and its rows follow the credit's in
+    the chain (created after it, balance_after continuing from it)."""
+    user = await funded_user(balance=100)
+    async with holding_row_lock(tokendb_clean, user.id) as lock:
+        call = started(tokendb.charge_many(items=[{"user": user, "amount": 120}] * 2))
+        await blocked_backends(lock, like="%WITH RECURSIVE items%")
+        await lock.execute(_ledger_sql.MOVE, user.id, 100, "topup", new_id(), None, "credit")
+        await lock.execute("COMMIT")
+        await lock.execute("BEGIN")  # for the rollback on the way out
+        results = await asyncio.wait_for(call, 30)
+    assert isinstance(results[0], tokendb.TokenTransaction)
+    assert results[0].balance_after == 80
+    assert isinstance(results[1], tokendb.InsufficientTokens) and results[1].balance == 80
+    assert await tokendb.get_balance(user=user) == 80
+    newest = await tokendb.list_transactions(user=user, limit=2)
+    assert [(tx.amount, tx.balance_after) for tx in newest] == [(-120, 80), (100, 200)]
+
+
+async def test_a_batch_takes_references_of_usage_rows_only(tokendb_clean: str, funded_user) -> None:
+    """References are scoped by type: a top-up's reference is no repeat for a charge."""
+    user = await funded_user(balance=100)
+    reference = uuid.uuid4()
+    await tokendb.top_up(user=user, amount=7, reference_id=reference)
+    results = await tokendb.charge_many(
+        items=[{"user": user, "amount": 7, "reference_id": reference}, {"user": user, "amount": 1}]
+    )
+    assert [r.balance_after for r in results] == [100, 99]
+
+
+async def test_a_batch_writes_only_the_users_it_charges(tokendb_clean: str, funded_user) -> None:
+    """One statement; a bystander, and a user all of whose charges were refused, are
+    left exactly as they were (row digests unchanged)."""
+    charged, refused, bystander = [await funded_user(balance=10) for _ in range(3)]
+    digest = "SELECT md5(u::text) AS digest FROM users u WHERE id = ANY($1::uuid[]) ORDER BY id"
+    untouched = [refused.id, bystander.id]
+    before = await _db.read(digest, untouched)
+    with statements_sent() as sent:
+        results = await tokendb.charge_many(
+            items=[
+                {"user": charged, "amount": 4},
+                {"user": refused, "amount": 11},
+                {"user": charged, "amount": 5},
+                {"user": refused, "amount": 12},
+            ]
+        )
+    assert len(sent) == 1, sent
+    assert [type(r) for r in results] == [
+        tokendb.TokenTransaction,
+        tokendb.InsufficientTokens,
+        tokendb.TokenTransaction,
+        tokendb.InsufficientTokens,
+    ]
+    assert await _db.read(digest, untouched) == before
+
+
+async def test_repeats_in_a_batch_are_answered_with_their_own_rows(
+    tokendb_clean: str, funded_user
+) -> None:
+    user, other = await funded_user(balance=100), await funded_user(balance=100)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    prior = [
+        await tokendb.charge(user=user, amount=3, reference_id=first),
+        await tokendb.charge(user=user, amount=4, reference_id=second),
+        await tokendb.charge(user=other, amount=5, reference_id=first),
+    ]
+    results = await tokendb.charge_many(
+        items=[
+            {"user": user, "amount": 4, "reference_id": second},
+            {"user": other, "amount": 5, "reference_id": first},
+            {"user": user, "amount": 3, "reference_id": first},
+            {"user": other, "amount": 1},
+        ]
+    )
+    assert [r.id for r in results[:3]] == [prior[1].id, prior[2].id, prior[0].id]
+    assert results[3].balance_after == 94
+
+
+async def test_a_list_of_one_charge_is_the_single_statement(
+    tokendb_clean: str, funded_user
+) -> None:
+    """A batch of one costs what a lone charge() costs: the single-movement statement."""
+    user = await funded_user(balance=10)
+    with statements_sent() as sent:
+        [result] = await tokendb.charge_many(items=[{"user": user, "amount": 1}])
+    assert sent == [_ledger_sql.MOVE]
+    assert result.balance_after == 9

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextvars import ContextVar
+from typing import TypeVar
 
 import pytest
 
@@ -186,3 +187,85 @@ async def test_calls_share_a_batch_only_with_calls_of_their_group() -> None:
     gate.set()
     assert await outcomes(calls) == ["first", "a", "b", "c", "d"]
     assert sent == [("first",), ("a", "b"), ("c",), ("d",)]  # arrival order kept
+
+
+# --- batches, lanes and cancellation, with recording runners ------------------------
+
+T = TypeVar("T")
+
+
+async def settled(call: Awaitable[T]) -> T:
+    """``await call``, failing (not hanging) when the queue lost it."""
+    return await asyncio.wait_for(call, 5)
+
+
+class Runners:
+    """``run_one``/``run_batch`` that record each call and wait for ``gate`` first."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self.gate = asyncio.Event()
+
+    async def run_one(self, item: int) -> str:
+        self.calls.append(("one", [item]))
+        await self.gate.wait()
+        return f"r{item}"
+
+    async def run_batch(self, items: Sequence[int]) -> list[str | BaseException]:
+        self.calls.append(("batch", list(items)))
+        await self.gate.wait()
+        return [f"r{item}" if item >= 0 else ValueError(item) for item in items]
+
+    def queue(self, max_batch: int = 3) -> GroupCommit[int, str]:
+        return GroupCommit(run_one=self.run_one, run_batch=self.run_batch, max_batch=max_batch)
+
+
+async def test_a_lone_call_goes_alone_and_calls_meanwhile_form_batches_of_at_most_max() -> None:
+    runners = Runners()
+    queue, lane = runners.queue(max_batch=3), Lane()
+    first = queue.submit(0, lane=lane)
+    await asyncio.sleep(0)  # in flight, waiting at the gate
+    rest = [queue.submit(item, lane=lane) for item in range(1, 8)]
+    runners.gate.set()
+    assert await settled(asyncio.gather(first, *rest)) == [f"r{item}" for item in range(8)]
+    assert runners.calls == [
+        ("one", [0]),
+        ("batch", [1, 2, 3]),
+        ("batch", [4, 5, 6]),
+        ("one", [7]),
+    ]
+
+
+async def test_each_caller_gets_its_own_outcome_from_a_batch() -> None:
+    runners = Runners()
+    queue, lane = runners.queue(), Lane()
+    first = queue.submit(0, lane=lane)
+    await asyncio.sleep(0)
+    batch = [queue.submit(item, lane=lane) for item in (1, -2, 3)]
+    runners.gate.set()
+    await settled(first)
+    outcomes = await settled(asyncio.gather(*batch, return_exceptions=True))
+    assert outcomes[0] == "r1" and outcomes[2] == "r3"
+    assert isinstance(outcomes[1], ValueError)
+
+
+async def test_lanes_do_not_share_batches() -> None:
+    runners = Runners()
+    queue = runners.queue()
+    calls = [queue.submit(item, lane=lane) for item, lane in ((0, Lane()), (1, Lane()))]
+    runners.gate.set()
+    assert await settled(asyncio.gather(*calls)) == ["r0", "r1"]
+    assert runners.calls == [("one", [0]), ("one", [1])]
+
+
+async def test_a_caller_cancelled_while_queued_is_not_sent_and_one_in_flight_stands() -> None:
+    runners = Runners()
+    queue, lane = runners.queue(), Lane()
+    in_flight = queue.submit(0, lane=lane)
+    await asyncio.sleep(0)
+    cancelled, kept = queue.submit(1, lane=lane), queue.submit(2, lane=lane)
+    cancelled.cancel()
+    in_flight.cancel()  # its item is already sent: nobody waits for it any more
+    runners.gate.set()
+    assert await settled(kept) == "r2"
+    assert runners.calls == [("one", [0]), ("one", [2])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import asyncpg
@@ -10,7 +11,16 @@ import pytest
 from tortoise.exceptions import IntegrityError
 
 import tokendb
-from tests.helpers import blocked_backends, table_counts, tamper
+from tests.helpers import (
+    after_statement,
+    blocked_backends,
+    db_settings,
+    holding_row_lock,
+    row_is_locked,
+    statements_sent,
+    table_counts,
+    tamper,
+)
 from tokendb import _db, _ledger_sql
 from tokendb.models import TransactionType
 
@@ -149,8 +159,10 @@ async def test_refund_full_partial_and_never_more_than_charged(
         21,
     )
     assert await table_counts() == before
-    rest = await tokendb.refund(transaction=str(charge.id))
+    assert part.description == f"refund of {charge.id}"
+    rest = await tokendb.refund(transaction=str(charge.id), description="goodwill")
     assert rest.amount == 20 and rest.balance_after == 100
+    assert rest.description == "goodwill"
     with pytest.raises(tokendb.RefundExceedsCharge) as nothing_left:
         await tokendb.refund(transaction=charge)
     assert nothing_left.value.refundable == 0
@@ -462,3 +474,121 @@ async def test_the_locked_decision_reports_the_balance_it_refused_on(
         await tokendb.charge(user=user, amount=101)
     assert (info.value.balance, info.value.requested) == (100, 101)
     assert await table_counts() == before
+
+
+async def test_a_description_is_at_most_1000_characters(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    kept = await tokendb.top_up(user=user, amount=1, description="d" * 1000)
+    assert kept.description == "d" * 1000
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.top_up(user=user, amount=1, description="d" * 1001)
+    assert info.value.field == "description"
+
+
+async def test_list_transactions_pages_50_rows_by_default(tokendb_clean: str, make_user) -> None:
+    user = await make_user()
+    await tokendb.charge_many(items=[{"user": user, "amount": 1}] * 60)
+    assert len(await tokendb.list_transactions(user=user)) == 50
+
+
+@pytest.mark.parametrize(("balance", "amount"), [(100, 101), (0, 1), (5, 100)])
+async def test_a_refused_charge_costs_two_statements(
+    tokendb_clean: str, make_user, balance: int, amount: int
+) -> None:
+    """The refusal and the balance read that explains it; no locked second attempt
+    (that is for a refusal a credit landed after)."""
+    user = await make_user(signup_bonus=balance)
+    with statements_sent() as sent, pytest.raises(tokendb.InsufficientTokens):
+        await tokendb.charge(user=user, amount=amount)
+    assert len(sent) == 2, sent
+
+
+async def test_a_repeat_that_lands_while_a_refusal_is_decided_is_returned(
+    tokendb_clean: str, make_user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry's refusal is being explained when its first attempt (same reference,
+    same amount) commits: decided again with the row locked, the call is a repeat of
+    that row, not an InsufficientTokens."""
+    user = await make_user()
+    reference = uuid.uuid4()
+    first: list[tokendb.TokenTransaction] = []
+
+    async def first_attempt_lands(user_id: uuid.UUID) -> int | None:
+        await tokendb.top_up(user=user, amount=100)
+        first.append(await tokendb.charge(user=user, amount=150, reference_id=reference))
+        return 10**6  # stale: sends the call to the locked decision
+
+    monkeypatch.setattr(_ledger_sql, "balance_or_none", first_attempt_lands)
+    with db_settings(coalesce_charges=False):  # the first attempt is sent from inside the retry
+        retry = await tokendb.charge(user=user, amount=150, reference_id=reference)
+    assert retry.id == first[0].id
+    monkeypatch.undo()
+    assert await tokendb.get_balance(user=user) == 50
+
+
+def test_a_discrepancy_is_an_immutable_value() -> None:
+    found = tokendb.LedgerDiscrepancy(
+        user_id=uuid.uuid4(), balance=1, ledger_sum=0, broken_links=0, first_broken_transaction=None
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        found.balance = 0  # type: ignore[misc]
+
+
+async def test_the_locked_decision_holds_the_users_row_while_it_decides(
+    tokendb_clean: str, make_user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decided again under the lock, a refusal reports the balance nobody can change
+    until the decision is made: the user's row is locked from the first statement."""
+    user = await make_user()
+    seen: list[bool] = []
+    observer = await asyncpg.connect(tokendb_clean)
+
+    async def probe() -> None:
+        seen.append(await row_is_locked(observer, "users", user.id))
+
+    async def says_it_covers(user_id: uuid.UUID) -> int | None:
+        return 10**6  # stale: sends the call to the locked decision
+
+    monkeypatch.setattr(_ledger_sql, "balance_or_none", says_it_covers)
+    try:
+        with (
+            after_statement(_ledger_sql.LOCK_USER, probe),
+            pytest.raises(tokendb.InsufficientTokens),
+        ):
+            await tokendb.charge(user=user, amount=101)
+    finally:
+        await observer.close()
+    assert seen == [True]
+
+
+async def test_a_repeat_answers_while_the_users_row_is_locked(
+    tokendb_clean: str, make_user
+) -> None:
+    """A retried call whose reference already moved returns the original row at once:
+    it takes no row lock, so it does not queue behind a busy user."""
+    user = await make_user()
+    reference = uuid.uuid4()
+    first = await tokendb.charge(user=user, amount=5, reference_id=reference)
+    async with holding_row_lock(tokendb_clean, user.id):
+        again = await asyncio.wait_for(
+            tokendb.charge(user=user, amount=5, reference_id=reference), 5
+        )
+    assert again.id == first.id
+
+
+async def test_refunds_of_one_charge_leave_other_charges_refundable(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    first = await tokendb.charge(user=user, amount=30)
+    second = await tokendb.charge(user=user, amount=10)
+    await tokendb.refund(transaction=first)
+    assert (await tokendb.refund(transaction=second)).amount == 10
+
+
+async def test_a_user_without_ledger_rows_has_an_empty_history(tokendb_clean: str) -> None:
+    """No signup bonus, no row: an empty first page, not NotFound (the user exists)."""
+    user = await tokendb.create_user(
+        email="empty@example.com", password="correct horse battery", name="E", signup_bonus=0
+    )
+    assert await tokendb.list_transactions(user=user) == []

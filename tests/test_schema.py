@@ -165,6 +165,7 @@ async def test_foreign_keys_and_on_delete_rules(raw: asyncpg.Connection) -> None
     assert actual == FOREIGN_KEYS
 
 
+@pytest.mark.catalog
 async def test_every_check_constraint_exists(raw: asyncpg.Connection) -> None:
     rows = await raw.fetch(
         "SELECT conname FROM pg_constraint WHERE contype = 'c' "
@@ -173,6 +174,7 @@ async def test_every_check_constraint_exists(raw: asyncpg.Connection) -> None:
     assert {row["conname"] for row in rows} == CHECKS
 
 
+@pytest.mark.catalog
 @pytest.mark.parametrize("name", sorted(INDEXES))
 async def test_index_exists_with_its_definition(raw: asyncpg.Connection, name: str) -> None:
     definition = await raw.fetchval(

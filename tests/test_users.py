@@ -338,3 +338,33 @@ async def test_parameters_are_seen_by_their_block_only_not_by_concurrent_callers
         assert "m=4096,t=3,p=2" in await passwords.hash_password("x" * 10)
     assert seen == before
     assert "m=4096,t=3" not in made
+
+
+async def test_a_password_is_8_to_1024_characters_everywhere(tokendb_clean: str) -> None:
+    """The limits hold for registering, logging in and changing: a 1024-character
+    password that was accepted can be used; one character more is refused (a login
+    with it is InvalidCredentials, without hashing 1025 characters)."""
+    longest, shortest = "p" * 1024, "s" * 8
+    user = await tokendb.create_user(email="long@example.com", password=longest, name="L")
+    assert (await tokendb.authenticate(email=user.email, password=longest)).id == user.id
+    await tokendb.change_password(user=user, new_password=shortest, current_password=longest)
+    await tokendb.authenticate(email=user.email, password=shortest)
+    for password in ("s" * 7, "p" * 1025):
+        with pytest.raises(tokendb.ValidationError) as info:
+            await tokendb.create_user(email="x@example.com", password=password, name="X")
+        assert info.value.field == "password"
+    with pytest.raises(tokendb.InvalidCredentials):
+        await tokendb.authenticate(email=user.email, password="p" * 1025)
+    with pytest.raises(tokendb.InvalidCredentials):
+        await tokendb.change_password(user=user, new_password=longest, current_password="p" * 1025)
+
+
+async def test_a_name_is_at_most_100_characters(tokendb_clean: str) -> None:
+    user = await tokendb.create_user(email="n@example.com", password=PASSWORD, name="n" * 100)
+    assert user.name == "n" * 100
+
+
+async def test_list_users_pages_50_by_default(tokendb_clean: str, make_user) -> None:
+    for _ in range(51):
+        await make_user()
+    assert len(await tokendb.list_users()) == 50

@@ -1,0 +1,95 @@
+"""What the mutation runs change, and the tests that must notice: the one table to update.
+
+When a module moves or a test module starts covering it, change this file
+only. Each mutant runs the tests among ``tests`` that executed the code it
+changes (:mod:`tests.mutation.selection`), in the order given, with
+``pytest -x``: put the module's own tests first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BACKSTOP_TESTS", "TARGETS", "Target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module to mutate, and the test modules that cover it."""
+
+    module: str
+    """Path from the repository root."""
+    tests: tuple[str, ...]
+    """Test modules (or node ids), from the repository root."""
+    definitions: tuple[str, ...] = ()
+    """Mutate only inside these functions or classes (all of the module when empty)."""
+    always: tuple[str, ...] = ()
+    """Tests run for every mutant, besides those that executed the changed code: cheap
+    checks of what happens at import (a decorator, a docstring), which coverage
+    cannot tie to a test."""
+
+    @property
+    def name(self) -> str:
+        return self.module.removeprefix("tokendb/").removesuffix(".py")
+
+
+TARGETS: tuple[Target, ...] = (
+    # The ledger: what to do (ledger.py) and how the database does it (_ledger_sql.py).
+    Target(
+        "tokendb/ledger.py",
+        ("tests/test_ledger.py", "tests/test_coalescing.py", "tests/test_concurrency.py"),
+        always=("tests/test_public_api.py",),
+    ),
+    Target(
+        "tokendb/_ledger_sql.py",
+        (
+            "tests/test_ledger.py",
+            "tests/test_coalescing.py",
+            "tests/test_chats.py",
+            "tests/test_users.py",
+            "tests/test_concurrency.py",
+        ),
+    ),
+    # The coalescer: the generic group-commit queue (its batch statement is in _ledger_sql).
+    Target(
+        "tokendb/_group_commit.py",
+        (
+            "tests/test_group_commit.py",
+            "tests/test_coalescing.py",
+            "tests/test_concurrency.py",
+            "tests/test_faults.py",
+        ),
+    ),
+    Target(
+        "tokendb/api_keys.py",
+        ("tests/test_api_keys.py", "tests/test_hostile_input.py"),
+        always=("tests/test_public_api.py",),
+    ),
+    Target(
+        "tokendb/users.py",
+        ("tests/test_users.py", "tests/test_hostile_input.py"),
+        always=("tests/test_public_api.py",),
+    ),
+    Target(
+        "tokendb/chats.py",
+        ("tests/test_chats.py", "tests/test_concurrency.py", "tests/test_hostile_input.py"),
+        always=("tests/test_public_api.py",),
+    ),
+    # Error translation.
+    Target(
+        "tokendb/_translate.py",
+        (
+            "tests/test_translate.py",
+            "tests/test_db.py",
+            "tests/test_config.py",
+            "tests/test_faults.py",
+        ),
+        always=("tests/test_public_api.py",),
+    ),
+)
+
+BACKSTOP_TESTS: tuple[str, ...] = ("tests/test_schema.py",)
+"""The tests that must notice a CHECK, trigger or unique index of the migrations
+removed or weakened (``python -m tests.mutation backstops``). Tests marked
+``catalog`` (which list the backstops by name) are left out: removing a
+backstop has to fail a test that sends what it refuses."""
