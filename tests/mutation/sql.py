@@ -42,7 +42,7 @@ RULES: dict[str, tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = {
         re.compile(r"\bIS (NOT )?(NULL|DISTINCT FROM)\b"),
         lambda m: f"IS {'' if m[1] else 'NOT '}{m[2]}",
     ),
-    "lock": (re.compile(r"\s+FOR UPDATE(?: OF \w+)?\b"), lambda m: ""),
+    "lock": (re.compile(r"(?<=\s)FOR UPDATE(?: OF \w+)?\b"), lambda m: ""),
     "clock": (re.compile(r"\bclock_timestamp\(\)"), lambda m: "now()"),
     "arithmetic": (re.compile(r"(?<=\s)([+-])(?=\s)"), lambda m: "-" if m[1] == "+" else "+"),
     "order": (re.compile(r"\b(ASC|DESC)\b"), lambda m: "DESC" if m[1] == "ASC" else "ASC"),
