@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,7 +11,13 @@ import asyncpg
 import pytest
 
 import tokendb
-from tests.helpers import after_statement, row_is_locked, table_counts, tamper
+from tests.helpers import (
+    after_statement,
+    blocked_backends,
+    row_is_locked,
+    table_counts,
+    tamper,
+)
 from tokendb import _db, _ledger_sql, chats
 from tokendb._args import INT4_MAX
 from tokendb.models import MessageRole, TransactionType
@@ -369,3 +376,24 @@ async def test_audit_chats_finds_a_message_billed_to_nothing(tokendb_clean: str,
     finally:
         await tamper(move, elsewhere, message.id)
     assert await tokendb.audit_chats() == []
+
+
+async def test_a_session_ends_after_its_last_message(tokendb_clean: str, chat) -> None:
+    """end_chat waits for a message being stored; the session's end is stamped once
+    it holds the row, so no message of the session is newer than its end."""
+    session, _, _ = await chat()
+    holder = await asyncpg.connect(tokendb_clean)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session.id)
+        ending = asyncio.ensure_future(tokendb.end_chat(session=session))
+        await blocked_backends(holder, like="UPDATE chat_sessions%")
+        arguments = (uuid.uuid4(), session.id, "user", "late", 0, uuid.uuid4(), None)
+        await holder.execute(_ledger_sql.ADD_MESSAGE, *arguments)
+        await tx.commit()
+        ended = await asyncio.wait_for(ending, 10)
+    finally:
+        await holder.close()
+    [message] = await tokendb.list_messages(session=session)
+    assert ended.ended_at >= message.created_at

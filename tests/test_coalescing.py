@@ -619,15 +619,20 @@ async def test_a_batch_that_waited_for_a_lock_builds_on_what_committed_meanwhile
 ) -> None:
     """While a batch waits for a user's row, a credit commits. The batch decides on
     the balance it finds once it holds the lock, and its rows follow the credit's in
-    the chain (created after it, balance_after continuing from it)."""
+    the chain (created after it, balance_after continuing from it), in one statement."""
     user = await funded_user(balance=100)
-    async with holding_row_lock(tokendb_clean, user.id) as lock:
-        call = started(tokendb.charge_many(items=[{"user": user, "amount": 120}] * 2))
-        await blocked_backends(lock, like="%WITH RECURSIVE items%")
-        await lock.execute(_ledger_sql.MOVE, user.id, 100, "topup", new_id(), None, "credit")
-        await lock.execute("COMMIT")
-        await lock.execute("BEGIN")  # for the rollback on the way out
-        results = await asyncio.wait_for(call, 30)
+    with statements_sent() as sent:
+        async with holding_row_lock(tokendb_clean, user.id) as lock:
+            call = started(tokendb.charge_many(items=[{"user": user, "amount": 120}] * 2))
+            await blocked_backends(lock, like="%WITH RECURSIVE items%")
+            await lock.execute(_ledger_sql.MOVE, user.id, 100, "topup", new_id(), None, "credit")
+            await lock.execute("COMMIT")
+            await lock.execute("BEGIN")  # for the rollback on the way out
+            results = await asyncio.wait_for(call, 30)
+    # One statement did it: not refused at commit (users_balance_follows_ledger) and
+    # then redone item by item, which would hide rows out of the chain's order.
+    assert sent.count(charge_batch([])[0]) == 1
+    assert sent.count(_ledger_sql.MOVE) == 1  # the credit
     assert isinstance(results[0], tokendb.TokenTransaction)
     assert results[0].balance_after == 80
     assert isinstance(results[1], tokendb.InsufficientTokens) and results[1].balance == 80

@@ -269,3 +269,21 @@ async def test_a_caller_cancelled_while_queued_is_not_sent_and_one_in_flight_sta
     runners.gate.set()
     assert await settled(kept) == "r2"
     assert runners.calls == [("one", [0]), ("one", [2])]
+
+
+async def test_a_batch_runner_that_loses_an_outcome_fails_its_callers_rather_than_hang() -> None:
+    """run_batch must give one outcome per item; when it does not, nobody is left
+    waiting for ever: the batch's callers learn that their outcome is unknown."""
+    runners = Runners()
+    runners.gate.set()
+
+    async def loses_one(items: Sequence[int]) -> list[str | BaseException]:
+        return [f"r{item}" for item in items][:-1]
+
+    queue = GroupCommit(run_one=runners.run_one, run_batch=loses_one, max_batch=3)
+    lane = Lane()
+    first = queue.submit(0, lane=lane)
+    batch = [queue.submit(item, lane=lane) for item in (1, 2)]
+    assert await settled(first) == "r0"
+    lost = await settled(asyncio.gather(*batch, return_exceptions=True))
+    assert all(isinstance(o, tokendb.DatabaseUnavailable) and o.outcome_unknown for o in lost)

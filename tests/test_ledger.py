@@ -438,8 +438,9 @@ async def test_a_refund_past_the_integer_column_is_a_validation_error(
     assert await table_counts() == before
 
 
+@pytest.mark.parametrize("credit", [50, 20])  # 20: the balance covers the charge exactly
 async def test_a_refusal_that_a_late_credit_covers_is_decided_under_the_lock(
-    tokendb_clean: str, make_user, monkeypatch: pytest.MonkeyPatch
+    tokendb_clean: str, make_user, monkeypatch: pytest.MonkeyPatch, credit: int
 ) -> None:
     """A top-up lands between the refused statement and the read that explains it.
 
@@ -450,14 +451,14 @@ async def test_a_refusal_that_a_late_credit_covers_is_decided_under_the_lock(
     real = _ledger_sql.balance_or_none
 
     async def credit_lands_first(user_id: uuid.UUID) -> int | None:
-        await tokendb.top_up(user=user, amount=50)
+        await tokendb.top_up(user=user, amount=credit)
         return await real(user_id)
 
     monkeypatch.setattr(_ledger_sql, "balance_or_none", credit_lands_first)
     tx = await tokendb.charge(user=user, amount=120)
-    assert (tx.amount, tx.balance_after) == (-120, 30)
+    assert (tx.amount, tx.balance_after) == (-120, credit - 20)
     monkeypatch.undo()  # get_balance reads through balance_or_none too
-    assert await tokendb.get_balance(user=user) == 30
+    assert await tokendb.get_balance(user=user) == credit - 20
 
 
 async def test_the_locked_decision_reports_the_balance_it_refused_on(
