@@ -107,6 +107,27 @@ async def blocked(observer: asyncpg.Connection, pid: int) -> None:
     raise AssertionError(f"backend {pid} did not start waiting for a lock")
 
 
+class _ExecuteHook:
+    """asyncpg's ``Connection._execute``: where every extended-protocol statement goes
+    (``fetch``, ``fetchrow``, ``fetchval``, ``execute`` with arguments), on any
+    connection, pooled ones included (their proxies call the class's method)."""
+
+    def get(self) -> Any:
+        return getattr(asyncpg.Connection, "_execute")  # noqa: B009 - private to asyncpg
+
+    @contextlib.contextmanager
+    def replaced(self, method: Any) -> Iterator[None]:
+        original = self.get()
+        setattr(asyncpg.Connection, "_execute", method)  # noqa: B010 - private to asyncpg
+        try:
+            yield
+        finally:
+            setattr(asyncpg.Connection, "_execute", original)  # noqa: B010
+
+
+_EXECUTE = _ExecuteHook()
+
+
 @contextlib.contextmanager
 def statements_sent() -> Iterator[list[str]]:
     """The text of every statement sent in the block, in order, for tests of what a call costs.
@@ -138,7 +159,7 @@ def after_statement(sql: str, probe: Callable[[], Awaitable[None]]) -> Iterator[
     The call that sent it waits meanwhile, with its transaction open: a probe
     on another connection sees the locks that statement took.
     """
-    original = asyncpg.Connection._execute
+    original = _EXECUTE.get()
 
     async def probing(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
         result = await original(self, query, *args, **kwargs)
@@ -146,11 +167,8 @@ def after_statement(sql: str, probe: Callable[[], Awaitable[None]]) -> Iterator[
             await probe()
         return result
 
-    asyncpg.Connection._execute = probing  # type: ignore[method-assign]
-    try:
+    with _EXECUTE.replaced(probing):
         yield
-    finally:
-        asyncpg.Connection._execute = original  # type: ignore[method-assign]
 
 
 async def row_is_locked(conn: asyncpg.Connection, table: str, row_id: uuid.UUID) -> bool:

@@ -302,7 +302,7 @@ async def test_the_locked_decision_locks_the_session_then_the_user(
     observer = await asyncpg.connect(tokendb_clean)
     seen: list[tuple[str, bool, bool]] = []
 
-    def probe(step: str):  # type: ignore[no-untyped-def]
+    def probe(step: str):
         async def check() -> None:
             locked = (
                 await row_is_locked(observer, "chat_sessions", session.id),
@@ -396,4 +396,4 @@ async def test_a_session_ends_after_its_last_message(tokendb_clean: str, chat) -
     finally:
         await holder.close()
     [message] = await tokendb.list_messages(session=session)
-    assert ended.ended_at >= message.created_at
+    assert ended.ended_at is not None and ended.ended_at >= message.created_at

@@ -17,7 +17,7 @@ from tokendb._translate import is_connection_loss, translate, translated
 
 def refused(message: str, constraint: str | None = None) -> asyncpg.PostgresError:
     exc = asyncpg.exceptions.CheckViolationError(message)
-    exc.constraint_name = constraint  # type: ignore[attr-defined]
+    exc.constraint_name = constraint
     return exc
 
 
@@ -88,7 +88,7 @@ TRANSLATIONS: list[tuple[BaseException, bool, type[tokendb.TokenDBError], Any, b
         tokendb.ConfigurationError,
         None,
         False,
-        "aerich upgrade",
+        "tokendb migrate",
     ),
     (
         asyncpg.exceptions.UndefinedColumnError("x"),

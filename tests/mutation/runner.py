@@ -436,7 +436,7 @@ def run(targets: Sequence[Target], *, jobs: int, log: bool = True) -> list[Mutan
                 jobs,
                 mp_context=context,
                 initializer=_start_worker,
-                initargs=(copies, sorted(covered.seconds, key=covered.seconds.get)[:3]),
+                initargs=(copies, sorted(covered.seconds, key=lambda t: covered.seconds[t])[:3]),
             ) as pool,
             _cancelling_on_error(pool),
         ):

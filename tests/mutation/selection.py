@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import parso
 from coverage import CoverageData
@@ -97,7 +98,7 @@ class Scopes:
         for node in parso.parse(source).children:
             self._add(node)
 
-    def _add(self, node: parso.tree.NodeOrLeaf) -> None:
+    def _add(self, node: Any) -> None:
         inner = node.children[-1] if node.type == "decorated" else node
         if inner.type in ("funcdef", "async_funcdef", "async_stmt"):
             self.functions.append(_span(node))
@@ -111,7 +112,7 @@ class Scopes:
         elif node.type == "simple_stmt":
             self._statement(node)
 
-    def _statement(self, node: parso.tree.NodeOrLeaf) -> None:
+    def _statement(self, node: Any) -> None:
         assigned: set[str] = set()
         for expr in node.children:
             if expr.type == "expr_stmt":
@@ -128,7 +129,7 @@ class Scopes:
         statement = next((s for s in self._statements if s[0] <= line <= s[1]), None)
         if statement is None:
             return set()
-        wanted, seen = set(statement[2]), set()
+        wanted, seen = set(statement[2]), set[str]()
         while wanted - seen:  # constants built from constants: follow them
             seen |= wanted
             for _, _, assigned, used in self._statements:
