@@ -368,13 +368,13 @@ async def test_audit_chats_finds_a_message_billed_to_nothing(tokendb_clean: str,
     move = "UPDATE token_transactions SET reference_id = $2 WHERE reference_id = $1"
     elsewhere = uuid.uuid4()
     try:
-        await tamper(move, message.id, elsewhere)
+        await tamper(tokendb_clean, move, message.id, elsewhere)
         [found] = await tokendb.audit_chats()
         assert (found.tokens_used, found.message_tokens, found.billed_tokens) == (5, 5, 0)
         with pytest.raises(dataclasses.FrozenInstanceError):
             found.billed_tokens = 5  # type: ignore[misc]
     finally:
-        await tamper(move, elsewhere, message.id)
+        await tamper(tokendb_clean, move, elsewhere, message.id)
     assert await tokendb.audit_chats() == []
 
 

@@ -771,28 +771,12 @@ async def test_a_balance_only_changes_with_its_ledger_row(raw: asyncpg.Connectio
     await raw.execute("UPDATE users SET name = 'renamed' WHERE id = $1", user_id)
 
 
-async def test_a_balance_follows_the_newest_ledger_row(raw: asyncpg.Connection) -> None:
-    """Newest in (created_at, id) order: rows of one statement share created_at, and
-    the highest id is the last of them."""
-    user_id = await insert_user(raw, token_balance=0)
-    await raw.execute("SET CONSTRAINTS users_balance_follows_ledger IMMEDIATE")
-    first, second, third = sorted(uuid.uuid4() for _ in range(3))
-    move = (
-        "WITH moved AS (UPDATE users SET token_balance = $3 WHERE id = $1 RETURNING id) "
-        "INSERT INTO token_transactions (id, user_id, amount, type, balance_after, created_at) "
-        "SELECT $2, id, $4, 'topup', $3, $5 FROM moved"
-    )
-    at = await raw.fetchval("SELECT now() - interval '1 minute'")
-    await raw.execute(move, user_id, first, 50, 50, at)
-    await raw.execute(move, user_id, second, 80, 30, at + timedelta(seconds=1))
-    await raw.execute(move, user_id, third, 90, 10, at + timedelta(seconds=1))
-
-
 async def test_every_message_role_is_accepted(raw: asyncpg.Connection) -> None:
     session_id = await insert_session(raw, await insert_user(raw))
     for role in ("user", "assistant", "system"):
         await raw.execute(
-            "INSERT INTO chat_messages (session_id, role, content, tokens) VALUES ($1, $2, 'x', 0)",
+            "INSERT INTO chat_messages (session_id, role, content, tokens, tokens_used_after) "
+            "VALUES ($1, $2, 'x', 0, 0)",
             session_id,
             role,
         )
@@ -802,12 +786,10 @@ async def test_refunds_of_one_charge_do_not_count_against_another(
     raw: asyncpg.Connection,
 ) -> None:
     user_id = await insert_user(raw)
-    charges = [
-        await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 90, None),
-        await raw.fetchval(LEDGER_INSERT + " RETURNING id", user_id, -10, "usage", 80, None),
-    ]
-    await raw.execute(LEDGER_INSERT, user_id, 10, "refund", 90, charges[0])
-    await raw.execute(LEDGER_INSERT, user_id, 10, "refund", 100, charges[1])
+    await append(raw, user_id, 100, "topup")
+    charges = [await append(raw, user_id, -10, "usage") for _ in range(2)]
+    await append(raw, user_id, 10, "refund", charges[0])
+    await append(raw, user_id, 10, "refund", charges[1])
 
 
 async def test_revocation_is_final(raw: asyncpg.Connection) -> None:
