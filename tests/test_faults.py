@@ -287,7 +287,7 @@ async def test_a_deadlock_is_retried_inside_tokendb(faults_db: str, make_user: A
 
 
 async def test_callers_that_give_up_mid_call_leak_no_connection(
-    faults_db: str, make_user: Any
+    faults_db: str, admin: asyncpg.Connection, make_user: Any
 ) -> None:
     """A caller's own timeout cancels tokendb mid-statement: the pool and the books survive.
 
@@ -296,6 +296,9 @@ async def test_callers_that_give_up_mid_call_leak_no_connection(
     tokendb._group_commit; retry with the same reference_id to learn the outcome).
     So the balance may still move after the loop, until the next charge: it is
     sent after the batch in flight, and once it returns every charge has landed.
+    A refund or charge whose connection was dropped on the way out (its reset
+    timed out) is still running on the server, and commits on its own: the
+    reads wait until no statement of this database runs any more.
     """
     user = await make_user()
     await tokendb.top_up(user=user, amount=10_000)
@@ -313,12 +316,23 @@ async def test_callers_that_give_up_mid_call_leak_no_connection(
             gave_up += 1
     assert gave_up > 0
     await asyncio.wait_for(tokendb.charge(user=user, amount=1), BOUND)
+    await asyncio.wait_for(_statements_finished(admin), BOUND)
     # Twice the pool's size at once: a leaked connection would make these wait.
     balances = await asyncio.wait_for(
         asyncio.gather(*(tokendb.get_balance(user=user) for _ in range(8))), BOUND
     )
     assert len(set(balances)) == 1
     assert await tokendb.audit_ledger(user=user) == []
+
+
+async def _statements_finished(observer: asyncpg.Connection) -> None:
+    """Return once no other backend of ``observer``'s database is running a statement."""
+    while await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND state <> 'idle'"
+    ):
+        await observer.execute("SELECT pg_stat_clear_snapshot()")
+        await asyncio.sleep(0.01)
 
 
 async def test_init_against_a_server_that_is_down_is_unavailable(tokendb_app_url: str) -> None:
