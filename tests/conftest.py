@@ -42,7 +42,7 @@ def embedded_data_dir() -> Iterator[Path]:
 
 @pytest_asyncio.fixture(autouse=True, loop_scope="session")
 async def books_balance_after_each_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """After every test on the shared database: the ledger and the chats audit clean.
+    """After every test on the shared database: the ledger, the chats and the holds audit clean.
 
     Per test, not per module: ``tokendb_clean`` empties the tables before the
     next test, so a later check would never see what this one broke.
@@ -51,6 +51,7 @@ async def books_balance_after_each_test(request: pytest.FixtureRequest) -> Async
     if "tokendb_db" in request.fixturenames:
         assert await tokendb.audit_ledger() == []
         assert await tokendb.audit_chats() == []
+        assert await tokendb.audit_holds() == []
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -264,7 +264,8 @@ async def test_attack_5_the_ledger_cannot_be_emptied_or_edited(
     with refused("token_transactions_append_only"):
         async with app.transaction():
             await app.execute("SET LOCAL tokendb.allow_truncate = on")
-            await app.execute("TRUNCATE token_transactions")
+            # CASCADE: token_holds refers to the ledger (without it, the foreign key refuses)
+            await app.execute("TRUNCATE token_transactions CASCADE")
     with refused("token_transactions_append_only"):
         await TokenTransaction.all().delete()
     with refused("token_transactions_append_only"):

@@ -448,16 +448,16 @@ async def test_a_refusal_that_a_late_credit_covers_is_decided_under_the_lock(
     decided again with the row locked, and succeeds.
     """
     user = await make_user()
-    real = _ledger_sql.balance_or_none
+    real = _ledger_sql.spendable_or_none
 
-    async def credit_lands_first(user_id: uuid.UUID) -> int | None:
+    async def credit_lands_first(user_id: uuid.UUID) -> tuple[int, bool] | None:
         await tokendb.top_up(user=user, amount=credit)
         return await real(user_id)
 
-    monkeypatch.setattr(_ledger_sql, "balance_or_none", credit_lands_first)
+    monkeypatch.setattr(_ledger_sql, "spendable_or_none", credit_lands_first)
     tx = await tokendb.charge(user=user, amount=120)
     assert (tx.amount, tx.balance_after) == (-120, credit - 20)
-    monkeypatch.undo()  # get_balance reads through balance_or_none too
+    monkeypatch.undo()
     assert await tokendb.get_balance(user=user) == credit - 20
 
 
@@ -466,10 +466,10 @@ async def test_the_locked_decision_reports_the_balance_it_refused_on(
 ) -> None:
     user = await make_user()
 
-    async def says_it_covers(user_id: uuid.UUID) -> int | None:
-        return 10**6  # stale: sends the call to the locked decision
+    async def says_it_covers(user_id: uuid.UUID) -> tuple[int, bool] | None:
+        return 10**6, False  # stale: sends the call to the locked decision
 
-    monkeypatch.setattr(_ledger_sql, "balance_or_none", says_it_covers)
+    monkeypatch.setattr(_ledger_sql, "spendable_or_none", says_it_covers)
     before = await table_counts()
     with pytest.raises(tokendb.InsufficientTokens) as info:
         await tokendb.charge(user=user, amount=101)
@@ -514,12 +514,12 @@ async def test_a_repeat_that_lands_while_a_refusal_is_decided_is_returned(
     reference = uuid.uuid4()
     first: list[tokendb.TokenTransaction] = []
 
-    async def first_attempt_lands(user_id: uuid.UUID) -> int | None:
+    async def first_attempt_lands(user_id: uuid.UUID) -> tuple[int, bool] | None:
         await tokendb.top_up(user=user, amount=100)
         first.append(await tokendb.charge(user=user, amount=150, reference_id=reference))
-        return 10**6  # stale: sends the call to the locked decision
+        return 10**6, False  # stale: sends the call to the locked decision
 
-    monkeypatch.setattr(_ledger_sql, "balance_or_none", first_attempt_lands)
+    monkeypatch.setattr(_ledger_sql, "spendable_or_none", first_attempt_lands)
     with db_settings(coalesce_charges=False):  # the first attempt is sent from inside the retry
         retry = await tokendb.charge(user=user, amount=150, reference_id=reference)
     assert retry.id == first[0].id
@@ -547,10 +547,10 @@ async def test_the_locked_decision_holds_the_users_row_while_it_decides(
     async def probe() -> None:
         seen.append(await row_is_locked(observer, "users", user.id))
 
-    async def says_it_covers(user_id: uuid.UUID) -> int | None:
-        return 10**6  # stale: sends the call to the locked decision
+    async def says_it_covers(user_id: uuid.UUID) -> tuple[int, bool] | None:
+        return 10**6, False  # stale: sends the call to the locked decision
 
-    monkeypatch.setattr(_ledger_sql, "balance_or_none", says_it_covers)
+    monkeypatch.setattr(_ledger_sql, "spendable_or_none", says_it_covers)
     try:
         with (
             after_statement(_ledger_sql.LOCK_USER, probe),

@@ -11,7 +11,13 @@ import pytest
 import tokendb
 import tokendb.errors
 
-DOMAIN_MODULES = {"tokendb.users", "tokendb.api_keys", "tokendb.ledger", "tokendb.chats"}
+DOMAIN_MODULES = {
+    "tokendb.users",
+    "tokendb.api_keys",
+    "tokendb.ledger",
+    "tokendb.holds",
+    "tokendb.chats",
+}
 
 OPERATIONS = [
     getattr(tokendb, name)
@@ -96,6 +102,7 @@ async def test_every_list_treats_an_unknown_owner_alike(
     session = await tokendb.start_chat(api_key=api_key, model="m")
     lists = {
         "list_transactions": lambda owner: tokendb.list_transactions(user=owner),
+        "list_holds": lambda owner: tokendb.list_holds(user=owner),
         "list_api_keys": lambda owner: tokendb.list_api_keys(user=owner),
         "list_chats": lambda owner: tokendb.list_chats(user=owner),
         "list_messages": lambda owner: tokendb.list_messages(session=owner),

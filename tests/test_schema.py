@@ -31,6 +31,7 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "token_balance": ("integer", False, "0"),
         "created_at": ("timestamp with time zone", False, "now()"),
         "updated_at": ("timestamp with time zone", False, "now()"),
+        "held_tokens": ("integer", False, "0"),
     },
     "api_keys": {
         "id": ("uuid", False, "gen_random_uuid()"),
@@ -74,6 +75,19 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "tokens_used_after": ("integer", False, None),
         "seq": ("integer", False, None),
     },
+    "token_holds": {
+        "id": ("uuid", False, "gen_random_uuid()"),
+        "amount": ("integer", False, None),
+        "status": ("character varying(8)", False, "'active'::character varying"),
+        "reference_id": ("uuid", True, None),
+        "description": ("text", True, None),
+        "expires_at": ("timestamp with time zone", False, None),
+        "created_at": ("timestamp with time zone", False, "clock_timestamp()"),
+        "resolved_at": ("timestamp with time zone", True, None),
+        "captured_amount": ("integer", True, None),
+        "captured_transaction_id": ("uuid", True, None),
+        "user_id": ("uuid", False, None),
+    },
 }
 
 # (table, column) -> (referenced table, ON DELETE rule)
@@ -83,6 +97,8 @@ FOREIGN_KEYS = {
     ("chat_sessions", "api_key_id"): ("api_keys", "RESTRICT"),
     ("chat_messages", "session_id"): ("chat_sessions", "CASCADE"),
     ("token_transactions", "user_id"): ("users", "RESTRICT"),
+    ("token_holds", "user_id"): ("users", "RESTRICT"),
+    ("token_holds", "captured_transaction_id"): ("token_transactions", "RESTRICT"),
 }
 
 CHECKS = {
@@ -98,6 +114,12 @@ CHECKS = {
     "chat_sessions_tokens_used_nonnegative",
     "chat_messages_tokens_nonnegative",
     "chat_messages_role_valid",
+    "users_held_tokens_nonnegative",
+    "users_held_tokens_within_balance",
+    "token_holds_amount_positive",
+    "token_holds_status_valid",
+    "token_holds_ttl",
+    "token_holds_captured",
 }
 
 # index name -> (unique, definition fragment)
@@ -118,10 +140,23 @@ INDEXES = {
     ),
     "token_transactions_user_seq_key": (True, "(user_id, seq)"),
     "chat_messages_session_seq_key": (True, "(session_id, seq)"),
+    "token_holds_reference_key": (
+        True,
+        "(user_id, reference_id) WHERE (reference_id IS NOT NULL)",
+    ),
+    "token_holds_captured_transaction_key": (
+        True,
+        "(captured_transaction_id) WHERE (captured_transaction_id IS NOT NULL)",
+    ),
+    "token_holds_user_created_idx": (False, "(user_id, created_at DESC, id DESC)"),
+    "token_holds_active_idx": (
+        False,
+        "(user_id, expires_at) WHERE ((status)::text = 'active'::text)",
+    ),
 }
 
 
-async def test_all_five_tables_exist(raw: asyncpg.Connection) -> None:
+async def test_all_six_tables_exist(raw: asyncpg.Connection) -> None:
     rows = await raw.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
     )

@@ -32,6 +32,7 @@ from tokendb.connection import migrate as migrate
 from tokendb.connection import tortoise_orm as tortoise_orm
 from tokendb.errors import ApiKeyExpired as ApiKeyExpired
 from tokendb.errors import ApiKeyRevoked as ApiKeyRevoked
+from tokendb.errors import CaptureExceedsHold as CaptureExceedsHold
 from tokendb.errors import ChatSessionEnded as ChatSessionEnded
 from tokendb.errors import ConfigurationError as ConfigurationError
 from tokendb.errors import ConfigurationWarning as ConfigurationWarning
@@ -39,6 +40,8 @@ from tokendb.errors import DatabaseError as DatabaseError
 from tokendb.errors import DatabaseTimeout as DatabaseTimeout
 from tokendb.errors import DatabaseUnavailable as DatabaseUnavailable
 from tokendb.errors import EmailTaken as EmailTaken
+from tokendb.errors import HoldExpired as HoldExpired
+from tokendb.errors import HoldNotActive as HoldNotActive
 from tokendb.errors import InsufficientTokens as InsufficientTokens
 from tokendb.errors import InvalidApiKey as InvalidApiKey
 from tokendb.errors import InvalidCredentials as InvalidCredentials
@@ -48,6 +51,14 @@ from tokendb.errors import ReferenceConflict as ReferenceConflict
 from tokendb.errors import RefundExceedsCharge as RefundExceedsCharge
 from tokendb.errors import TokenDBError as TokenDBError
 from tokendb.errors import ValidationError as ValidationError
+from tokendb.holds import HoldDiscrepancy as HoldDiscrepancy
+from tokendb.holds import audit_holds as audit_holds
+from tokendb.holds import capture as capture
+from tokendb.holds import expire_holds as expire_holds
+from tokendb.holds import get_available_balance as get_available_balance
+from tokendb.holds import hold as hold
+from tokendb.holds import list_holds as list_holds
+from tokendb.holds import release as release
 from tokendb.ledger import ChargeItem as ChargeItem
 from tokendb.ledger import LedgerDiscrepancy as LedgerDiscrepancy
 from tokendb.ledger import audit_ledger as audit_ledger
@@ -61,7 +72,9 @@ from tokendb.ledger import top_up as top_up
 from tokendb.models import ApiKey as ApiKey
 from tokendb.models import ChatMessage as ChatMessage
 from tokendb.models import ChatSession as ChatSession
+from tokendb.models import HoldStatus as HoldStatus
 from tokendb.models import MessageRole as MessageRole
+from tokendb.models import TokenHold as TokenHold
 from tokendb.models import TokenTransaction as TokenTransaction
 from tokendb.models import TransactionType as TransactionType
 from tokendb.models import User as User
@@ -79,6 +92,7 @@ __all__ = [
     "ApiKey",
     "ApiKeyExpired",
     "ApiKeyRevoked",
+    "CaptureExceedsHold",
     "ChargeItem",
     "ChatDiscrepancy",
     "ChatMessage",
@@ -90,6 +104,10 @@ __all__ = [
     "DatabaseTimeout",
     "DatabaseUnavailable",
     "EmailTaken",
+    "HoldDiscrepancy",
+    "HoldExpired",
+    "HoldNotActive",
+    "HoldStatus",
     "InsufficientTokens",
     "InvalidApiKey",
     "InvalidCredentials",
@@ -100,6 +118,7 @@ __all__ = [
     "ReferenceConflict",
     "RefundExceedsCharge",
     "TokenDBError",
+    "TokenHold",
     "TokenTransaction",
     "TransactionType",
     "User",
@@ -107,8 +126,10 @@ __all__ = [
     "ValidationError",
     "add_message",
     "audit_chats",
+    "audit_holds",
     "audit_ledger",
     "authenticate",
+    "capture",
     "change_password",
     "charge",
     "charge_many",
@@ -116,20 +137,25 @@ __all__ = [
     "connect",
     "create_user",
     "end_chat",
+    "expire_holds",
+    "get_available_balance",
     "get_balance",
     "get_chat",
     "get_user",
     "grant_bonus",
+    "hold",
     "init",
     "is_initialised",
     "issue_api_key",
     "list_api_keys",
     "list_chats",
+    "list_holds",
     "list_messages",
     "list_transactions",
     "list_users",
     "migrate",
     "refund",
+    "release",
     "revoke_api_key",
     "set_role",
     "start_chat",

@@ -50,19 +50,22 @@ async def cursor(
 M = TypeVar("M", bound=Model)
 
 
-def statements(table: str, owner_column: str, *, newest_first: bool) -> tuple[str, str]:
+def statements(
+    table: str, owner_column: str, *, newest_first: bool, condition: str | None = None
+) -> tuple[str, str]:
     """The first-page and the next-page statement of ``table`` listed per ``owner_column``.
 
     Parameters: ``$1`` owner, ``$2`` limit, and for the next page ``$3, $4``
     the ``(created_at, id)`` of the previous page's last row. Both walk an
     ``(owner, created_at, id)`` index in order: no sort, no OFFSET.
+    ``condition`` (SQL without parameters) filters the rows listed.
     """
     order, beyond = (" DESC", "<") if newest_first else ("", ">")
     ordering = f"ORDER BY created_at{order}, id{order} LIMIT $2"
-    first = f"SELECT * FROM {table} WHERE {owner_column} = $1 {ordering}"
+    owned = f"{owner_column} = $1" + ("" if condition is None else f" AND {condition}")
+    first = f"SELECT * FROM {table} WHERE {owned} {ordering}"
     following = (
-        f"SELECT * FROM {table} WHERE {owner_column} = $1 "
-        f"AND (created_at, id) {beyond} ($3, $4) {ordering}"
+        f"SELECT * FROM {table} WHERE {owned} AND (created_at, id) {beyond} ($3, $4) {ordering}"
     )
     return first, following
 

@@ -129,12 +129,16 @@ __all__ = [
     "MOVE",
     "PAGES",
     "REFUNDED",
+    "SWEEP_USER",
     "Movement",
     "Outcome",
+    "available_under_lock",
     "balance_or_none",
     "charge_batch",
     "move",
+    "record",
     "refund",
+    "spendable_or_none",
 ]
 
 IDEMPOTENCY_INDEX = "token_transactions_idempotency_key"
@@ -161,6 +165,10 @@ def _record(source: str, **values: str) -> str:
     return _sql.insert(TokenTransaction, values, source=source)
 
 
+record = _record
+"""For the ledger rows other statements write (a hold's capture: :mod:`tokendb._holds_sql`)."""
+
+
 # --- one movement -----------------------------------------------------------------------
 
 _MOVED = _record(
@@ -184,7 +192,7 @@ WITH prior AS (
 ), moved AS (
     UPDATE users                                    -- the user's row lock is taken here
     SET token_balance = token_balance + $2, updated_at = clock_timestamp()
-    WHERE id = $1 AND token_balance + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
+    WHERE id = $1 AND token_balance - held_tokens + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
     RETURNING id, token_balance
 )
 {_MOVED}
@@ -194,8 +202,38 @@ RETURNING *
 BY_REFERENCE = (
     "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3"
 )
-BALANCE = "SELECT token_balance FROM users WHERE id = $1"
-LOCK_USER = "SELECT token_balance FROM users WHERE id = $1 FOR UPDATE"
+BALANCE = "SELECT token_balance, held_tokens FROM users WHERE id = $1"
+LOCK_USER = "SELECT token_balance, held_tokens FROM users WHERE id = $1 FOR UPDATE"
+
+# $1 user, whose row lock the caller holds: its expired holds are marked and
+# their tokens freed. Every writer of a user's holds holds that lock, so no
+# hold of this user changes meanwhile.
+SWEEP_USER = """
+WITH swept AS (
+    UPDATE token_holds SET status = 'expired'
+    WHERE user_id = $1 AND status = 'active' AND expires_at <= clock_timestamp()
+    RETURNING amount
+)
+UPDATE users SET held_tokens = held_tokens - (SELECT coalesce(sum(amount), 0) FROM swept)
+WHERE id = $1
+RETURNING token_balance, held_tokens
+"""
+
+
+async def available_under_lock(conn: _db.Connection, user_id: UUID) -> int | None:
+    """Lock ``user_id``'s row, free its expired holds; what it can spend (None: no such user).
+
+    ``held_tokens`` counts a hold until it is marked, so a debit refused on
+    it may have been refused by a hold that has expired: this is the second
+    look, under the lock, where expiry takes effect without a sweeper.
+    """
+    locked = await conn.fetchrow(LOCK_USER, user_id)
+    if locked is None:
+        return None
+    if locked["held_tokens"]:
+        locked = await conn.fetchrow(SWEEP_USER, user_id)
+        assert locked is not None  # the row is locked: it is still there
+    return int(locked["token_balance"]) - int(locked["held_tokens"])
 
 
 async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
@@ -228,21 +266,24 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
         existing = await _db.read(BY_REFERENCE, user_id, kind.value, reference)
         if existing:
             return _as_repeat(to_model(TokenTransaction, existing[0]), delta)
-    balance = await balance_or_none(user_id)
-    if balance is None:
+    found = await spendable_or_none(user_id)
+    if found is None:
         raise NotFound("user", user_id)
-    if delta < 0 and balance + delta < 0:
-        raise InsufficientTokens(user_id, balance, requested)
+    available, holds = found
+    if delta < 0 and available + delta < 0 and not holds:
+        raise InsufficientTokens(user_id, available, requested)
+    # Enough after all (a credit landed), or holds that may have expired.
     return await _move_under_lock(arguments, requested)
 
 
 async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenTransaction:
-    """:data:`MOVE` again, in a transaction that holds the user's row lock first."""
+    """:data:`MOVE` again, in a transaction that holds the user's row lock first
+    (and has freed the user's expired holds: :func:`available_under_lock`)."""
     user_id, delta, kind, _, reference, _ = arguments
 
     async def body(conn: _db.Connection) -> TokenTransaction:
-        balance = await conn.fetchval(LOCK_USER, user_id)
-        if balance is None:
+        available = await available_under_lock(conn, user_id)
+        if available is None:
             raise NotFound("user", user_id)
         row = await conn.fetchrow(MOVE, *arguments)
         if row is not None:
@@ -251,7 +292,7 @@ async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenT
             existing = await conn.fetchrow(BY_REFERENCE, user_id, kind, reference)
             if existing is not None:
                 return _as_repeat(to_model(TokenTransaction, existing), delta)
-        raise InsufficientTokens(user_id, int(balance), requested)
+        raise InsufficientTokens(user_id, available, requested)
 
     with _args.fits_integer_column("amount"):
         return await _db.transaction(body)
@@ -270,9 +311,19 @@ def _as_repeat(existing: TokenTransaction, delta: int) -> TokenTransaction:
 
 
 async def balance_or_none(user_id: UUID) -> int | None:
-    """``user_id``'s balance, or None for an unknown user."""
+    """``user_id``'s booked balance (Σ ledger), or None for an unknown user."""
     rows = await _db.read(BALANCE, user_id)
     return int(rows[0]["token_balance"]) if rows else None
+
+
+async def spendable_or_none(user_id: UUID) -> tuple[int, bool] | None:
+    """``user_id``'s balance minus ``held_tokens``, and whether it has active holds
+    (some may have expired unmarked); None for an unknown user."""
+    rows = await _db.read(BALANCE, user_id)
+    if not rows:
+        return None
+    held = int(rows[0]["held_tokens"])
+    return int(rows[0]["token_balance"]) - held, held > 0
 
 
 # --- many charges in one statement ------------------------------------------------------
@@ -300,7 +351,7 @@ WITH RECURSIVE items AS MATERIALIZED (
     FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[])
          WITH ORDINALITY AS i(user_id, amount, id, reference_id, description, seq)
 ), locked AS MATERIALIZED (
-    SELECT id, token_balance FROM users WHERE id = ANY($1::uuid[])
+    SELECT id, token_balance, held_tokens FROM users WHERE id = ANY($1::uuid[])
     ORDER BY id FOR UPDATE                          -- the locks, in id order
 ), stamp AS MATERIALIZED (
     SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM locked) AS held
@@ -308,11 +359,12 @@ WITH RECURSIVE items AS MATERIALIZED (
     SELECT t.* FROM token_transactions t
     WHERE t.type = 'usage' AND t.reference_id IS NOT NULL
       AND (t.user_id, t.reference_id) IN (SELECT user_id, reference_id FROM items)
-), walk (user_id, rank, seq, outcome, balance, moved_refs) AS (
-    SELECT id, 0::bigint, 0::bigint, '', token_balance, ARRAY[]::uuid[] FROM locked
+), walk (user_id, rank, seq, outcome, balance, held, moved_refs) AS (
+    SELECT id, 0::bigint, 0::bigint, '', token_balance, held_tokens, ARRAY[]::uuid[] FROM locked
   UNION ALL
     SELECT w.user_id, i.rank, i.seq, step.outcome,
            CASE step.outcome WHEN 'moved' THEN w.balance - i.amount ELSE w.balance END,
+           w.held,
            CASE step.outcome WHEN 'moved' THEN w.moved_refs || i.reference_id
                 ELSE w.moved_refs END
     FROM walk w
@@ -323,7 +375,7 @@ WITH RECURSIVE items AS MATERIALIZED (
                 SELECT 1 FROM prior p
                 WHERE p.user_id = i.user_id AND p.reference_id = i.reference_id
             ) THEN 'repeat'
-            WHEN w.balance >= i.amount THEN 'moved'
+            WHEN w.balance - w.held >= i.amount THEN 'moved'
             ELSE 'short'
         END AS outcome
     ) AS step
@@ -338,7 +390,7 @@ WITH RECURSIVE items AS MATERIALIZED (
     {_BATCH_MOVED}
     RETURNING *
 )
-SELECT w.seq, w.outcome, w.balance,
+SELECT w.seq, w.outcome, w.balance - w.held AS available, w.held,
        {_sql.select_list(TokenTransaction, "r", "row_")},
        {_sql.select_list(TokenTransaction, "p", "prior_")}
 FROM walk w
@@ -384,7 +436,13 @@ async def charge_batch(movements: Sequence[Movement]) -> list[Outcome]:
             break  # refused as a whole, nothing written: find the item at fault below
         except Exception as exc:  # every caller gets an outcome
             return _failed(exc, len(movements))
-        return _outcomes(movements, rows)
+        outcomes = _outcomes(movements, rows)
+        for index, outcome in enumerate(outcomes):
+            if outcome is None:
+                # Refused while the user had holds, some maybe expired: alone,
+                # the call would have had the second look that frees them.
+                outcomes[index] = await _charge_alone(movements[index])
+        return [outcome for outcome in outcomes if outcome is not None]
     return [await _charge_alone(movement) for movement in movements]
 
 
@@ -409,10 +467,12 @@ def _failed(exc: BaseException, count: int) -> list[Outcome]:
     return clones
 
 
-def _outcomes(movements: Sequence[Movement], rows: list[_db.Record]) -> list[Outcome]:
+def _outcomes(movements: Sequence[Movement], rows: list[_db.Record]) -> list[Outcome | None]:
+    """Each movement's outcome; None for one refused while its user had holds
+    (:func:`charge_batch` runs it alone)."""
     by_seq = {row["seq"]: row for row in rows}
     moved: dict[tuple[UUID, UUID], TokenTransaction] = {}
-    outcomes: list[Outcome] = []
+    outcomes: list[Outcome | None] = []
     for seq, (user_id, amount, _, reference) in enumerate(movements, start=1):
         row = by_seq.get(seq)
         if row is None:  # its user was not there to lock
@@ -423,7 +483,10 @@ def _outcomes(movements: Sequence[Movement], rows: list[_db.Record]) -> list[Out
                 moved[user_id, reference] = charged
             outcomes.append(charged)
         elif row["outcome"] == "short":
-            outcomes.append(InsufficientTokens(user_id, int(row["balance"]), amount))
+            if row["held"]:
+                outcomes.append(None)
+            else:
+                outcomes.append(InsufficientTokens(user_id, int(row["available"]), amount))
         else:
             assert reference is not None
             existing = moved.get((user_id, reference)) or to_model(TokenTransaction, row, "prior_")
@@ -505,6 +568,7 @@ _NEW_USER = _sql.insert(
         "name": "$4",
         "role": "$5",
         "token_balance": "$6",
+        "held_tokens": "0",
         "created_at": "clock_timestamp()",
         "updated_at": "clock_timestamp()",
     },

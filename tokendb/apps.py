@@ -4,7 +4,7 @@ A host app whose models have foreign keys to tokendb's (``ForeignKeyField("token
 runs fine, but Aerich 0.10 cannot write its migrations by itself:
 
 * ``aerich --app host init-db`` writes every model on the connection into the
-  host's first migration: tokendb's five tables too, without their
+  host's first migration: tokendb's tables too, without their
   constraints and triggers (they belong to ``tokendb migrate``);
 * ``aerich --app host migrate`` refuses a *new* model with a foreign key into
   another app ("Can't create schema due to cyclic fk references"), and

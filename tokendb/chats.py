@@ -144,7 +144,7 @@ async def add_message(
         try:
             rows = await _db.write(_ledger_sql.ADD_MESSAGE, *arguments)
         except asyncpg.CheckViolationError as exc:
-            if exc.constraint_name != "users_token_balance_nonnegative":
+            if exc.constraint_name not in _SHORT:
                 raise
             rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
     if rows:
@@ -153,6 +153,10 @@ async def add_message(
     if not state:
         raise NotFound("chat session", session_id)
     raise ChatSessionEnded(session_id)
+
+
+_SHORT = ("users_token_balance_nonnegative", "users_held_tokens_within_balance")
+"""The debit went below zero, or into tokens held by holds (maybe expired ones)."""
 
 
 async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) -> list[Any]:
@@ -167,9 +171,10 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
     user_id = await conn.fetchval(_LOCK_OPEN_SESSION, session_id, owner)
     if user_id is None:
         return []  # ended or gone meanwhile: the caller tells which
-    balance = await conn.fetchval(_ledger_sql.LOCK_USER, user_id)
-    if balance < cost:
-        raise InsufficientTokens(user_id, int(balance), cost)
+    available = await _ledger_sql.available_under_lock(conn, user_id)
+    assert available is not None  # the session's user: users with sessions are kept
+    if available < cost:
+        raise InsufficientTokens(user_id, available, cost)
     return await conn.fetch(_ledger_sql.ADD_MESSAGE, *arguments)
 
 

@@ -21,6 +21,7 @@ from uuid import UUID
 __all__ = [
     "ApiKeyExpired",
     "ApiKeyRevoked",
+    "CaptureExceedsHold",
     "ChatSessionEnded",
     "ConfigurationError",
     "ConfigurationWarning",
@@ -28,6 +29,8 @@ __all__ = [
     "DatabaseTimeout",
     "DatabaseUnavailable",
     "EmailTaken",
+    "HoldExpired",
+    "HoldNotActive",
     "InsufficientTokens",
     "InvalidApiKey",
     "InvalidCredentials",
@@ -169,7 +172,8 @@ class PermissionDenied(TokenDBError):
 
 
 class InsufficientTokens(TokenDBError):
-    """A debit of ``requested`` tokens was refused because the balance is ``balance``."""
+    """A debit (or hold) of ``requested`` tokens was refused: ``balance`` is what the
+    user could spend, the booked balance minus active holds."""
 
     def __init__(self, user_id: UUID, balance: int, requested: int) -> None:
         super().__init__(f"user {user_id} has {balance} tokens, {requested} requested")
@@ -214,3 +218,35 @@ class ChatSessionEnded(TokenDBError):
     def __init__(self, session_id: UUID) -> None:
         super().__init__(f"chat session {session_id} has ended")
         self.session_id = session_id
+
+
+class HoldNotActive(TokenDBError):
+    """The hold is no longer active: it was captured, released or has expired (``status``).
+
+    ``status`` is the hold's :class:`~tokendb.models.HoldStatus` value
+    (``"expired"`` also for a hold past ``expires_at`` that nothing has
+    marked yet).
+    """
+
+    def __init__(self, hold_id: UUID, status: str) -> None:
+        super().__init__(f"hold {hold_id} is {status}, not active")
+        self.hold_id = hold_id
+        self.status = status
+
+
+class HoldExpired(HoldNotActive):
+    """The hold expired at ``expired_at``; its tokens are free again."""
+
+    def __init__(self, hold_id: UUID, expired_at: datetime) -> None:
+        super().__init__(hold_id, "expired")
+        self.expired_at = expired_at
+
+
+class CaptureExceedsHold(ValidationError):
+    """A capture of ``requested`` tokens from a hold of ``held`` tokens: nothing captured."""
+
+    def __init__(self, hold_id: UUID, held: int, requested: int) -> None:
+        super().__init__("amount", f"hold {hold_id} holds {held} tokens, {requested} requested")
+        self.hold_id = hold_id
+        self.held = held
+        self.requested = requested

@@ -1,4 +1,4 @@
-"""The five tables of tokendb as thin Tortoise models.
+"""The six tables of tokendb as thin Tortoise models.
 
 Models hold fields, ``Meta`` and ``__str__`` only; every operation lives in the
 domain modules (:mod:`tokendb.users`, :mod:`tokendb.api_keys`,
@@ -25,7 +25,9 @@ __all__ = [
     "ApiKey",
     "ChatMessage",
     "ChatSession",
+    "HoldStatus",
     "MessageRole",
+    "TokenHold",
     "TokenTransaction",
     "TransactionType",
     "User",
@@ -46,6 +48,13 @@ class TransactionType(StrEnum):
     BONUS = "bonus"
 
 
+class HoldStatus(StrEnum):
+    ACTIVE = "active"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
 class MessageRole(StrEnum):
     USER = "user"
     ASSISTANT = "assistant"
@@ -61,12 +70,17 @@ class User(Model):
     # 0, like the database's default: a balance is only ever what the ledger
     # says (see tokendb.ledger), and a user without ledger rows has 0 tokens.
     token_balance = fields.IntField(default=0)
+    # Σ amount of the user's active holds (expired ones not yet marked
+    # included): kept by the database with every hold, never above the
+    # balance. What can be spent is token_balance - held_tokens (tokendb.holds).
+    held_tokens = fields.IntField(default=0)
     created_at = fields.DatetimeField(auto_now_add=True)
     updated_at = fields.DatetimeField(auto_now=True)
 
     api_keys: fields.ReverseRelation[ApiKey]
     transactions: fields.ReverseRelation[TokenTransaction]
     chat_sessions: fields.ReverseRelation[ChatSession]
+    holds: fields.ReverseRelation[TokenHold]
 
     class Meta:
         table = "users"
@@ -138,6 +152,46 @@ class TokenTransaction(Model):
         return (
             f"<TokenTransaction id={self.id} type={self.type!s} amount={self.amount} "
             f"balance_after={self.balance_after}>"
+        )
+
+
+class TokenHold(Model):
+    """Tokens reserved for a completion whose cost is not known yet (:mod:`tokendb.holds`)."""
+
+    id = fields.UUIDField(primary_key=True, default=new_id)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "tokendb.User", related_name="holds", on_delete=fields.RESTRICT
+    )
+    amount = fields.IntField()
+    status = fields.CharEnumField(HoldStatus, max_length=8, default=HoldStatus.ACTIVE)
+    reference_id = fields.UUIDField(null=True)
+    description = fields.TextField(null=True)
+    expires_at = fields.DatetimeField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+    resolved_at = fields.DatetimeField(null=True)
+    captured_amount = fields.IntField(null=True)
+    captured_transaction: fields.ForeignKeyNullableRelation[TokenTransaction] = (
+        fields.ForeignKeyField(
+            "tokendb.TokenTransaction",
+            related_name=False,
+            null=True,
+            on_delete=fields.RESTRICT,
+        )
+    )
+
+    user_id: UUID
+    captured_transaction_id: UUID | None
+
+    class Meta:
+        table = "token_holds"
+
+    def __str__(self) -> str:
+        return f"TokenHold({self.status}, {self.amount}, expires_at={self.expires_at})"
+
+    def __repr__(self) -> str:
+        return (
+            f"<TokenHold id={self.id} status={self.status!s} amount={self.amount} "
+            f"expires_at={self.expires_at}>"
         )
 
 

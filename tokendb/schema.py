@@ -6,7 +6,7 @@ Two roles (README, "Guarantees"):
   connects as the role that will own tokendb's tables. Only the owner may
   edit or delete ledger rows, delete API keys or TRUNCATE the tables.
 * **the application role** is what the gateway connects with: it may run
-  DML on the five tables and read Aerich's table, and is neither the owner
+  DML on the six tables and read Aerich's table, and is neither the owner
   nor a superuser. :func:`grant` (``tokendb grant ROLE``) gives it that.
   Whatever it sends, the database keeps the books.
 
@@ -27,7 +27,7 @@ from tokendb import _args, _db
 from tokendb._translate import translated
 from tokendb.config import APP_LABEL, resolve_database_async, tortoise_config
 from tokendb.errors import ConfigurationError, ValidationError
-from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenTransaction, User
+from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenHold, TokenTransaction, User
 
 __all__ = [
     "BACKSTOPS",
@@ -40,9 +40,10 @@ __all__ = [
 ]
 
 TABLES = tuple(
-    model._meta.db_table for model in (User, ApiKey, TokenTransaction, ChatSession, ChatMessage)
+    model._meta.db_table
+    for model in (User, ApiKey, TokenTransaction, ChatSession, ChatMessage, TokenHold)
 )
-"""tokendb's five tables."""
+"""tokendb's six tables."""
 
 BACKSTOPS = (
     # CHECK constraints
@@ -89,6 +90,22 @@ BACKSTOPS = (
     "chat_messages_kept",
     "chat_messages_billed",
     "chat_messages_no_truncate",
+    # holds (migration 3)
+    "users_held_tokens_nonnegative",
+    "users_held_tokens_within_balance",
+    "token_holds_amount_positive",
+    "token_holds_status_valid",
+    "token_holds_ttl",
+    "token_holds_captured",
+    "token_holds_reference_key",
+    "token_holds_captured_transaction_key",
+    "token_holds_new",
+    "token_holds_transition",
+    "token_holds_kept",
+    "token_holds_no_truncate",
+    "token_holds_books",
+    "users_held_tokens_follow_holds",
+    "users_held_tokens_follow_holds_on_insert",
 )
 """The named constraints, unique indexes and triggers the migrations create, which
 :func:`check` requires (``tests/test_schema.py`` checks the list against the catalog)."""
@@ -197,7 +214,7 @@ def _identifier(value: str) -> str:
 def grant_sql(role: str, *, schema: str = "public") -> list[str]:
     """The statements that let ``role`` run tokendb as the application role.
 
-    USAGE on ``schema``; SELECT, INSERT, UPDATE and DELETE on the five tables
+    USAGE on ``schema``; SELECT, INSERT, UPDATE and DELETE on the six tables
     (TRUNCATE is not needed, and the tables refuse it to everyone but their
     owner); SELECT on Aerich's table, which :func:`check` reads. Nothing else:
     the tables have no sequences, and the role needs no function of its own.

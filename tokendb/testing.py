@@ -99,7 +99,14 @@ __all__ = [
 ]
 
 DEFAULT_TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
-TABLES = ("chat_messages", "chat_sessions", "token_transactions", "api_keys", "users")
+TABLES = (
+    "token_holds",
+    "chat_messages",
+    "chat_sessions",
+    "token_transactions",
+    "api_keys",
+    "users",
+)
 _PROBE_TIMEOUT = 3.0
 _server_url_key = pytest.StashKey[str]()
 _app_tables_key = pytest.StashKey[list[str]]()
