@@ -85,12 +85,16 @@ async def problems(conn: asyncpg.Connection) -> list[tuple[str, str]]:
 
 @dataclass
 class Snapshot:
-    """What no later state may undo: ledger rows, revocations, expiries, ended sessions."""
+    """What no later state may undo: ledger rows, revocations, expiries, ended sessions, ids."""
 
     ledger: dict[Any, tuple[Any, ...]] = field(default_factory=dict)
     revoked: dict[Any, str] = field(default_factory=dict)  # key id -> key_hash
     expired: dict[Any, Any] = field(default_factory=dict)  # key id -> expires_at
     ended: dict[Any, Any] = field(default_factory=dict)  # session id -> ended_at
+    # Users that own ledger rows or keys may not be deleted (but by the owner),
+    # and API keys may not: an id of either that vanished was renamed.
+    kept_users: set[Any] = field(default_factory=set)
+    keys: set[Any] = field(default_factory=set)
 
     @classmethod
     async def take(cls, conn: asyncpg.Connection) -> Snapshot:
@@ -109,6 +113,14 @@ class Snapshot:
             "SELECT id, ended_at FROM chat_sessions WHERE ended_at IS NOT NULL"
         ):
             snapshot.ended[row["id"]] = row["ended_at"]
+        snapshot.kept_users = {
+            row["id"]
+            for row in await conn.fetch(
+                "SELECT id FROM users u WHERE EXISTS (SELECT FROM token_transactions t "
+                "WHERE t.user_id = u.id) OR EXISTS (SELECT FROM api_keys k WHERE k.user_id = u.id)"
+            )
+        }
+        snapshot.keys = {row["id"] for row in await conn.fetch("SELECT id FROM api_keys")}
         return snapshot
 
     def broken_since(self, earlier: Snapshot) -> list[str]:
@@ -127,4 +139,8 @@ class Snapshot:
             if session_id in self.ended and self.ended[session_id] != ended_at:
                 found.append(f"ended session {session_id} re-opened")
         # A session may be deleted (with its messages); it cannot come back open.
+        for user_id in earlier.kept_users - self.kept_users:
+            found.append(f"user {user_id}, who has ledger rows or keys, was renamed or deleted")
+        for key_id in earlier.keys - self.keys:
+            found.append(f"API key {key_id} was renamed or deleted")
         return found

@@ -912,3 +912,76 @@ async def test_two_repeatable_read_writers_cannot_fork_a_sessions_chain(
         await first.close()
         await second.close()
     await assert_books_balance(owner)
+
+
+# --- identities: an id never changes (review of issue 9) ------------------------------------
+
+
+async def test_a_users_id_never_changes_so_no_balance_slips_past_its_check(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """The balance checks look the user up by the id the row had when the check
+    was queued: renamed before commit, the check found no user and passed, and
+    the renamed user kept a balance no ledger row gave. (Tortoise itself refuses
+    to update a primary key: the models cannot send this.)"""
+    user = await tokendb.create_user(
+        email=email(), password="long enough", name="n", signup_bonus=0
+    )
+    with refused("users_id_immutable"):
+        async with app.transaction():
+            await app.execute("UPDATE users SET token_balance = 1000000 WHERE id = $1", user.id)
+            await app.execute("UPDATE users SET id = $1 WHERE id = $2", uuid.uuid4(), user.id)
+    with refused("users_id_immutable"):
+        async with app.transaction():
+            inserted = await app.fetchval(
+                "INSERT INTO users (email, password_hash, name, token_balance) "
+                "VALUES ($1, 'x', 'n', 777) RETURNING id",
+                email(),
+            )
+            await app.execute("UPDATE users SET id = $1 WHERE id = $2", uuid.uuid4(), inserted)
+    assert await tokendb.get_balance(user=user) == 0
+    await assert_books_balance(owner)
+
+
+async def test_two_users_cannot_trade_ids_and_with_them_ledger_and_keys(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """One UPDATE renames A and gives B A's id: the foreign keys (NO ACTION)
+    still find id A at the statement's end, so A's ledger rows, API keys and
+    chats would belong to B, and A's balance would go with no row behind it."""
+    rich = await tokendb.create_user(email=email(), password="long enough", name="a")
+    _, secret = await tokendb.issue_api_key(user=rich, name="k", permissions=["admin"])
+    other = await tokendb.create_user(
+        email=email(), password="long enough", name="b", signup_bonus=0
+    )
+    with refused("users_id_immutable"):
+        await app.execute(
+            "UPDATE users SET id = CASE id WHEN $1 THEN $3 ELSE $1 END WHERE id IN ($1, $2)",
+            rich.id,
+            other.id,
+            uuid.uuid4(),
+        )
+    assert (await tokendb.verify_api_key(secret=secret)).user.email == rich.email
+    assert await tokendb.get_balance(user=rich) == 100
+    await assert_books_balance(owner)
+
+
+async def test_an_api_keys_id_never_changes(
+    app: asyncpg.Connection, owner: asyncpg.Connection
+) -> None:
+    """A session names the key it was opened on: trading ids of a revoked and
+    a live key would move sessions between keys."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    live, _ = await tokendb.issue_api_key(user=user, name="live")
+    dead, _ = await tokendb.issue_api_key(user=user, name="dead")
+    session = await tokendb.start_chat(api_key=dead, model="m")
+    await tokendb.revoke_api_key(api_key=dead)
+    with refused("api_keys_id_immutable"):
+        await app.execute(
+            "UPDATE api_keys SET id = CASE id WHEN $1 THEN $3 ELSE $1 END WHERE id IN ($1, $2)",
+            dead.id,
+            live.id,
+            uuid.uuid4(),
+        )
+    assert (await ChatSession.get(id=session.id)).api_key_id == dead.id
+    await assert_books_balance(owner)

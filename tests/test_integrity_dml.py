@@ -86,6 +86,7 @@ def literal(value: Any) -> str:
 def statements(data: st.DataObject, world: World) -> list[str]:
     """One to three statements of a random kind: what one transaction sends."""
     user = literal(pick(data, world.users))
+    other = literal(pick(data, world.users))
     key_id, key_hash = pick(data, world.keys, (uuid.uuid4(), uuid.uuid4().hex))
     key = literal(key_id)
     session = literal(pick(data, world.sessions))
@@ -127,6 +128,12 @@ def statements(data: st.DataObject, world: World) -> list[str]:
         [f"UPDATE users SET email = {email} WHERE id = {user}"],
         [f"UPDATE users SET role = 'admin', name = 'renamed' WHERE id = {user}"],
         [f"DELETE FROM users WHERE id = {user}"],
+        # ids: a rename, and two users trading ids in one statement
+        [f"UPDATE users SET id = {literal(uuid.uuid4())} WHERE id = {user}"],
+        [
+            f"UPDATE users SET id = CASE id WHEN {user} THEN {literal(uuid.uuid4())} "
+            f"ELSE {user} END WHERE id IN ({user}, {other})"
+        ],
         # the ledger: made-up rows, and movements that add up
         [
             f"INSERT INTO token_transactions (user_id, amount, type, balance_after, "
@@ -157,6 +164,7 @@ def statements(data: st.DataObject, world: World) -> list[str]:
         [f"UPDATE api_keys SET key_hash = {literal(uuid.uuid4().hex)} WHERE id = {key}"],
         [f"UPDATE api_keys SET user_id = {user} WHERE id = {key}"],
         [f"DELETE FROM api_keys WHERE id = {key}"],
+        [f"UPDATE api_keys SET id = {literal(uuid.uuid4())} WHERE id = {key}"],
         # chat sessions
         new_session,
         [f"UPDATE chat_sessions SET tokens_used = {tokens} WHERE id = {session}"],

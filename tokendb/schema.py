@@ -73,11 +73,13 @@ BACKSTOPS = (
     "users_balance_follows_ledger",
     "users_balance_follows_ledger_on_insert",
     "users_no_truncate",
+    "users_id_immutable",
     # triggers: API keys
     "api_keys_revocation_final",
     "api_keys_expiry_final",
     "api_keys_kept",
     "api_keys_no_truncate",
+    "api_keys_id_immutable",
     # triggers: chats
     "chat_sessions_key",
     "chat_sessions_immutable",
