@@ -664,6 +664,35 @@ async def test_attack_10_init_refuses_a_schema_missing_one_backstop(server: str)
         await refused_by_init(url, "1 of its backstops are missing (chat_messages_billed)")
 
 
+@pytest.mark.parametrize(
+    ("disable", "expected"),
+    [
+        ("token_transactions_chain", "1 of the triggers"),
+        # ALL: tokendb's five and PostgreSQL's own trigger of the foreign key to sessions
+        ("ALL", "6 of the triggers"),
+    ],
+)
+async def test_attack_10_init_refuses_a_schema_with_a_disabled_trigger(
+    server: str, disable: str, expected: str
+) -> None:
+    """A disabled trigger is still in the catalog under its name: the backstop
+    check alone took it for present, and nothing kept the books."""
+    table = "token_transactions" if disable != "ALL" else "chat_messages"
+    async with throwaway_database(server, prefix="tokendb_init") as url:
+        await tokendb.migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER {disable}")
+        finally:
+            await conn.close()
+        with pytest.raises(tokendb.ConfigurationError) as info:
+            await tokendb.init(url)
+        message = str(info.value)
+        assert expected in message and "disabled" in message, message
+        assert "ENABLE TRIGGER" in message, message
+        assert not tokendb.connection.is_initialised()
+
+
 async def test_attack_10_an_application_role_that_cannot_read_aerich_is_told_to_grant(
     server: str,
 ) -> None:

@@ -137,8 +137,9 @@ def head_migration() -> str:
     return max(files, key=lambda path: int(path.name.split("_", 1)[0])).name
 
 
-# One statement: which backstops are missing, and whether Aerich's table
-# records the newest migration. The table may not exist (a schema made
+# One statement: which backstops are missing, which triggers are disabled
+# (the owner's switch, which leaves a trigger in the catalog), and whether
+# Aerich's table records the newest migration. The table may not exist (a schema made
 # without Aerich), and a statement naming a missing table fails before it
 # runs: the lookup goes through ts_stat(), core PostgreSQL's one function
 # that runs a query given as text (it counts the distinct words of a
@@ -159,6 +160,12 @@ WITH tables AS (
 )
 SELECT
     ARRAY(SELECT unnest($1::text[]) EXCEPT SELECT name FROM present ORDER BY 1) AS missing,
+    ARRAY(
+        SELECT DISTINCT coalesce(c.conname, t.tgname) FROM pg_trigger t
+        LEFT JOIN pg_constraint c ON c.oid = t.tgconstraint
+        WHERE t.tgrelid IN (SELECT oid FROM tables) AND t.tgenabled NOT IN ('O', 'A')
+        ORDER BY 1
+    ) AS disabled,
     CASE
         WHEN to_regclass('aerich') IS NULL THEN 'missing'
         WHEN NOT has_table_privilege(to_regclass('aerich'), 'SELECT') THEN 'unreadable'
@@ -178,12 +185,15 @@ async def check() -> None:
 
     Raises :class:`ConfigurationError` naming ``tokendb migrate`` when Aerich
     has not recorded tokendb's newest migration or a backstop of
-    :data:`BACKSTOPS` is missing, and naming ``tokendb grant`` when the role
-    cannot read Aerich's table.
+    :data:`BACKSTOPS` is missing, naming ``tokendb grant`` when the role
+    cannot read Aerich's table, and naming the triggers when any trigger on
+    tokendb's tables is disabled (``ALTER TABLE … DISABLE TRIGGER``, the
+    owner's switch: a disabled foreign key's trigger too).
     """
     head = head_migration()
     rows = await _db.read(_CHECK, list(BACKSTOPS), APP_LABEL, head)
     missing: list[str] = rows[0]["missing"]
+    disabled: list[str] = rows[0]["disabled"]
     aerich: str = rows[0]["aerich"]
     if aerich == "unreadable":
         raise ConfigurationError(
@@ -198,15 +208,24 @@ async def check() -> None:
             + (" (there is no aerich table)" if aerich == "missing" else "")
         )
     if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        shown = ", ".join(missing[:5]) + more
-        problems.append(f"{len(missing)} of its backstops are missing ({shown})")
+        problems.append(f"{len(missing)} of its backstops are missing ({_shown(missing)})")
     if problems:
         raise ConfigurationError(
             "the database is not tokendb's migrated schema: " + "; ".join(problems) + "; "
             f"{_MIGRATE_HINT}. (A schema made by Tortoise.generate_schemas() or by another "
             "application's migrations has none of tokendb's constraints and triggers.)"
         )
+    if disabled:
+        raise ConfigurationError(
+            f"{len(disabled)} of the triggers on tokendb's tables are disabled "
+            f"({_shown(disabled)}): nothing keeps the books while they are; enable them "
+            "(ALTER TABLE … ENABLE TRIGGER ALL, as the role that owns tokendb's tables)"
+        )
+
+
+def _shown(names: list[str]) -> str:
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
 
 
 def _identifier(value: str) -> str:
