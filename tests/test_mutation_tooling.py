@@ -13,7 +13,7 @@ pytest.importorskip("pytest_cov", reason="mutation tooling: pip install -e '.[de
 
 import parso
 
-from tests.mutation import backstops, sql
+from tests.mutation import backstops, runner, sql
 from tests.mutation.operators import OPERATORS, _holds_sql
 from tests.mutation.runner import enumerate_mutants
 from tests.mutation.selection import CoverageMap, Scopes, select_tests
@@ -112,6 +112,28 @@ def test_a_mutant_runs_the_tests_that_executed_the_code_it_changes() -> None:
 def test_every_target_can_be_mutated() -> None:
     mutants = enumerate_mutants(TARGETS)
     assert {m.module for m in mutants} == {t.module for t in TARGETS}
+
+
+def test_runs_of_one_module_at_a_time_add_up_to_one_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run --module X`` replaces X's results and keeps the other modules' (each
+    with the commit and date it was measured at); a whole run replaces them all."""
+    monkeypatch.setattr(runner, "RESULTS", tmp_path)
+
+    def mutant(module: str, outcome: str) -> runner.Mutant:
+        return runner.Mutant(module, "op", 0, 1, None, (), outcome=outcome, key=module)
+
+    runner.save([mutant("a.py", "killed")], 60, started="2026-01-01 10:00", replace=False)
+    runner.save([mutant("b.py", "survived")], 120, started="2026-01-01 11:00", replace=False)
+    runner.save([mutant("b.py", "killed")], 120, started="2026-01-01 12:00", replace=False)
+    mutants, runs = runner.load()
+    assert [(m.module, m.outcome) for m in mutants] == [("a.py", "killed"), ("b.py", "killed")]
+    assert [runs[m].date for m in ("a.py", "b.py")] == ["2026-01-01 10:00", "2026-01-01 12:00"]
+    assert runs["a.py"].commit == runner.measured_commit()
+    assert "| a.py | 1 | 1 | 0 | 0 | 100.0% |" in (tmp_path / "report.md").read_text()
+    runner.save([mutant("c.py", "killed")], 60, started="2026-01-02 10:00")
+    assert [m.module for m in runner.load()[0]] == ["c.py"]
 
 
 def test_every_operator_is_known_to_cosmic_ray() -> None:

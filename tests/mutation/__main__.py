@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         "--module",
         action="append",
         default=[],
-        help="only this target (its name, e.g. ledger or _ledger_sql); repeatable",
+        help="only this target (its name, e.g. ledger or _ledger_sql); repeatable; the"
+        " report keeps the other modules' results of earlier runs",
     )
     commands.add_parser("report", help="print the report of the last run (.mutation/report.md)")
     backstops = commands.add_parser(
@@ -46,18 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     from tests.mutation.targets import TARGETS
 
     if args.command == "report":
-        mutants, seconds = runner.load()
-        print(runner.report(mutants, seconds))
+        mutants, runs = runner.load()
+        print(runner.report(mutants, runs))
         return 0
     targets = [t for t in TARGETS if not args.module or t.name in args.module]
     if not targets:
         parser.error(f"no target named {args.module}; see tests/mutation/targets.py")
-    started = time.monotonic()
+    started, date = time.monotonic(), time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     mutants = runner.run(targets, jobs=args.jobs)
-    path = runner.save(mutants, time.monotonic() - started)
+    path = runner.save(mutants, time.monotonic() - started, started=date, replace=not args.module)
     print(path.read_text())
     print(f"(written to {path} and {path.with_name('results.json')})")
-    overall = runner.score(mutants)[-1]
+    overall = runner.score(runner.load()[0])[-1]
     return 0 if overall.rate >= 0.9 else 1
 
 

@@ -497,18 +497,21 @@ def score(mutants: Sequence[Mutant]) -> list[Score]:
     return sorted(scores.values(), key=lambda s: (s.module == "all", s.module))
 
 
-def report(mutants: Sequence[Mutant], seconds: float) -> str:
-    """The run as Markdown: the score per module, then every survivor not known equivalent."""
+def report(mutants: Sequence[Mutant], runs: dict[str, Measured]) -> str:
+    """The runs as Markdown: the score per module (with the commit and date
+    measured), then every survivor not known equivalent."""
     rows = [
-        "| module | mutants | killed | equivalent | survived | score |",
-        "|---|---|---|---|---|---|",
+        "| module | mutants | killed | equivalent | survived | score | commit | run (UTC) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in score(mutants):
+        run = runs.get(entry.module)
+        when = f"{run.commit} | {run.date}, {run.seconds / 60:.0f} min" if run else " | "
         rows.append(
             f"| {entry.module} | {entry.total} | {entry.killed} | {entry.equivalent} "
-            f"| {len(entry.survived)} | {entry.rate:.1%} |"
+            f"| {len(entry.survived)} | {entry.rate:.1%} | {when} |"
         )
-    text = [f"Mutation run: {len(mutants)} mutants in {seconds / 60:.1f} min.", "", *rows, ""]
+    text = [f"Mutation runs: {len(mutants)} mutants.", "", *rows, ""]
     survivors = [m for m in mutants if m.outcome == "survived" and not m.equivalent]
     errors = [m for m in mutants if m.outcome == "error"]
     text.append(f"## Survivors not known to be equivalent ({len(survivors)})")
@@ -520,17 +523,61 @@ def report(mutants: Sequence[Mutant], seconds: float) -> str:
     return "\n".join(text) + "\n"
 
 
-def save(mutants: Sequence[Mutant], seconds: float) -> Path:
+def measured_commit() -> str:
+    """The commit measured: HEAD, with ``+changes`` when tokendb/ or tests/ differ from it."""
+
+    def git(*args: str) -> str:
+        found = subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True)
+        return found.stdout.strip() if found.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=10", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--", "tokendb", "tests") else "")
+
+
+@dataclass
+class Measured:
+    """When and at which commit a module's mutants were last run."""
+
+    commit: str
+    date: str
+    """The run's start, UTC (ISO 8601, to the minute)."""
+    seconds: float
+    """The whole run's duration (all of its modules)."""
+
+
+def save(mutants: Sequence[Mutant], seconds: float, *, started: str, replace: bool = True) -> Path:
+    """Write the run's results and its report.
+
+    Without ``replace`` (a run of some targets only), the other modules'
+    results of earlier runs are kept: runs one module at a time add up to
+    one report, which gives each module's commit and date.
+    """
     RESULTS.mkdir(exist_ok=True)
+    measured = Measured(measured_commit(), started, seconds)
+    modules = {m.module for m in mutants}
+    runs = {module: measured for module in modules}
+    everything = list(mutants)
+    if not replace and (RESULTS / "results.json").exists():
+        earlier, earlier_runs = load()
+        everything += [m for m in earlier if m.module not in modules]
+        runs = {**{k: v for k, v in earlier_runs.items() if k not in modules}, **runs}
+    everything.sort(key=lambda m: (m.module, m.line, m.operator))
     (RESULTS / "results.json").write_text(
-        json.dumps({"seconds": seconds, "mutants": [asdict(m) for m in mutants]}, indent=1)
+        json.dumps(
+            {
+                "runs": {module: asdict(run) for module, run in sorted(runs.items())},
+                "mutants": [asdict(m) for m in everything],
+            },
+            indent=1,
+        )
     )
     path = RESULTS / "report.md"
-    path.write_text(report(mutants, seconds))
+    path.write_text(report(everything, runs))
     return path
 
 
-def load() -> tuple[list[Mutant], float]:
+def load() -> tuple[list[Mutant], dict[str, Measured]]:
+    """The saved results: the mutants, and when and at which commit each module was run."""
     data = json.loads((RESULTS / "results.json").read_text())
     mutants = [Mutant(**{**m, "tests": tuple(m["tests"])}) for m in data["mutants"]]
-    return mutants, data["seconds"]
+    return mutants, {module: Measured(**run) for module, run in data["runs"].items()}
