@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Example: python -m tests.mutation backstops --jobs 2",
     )
     backstops.add_argument("--jobs", type=int, default=2, help="test runs side by side (default 2)")
+    backstops.add_argument(
+        "--removed-only",
+        action="store_true",
+        help="only remove each backstop, do not weaken them (a quarter of the changes)",
+    )
     args = parser.parse_args(argv)
     # A terminated run still removes its copies and databases (finally blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backstops":
         from tests.mutation import backstops as backstop_run
 
-        return backstop_run.main(jobs=args.jobs)
+        return backstop_run.main(jobs=args.jobs, removed_only=args.removed_only)
 
     from tests.mutation import runner
     from tests.mutation.targets import TARGETS
