@@ -106,6 +106,7 @@ CHECKS = {
     "users_role_valid",
     "users_email_normalised",
     "users_email_shape",
+    "users_email_printable",
     "api_keys_permissions_array",
     "token_transactions_type_valid",
     "token_transactions_amount_nonzero",
@@ -326,6 +327,8 @@ async def test_role_only_takes_its_values(raw: asyncpg.Connection) -> None:
         ("ada@@x.io", "users_email_shape"),
         ("@x.io", "users_email_shape"),
         ("", "users_email_shape"),
+        ("a\u00a0da@x.io", "users_email_printable"),
+        ("ada\x01@x.io", "users_email_printable"),
     ],
 )
 async def test_emails_are_stored_normalised_and_shaped_like_an_address(

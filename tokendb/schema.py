@@ -51,6 +51,7 @@ BACKSTOPS = (
     "users_role_valid",
     "users_email_normalised",
     "users_email_shape",
+    "users_email_printable",
     "api_keys_permissions_array",
     "token_transactions_type_valid",
     "token_transactions_amount_nonzero",
