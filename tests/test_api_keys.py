@@ -12,7 +12,7 @@ from tortoise.exceptions import IntegrityError
 
 import tokendb
 from tests.helpers import statements_sent, table_counts
-from tokendb import _db, keys
+from tokendb import _db, _settings, keys
 
 
 async def test_issue_returns_the_plaintext_once_and_stores_only_its_hash(
@@ -42,26 +42,27 @@ async def test_verify_returns_the_key_with_its_user_loaded(tokendb_clean: str, m
 
 
 async def test_last_used_at_is_throttled_and_forward_only(tokendb_clean: str, make_api_key) -> None:
-    api_key, secret = await make_api_key()
-    first = (await tokendb.verify_api_key(secret=secret)).last_used_at
-    second = (await tokendb.verify_api_key(secret=secret)).last_used_at
-    assert first is not None and second == first  # within 60 s: no write
+    with _settings.using(verify_cache=False):  # the lookup path
+        api_key, secret = await make_api_key()
+        first = (await tokendb.verify_api_key(secret=secret)).last_used_at
+        second = (await tokendb.verify_api_key(secret=secret)).last_used_at
+        assert first is not None and second == first  # within 60 s: no write
 
-    # Make the stored value look old; the next verify moves it forward.
-    await _db.write(
-        "UPDATE api_keys SET last_used_at = last_used_at - interval '2 minutes' WHERE id = $1",
-        api_key.id,
-    )
-    third = (await tokendb.verify_api_key(secret=secret)).last_used_at
-    assert third is not None and third > first
+        # Make the stored value look old; the next verify moves it forward.
+        await _db.write(
+            "UPDATE api_keys SET last_used_at = last_used_at - interval '2 minutes' WHERE id = $1",
+            api_key.id,
+        )
+        third = (await tokendb.verify_api_key(secret=secret)).last_used_at
+        assert third is not None and third > first
 
-    # With a zero interval every verify writes, and never backwards.
-    stamps = [
-        (await tokendb.verify_api_key(secret=secret, touch_interval=0)).last_used_at
-        for _ in range(3)
-    ]
-    assert None not in stamps and third is not None
-    assert stamps == sorted(stamps) and stamps[0] >= third  # type: ignore[type-var,operator]
+        # With a zero interval every verify writes, and never backwards.
+        stamps = [
+            (await tokendb.verify_api_key(secret=secret, touch_interval=0)).last_used_at
+            for _ in range(3)
+        ]
+        assert None not in stamps and third is not None
+        assert stamps == sorted(stamps) and stamps[0] >= third  # type: ignore[type-var,operator]
 
 
 async def test_concurrent_verifies_of_a_hot_key_write_once(
@@ -260,31 +261,33 @@ async def test_a_verify_within_the_touch_interval_is_one_statement(
     for a fresh value writes nothing: counting the row's versions would not
     show the wasted round trip; counting statements does.)
     """
-    _, secret = await make_api_key()
-    with statements_sent() as sent:
-        await tokendb.verify_api_key(secret=secret)  # last_used_at is NULL: looked up, touched
-    assert len(sent) == 2, sent
-    with statements_sent() as sent:
-        for _ in range(5):
-            await tokendb.verify_api_key(secret=secret)
-    assert len(sent) == 5, sent
-    assert not any(statement.lstrip().upper().startswith("UPDATE") for statement in sent)
+    with _settings.using(verify_cache=False):  # the lookup path
+        _, secret = await make_api_key()
+        with statements_sent() as sent:
+            await tokendb.verify_api_key(secret=secret)  # last_used_at is NULL: looked up, touched
+        assert len(sent) == 2, sent
+        with statements_sent() as sent:
+            for _ in range(5):
+                await tokendb.verify_api_key(secret=secret)
+        assert len(sent) == 5, sent
+        assert not any(statement.lstrip().upper().startswith("UPDATE") for statement in sent)
 
 
 @pytest.mark.parametrize(("age", "touched"), [(59.5, False), (60.5, True)])
 async def test_last_used_at_is_written_again_after_60_seconds_by_default(
     tokendb_clean: str, make_api_key, age: float, touched: bool
 ) -> None:
-    api_key, secret = await make_api_key()
-    await tokendb.verify_api_key(secret=secret)
-    await _db.write(
-        "UPDATE api_keys SET last_used_at = now() - make_interval(secs => $2) WHERE id = $1",
-        api_key.id,
-        age,
-    )
-    with statements_sent() as sent:
+    with _settings.using(verify_cache=False):  # the lookup path
+        api_key, secret = await make_api_key()
         await tokendb.verify_api_key(secret=secret)
-    assert len(sent) == (2 if touched else 1)
+        await _db.write(
+            "UPDATE api_keys SET last_used_at = now() - make_interval(secs => $2) WHERE id = $1",
+            api_key.id,
+            age,
+        )
+        with statements_sent() as sent:
+            await tokendb.verify_api_key(secret=secret)
+        assert len(sent) == (2 if touched else 1)
 
 
 @pytest.mark.parametrize(

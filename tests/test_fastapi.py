@@ -61,7 +61,8 @@ def build_app() -> FastAPI:
     async def chat(
         key: Annotated[tokendb.ApiKey, Depends(require_api_key("chat"))],
     ) -> schemas.UserOut:
-        return schemas.UserOut.model_validate(key.user)  # verify_api_key loads the user
+        # key.user carries no balance (a cached one could be stale): read the user afresh.
+        return schemas.UserOut.model_validate(await tokendb.get_user(user_id=key.user_id))
 
     return app
 

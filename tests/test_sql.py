@@ -199,7 +199,10 @@ NEW_COLUMN_SCRIPT = textwrap.dedent(
             check("issue_api_key", key)
             verified = await tokendb.verify_api_key(secret=secret)
             check("verify_api_key", verified)
-            check("verify_api_key (its user)", verified.user)
+            owner = verified.user  # partial by design: no balance (verify_api_key's docstring)
+            assert owner._partial and not hasattr(owner, "token_balance")
+            assert owner.note == "new" and owner.flag is True
+            seen.append("verify_api_key (its user, without its balance)")
             session = await tokendb.start_chat(api_key=key, model="m")
             check("start_chat", session)
             check("add_message", await tokendb.add_message(

@@ -15,6 +15,7 @@ from tokendb.api_keys import issue_api_key as issue_api_key
 from tokendb.api_keys import list_api_keys as list_api_keys
 from tokendb.api_keys import revoke_api_key as revoke_api_key
 from tokendb.api_keys import verify_api_key as verify_api_key
+from tokendb.api_keys import verify_cache_stats as verify_cache_stats
 from tokendb.chats import ChatDiscrepancy as ChatDiscrepancy
 from tokendb.chats import add_message as add_message
 from tokendb.chats import audit_chats as audit_chats
@@ -163,4 +164,5 @@ __all__ = [
     "tortoise_app",
     "tortoise_orm",
     "verify_api_key",
+    "verify_cache_stats",
 ]

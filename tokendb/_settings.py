@@ -29,6 +29,9 @@ class Settings:
     """Attempts of a transaction that hit a deadlock or serialization failure."""
     coalesce_charges: bool = True
     """Coalesce concurrent ``charge()`` calls into shared statements (:mod:`tokendb.ledger`)."""
+    verify_cache: bool = False
+    """Answer ``verify_api_key`` from the verify cache when it is synchronised
+    (:mod:`tokendb._key_cache`; ``init`` turns it on when it has a connection to listen on)."""
     server_settings: tuple[str, ...] | None = None
     """The server settings tokendb's config put on the connection (``statement_timeout``,
     ``lock_timeout``); None until :func:`tokendb.init` or :func:`tokendb.tortoise_orm` ran."""

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from tokendb import _args, _db, _keyset, _sql, keys
+from tokendb import _args, _db, _key_cache, _keyset, _sql, keys
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import (
@@ -38,6 +38,7 @@ __all__ = [
     "list_api_keys",
     "revoke_api_key",
     "verify_api_key",
+    "verify_cache_stats",
 ]
 
 DEFAULT_TOUCH_INTERVAL = timedelta(seconds=60)
@@ -157,6 +158,24 @@ async def verify_api_key(
     when it is NULL or older than ``touch_interval`` (forward only), before
     this returns.
 
+    **The verify cache** (on by default, ``init(verify_cache=False)`` or
+    ``TOKENDB_VERIFY_CACHE=off`` turns it off): a key found once is kept in
+    the process (LRU, :func:`verify_cache_stats`), and answered from memory
+    while the cache is synchronised with the database through LISTEN/NOTIFY
+    (:mod:`tokendb._key_cache`). A revocation, expiry or permission change
+    committed by any client is honoured within milliseconds, and never later
+    than 60 ms plus the notification's delivery: the cache is bypassed
+    while its listener is down or late. Expiry is checked against this
+    process's clock on every hit (against the database's on a lookup).
+
+    **What comes back** is a new instance on every call, from the cache or
+    not. ``.user`` is the key's user *without* ``token_balance`` (reading it
+    raises ``AttributeError``; the instance is partial, so ``save()``
+    refuses): a balance from the cache would be stale, so none is ever
+    returned. Read the balance with :func:`tokendb.get_balance`.
+    ``last_used_at`` is the value this process last read or wrote; on a hit
+    the touch, when due, is written as on a lookup, with this process's clock.
+
     Raises:
         InvalidApiKey: malformed or unknown key.
         ApiKeyRevoked: the key was revoked (an ``InvalidApiKey``).
@@ -172,25 +191,70 @@ async def verify_api_key(
         permission = _args.exact_str(permission)
     if not keys.is_well_formed(secret):
         raise InvalidApiKey()
-    secret = _args.exact_str(secret)
-    rows = await _db.read(_LOOKUP, keys.hash_key(secret))
+    key_hash = keys.hash_key(_args.exact_str(secret))
+    cache = _key_cache.for_lookup()
+    if cache is not None:
+        cached: _Verified | None = cache.get(key_hash)
+        if cached is not None:
+            return await cached.answer(datetime.now(UTC), permission, interval)
+        generation = cache.generation
+    rows = await _db.read(_LOOKUP, key_hash)
     if not rows:
         raise InvalidApiKey()
     row = rows[0]
-    api_key = to_model(ApiKey, row)
-    # What select_related("user") sets (a cache attribute, not a field: no Model.__setattr__).
-    object.__setattr__(api_key, "_user", to_model(User, row, prefix="user_"))
-    checked_at: datetime = row["checked_at"]
-    if not api_key.is_active:
-        raise ApiKeyRevoked(api_key.key_prefix)
-    if api_key.expires_at is not None and api_key.expires_at <= checked_at:
-        raise ApiKeyExpired(api_key.key_prefix, api_key.expires_at)
-    if permission is not None and not keys.grants(api_key.permissions, permission):
-        raise PermissionDenied(permission, api_key.key_prefix)
-    # Every refusal is decided above, before the only write: a refused key is not touched.
-    if api_key.last_used_at is None or api_key.last_used_at < checked_at - interval:
-        api_key.last_used_at = await _touch(api_key.id, checked_at, interval)
-    return api_key
+    verified = _Verified(to_model(ApiKey, row), to_model(User, row, prefix="user_"))
+    if cache is not None:
+        cache.put(key_hash, verified.user_id, verified, generation=generation)
+    return await verified.answer(row["checked_at"], permission, interval)
+
+
+def verify_cache_stats() -> _key_cache.CacheStats:
+    """The verify cache's counters in this process: hits, misses, size, whether it is synchronised.
+
+    Raises nothing.
+    """
+    return _key_cache.stats()
+
+
+class _Verified:
+    """A looked-up key and its user (without the balance): what the cache keeps.
+
+    :meth:`answer` decides every refusal against ``now``, touches when due
+    and returns fresh instances, so callers never share (or change) the cached ones.
+    """
+
+    __slots__ = ("key", "user", "user_id")
+
+    def __init__(self, key: ApiKey, user: User) -> None:
+        values = user.__dict__
+        del values["token_balance"]  # never a balance that may be stale
+        values["_partial"] = True  # save() refuses it
+        self.key = key
+        self.user = user
+        self.user_id: UUID = key.user_id
+
+    async def answer(self, now: datetime, permission: str | None, interval: timedelta) -> ApiKey:
+        key = self.key
+        if not key.is_active:
+            raise ApiKeyRevoked(key.key_prefix)
+        if key.expires_at is not None and key.expires_at <= now:
+            raise ApiKeyExpired(key.key_prefix, key.expires_at)
+        if permission is not None and not keys.grants(key.permissions, permission):
+            raise PermissionDenied(permission, key.key_prefix)
+        # Every refusal is decided above, before the only write: a refused key is not touched.
+        if key.last_used_at is None or key.last_used_at < now - interval:
+            key.__dict__["last_used_at"] = await _touch(key.id, now, interval)
+        return self._copy()
+
+    def _copy(self) -> ApiKey:
+        key = ApiKey.__new__(ApiKey)
+        key.__dict__.update(self.key.__dict__)
+        key.__dict__["permissions"] = list(self.key.permissions)
+        user = User.__new__(User)
+        user.__dict__.update(self.user.__dict__)
+        # What select_related("user") sets (a cache attribute, not a field: no Model.__setattr__).
+        object.__setattr__(key, "_user", user)
+        return key
 
 
 async def _touch(key_id: UUID, checked_at: datetime, interval: timedelta) -> datetime | None:
@@ -227,6 +291,8 @@ async def revoke_api_key(
     rows = await _db.write(_REVOKE, key_id, _args.owner(user))
     if not rows:
         raise NotFound("API key", key_id)
+    # This process honours it at once; the trigger's notification tells the others.
+    _key_cache.forget(rows[0]["key_hash"])
     return to_model(ApiKey, rows[0])
 
 

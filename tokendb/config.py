@@ -35,11 +35,14 @@ __all__ = [
     "data_dir_from_env",
     "database_url_from_env",
     "embedded_allowed_from_env",
+    "listen_connect_args",
+    "listen_url_from_env",
     "mask_url",
     "resolve_database",
     "resolve_database_async",
     "tortoise_app",
     "tortoise_config",
+    "verify_cache_from_env",
 ]
 
 APP_LABEL = "tokendb"
@@ -267,6 +270,49 @@ def database_url_from_env() -> str | None:
     load_env_file()
     url = os.environ.get("DATABASE_URL", "").strip()
     return url or None
+
+
+def listen_url_from_env() -> str | None:
+    """``TOKENDB_LISTEN_URL`` (the verify cache's direct connection), or None when unset."""
+    load_env_file()
+    url = os.environ.get("TOKENDB_LISTEN_URL", "").strip()
+    return url or None
+
+
+def verify_cache_from_env() -> bool | None:
+    """``TOKENDB_VERIFY_CACHE``: False for ``0``/``false``/``no``/``off``, True for
+    ``1``/``true``/``yes``/``on``, None when unset.
+
+    Raises :class:`ConfigurationError` for any other value.
+    """
+    load_env_file()
+    raw = os.environ.get("TOKENDB_VERIFY_CACHE", "").strip().lower()
+    if not raw:
+        return None
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    raise ConfigurationError(
+        f"TOKENDB_VERIFY_CACHE must be on or off, got {raw!r}", variable="TOKENDB_VERIFY_CACHE"
+    )
+
+
+def listen_connect_args(url: str, *, variable: str) -> dict[str, Any]:
+    """:func:`asyncpg.connect`'s arguments for one connection to ``url`` (no pool settings).
+
+    Raises :class:`ConfigurationError` naming ``variable`` for an unusable URL.
+    """
+    import inspect
+
+    import asyncpg
+
+    credentials = tortoise_config(url, variable=variable)["connections"]["default"]["credentials"]
+    accepted = set(inspect.signature(asyncpg.connect).parameters) - _NOT_IN_URLS
+    args = {name: value for name, value in credentials.items() if name in accepted}
+    if credentials.get("schema"):
+        args["server_settings"] = {"search_path": credentials["schema"]}
+    return args
 
 
 def pool_sizes_from_env() -> tuple[int | None, int | None]:

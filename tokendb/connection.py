@@ -16,14 +16,17 @@ from typing import Any, TypedDict, TypeVar, Unpack
 
 from tortoise import Tortoise
 
-from tokendb import _settings, _tortoise, schema
+from tokendb import _key_cache, _settings, _tortoise, schema
 from tokendb._translate import translated
 from tokendb.config import (
     APP_LABEL,
     ResolvedDatabase,
     config_for,
+    listen_connect_args,
+    listen_url_from_env,
     resolve_database,
     resolve_database_async,
+    verify_cache_from_env,
 )
 from tokendb.errors import ConfigurationError, TokenDBError
 from tokendb.schema import migrations_location as migrations_location
@@ -49,6 +52,7 @@ _MIGRATION_LOCK = 0x746F6B656E6462  # "tokendb": the advisory lock key migration
 DEFAULT_ACQUIRE_TIMEOUT = 10.0
 DEFAULT_STATEMENT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 10.0
+DEFAULT_VERIFY_CACHE_SIZE = 10_000
 
 _COMMAND_TIMEOUT_MARGIN = 5.0
 """Seconds the client waits beyond ``statement_timeout`` before giving up on a statement."""
@@ -73,6 +77,9 @@ async def init(
     statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     coalesce_charges: bool = True,
+    verify_cache: bool | None = None,
+    verify_cache_size: int = DEFAULT_VERIFY_CACHE_SIZE,
+    listen_url: str | None = None,
 ) -> None:
     """Initialise Tortoise with tokendb's models (and ``apps``) and open the connection pool.
 
@@ -102,6 +109,14 @@ async def init(
     statements, group-commit style (:mod:`tokendb.ledger`); turn it off to
     give every call a statement of its own.
 
+    ``verify_cache`` keeps verified API keys in memory, at most
+    ``verify_cache_size`` of them (:func:`tokendb.verify_api_key` says what a
+    hit returns and how fresh it is); ``None`` means on unless
+    ``TOKENDB_VERIFY_CACHE=off``. It listens for changes on a direct
+    connection of its own: ``listen_url``, else ``TOKENDB_LISTEN_URL``, else
+    the database URL itself unless that goes through PgBouncer (then the
+    cache stays off, with a :class:`~tokendb.ConfigurationWarning`).
+
     The pool is opened and the schema checked before returning, so a wrong
     URL or an unmigrated database fails here, not on the first request: in
     one catalog query, Aerich must have recorded tokendb's newest migration
@@ -125,7 +140,11 @@ async def init(
         statement_timeout=statement_timeout,
         lock_timeout=lock_timeout,
         coalesce_charges=coalesce_charges,
+        verify_cache=verify_cache,
+        verify_cache_size=verify_cache_size,
+        listen_url=listen_url,
     )
+    await _key_cache.stop()  # the previous configuration's listener, if any
     if is_initialised():
         # Not close(): that forgets the URL just configured, which migrate() defaults to.
         await _close_connections()
@@ -147,6 +166,9 @@ class InitOptions(TypedDict, total=False):
     statement_timeout: float | None
     lock_timeout: float | None
     coalesce_charges: bool
+    verify_cache: bool | None
+    verify_cache_size: int
+    listen_url: str | None
 
 
 async def init_config(
@@ -211,6 +233,32 @@ def _check_options(options: InitOptions) -> None:
     for name in ("acquire_timeout", "statement_timeout", "lock_timeout"):
         if name in options:
             _check_timeout(name, options[name], optional=name != "acquire_timeout")
+    size = options.get("verify_cache_size", DEFAULT_VERIFY_CACHE_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 10_000_000:
+        raise ConfigurationError(
+            f"verify_cache_size must be a whole number from 0 to 10000000, got {size!r}"
+        )
+    if options.get("verify_cache") not in (None, True, False):
+        raise ConfigurationError(
+            f"verify_cache must be True, False or None, got {options.get('verify_cache')!r}"
+        )
+
+
+def _configure_verify_cache(database: ResolvedDatabase, options: InitOptions) -> bool:
+    """The verify cache's size and direct connection (:mod:`tokendb._key_cache`); True if on."""
+    enabled = options.get("verify_cache")
+    if enabled is None:
+        enabled = (None if database.explicit else verify_cache_from_env()) is not False
+    listen_url, variable = options.get("listen_url"), "listen_url"
+    if listen_url is None and not database.explicit:
+        listen_url, variable = listen_url_from_env(), "TOKENDB_LISTEN_URL"
+    if listen_url is None:
+        listen_url, variable = database.url, database.variable
+    connect = listen_connect_args(listen_url, variable=variable) if enabled else None
+    _key_cache.configure(
+        maxsize=options.get("verify_cache_size", DEFAULT_VERIFY_CACHE_SIZE), connect=connect
+    )
+    return connect is not None
 
 
 def _configure(database: ResolvedDatabase, options: InitOptions) -> dict[str, Any]:
@@ -239,10 +287,12 @@ def _configure(database: ResolvedDatabase, options: InitOptions) -> dict[str, An
     credentials.setdefault("timeout", acquire_timeout)
     if statement_timeout is not None:
         credentials.setdefault("command_timeout", statement_timeout + _COMMAND_TIMEOUT_MARGIN)
+    verify_cache = _configure_verify_cache(database, options)
     _settings.initialise(
         _settings.Settings(
             acquire_timeout=acquire_timeout,
             coalesce_charges=options.get("coalesce_charges", True),
+            verify_cache=verify_cache,
             server_settings=tuple(
                 name for name in ("statement_timeout", "lock_timeout") if name in server_settings
             ),
@@ -315,6 +365,7 @@ async def close() -> None:
     """
     global _initialised_url
     _initialised_url = None
+    await _key_cache.stop()
     await _close_connections()
 
 

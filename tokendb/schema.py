@@ -81,6 +81,12 @@ BACKSTOPS = (
     "api_keys_kept",
     "api_keys_no_truncate",
     "api_keys_id_immutable",
+    # triggers: the verify cache's notifications (migration 4)
+    "api_keys_notify",
+    "api_keys_notify_update",
+    "api_keys_notify_truncate",
+    "users_notify_update",
+    "users_notify_truncate",
     # triggers: chats
     "chat_sessions_key",
     "chat_sessions_immutable",

@@ -14,7 +14,7 @@ from uuid import UUID
 import asyncpg
 from email_validator import EmailNotValidError, validate_email
 
-from tokendb import _args, _db, _ledger_sql, passwords
+from tokendb import _args, _db, _key_cache, _ledger_sql, passwords
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import EmailTaken, InvalidCredentials, NotFound, ValidationError
@@ -252,6 +252,7 @@ async def change_password(
         if checked_hash is not None:
             raise InvalidCredentials()  # changed since we checked it
         raise NotFound("user", user_id)
+    _key_cache.forget(f"u:{user_id}")  # verified keys carry their user: not the old one
     return to_model(User, rows[0])
 
 
@@ -274,4 +275,5 @@ async def set_role(*, user: User | UUID | str, role: UserRole | str) -> User:
     )
     if not rows:
         raise NotFound("user", user_id)
+    _key_cache.forget(f"u:{user_id}")  # verified keys carry their user: not the old one
     return to_model(User, rows[0])

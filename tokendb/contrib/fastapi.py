@@ -154,7 +154,8 @@ def require_api_key(permission: str | None = None) -> Callable[..., Awaitable[Ap
 
     Reads ``Authorization: Bearer sk_live_…`` and calls
     :func:`tokendb.verify_api_key` (with ``permission`` when given), so
-    ``key.user`` is loaded. Raises :class:`~tokendb.InvalidApiKey` (also when
+    ``key.user`` is loaded, without its balance (use :func:`tokendb.get_balance`).
+    Raises :class:`~tokendb.InvalidApiKey` (also when
     the header is missing), :class:`~tokendb.ApiKeyRevoked`,
     :class:`~tokendb.ApiKeyExpired` or :class:`~tokendb.PermissionDenied`,
     which :func:`exception_handlers` turn into 401 and 403.
