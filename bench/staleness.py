@@ -1,4 +1,4 @@
-"""``python -m bench.staleness``: how long after a revocation's commit every process refuses the key.
+"""``python -m bench.staleness``: how soon after a revocation's commit every process refuses it.
 
 Two worker processes (each with tokendb initialised and its verify cache on)
 verify the same key in a loop, a request every millisecond, as a gateway
@@ -36,7 +36,7 @@ async def _serve(url: str, pipe: Connection) -> None:
 
     await tokendb.init(url, verify_cache=True, min_size=1, max_size=2)
     loop = asyncio.get_running_loop()
-    while _key_cache.for_lookup() is None:  # starts the listener; wait until it answers
+    while _key_cache.for_lookup() is None:  # noqa: ASYNC110 - starts the listener, polls it
         await asyncio.sleep(0.01)
     pipe.send("ready")
     try:

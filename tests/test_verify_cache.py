@@ -100,6 +100,8 @@ async def test_the_user_never_carries_a_balance(funded_user, hit: bool) -> None:
     assert verified.user.email == user.email
     with pytest.raises(AttributeError):
         verified.user.token_balance  # noqa: B018
+    with pytest.raises(AttributeError):
+        verified.user.held_tokens  # noqa: B018
     with pytest.raises(Exception, match="partial"):
         await verified.user.save()
 
@@ -145,6 +147,8 @@ async def test_the_touch_and_balance_changes_notify_nothing(
     before = tokendb.verify_cache_stats().invalidations
     await other.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", key.id)
     await tokendb.charge(user=user, amount=10)
+    hold = await tokendb.hold(user=user, amount=5, ttl=60)
+    await tokendb.release(hold=hold)
     await asyncio.sleep(0.2)
     assert tokendb.verify_cache_stats().invalidations == before
     await cached(secret)

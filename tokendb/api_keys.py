@@ -169,8 +169,8 @@ async def verify_api_key(
     process's clock on every hit (against the database's on a lookup).
 
     **What comes back** is a new instance on every call, from the cache or
-    not. ``.user`` is the key's user *without* ``token_balance`` (reading it
-    raises ``AttributeError``; the instance is partial, so ``save()``
+    not. ``.user`` is the key's user *without* ``token_balance`` and
+    ``held_tokens`` (reading them raises ``AttributeError``; the instance is partial, so ``save()``
     refuses): a balance from the cache would be stale, so none is ever
     returned. Read the balance with :func:`tokendb.get_balance`.
     ``last_used_at`` is the value this process last read or wrote; on a hit
@@ -216,6 +216,10 @@ def verify_cache_stats() -> _key_cache.CacheStats:
     return _key_cache.stats()
 
 
+_BALANCES = ("token_balance", "held_tokens")
+"""The user's columns a verified key does not carry (migration 4's trigger ignores them too)."""
+
+
 class _Verified:
     """A looked-up key and its user (without the balance): what the cache keeps.
 
@@ -227,7 +231,8 @@ class _Verified:
 
     def __init__(self, key: ApiKey, user: User) -> None:
         values = user.__dict__
-        del values["token_balance"]  # never a balance that may be stale
+        for balance in _BALANCES:  # never a balance that may be stale
+            del values[balance]
         values["_partial"] = True  # save() refuses it
         self.key = key
         self.user = user

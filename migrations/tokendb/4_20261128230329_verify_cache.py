@@ -10,8 +10,8 @@ at the commit of the change, by whichever client made it (raw SQL too):
   found are cached, and a new hash was never found. An UPDATE that changes only
   ``last_used_at`` (verify's throttled touch) notifies nothing: the row's
   other columns are compared as JSON, so a column added later is covered.
-* ``users``: a changed user (anything but ``token_balance`` and
-  ``updated_at``, which a charge writes) notifies ``u:<id>``: its keys carry
+* ``users``: a changed user (anything but ``token_balance``,
+  ``held_tokens`` and ``updated_at``, which charges and holds write) notifies ``u:<id>``: its keys carry
   the user (role, email). Compared as JSON too. A deleted user deletes its
   keys (ON DELETE CASCADE), which notify.
 * TRUNCATE of either table notifies ``*`` (empty the cache).
@@ -67,8 +67,8 @@ $$;
 CREATE TRIGGER "users_notify_update"
     AFTER UPDATE ON "users"
     FOR EACH ROW
-    WHEN ((to_jsonb(OLD) - 'token_balance' - 'updated_at')
-          IS DISTINCT FROM (to_jsonb(NEW) - 'token_balance' - 'updated_at'))
+    WHEN ((to_jsonb(OLD) - 'token_balance' - 'held_tokens' - 'updated_at')
+          IS DISTINCT FROM (to_jsonb(NEW) - 'token_balance' - 'held_tokens' - 'updated_at'))
     EXECUTE FUNCTION "tokendb_notify_user"();
 
 CREATE FUNCTION "tokendb_notify_truncate"() RETURNS trigger
