@@ -4,7 +4,7 @@ The database is the last word (a revocation by any client, raw SQL
 included), so the cache may answer only while it provably knows every change
 committed up to a moment no older than :data:`MAX_LAG`:
 
-* **Invalidation.** Triggers on ``api_keys`` and ``users`` (migration 5) send
+* **Invalidation.** Triggers on ``api_keys`` and ``users`` (migration 6) send
   ``pg_notify('tokendb_api_keys', …)`` when a key row changes (anything but
   ``last_used_at``), when a user row changes (anything but its balance), and
   on TRUNCATE. A :class:`Listener` holds a **direct** (session) connection
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 CHANNEL = "tokendb_api_keys"
-"""The channel migration 5's triggers notify: a key hash, ``u:<user id>`` or ``*``."""
+"""The channel migration 6's triggers notify: a key hash, ``u:<user id>`` or ``*``."""
 HEARTBEAT = 0.02
 """Seconds between the listener's heartbeats (a NOTIFY to itself)."""
 MAX_LAG = 0.06

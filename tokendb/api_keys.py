@@ -217,7 +217,7 @@ def verify_cache_stats() -> _key_cache.CacheStats:
 
 
 _BALANCES = ("token_balance", "held_tokens")
-"""The user's columns a verified key does not carry (migration 5's trigger ignores them too)."""
+"""The user's columns a verified key does not carry (migration 6's trigger ignores them too)."""
 
 
 class _Verified:

@@ -81,7 +81,7 @@ BACKSTOPS = (
     "api_keys_kept",
     "api_keys_no_truncate",
     "api_keys_id_immutable",
-    # triggers: the verify cache's notifications (migration 5)
+    # triggers: the verify cache's notifications (migration 6)
     "api_keys_notify",
     "api_keys_notify_update",
     "api_keys_notify_truncate",
