@@ -109,6 +109,13 @@ def coalescing_off() -> contextlib.AbstractContextManager[None]:
     return db_settings(coalesce_charges=False)
 
 
+@pytest.fixture
+def patient_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coalesced lane waits (nearly) for ever for a call in flight, so a test can hold a
+    lone call or a batch in flight with a row lock while others queue behind it."""
+    monkeypatch.setattr(ledger._CHARGES, "patience", 60.0)
+
+
 async def test_concurrent_charges_equal_the_sequential_model(
     tokendb_clean: str, funded_user, coalescing_on
 ) -> None:
@@ -248,7 +255,7 @@ def started(call: Awaitable[Any]) -> asyncio.Task[Any]:
 
 
 async def test_a_caller_cancelled_while_queued_is_not_charged(
-    tokendb_clean: str, funded_user, coalescing_on
+    tokendb_clean: str, funded_user, coalescing_on, patient_lane
 ) -> None:
     held, other = await funded_user(balance=100), await funded_user(balance=100)
     async with holding_row_lock(tokendb_clean, held.id) as lock:
@@ -269,12 +276,15 @@ async def test_a_caller_cancelled_while_queued_is_not_charged(
 
 
 async def test_a_caller_cancelled_in_flight_stops_waiting_but_its_charge_commits(
-    tokendb_clean: str, funded_user, coalescing_on
+    tokendb_clean: str, funded_user, coalescing_on, patient_lane
 ) -> None:
-    """Documented: the statement is shared, so cancelling one caller does not cancel it."""
-    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    """Documented: a batch's statement is shared, so cancelling one caller does not
+    cancel it; once sent, the outcome is what the database did."""
+    first, held, other = [await funded_user(balance=100) for _ in range(3)]
     reference = uuid.uuid4()
     async with holding_row_lock(tokendb_clean, held.id) as lock:
+        lone = started(tokendb.charge(user=first, amount=1))
+        await asyncio.sleep(0)  # in flight alone: the next two form a batch
         calls = [
             started(tokendb.charge(user=held, amount=5, reference_id=reference)),
             started(tokendb.charge(user=other, amount=1)),
@@ -282,6 +292,7 @@ async def test_a_caller_cancelled_in_flight_stops_waiting_but_its_charge_commits
         await blocked_backends(lock, like="%WITH RECURSIVE items%")  # one batch of two
         calls[0].cancel()
         await asyncio.sleep(0)
+    await lone
     with pytest.raises(asyncio.CancelledError):
         await calls[0]
     assert (await calls[1]).balance_after == 99  # the batch committed...
@@ -291,7 +302,7 @@ async def test_a_caller_cancelled_in_flight_stops_waiting_but_its_charge_commits
 
 
 async def test_a_coalesced_charge_runs_with_its_own_callers_settings(
-    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+    tokendb_clean: str, funded_user, coalescing_on, patient_lane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settings changed for a block (tokendb._settings.using) are the block's only: a charge
     queued behind the block's statement runs with its own caller's, not the block's."""
@@ -316,7 +327,7 @@ async def test_a_coalesced_charge_runs_with_its_own_callers_settings(
 
 
 async def test_coalesced_charges_share_statements_only_with_the_same_settings(
-    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+    tokendb_clean: str, funded_user, coalescing_on, patient_lane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two calls queued together, one inside a settings block and one outside, do not
     share a statement: neither runs under the other's settings."""
@@ -342,10 +353,12 @@ async def test_coalesced_charges_share_statements_only_with_the_same_settings(
 
 
 async def test_a_lost_batch_fails_its_callers_only_and_the_next_batch_works(
-    tokendb_clean: str, funded_user, coalescing_on
+    tokendb_clean: str, funded_user, coalescing_on, patient_lane
 ) -> None:
-    held, other = await funded_user(balance=100), await funded_user(balance=100)
+    first, held, other = [await funded_user(balance=100) for _ in range(3)]
     async with holding_row_lock(tokendb_clean, held.id) as lock:
+        lone = started(tokendb.charge(user=first, amount=1))
+        await asyncio.sleep(0)  # in flight alone: the next two form a batch
         batch = [
             started(tokendb.charge(user=held, amount=3)),
             started(tokendb.charge(user=other, amount=3)),
@@ -353,6 +366,7 @@ async def test_a_lost_batch_fails_its_callers_only_and_the_next_batch_works(
         (pid,) = await blocked_backends(lock, like="%WITH RECURSIVE items%")
         await lock.execute("SELECT pg_terminate_backend($1)", pid)
         failures = await asyncio.gather(*batch, return_exceptions=True)
+    await lone
     for failure in failures:
         assert isinstance(failure, tokendb.DatabaseUnavailable) and failure.outcome_unknown
     assert failures[0] is not failures[1]  # each caller gets its own exception
@@ -710,3 +724,78 @@ async def test_a_list_of_one_charge_is_the_single_statement(
         [result] = await tokendb.charge_many(items=[{"user": user, "amount": 1}])
     assert sent == [_ledger_sql.MOVE]
     assert isinstance(result, tokendb.TokenTransaction) and result.balance_after == 9
+
+
+# --- isolation: callers that give up, and users whose rows are locked ----------------
+
+
+async def no_longer_blocked(conn: asyncpg.Connection) -> None:
+    """Wait (up to 2 s) until no statement waits for a lock: a cancelled one was cancelled
+    on the server too. Returns anyway after 2 s (then the lock goes and the test says why)."""
+    for _ in range(200):
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND state = 'active'"
+        )
+        if waiting == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "alone"])
+async def test_a_lone_caller_that_gives_up_while_its_user_is_locked_is_not_charged(
+    tokendb_clean: str, funded_user, coalesce: bool
+) -> None:
+    """A lone coalesced call runs on its caller's task: giving up (``wait_for``) cancels
+    its statement, as it does with coalescing off, and nothing is charged."""
+    user = await funded_user(balance=100)
+    with db_settings(coalesce_charges=coalesce):
+        async with holding_row_lock(tokendb_clean, user.id) as lock:
+            call = started(tokendb.charge(user=user, amount=5, description="gave up"))
+            await blocked_backends(lock)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(call, 0.05)
+            await no_longer_blocked(lock)
+        await asyncio.sleep(0.2)  # a statement still alive would commit now
+    assert await tokendb.get_balance(user=user) == 100
+    rows = await _db.read("SELECT 1 FROM token_transactions WHERE description = 'gave up'")
+    assert rows == []
+
+
+async def test_a_locked_users_lone_call_does_not_hold_up_other_users(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    """While one user's row is locked and its lone call waits for it, the other users'
+    coalesced charges go on (before that call's lock wait ends)."""
+    held = await funded_user(balance=100)
+    others = [await funded_user(balance=100) for _ in range(4)]
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        waiting = started(tokendb.charge(user=held, amount=1))
+        await blocked_backends(lock)
+        rest = [started(tokendb.charge(user=u, amount=1)) for u in others for _ in range(3)]
+        done, _ = await asyncio.wait(rest, timeout=30)
+        assert not waiting.done(), "the others went on only once the locked call ended"
+        assert len(done) == len(rest)
+        assert all(isinstance(call.result(), tokendb.TokenTransaction) for call in rest)
+    assert (await waiting).balance_after == 99
+    assert [await tokendb.get_balance(user=u) for u in others] == [97] * 4
+
+
+async def test_a_batch_skips_a_locked_user_and_its_call_waits_alone(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    """A batch that meets a row locked longer than the lane's patience runs again without
+    that user, whose call goes alone (with the normal lock timeout): its neighbours in
+    the batch are charged while it waits."""
+    first, held, a, b = [await funded_user(balance=100) for _ in range(4)]
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        lone = started(tokendb.charge(user=first, amount=1))
+        await asyncio.sleep(0)  # in flight: the next three form a batch
+        batch = [started(tokendb.charge(user=u, amount=2)) for u in (held, a, b)]
+        await asyncio.wait([lone, *batch[1:]], timeout=30)
+        assert not batch[0].done(), "the batch waited for the locked user"
+        assert [call.result().balance_after for call in (lone, *batch[1:])] == [99, 98, 98]
+        await blocked_backends(lock, like=f"%{_ledger_sql.MOVE.strip()[:20]}%")  # alone now
+    assert (await batch[0]).balance_after == 98
+    assert [await tokendb.get_balance(user=u) for u in (first, held, a, b)] == [99, 98, 98, 98]

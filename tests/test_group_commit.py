@@ -1,27 +1,34 @@
 """Tests for tokendb._group_commit: the generic queue, without a database.
 
-The ledger's use of it (outcomes, cancellation, lost batches) is tested in
-``tests/test_coalescing.py``.
+The ledger's use of it (outcomes, cancellation, lost batches, locked users) is
+tested in ``tests/test_coalescing.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 import tokendb
-from tokendb._group_commit import GroupCommit
+from tokendb._group_commit import ALONE, Alone, GroupCommit
 
 WHO: ContextVar[str] = ContextVar("who", default="nobody")
+PATIENT = 60.0  # seconds: no call in these tests is ever overdue unless it says so
 
 
 class Lane:
     """A lane key (weakly referenced, as a connection pool's client is)."""
+
+
+def submit(
+    queue: GroupCommit[Any, Any], item: Any, lane: Lane, group: Hashable = None
+) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(queue.call(item, lane=lane, group=group))
 
 
 async def test_each_batch_runs_in_the_context_of_its_oldest_caller() -> None:
@@ -38,16 +45,18 @@ async def test_each_batch_runs_in_the_context_of_its_oldest_caller() -> None:
             await gate.wait()  # in flight while the others arrive
         return item
 
-    async def run_batch(items: Sequence[str]) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
         seen.append((tuple(items), WHO.get()))
         return list(items)
 
-    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    queue: GroupCommit[str, str] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=8, patience=PATIENT
+    )
     lane = Lane()
 
     async def call(item: str, who: str) -> str:
         WHO.set(who)
-        return await queue.submit(item, lane=lane)
+        return await queue.call(item, lane=lane)
 
     first = asyncio.create_task(call("first", "A"))
     await in_flight.wait()
@@ -58,7 +67,7 @@ async def test_each_batch_runs_in_the_context_of_its_oldest_caller() -> None:
     gate.clear()
     in_flight.clear()
 
-    # Two that arrive while a batch is in flight share the next one, in the older's context.
+    # Two that arrive while a call is in flight share the next batch, in the older's context.
     first = asyncio.create_task(call("first", "A"))
     await in_flight.wait()
     together = [asyncio.create_task(call(item, who)) for item, who in (("c", "C"), ("d", "D"))]
@@ -72,7 +81,7 @@ class ExecutorBug(Exception):
     """What a broken executor raises (tokendb's never raise: each item's error is its outcome)."""
 
 
-async def outcomes(calls: list[asyncio.Future[str]]) -> list[object]:
+async def outcomes(calls: Sequence[Awaitable[Any]]) -> list[object]:
     """Each call's result or error; a call left without an outcome fails the test (timeout)."""
     return list(await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5))
 
@@ -83,14 +92,16 @@ async def test_a_failing_lone_call_gets_its_error_and_the_queue_goes_on() -> Non
             raise ExecutorBug(item)
         return item
 
-    async def run_batch(items: Sequence[str]) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
         return list(items)
 
-    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    queue: GroupCommit[str, str] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=8, patience=PATIENT
+    )
     lane = Lane()
-    (failed,) = await outcomes([queue.submit("bad", lane=lane)])
+    (failed,) = await outcomes([submit(queue, "bad", lane)])
     assert isinstance(failed, ExecutorBug)
-    assert await outcomes([queue.submit("good", lane=lane)]) == ["good"]
+    assert await outcomes([submit(queue, "good", lane)]) == ["good"]
 
 
 @pytest.mark.parametrize("stop", ["executor raises", "flusher cancelled"])
@@ -100,31 +111,35 @@ async def test_a_stopped_flusher_leaves_no_caller_without_an_outcome(stop: str) 
     gate, in_flight = asyncio.Event(), asyncio.Event()
 
     async def run_one(item: str) -> str:
+        await asyncio.sleep(0)  # in flight while the others queue
         return item
 
-    async def run_batch(items: Sequence[str]) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
         if "first" in items:
             in_flight.set()
             await gate.wait()
             raise ExecutorBug("a broken executor")
         return list(items)
 
-    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=2)
+    queue: GroupCommit[str, str] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=2, patience=PATIENT
+    )
     lane = Lane()
-    calls = [queue.submit(item, lane=lane) for item in ("first", "second", "queued")]
+    calls = [submit(queue, item, lane) for item in ("lone", "first", "second", "queued")]
     await in_flight.wait()
     (flusher,) = queue._lanes[lane]._tasks
     if stop == "flusher cancelled":
         flusher.cancel()
     else:
         gate.set()
-    first, second, queued = await outcomes(calls)
+    lone, first, second, queued = await outcomes(calls)
     with contextlib.suppress(ExecutorBug, asyncio.CancelledError):
         await flusher
+    assert lone == "lone"
     for lost in (first, second):
         assert isinstance(lost, tokendb.DatabaseUnavailable) and lost.outcome_unknown
     assert isinstance(queued, tokendb.DatabaseUnavailable) and not queued.outcome_unknown
-    assert await outcomes([queue.submit("later", lane=lane)]) == ["later"]
+    assert await outcomes([submit(queue, "later", lane)]) == ["later"]
 
 
 async def test_the_next_batch_is_sent_before_the_last_ones_callers_resume() -> None:
@@ -135,29 +150,32 @@ async def test_the_next_batch_is_sent_before_the_last_ones_callers_resume() -> N
 
     async def run_one(item: str) -> str:
         events.append(f"sent {item}")
-        if item == "first":
-            in_flight.set()
-            await gate.wait()
+        await asyncio.sleep(0)
         return item
 
-    async def run_batch(items: Sequence[str]) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
         events.append(f"sent {'+'.join(items)}")
+        if "b" in items:
+            in_flight.set()
+            await gate.wait()
         return list(items)
 
-    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    queue: GroupCommit[str, str] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=8, patience=PATIENT
+    )
     lane = Lane()
 
     async def call(item: str) -> None:
-        await queue.submit(item, lane=lane)
+        await queue.call(item, lane=lane)
         events.append(f"resumed {item}")
 
-    calls = [asyncio.create_task(call("first"))]
+    calls = [asyncio.create_task(call(item)) for item in ("first", "b", "c")]
     await in_flight.wait()
-    calls += [asyncio.create_task(call(item)) for item in ("b", "c")]
+    calls += [asyncio.create_task(call(item)) for item in ("d", "e")]
     await asyncio.sleep(0)
     gate.set()
     await asyncio.gather(*calls)
-    assert events.index("sent b+c") < events.index("resumed first")
+    assert events.index("sent d+e") < events.index("resumed b")
 
 
 async def test_calls_share_a_batch_only_with_calls_of_their_group() -> None:
@@ -172,24 +190,27 @@ async def test_calls_share_a_batch_only_with_calls_of_their_group() -> None:
             await gate.wait()
         return item
 
-    async def run_batch(items: Sequence[str]) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
         sent.append(tuple(items))
         return list(items)
 
-    queue: GroupCommit[str, str] = GroupCommit(run_one=run_one, run_batch=run_batch, max_batch=8)
+    queue: GroupCommit[str, str] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=8, patience=PATIENT
+    )
     lane = Lane()
-    calls = [queue.submit("first", lane=lane, group="x")]
+    calls = [submit(queue, "first", lane, "x")]
     await in_flight.wait()
     calls += [
-        queue.submit(item, lane=lane, group=group)
+        submit(queue, item, lane, group)
         for item, group in (("a", "x"), ("b", "x"), ("c", "y"), ("d", "x"))
     ]
+    await asyncio.sleep(0)
     gate.set()
     assert await outcomes(calls) == ["first", "a", "b", "c", "d"]
     assert sent == [("first",), ("a", "b"), ("c",), ("d",)]  # arrival order kept
 
 
-# --- batches, lanes and cancellation, with recording runners ------------------------
+# --- batches, lanes, isolation and cancellation, with recording runners -------------
 
 T = TypeVar("T")
 
@@ -205,27 +226,47 @@ class Runners:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[int]]] = []
         self.gate = asyncio.Event()
+        self.batch_gate = asyncio.Event()  # batches wait for both gates
+        self.batch_gate.set()
+        self.cancelled: list[int] = []
+        self.gave_up: list[list[int]] = []
+        self.alone: set[int] = set()  # items run_batch leaves to their callers
 
     async def run_one(self, item: int) -> str:
         self.calls.append(("one", [item]))
-        await self.gate.wait()
+        try:
+            await asyncio.sleep(0)  # in flight for a turn at least, gate or not
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(item)
+            raise
         return f"r{item}"
 
-    async def run_batch(self, items: Sequence[int]) -> list[str | BaseException]:
+    async def run_batch(
+        self, items: Sequence[int], given_up: Callable[[int], bool]
+    ) -> list[str | BaseException | Alone]:
         self.calls.append(("batch", list(items)))
         await self.gate.wait()
-        return [f"r{item}" if item >= 0 else ValueError(item) for item in items]
+        await self.batch_gate.wait()
+        self.gave_up.append([item for index, item in enumerate(items) if given_up(index)])
+        return [
+            ALONE if item in self.alone else f"r{item}" if item >= 0 else ValueError(item)
+            for item in items
+        ]
 
-    def queue(self, max_batch: int = 3) -> GroupCommit[int, str]:
-        return GroupCommit(run_one=self.run_one, run_batch=self.run_batch, max_batch=max_batch)
+    def queue(self, max_batch: int = 3, patience: float = PATIENT) -> GroupCommit[int, str]:
+        return GroupCommit(
+            run_one=self.run_one, run_batch=self.run_batch, max_batch=max_batch, patience=patience
+        )
 
 
 async def test_a_lone_call_goes_alone_and_calls_meanwhile_form_batches_of_at_most_max() -> None:
     runners = Runners()
     queue, lane = runners.queue(max_batch=3), Lane()
-    first = queue.submit(0, lane=lane)
+    first = submit(queue, 0, lane)
     await asyncio.sleep(0)  # in flight, waiting at the gate
-    rest = [queue.submit(item, lane=lane) for item in range(1, 8)]
+    rest = [submit(queue, item, lane) for item in range(1, 8)]
+    await asyncio.sleep(0)
     runners.gate.set()
     assert await settled(asyncio.gather(first, *rest)) == [f"r{item}" for item in range(8)]
     assert runners.calls == [
@@ -239,9 +280,10 @@ async def test_a_lone_call_goes_alone_and_calls_meanwhile_form_batches_of_at_mos
 async def test_each_caller_gets_its_own_outcome_from_a_batch() -> None:
     runners = Runners()
     queue, lane = runners.queue(), Lane()
-    first = queue.submit(0, lane=lane)
+    first = submit(queue, 0, lane)
     await asyncio.sleep(0)
-    batch = [queue.submit(item, lane=lane) for item in (1, -2, 3)]
+    batch = [submit(queue, item, lane) for item in (1, -2, 3)]
+    await asyncio.sleep(0)
     runners.gate.set()
     await settled(first)
     outcomes = await settled(asyncio.gather(*batch, return_exceptions=True))
@@ -252,22 +294,131 @@ async def test_each_caller_gets_its_own_outcome_from_a_batch() -> None:
 async def test_lanes_do_not_share_batches() -> None:
     runners = Runners()
     queue = runners.queue()
-    calls = [queue.submit(item, lane=lane) for item, lane in ((0, Lane()), (1, Lane()))]
+    calls = [submit(queue, item, lane) for item, lane in ((0, Lane()), (1, Lane()))]
+    await asyncio.sleep(0)
     runners.gate.set()
     assert await settled(asyncio.gather(*calls)) == ["r0", "r1"]
     assert runners.calls == [("one", [0]), ("one", [1])]
 
 
-async def test_a_caller_cancelled_while_queued_is_not_sent_and_one_in_flight_stands() -> None:
+async def test_a_lone_call_runs_on_its_callers_task_and_giving_up_cancels_it() -> None:
+    """Cancelling a lone call cancels what it runs (the statement), as without
+    coalescing; the lane is free again for the calls queued behind it."""
     runners = Runners()
     queue, lane = runners.queue(), Lane()
-    in_flight = queue.submit(0, lane=lane)
+    lone = submit(queue, 0, lane)
     await asyncio.sleep(0)
-    cancelled, kept = queue.submit(1, lane=lane), queue.submit(2, lane=lane)
-    cancelled.cancel()
-    in_flight.cancel()  # its item is already sent: nobody waits for it any more
+    behind = submit(queue, 1, lane)
+    await asyncio.sleep(0)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(lone, 0.01)
+    assert runners.cancelled == [0]
     runners.gate.set()
-    assert await settled(kept) == "r2"
+    assert await settled(behind) == "r1"
+
+
+async def test_a_caller_cancelled_while_queued_is_not_sent_and_one_in_a_batch_stands() -> None:
+    runners = Runners()
+    runners.batch_gate.clear()
+    queue, lane = runners.queue(), Lane()
+    lone = submit(queue, 0, lane)
+    await asyncio.sleep(0)
+    cancelled, batched, kept = (
+        submit(queue, 1, lane),
+        submit(queue, 2, lane),
+        submit(queue, 3, lane),
+    )
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    runners.gate.set()
+    assert await settled(lone) == "r0"
+    assert runners.calls[-1] == ("batch", [2, 3])  # in flight
+    batched.cancel()  # its item was handed to the runner: it stands, nobody waits for it
+    runners.batch_gate.set()
+    assert await settled(kept) == "r3"
+    assert runners.calls == [("one", [0]), ("batch", [2, 3])]
+    assert runners.gave_up == [[2]]  # what the runner learns, to leave out what it has not sent
+
+
+async def test_a_batch_runner_learns_who_gave_up_before_it_sends() -> None:
+    """``given_up`` answers when asked: a caller who stops waiting while its batch waits
+    (for a connection, say) can still be left out of the statement."""
+    runners = Runners()
+    runners.batch_gate.clear()
+    queue, lane = runners.queue(), Lane()
+    lone = submit(queue, 0, lane)
+    await asyncio.sleep(0)
+    waiting = [submit(queue, item, lane) for item in (1, 2)]
+    await asyncio.sleep(0)
+    runners.gate.set()
+    assert await settled(lone) == "r0"
+    assert runners.calls[-1] == ("batch", [1, 2])  # waits at the gate
+    waiting[0].cancel()
+    runners.batch_gate.set()
+    assert await settled(waiting[1]) == "r2"
+    assert runners.gave_up == [[1]]
+
+
+async def test_a_lone_call_past_its_patience_stops_holding_up_the_queue() -> None:
+    """One slow call never delays the others beyond ``patience``: they go out while it is
+    still in flight (it goes on, on its own caller's task)."""
+    sent: list[Any] = []
+    slow_gate = asyncio.Event()
+
+    async def run_one(item: str) -> str:
+        sent.append(item)
+        if item == "slow":
+            await slow_gate.wait()
+        return item
+
+    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+        sent.append(tuple(items))
+        return list(items)
+
+    queue: GroupCommit[str, str] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=8, patience=0.05
+    )
+    lane = Lane()
+    slow = submit(queue, "slow", lane)
+    await asyncio.sleep(0)
+    others = [submit(queue, item, lane) for item in ("a", "b")]
+    assert await settled(asyncio.gather(*others)) == ["a", "b"]
+    assert not slow.done()
+    later = await settled(submit(queue, "c", lane))  # the lane is free again
+    assert later == "c" and not slow.done()
+    slow_gate.set()
+    assert await settled(slow) == "slow"
+    assert sent == ["slow", ("a", "b"), "c"]
+
+
+async def test_an_item_a_batch_leaves_alone_is_sent_by_its_caller() -> None:
+    runners = Runners()
+    runners.alone = {2}
+    queue, lane = runners.queue(), Lane()
+    lone = submit(queue, 0, lane)
+    await asyncio.sleep(0)
+    batch = [submit(queue, item, lane) for item in (1, 2, 3)]
+    await asyncio.sleep(0)
+    runners.gate.set()
+    assert await settled(asyncio.gather(lone, *batch)) == ["r0", "r1", "r2", "r3"]
+    assert runners.calls == [("one", [0]), ("batch", [1, 2, 3]), ("one", [2])]
+
+
+async def test_a_caller_handed_the_lane_as_it_gives_up_passes_it_on() -> None:
+    runners = Runners()
+    queue, lane = runners.queue(), Lane()
+    lone = submit(queue, 0, lane)
+    await asyncio.sleep(0)
+    turn = submit(queue, 1, lane)
+    await asyncio.sleep(0)
+    runners.gate.set()
+    await asyncio.sleep(0)  # the lone call ends and hands the lane to item 1 ...
+    assert lone.done() and not turn.done()
+    turn.cancel()  # ... whose caller gives up before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await turn
+    assert await settled(submit(queue, 2, lane)) == "r2"
     assert runners.calls == [("one", [0]), ("one", [2])]
 
 
@@ -275,13 +426,17 @@ async def test_a_batch_runner_that_loses_an_outcome_fails_its_callers_rather_tha
     """run_batch must give one outcome per item; when it does not, nobody is left
     waiting for ever: the batch's callers learn that their outcome is unknown."""
     runners = Runners()
+    runners.gate.set()
 
-    async def loses_one(items: Sequence[int]) -> list[str | BaseException]:
-        outcomes: list[str | BaseException] = [f"r{item}" for item in items]
+    async def loses_one(
+        items: Sequence[int], given_up: Callable[[int], bool]
+    ) -> list[str | BaseException | Alone]:
+        outcomes: list[str | BaseException | Alone] = [f"r{item}" for item in items]
         return outcomes[:-1]
 
-    queue = GroupCommit(run_one=runners.run_one, run_batch=loses_one, max_batch=3)
+    queue = GroupCommit(run_one=runners.run_one, run_batch=loses_one, max_batch=3, patience=PATIENT)
     lane = Lane()
-    calls = [queue.submit(item, lane=lane) for item in (0, 1, 2)]  # one batch
-    lost = await settled(asyncio.gather(*calls, return_exceptions=True))
+    calls = [submit(queue, item, lane) for item in (0, 1, 2)]  # one alone, one batch
+    lone, *lost = await settled(asyncio.gather(*calls, return_exceptions=True))
+    assert lone == "r0"
     assert all(isinstance(o, tokendb.DatabaseUnavailable) and o.outcome_unknown for o in lost)

@@ -53,6 +53,7 @@ __all__ = [
     "read",
     "transaction",
     "write",
+    "write_when_sent",
 ]
 
 T = TypeVar("T")
@@ -81,15 +82,35 @@ def write(sql: str, *args: Any) -> Coroutine[Any, Any, list[Record]]:
     return _fetch(sql, args, writing=True)
 
 
+def write_when_sent(
+    sql: str, arguments: Callable[[], tuple[Any, ...] | None]
+) -> Coroutine[Any, Any, list[Record]]:
+    """:func:`write`, with ``arguments()`` called once the connection is held, right
+    before the statement is sent (again for each retry); None sends nothing (``[]``).
+
+    For a statement whose items may be withdrawn while it waits for a
+    connection (callers of a coalesced batch who gave up).
+    """
+    return _fetch(sql, arguments, writing=True)
+
+
 def pooled_client() -> BaseDBAsyncClient | None:
     """The models' pooled client, or None inside the caller's own transaction."""
     client = _tortoise.models_client()
     return None if isinstance(client, TransactionalDBClient) else client
 
 
-async def _fetch(sql: str, args: tuple[Any, ...], *, writing: bool) -> list[Record]:
+async def _fetch(
+    sql: str,
+    arguments: tuple[Any, ...] | Callable[[], tuple[Any, ...] | None],
+    *,
+    writing: bool,
+) -> list[Record]:
     client = _tortoise.models_client()  # once per call: resolving it is not free
     if isinstance(client, TransactionalDBClient):
+        args = arguments() if callable(arguments) else arguments
+        if args is None:
+            return []
         return await _fetch_in_callers_transaction(client, sql, args, writing=writing)
     pool = await _tortoise.pool(client)
     timeout = _settings.current().acquire_timeout
@@ -97,6 +118,9 @@ async def _fetch(sql: str, args: tuple[Any, ...], *, writing: bool) -> list[Reco
     while True:
         conn = await _waits.acquire(pool, timeout)
         try:
+            args = arguments() if callable(arguments) else arguments
+            if args is None:
+                return []
             return await conn.fetch(sql, *args)
         except Exception as exc:
             failure = exc

@@ -96,7 +96,7 @@ is append-only (a trigger).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 from uuid import UUID
 
@@ -121,6 +121,8 @@ __all__ = [
     "AUDIT",
     "BALANCE",
     "BATCH",
+    "BATCH_PATIENT",
+    "BATCH_SKIPPING",
     "BY_REFERENCE",
     "CREATE_USER",
     "IDEMPOTENCY_INDEX",
@@ -135,6 +137,7 @@ __all__ = [
     "available_under_lock",
     "balance_or_none",
     "charge_batch",
+    "charge_coalesced",
     "move",
     "record",
     "refund",
@@ -342,6 +345,11 @@ _BATCH_MOVED = _record(
     created_at="stamp.at",
 )
 
+_LOCKED = (
+    "SELECT id, token_balance, held_tokens FROM users WHERE id = ANY($1::uuid[])\n"
+    "    ORDER BY id FOR UPDATE"
+)
+
 # $1 users, $2 amounts (> 0), $3 new row ids (minted in arrival order),
 # $4 reference ids, $5 descriptions; item i is element i of each array.
 BATCH = f"""
@@ -351,8 +359,7 @@ WITH RECURSIVE items AS MATERIALIZED (
     FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[])
          WITH ORDINALITY AS i(user_id, amount, id, reference_id, description, seq)
 ), locked AS MATERIALIZED (
-    SELECT id, token_balance, held_tokens FROM users WHERE id = ANY($1::uuid[])
-    ORDER BY id FOR UPDATE                          -- the locks, in id order
+    {_LOCKED}                          -- the locks, in id order
 ), stamp AS MATERIALIZED (
     SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM locked) AS held
 ), prior AS MATERIALIZED (
@@ -401,6 +408,24 @@ LEFT JOIN prior p ON w.outcome = 'repeat'
 WHERE w.rank > 0
 """
 
+
+def _batch_locking(locked: str) -> str:
+    assert BATCH.count(_LOCKED) == 1 and locked != _LOCKED
+    return BATCH.replace(_LOCKED, locked)
+
+
+# The coalesced lane's batches: $6 the lock_timeout of the statement (its own
+# transaction), set before the first row lock is asked for (the filter runs
+# on each user's row before FOR UPDATE locks it).
+_PATIENT = _LOCKED.replace(
+    "WHERE id = ANY($1::uuid[])",
+    "WHERE id = ANY($1::uuid[]) AND set_config('lock_timeout', $6, true) <> ''",
+)
+BATCH_PATIENT = _batch_locking(_PATIENT)
+""":data:`BATCH` that waits at most ``$6`` for its users' rows (``LockNotAvailable``)."""
+BATCH_SKIPPING = _batch_locking(_PATIENT + " SKIP LOCKED")
+""":data:`BATCH` that leaves out users whose rows are locked: their items get no row."""
+
 _BATCH_WIDE = (*TIMED_OUT, *RETRYABLE)
 """Failures of a whole batch, whichever item it holds (retryable ones after the seam's retries)."""
 
@@ -446,6 +471,76 @@ async def charge_batch(movements: Sequence[Movement]) -> list[Outcome]:
     return [await _charge_alone(movement) for movement in movements]
 
 
+async def charge_coalesced(
+    movements: Sequence[Movement], *, given_up: Callable[[int], bool], patience: float
+) -> list[Outcome | None]:
+    """Charge ``movements`` as one statement without waiting for locks longer than
+    ``patience`` seconds; one outcome each, None for a movement not decided here.
+
+    The coalesced lane's batch (:mod:`tokendb._group_commit`): its callers
+    are other users' too, so one user's locked row must not hold them up.
+    :data:`BATCH_PATIENT` waits up to ``patience`` for the rows; past it, the
+    statement runs again as :data:`BATCH_SKIPPING`, without the users whose
+    rows are still locked. Their movements are None: the caller sends each
+    alone (:func:`move`, with the normal ``lock_timeout``). Movements whose
+    caller gave up before the statement was sent (``given_up(i)``, asked
+    once a connection is held) are left out, and None too. A statement
+    refused as a whole leaves every movement to its caller alone: the item at
+    fault then fails on its own. Never raises (except
+    :class:`asyncio.CancelledError`).
+    """
+    ids = [new_id() for _ in movements]  # in arrival order: the chain's tie-breaker
+    timeout = f"{max(1, round(patience * 1000))}ms"
+    sent: list[int] = []
+
+    def arguments() -> tuple[Any, ...] | None:
+        sent[:] = [index for index in range(len(movements)) if not given_up(index)]
+        if not sent:
+            return None
+        chosen = [movements[index] for index in sent]
+        return (
+            [m.user_id for m in chosen],
+            [m.amount for m in chosen],
+            [ids[index] for index in sent],
+            [m.reference_id for m in chosen],
+            [m.description for m in chosen],
+            timeout,
+        )
+
+    outcomes: list[Outcome | None] = [None] * len(movements)
+    statement = BATCH_PATIENT
+    for _ in range(3):
+        failure: BaseException | None = None
+        try:
+            rows = await _db.write_when_sent(statement, arguments)
+        except asyncpg.LockNotAvailableError:
+            statement = BATCH_SKIPPING  # a row stayed locked: go on without its user
+            continue
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == IDEMPOTENCY_INDEX:
+                continue  # a reference used after the snapshot: a new statement sees it
+            break
+        except _BATCH_WIDE as exc:
+            failure = exc
+        except asyncpg.PostgresError:
+            break  # refused as a whole, nothing written: each alone finds the item at fault
+        except Exception as exc:  # every caller gets an outcome
+            failure = exc
+        decided = (
+            _failed(failure, len(sent))
+            if failure is not None
+            else _outcomes(
+                [movements[index] for index in sent],
+                rows,
+                unlocked=None if statement is BATCH_SKIPPING else NotFound,
+            )
+        )
+        for index, decision in zip(sent, decided, strict=True):
+            outcomes[index] = decision
+        break
+    return outcomes
+
+
 async def _charge_alone(movement: Movement) -> Outcome:
     try:
         return await move(movement, TransactionType.USAGE)
@@ -467,16 +562,24 @@ def _failed(exc: BaseException, count: int) -> list[Outcome]:
     return clones
 
 
-def _outcomes(movements: Sequence[Movement], rows: list[_db.Record]) -> list[Outcome | None]:
-    """Each movement's outcome; None for one refused while its user had holds
-    (:func:`charge_batch` runs it alone)."""
+def _outcomes(
+    movements: Sequence[Movement],
+    rows: list[_db.Record],
+    *,
+    unlocked: type[NotFound] | None = NotFound,
+) -> list[Outcome | None]:
+    """Each movement's outcome from :data:`BATCH`'s rows; None for one refused while
+    its user had holds (its call alone then has the second look that frees
+    them). A movement without a row (its user was not there to lock, or,
+    skipping locked rows, was locked) is ``unlocked``: :class:`NotFound`, or
+    None (undecided: alone, too)."""
     by_seq = {row["seq"]: row for row in rows}
     moved: dict[tuple[UUID, UUID], TokenTransaction] = {}
     outcomes: list[Outcome | None] = []
     for seq, (user_id, amount, _, reference) in enumerate(movements, start=1):
         row = by_seq.get(seq)
-        if row is None:  # its user was not there to lock
-            outcomes.append(NotFound("user", user_id))
+        if row is None:
+            outcomes.append(None if unlocked is None else unlocked("user", user_id))
         elif row["outcome"] == "moved":
             charged = to_model(TokenTransaction, row, "row_")
             if reference is not None:

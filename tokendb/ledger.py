@@ -27,13 +27,13 @@ is append-only (a trigger). :func:`audit_ledger` checks the books.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from tokendb import _args, _db, _keyset, _ledger_sql, _settings
-from tokendb._group_commit import GroupCommit
+from tokendb._group_commit import ALONE, Alone, GroupCommit
 from tokendb._ledger_sql import Movement, Outcome
 from tokendb._translate import translated
 from tokendb.errors import NotFound, TokenDBError, ValidationError
@@ -67,13 +67,30 @@ def _validated(user: Any, amount: Any, description: Any, reference_id: Any) -> M
     )
 
 
+PATIENCE = 0.02
+"""Seconds a coalesced call may hold up other users' calls: how long a lone charge
+holds the lane, and a batch waits for a locked row, before the others go on
+(a few times a batch's normal latency)."""
+
+
+async def _coalesced_batch(
+    movements: Sequence[Movement], given_up: Callable[[int], bool]
+) -> list[Outcome | Alone]:
+    outcomes = await _ledger_sql.charge_coalesced(
+        movements, given_up=given_up, patience=_CHARGES.patience
+    )
+    return [ALONE if outcome is None else outcome for outcome in outcomes]
+
+
 _CHARGES: GroupCommit[Movement, TokenTransaction] = GroupCommit(
     run_one=functools.partial(_ledger_sql.move, kind=TransactionType.USAGE),
-    run_batch=_ledger_sql.charge_batch,
+    run_batch=_coalesced_batch,
     max_batch=MAX_BATCH,
+    patience=PATIENCE,
 )
-"""The group commit of ``charge()``: a lone call is :data:`~tokendb._ledger_sql.MOVE`,
-concurrent ones share :data:`~tokendb._ledger_sql.BATCH`."""
+"""The group commit of ``charge()``: a lone call is :data:`~tokendb._ledger_sql.MOVE`
+on its caller's task, concurrent ones share :data:`~tokendb._ledger_sql.BATCH_PATIENT`
+(a user whose row stays locked: its call alone)."""
 
 
 def _coalescing_lane() -> tuple[object, _settings.Settings] | None:
@@ -126,7 +143,7 @@ async def charge(
     if lane is None:
         return await _ledger_sql.move(movement, TransactionType.USAGE)
     client, settings = lane
-    return await _CHARGES.submit(movement, lane=client, group=settings)
+    return await _CHARGES.call(movement, lane=client, group=settings)
 
 
 @translated
