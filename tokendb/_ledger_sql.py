@@ -83,7 +83,10 @@ batch is the first (migration 2, ``token_transactions_chain``).
 
 *Failure isolation.* A constraint or trigger that refuses the statement
 refuses it whole, and nothing was written: the batch is re-run one movement
-at a time so the poison item fails alone. A timeout or a lost connection
+at a time so the poison item fails alone (the coalesced lane's callers each
+send theirs alone, :func:`charge_coalesced`). The lane's batch waits for a
+locked row only briefly (:data:`BATCH_PATIENT`), then goes on without its
+user (:data:`BATCH_SKIPPING`). A timeout or a lost connection
 fails the batch's movements only. Connection loss while a batch is in flight
 is :class:`DatabaseUnavailable` with ``outcome_unknown=True`` for each of
 them: retry with the same ``reference_id``.
