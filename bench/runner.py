@@ -88,6 +88,8 @@ async def _scenario(bench: Bench, scenario: Scenario, progress: Callable[[str], 
         min_size=options.pool_size,
         max_size=options.pool_size,
         coalesce_charges=scenario.coalesce,
+        verify_cache=scenario.verify_cache,
+        verify_cache_size=scenario.verify_cache_size,
     )
     ours, theirs = await scenario.build(bench)
     sides = [("tokendb", ours), ("raw", theirs)]

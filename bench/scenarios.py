@@ -77,6 +77,9 @@ class Scenario:
     coalesce: bool = False
     """Whether tokendb runs with ``coalesce_charges`` (the default of ``tokendb.init``)."""
     callers: Callable[[Options], int] = lambda options: options.concurrency
+    verify_cache: bool = True
+    """Whether tokendb runs with its verify cache (the default of ``tokendb.init``)."""
+    verify_cache_size: int = 10_000
 
 
 _SEED_USERS = """
@@ -204,43 +207,53 @@ async def _charge_many(bench: Bench) -> tuple[Side, Side]:
     return await side(True), await side(False)
 
 
-async def _verify(bench: Bench) -> tuple[Side, Side]:
-    """One hot key verified by every caller; tokendb also keeps last_used_at (throttled)."""
-    started = datetime.now(UTC)
+COLD_KEYS = 2_000
+"""Keys the cold scenario rotates through, 30 times what its cache holds: every call misses."""
 
-    async def side(use_tokendb: bool) -> Side:
+
+def _verify(keys: int) -> Callable[[Bench], Awaitable[tuple[Side, Side]]]:
+    """Every caller verifies ``keys`` keys in turn; tokendb also keeps last_used_at (throttled)."""
+
+    async def build(bench: Bench) -> tuple[Side, Side]:
+        started = datetime.now(UTC)
         (user,) = await seed_users(bench, 1, START_BALANCE)
-        api_key, secret = await tokendb.issue_api_key(user=user, name="bench")
-        if use_tokendb:
-            first = (await tokendb.verify_api_key(secret=secret)).last_used_at
+        issued = [await tokendb.issue_api_key(user=user, name="bench") for _ in range(keys)]
+        secrets = [secret for _, secret in issued]
+        for secret in secrets:  # every key touched once: the run itself touches none
+            await tokendb.verify_api_key(secret=secret)
+        turn = 0
 
-            async def op(index: int) -> int:
-                await tokendb.verify_api_key(secret=secret)
-                return 1
+        def next_secret() -> str:
+            nonlocal turn
+            turn += 1
+            return secrets[turn % keys]
 
-            async def check() -> list[str]:
-                touched = await bench.pool.fetchval(
-                    "SELECT last_used_at FROM api_keys WHERE id = $1", api_key.id
-                )
-                window = datetime.now(UTC) - started
-                if first is None or touched is None or touched < started:
-                    return [f"last_used_at not kept: {touched}"]
-                if window < DEFAULT_TOUCH_INTERVAL and touched != first:
-                    return [f"last_used_at written again within the interval: {touched}"]
-                return []
+        async def op(index: int) -> int:
+            await tokendb.verify_api_key(secret=next_secret())
+            return 1
 
-            return Side(op, check)
+        async def check() -> list[str]:
+            touched = await bench.pool.fetch(
+                "SELECT last_used_at FROM api_keys WHERE user_id = $1", user
+            )
+            window = datetime.now(UTC) - started
+            stamps = {row["last_used_at"] for row in touched}
+            if None in stamps or min(stamps) < started:
+                return [f"last_used_at not kept: {sorted(stamps, key=str)[:3]}"]
+            if window < DEFAULT_TOUCH_INTERVAL and len(stamps) > keys:
+                return ["last_used_at written again within the interval"]
+            return []
 
         async def raw_op(index: int) -> int:
-            await raw.verify(bench.pool, secret)
+            await raw.verify(bench.pool, next_secret())
             return 1
 
         async def nothing() -> list[str]:
             return []
 
-        return Side(raw_op, nothing)
+        return Side(op, check), Side(raw_op, nothing)
 
-    return await side(True), await side(False)
+    return build
 
 
 async def _add_message(bench: Bench) -> tuple[Side, Side]:
@@ -366,11 +379,29 @@ def all_scenarios() -> list[Scenario]:
         ),
         Scenario(
             "verify",
-            "verify_api_key · 1 hot key",
-            "64 callers verify the same key: lookup by hash with the user, last_used_at "
+            "verify_api_key · 1 hot key · cached (default)",
+            "64 callers verify the same key, answered by the verify cache; last_used_at "
             "written at most once a minute (baseline: the SELECT by hash joined to users).",
-            _verify,
+            _verify(1),
+            target=3.0,
+        ),
+        Scenario(
+            "verify-cold",
+            f"verify_api_key · {COLD_KEYS:,} keys · cache of 64",
+            "64 callers verify keys in turn, each evicted before it comes back: every call "
+            "a lookup, plus the cache's bookkeeping (baseline: the same SELECT).",
+            _verify(COLD_KEYS),
             target=0.9,
+            verify_cache_size=64,
+        ),
+        Scenario(
+            "verify-off",
+            "verify_api_key · 1 hot key · cache off",
+            "The hot key with init(verify_cache=False): the lookup on every call "
+            "(baseline: the same SELECT).",
+            _verify(1),
+            target=0.9,
+            verify_cache=False,
         ),
         Scenario(
             "add-message",
