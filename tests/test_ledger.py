@@ -295,6 +295,66 @@ async def test_audit_finds_a_broken_chain_whose_sums_still_agree(
     assert await tokendb.audit_ledger() == []
 
 
+@pytest.mark.parametrize(
+    ("column", "change"),
+    [
+        # A row's position skips one: as if the row before it had been removed,
+        # with the balances rewritten around the gap.
+        ("seq", "seq = seq + 1"),
+        # A row dated before its predecessor: its chain's order and the order
+        # list_transactions pages in disagree.
+        ("created_at", "created_at = created_at - interval '1 hour'"),
+    ],
+)
+async def test_audit_finds_a_row_out_of_its_chain_whose_balances_agree(
+    tokendb_clean: str, make_user, column: str, change: str
+) -> None:
+    """Every balance_after continues its predecessor and balance = Σ amounts, yet
+    the newest row does not follow the one before it in the chain's order."""
+    user = await make_user()
+    await tokendb.top_up(user=user, amount=10)
+    newest = await tokendb.charge(user=user, amount=5)
+    undo = {"seq": "seq = seq - 1", "created_at": "created_at = created_at + interval '1 hour'"}
+    try:
+        await tamper(tokendb_clean, f"UPDATE token_transactions SET {change} WHERE id = $1", newest.id)
+        expected = tokendb.LedgerDiscrepancy(
+            user_id=user.id,
+            balance=105,
+            ledger_sum=105,
+            broken_links=1,
+            first_broken_transaction=newest.id,
+        )
+        assert await tokendb.audit_ledger() == [expected]
+        assert await tokendb.audit_ledger(user=user) == [expected]
+    finally:
+        await tamper(
+            tokendb_clean, f"UPDATE token_transactions SET {undo[column]} WHERE id = $1", newest.id
+        )
+    assert await tokendb.audit_ledger() == []
+
+
+async def test_one_users_audit_reads_only_that_users_rows_whatever_the_plan(
+    tokendb_clean: str, make_user
+) -> None:
+    """The per-user audit is its own statement: even the generic plan PostgreSQL
+    switches a prepared statement to after five runs finds the user's rows through
+    the (user_id, seq) index instead of windowing the whole ledger."""
+    user = await make_user()
+    conn = await asyncpg.connect(tokendb_clean)
+    try:
+        # A table this small is cheaper to scan whole: ask for an index, and see
+        # whether the user's id can bound it.
+        await conn.execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
+        await conn.execute(f"PREPARE audit_user(uuid) AS {_ledger_sql.AUDIT_USER}")
+        plan = "\n".join(
+            row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE audit_user('{user.id}')")
+        )
+    finally:
+        await conn.close()
+    assert "token_transactions_user_seq_key" in plan, plan
+    assert "Index Cond: (user_id = $1)" in plan, plan
+
+
 async def test_audit_flags_a_balance_without_ledger_rows(tokendb_clean: str, make_user) -> None:
     user = await make_user()
     try:

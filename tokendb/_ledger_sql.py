@@ -15,7 +15,7 @@ user's row lock held                        delta >= 0``), :data:`BATCH` (the wa
 a repeated ``reference_id`` moves nothing   :data:`MOVE` (``prior``), :data:`BATCH`
 a ledger row's columns                      :func:`_record` (from the model)
 refunds within their charge                 :func:`refund` (lock, then sum)
-the books balance                           :data:`AUDIT`
+the books balance                           :data:`AUDIT`, :data:`AUDIT_USER`
 ==========================================  =======================================
 
 What comes next goes here too: a condition on the available balance (holds)
@@ -122,6 +122,7 @@ from tokendb.models import ChatMessage, TokenTransaction, TransactionType, User
 __all__ = [
     "ADD_MESSAGE",
     "AUDIT",
+    "AUDIT_USER",
     "BALANCE",
     "BATCH",
     "BATCH_PATIENT",
@@ -759,20 +760,29 @@ SELECT * FROM message
 PAGES = _keyset.statements("token_transactions", "user_id", newest_first=True)
 """The first-page and next-page statements of ``list_transactions``."""
 
-AUDIT = """
+# A link of a user's chain, in seq order: each row continues the one before it
+# (seq + 1, balance_after + amount, a later (created_at, id)); the first row
+# continues nothing (seq 0, balance 0).
+_BROKEN = """(
+    balance_after <> lag(balance_after, 1, 0) OVER w + amount
+    OR seq <> lag(seq, 1, 0) OVER w + 1
+    OR (created_at, id) <= (lag(created_at) OVER w, lag(id) OVER w)
+) IS TRUE"""
+
+_BOOKS = """
+    sum(amount) AS ledger_sum,
+    count(*) FILTER (WHERE broken) AS broken_links,
+    (array_agg(id ORDER BY seq) FILTER (WHERE broken))[1] AS first_broken"""
+
+_OFF = "u.token_balance <> coalesce(b.ledger_sum, 0) OR coalesce(b.broken_links, 0) > 0"
+
+AUDIT = f"""
 WITH chain AS (
-    SELECT user_id, id, amount, balance_after, created_at,
-           lag(balance_after, 1, 0) OVER (
-               PARTITION BY user_id ORDER BY created_at, id
-           ) AS previous_after
+    SELECT user_id, id, seq, amount, {_BROKEN} AS broken
     FROM token_transactions
-    WHERE $1::uuid IS NULL OR user_id = $1
+    WINDOW w AS (PARTITION BY user_id ORDER BY seq)   -- the (user_id, seq) index's order
 ), books AS (
-    SELECT user_id,
-           sum(amount) AS ledger_sum,
-           count(*) FILTER (WHERE previous_after + amount <> balance_after) AS broken_links,
-           (array_agg(id ORDER BY created_at, id)
-               FILTER (WHERE previous_after + amount <> balance_after))[1] AS first_broken
+    SELECT user_id, {_BOOKS}
     FROM chain GROUP BY user_id
 )
 SELECT u.id AS user_id, u.token_balance AS balance,
@@ -780,8 +790,28 @@ SELECT u.id AS user_id, u.token_balance AS balance,
        coalesce(b.broken_links, 0) AS broken_links,
        b.first_broken
 FROM users u LEFT JOIN books b ON b.user_id = u.id
-WHERE ($1::uuid IS NULL OR u.id = $1)
-  AND (u.token_balance <> coalesce(b.ledger_sum, 0) OR coalesce(b.broken_links, 0) > 0)
+WHERE {_OFF}
 ORDER BY u.id
 """
-"""Every user (``$1`` NULL) or one user whose balance ≠ Σ amounts or whose chain is broken."""
+"""Every user whose balance ≠ Σ amounts or whose chain is broken: one pass over the ledger."""
+
+AUDIT_USER = f"""
+WITH chain AS (
+    SELECT id, seq, amount, {_BROKEN} AS broken
+    FROM token_transactions
+    WHERE user_id = $1                                -- the (user_id, seq) index
+    WINDOW w AS (ORDER BY seq)
+), books AS (
+    SELECT {_BOOKS}
+    FROM chain
+)
+SELECT u.id AS user_id, u.token_balance AS balance,
+       coalesce(b.ledger_sum, 0) AS ledger_sum,
+       coalesce(b.broken_links, 0) AS broken_links,
+       b.first_broken
+FROM users u CROSS JOIN books b
+WHERE u.id = $1 AND ({_OFF})
+"""
+""":data:`AUDIT` for the user ``$1`` alone: its own statement, so the plan is always the
+index's (a ``$1 IS NULL OR user_id = $1`` form gets a generic plan that windows the
+whole ledger)."""

@@ -349,9 +349,11 @@ class LedgerDiscrepancy:
     """A user whose books do not balance.
 
     ``balance`` is ``users.token_balance``; ``ledger_sum`` the sum of their
-    rows; ``broken_links`` counts rows whose ``balance_after`` is not the
-    previous row's plus the amount (in ``(created_at, id)`` order), the first
-    of them being ``first_broken_transaction``.
+    rows; ``broken_links`` counts the rows that do not continue the row
+    before them in the user's chain (``seq`` order): a ``balance_after``
+    that is not the previous row's plus the amount, a ``seq`` that is not the
+    previous one's + 1 (a row missing), or a ``(created_at, id)`` not after
+    the previous row's. The first of them is ``first_broken_transaction``.
     """
 
     user_id: UUID
@@ -373,8 +375,10 @@ async def audit_ledger(*, user: User | UUID | str | None = None) -> list[LedgerD
         ValidationError: ``user`` is not a user or a UUID.
         DatabaseUnavailable: the database is unreachable.
     """
-    user_id = None if user is None else _args.ref_id(user, "user", User)
-    rows = await _db.read(_ledger_sql.AUDIT, user_id)
+    if user is None:
+        rows = await _db.read(_ledger_sql.AUDIT)
+    else:
+        rows = await _db.read(_ledger_sql.AUDIT_USER, _args.ref_id(user, "user", User))
     return [
         LedgerDiscrepancy(
             user_id=row["user_id"],
