@@ -316,7 +316,9 @@ async def test_audit_finds_a_row_out_of_its_chain_whose_balances_agree(
     newest = await tokendb.charge(user=user, amount=5)
     undo = {"seq": "seq = seq - 1", "created_at": "created_at = created_at + interval '1 hour'"}
     try:
-        await tamper(tokendb_clean, f"UPDATE token_transactions SET {change} WHERE id = $1", newest.id)
+        await tamper(
+            tokendb_clean, f"UPDATE token_transactions SET {change} WHERE id = $1", newest.id
+        )
         expected = tokendb.LedgerDiscrepancy(
             user_id=user.id,
             balance=105,

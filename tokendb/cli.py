@@ -766,14 +766,30 @@ def tokens_history(
 
 
 @app.command()
-def audit(ctx: typer.Context, as_json: JsonOption = False) -> None:
+def audit(
+    ctx: typer.Context,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Read the whole ledger, not the rows since the last clean audit's checkpoint.",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
     """Check the books: balances against the ledger, chats against their billing. Exit 1 if off.
 
+    The ledger part is incremental: the rows since the last clean audit's
+    checkpoint (every row the first time), and a new checkpoint when the books
+    balance. --full reads the whole ledger (and stores no checkpoint).
+
     Example: tokendb audit --json
+    Example: tokendb audit --full
     """
 
     async def action() -> dict[str, list[Any]]:
-        return {"ledger": await tokendb.audit_ledger(), "chats": await tokendb.audit_chats()}
+        ledger = await tokendb.audit_ledger(since_checkpoint=not full)
+        return {"ledger": ledger, "chats": await tokendb.audit_chats()}
 
     found = _run(ctx, action)
     balanced = not found["ledger"] and not found["chats"]

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import asyncpg
 
-from tokendb import _args, _db
+from tokendb import _args, _db, _ledger_sql
 from tokendb._translate import translated
 from tokendb.config import APP_LABEL, resolve_database_async, tortoise_config
 from tokendb.errors import ConfigurationError, ValidationError
 from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenHold, TokenTransaction, User
 
 __all__ = [
+    "AUDIT_TABLES",
     "BACKSTOPS",
     "TABLES",
     "check",
@@ -44,6 +45,9 @@ TABLES = tuple(
     for model in (User, ApiKey, TokenTransaction, ChatSession, ChatMessage, TokenHold)
 )
 """tokendb's six tables."""
+
+AUDIT_TABLES = (_ledger_sql.CHECKPOINTS, _ledger_sql.MARKS)
+"""Where ``audit_ledger(since_checkpoint=True)`` keeps its checkpoints and each user's mark."""
 
 BACKSTOPS = (
     # CHECK constraints
@@ -244,8 +248,10 @@ def grant_sql(role: str, *, schema: str = "public") -> list[str]:
 
     USAGE on ``schema``; SELECT, INSERT, UPDATE and DELETE on the six tables
     (TRUNCATE is not needed, and the tables refuse it to everyone but their
-    owner); SELECT on Aerich's table, which :func:`check` reads. Nothing else:
-    the tables have no sequences, and the role needs no function of its own.
+    owner); SELECT, INSERT and UPDATE on the incremental audit's checkpoints
+    and marks (:data:`AUDIT_TABLES`); SELECT on Aerich's table, which
+    :func:`check` reads. Nothing else: the tables have no sequences, and the
+    role needs no function of its own.
     Raises :class:`~tokendb.errors.ValidationError` for a name PostgreSQL
     would not keep as given (empty, over 63 bytes, a NUL).
     """
@@ -254,9 +260,11 @@ def grant_sql(role: str, *, schema: str = "public") -> list[str]:
         raise ValidationError("role", "must be at most 63 bytes (PostgreSQL's limit on names)")
     grantee = _identifier(name)
     tables = ", ".join(_identifier(table) for table in TABLES)
+    audit_tables = ", ".join(_identifier(table) for table in AUDIT_TABLES)
     return [
         f"GRANT USAGE ON SCHEMA {_identifier(schema)} TO {grantee}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {grantee}",
+        f"GRANT SELECT, INSERT, UPDATE ON {audit_tables} TO {grantee}",
         f'GRANT SELECT ON "aerich" TO {grantee}',
     ]
 
