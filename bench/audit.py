@@ -34,8 +34,11 @@ from typing import Any
 import asyncpg
 
 import tokendb
+from bench.raw import create_pool
 from tokendb import _ledger_sql
 from tokendb.testing import DEFAULT_TEST_DATABASE_URL, throwaway_database
+
+POOL_SIZE = 4
 
 # $1 users, $2 rows per user. Every user: a top-up of 1000, then alternating
 # charges of 1 and top-ups of 2 (so balances stay positive and both signs occur).
@@ -107,7 +110,7 @@ async def measure(
     """Time the audits on a seeded database; the report's lines and whether all were clean."""
     lines: list[str] = []
     clean = True
-    await tokendb.init(url)
+    await tokendb.init(url, min_size=POOL_SIZE, max_size=POOL_SIZE, statement_timeout=None)
     try:
         conn = await asyncpg.connect(url)
         try:
@@ -115,12 +118,13 @@ async def measure(
         finally:
             await conn.close()
         rng = random.Random(13)
-        raw = await asyncpg.connect(url)
+        raw = await create_pool(url, size=POOL_SIZE)
         try:
             for user in rng.sample(ids, min(20, len(ids))):  # warm-up: plans and caches
                 await tokendb.audit_ledger(user=user)
                 await raw.fetch(_ledger_sql.AUDIT_USER, user)
-            # The same statement sent by hand on one connection, interleaved call by call.
+            # The same statement sent by hand through a pool configured like tokendb's,
+            # interleaved call by call.
             per_user: list[float] = []
             per_user_raw: list[float] = []
             for user in (rng.choice(ids) for _ in range(samples)):

@@ -18,7 +18,7 @@ import pytest_asyncio
 
 import tokendb
 from tokendb import embedded
-from tokendb.schema import TABLES
+from tokendb.schema import AUDIT_TABLES, TABLES
 
 pytest_plugins = ["pytester"]  # tests/test_testing.py runs downstream suites
 
@@ -92,7 +92,9 @@ async def app_role(tokendb_db: str, tokendb_app_url: str) -> AsyncIterator[str]:
         await role.close()
     assert not superuser and not owns, "tokendb_app_role = true runs tokendb as a DML-only role"
     owner = await asyncpg.connect(tokendb_db)
-    tables = ", ".join(TABLES)
+    # The audit's tables too: a TRUNCATE users CASCADE reaches tokendb_audit_marks,
+    # and PostgreSQL checks the privilege on every table before any trigger runs.
+    tables = ", ".join((*TABLES, *AUDIT_TABLES))
     try:
         await owner.execute(f'GRANT TRUNCATE ON {tables} TO "{name}"')
         yield tokendb_app_url

@@ -87,3 +87,21 @@ def test_a_tiny_run_writes_the_table_and_its_books_balance(
         assert row["problems"] == [], row
         assert row["tokendb"]["ops_per_s"] > 0 and row["raw"]["ops_per_s"] > 0
     assert "tokendb benchmark results" in markdown.read_text()
+
+
+def test_the_audit_benchmark_seeds_valid_chains_and_times_every_audit() -> None:
+    """`python -m bench.audit` at a tiny size: its seeded ledger audits clean (it
+    exits 1 otherwise) and it reports each audit, incremental ones included."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.audit", "--server-url", server_url(), "--rows", "2000"]
+        + ["--users", "20", "--samples", "10", "--full-runs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for audit in ("`audit_ledger(user=…)`", "`audit_ledger()`", "1% new rows", "nothing new"):
+        assert audit in result.stdout, audit
+    assert "python -m bench.audit" in (ROOT / "bench" / "README.md").read_text()

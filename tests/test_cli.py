@@ -244,6 +244,26 @@ async def test_audit_exits_1_when_the_books_do_not_balance(cli: Any, tokendb_cle
         await tamper(tokendb_clean, shift, user.id, -7)
 
 
+async def test_audit_reads_what_came_since_its_checkpoint_and_full_reads_everything(
+    cli: Any, tokendb_clean: str
+) -> None:
+    """An old row changed by the owner after a clean `audit`: the incremental audit
+    (the default) does not read it again, `--full` does."""
+    user = await tokendb.create_user(email="fay@example.com", password="hunter2hunter2", name="Fay")
+    assert (await cli("audit")).code == 0  # stores a checkpoint
+    [bonus] = await tokendb.list_transactions(user=user)
+    change = "UPDATE token_transactions SET amount = amount + $2 WHERE id = $1"
+    try:
+        await tamper(tokendb_clean, change, bonus.id, 1)
+        assert (await cli("audit")).code == 0
+        full = await cli("audit", "--full", "--json")
+        assert full.code == 1
+        assert full.json()["ledger"][0]["first_broken_transaction"] == str(bonus.id)
+    finally:
+        await tamper(tokendb_clean, change, bonus.id, -1)
+    assert (await cli("audit", "--full")).code == 0
+
+
 async def test_demo_seeds_users_with_a_progress_bar_and_balances_the_books(cli: Any) -> None:
     result = await cli("demo", "--users", "25")
     assert result.code == 0, result.stderr

@@ -99,6 +99,8 @@ FOREIGN_KEYS = {
     ("token_transactions", "user_id"): ("users", "RESTRICT"),
     ("token_holds", "user_id"): ("users", "RESTRICT"),
     ("token_holds", "captured_transaction_id"): ("token_transactions", "RESTRICT"),
+    # The incremental audit's marks go with their user (who has no ledger rows then).
+    ("tokendb_audit_marks", "user_id"): ("users", "CASCADE"),
 }
 
 CHECKS = {

@@ -142,6 +142,7 @@ __all__ = [
     "SWEEP_USER",
     "Movement",
     "Outcome",
+    "audit",
     "available_under_lock",
     "balance_or_none",
     "charge_batch",
@@ -819,6 +820,28 @@ WHERE u.id = $1 AND ({_OFF})
 """:data:`AUDIT` for the user ``$1`` alone: its own statement, so the plan is always the
 index's (a ``$1 IS NULL OR user_id = $1`` form gets a generic plan that windows the
 whole ledger)."""
+
+
+async def audit(statement: str, *args: Any) -> list[_db.Record]:
+    """Run an audit statement (:data:`AUDIT`, :data:`AUDIT_SINCE_CHECKPOINT`) with JIT off.
+
+    Their plans are estimated costly enough (one probe a user, a window over
+    the ledger) that PostgreSQL compiles them: about 2 s of compilation for
+    an incremental audit that then runs in 0.2 s at a million rows. ``jit``
+    is set for this statement's transaction only, and put back when it runs
+    inside the caller's.
+    """
+
+    async def body(conn: _db.Connection) -> list[_db.Record]:
+        was = await conn.fetchval(
+            "SELECT current_setting('jit') FROM set_config('jit', 'off', true)"
+        )
+        rows = await conn.fetch(statement, *args)
+        await conn.execute("SELECT set_config('jit', $1, true)", was)
+        return list(rows)
+
+    return await _db.transaction(body)
+
 
 CHECKPOINTS = "tokendb_audit_checkpoints"
 MARKS = "tokendb_audit_marks"

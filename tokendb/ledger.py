@@ -401,9 +401,9 @@ async def audit_ledger(
         DatabaseUnavailable: the database is unreachable.
     """
     if user is None and since_checkpoint:
-        rows = await _db.write(_ledger_sql.AUDIT_SINCE_CHECKPOINT, new_id())
+        rows = await _ledger_sql.audit(_ledger_sql.AUDIT_SINCE_CHECKPOINT, new_id())
     elif user is None:
-        rows = await _db.read(_ledger_sql.AUDIT)
+        rows = await _ledger_sql.audit(_ledger_sql.AUDIT)
     elif since_checkpoint:
         raise ValidationError("since_checkpoint", "audits every user: leave out user")
     else:
