@@ -89,12 +89,14 @@ def test_a_tiny_run_writes_the_table_and_its_books_balance(
     assert "tokendb benchmark results" in markdown.read_text()
 
 
+TINY_AUDIT = ("--rows", "2000", "--users", "20", "--samples", "10", "--full-runs", "1")
+
+
 def test_the_audit_benchmark_seeds_valid_chains_and_times_every_audit() -> None:
     """`python -m bench.audit` at a tiny size: its seeded ledger audits clean (it
     exits 1 otherwise) and it reports each audit, incremental ones included."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.audit", "--server-url", server_url(), "--rows", "2000"]
-        + ["--users", "20", "--samples", "10", "--full-runs", "1"],
+        [sys.executable, "-m", "bench.audit", "--server-url", server_url(), *TINY_AUDIT],
         cwd=ROOT,
         capture_output=True,
         text=True,
