@@ -148,7 +148,9 @@ async def measure(
                 took, found = await _timed(tokendb.audit_ledger)
                 full.append(took)
                 clean = clean and found == []
-                took, _ = await _timed(lambda: raw.fetch(_ledger_sql.AUDIT))
+                async with raw.acquire() as pooled:
+                    await pooled.execute("SET statement_timeout = 0")  # as tokendb's side here
+                    took, _ = await _timed(lambda: pooled.fetch(_ledger_sql.AUDIT))
                 full_raw.append(took)
         finally:
             await raw.close()
