@@ -33,7 +33,9 @@ async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
 
 async def move(pool: asyncpg.Pool, user_id: UUID, delta: int, kind: str) -> asyncpg.Record:
     """One charge (``delta`` < 0) or top-up: :data:`tokendb._ledger_sql.MOVE`."""
-    row = await pool.fetchrow(_ledger_sql.MOVE, user_id, delta, kind, new_id(), None, None)
+    row = await pool.fetchrow(
+        _ledger_sql.MOVE, user_id, delta, kind, new_id(), None, None, None, None
+    )
     if row is None:
         raise RuntimeError(f"refused: {user_id} {delta}")
     return row
@@ -47,6 +49,8 @@ async def charge_batch(pool: asyncpg.Pool, user_ids: list[UUID], amount: int) ->
         user_ids,
         [amount] * count,
         [new_id() for _ in user_ids],
+        [None] * count,
+        [None] * count,
         [None] * count,
         [None] * count,
     )

@@ -42,7 +42,8 @@ def embedded_data_dir() -> Iterator[Path]:
 
 @pytest_asyncio.fixture(autouse=True, loop_scope="session")
 async def books_balance_after_each_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """After every test on the shared database: the ledger, the chats and the holds audit clean.
+    """After every test on the shared database: the ledger, the chats, the holds and the
+    usage rollup audit clean.
 
     Per test, not per module: ``tokendb_clean`` empties the tables before the
     next test, so a later check would never see what this one broke.
@@ -52,6 +53,7 @@ async def books_balance_after_each_test(request: pytest.FixtureRequest) -> Async
         assert await tokendb.audit_ledger() == []
         assert await tokendb.audit_chats() == []
         assert await tokendb.audit_holds() == []
+        assert await tokendb.audit_usage() == []
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -196,6 +196,8 @@ def charge_batch(charges: Sequence[tuple[uuid.UUID, int]]) -> tuple[str, tuple[l
         [new_id() for _ in charges],
         [None for _ in charges],
         [None for _ in charges],
+        [None for _ in charges],
+        [None for _ in charges],
     )
 
 

@@ -530,7 +530,9 @@ async def test_a_reference_taken_while_the_batch_waited_is_a_repeat(
         await blocked_backends(lock, like="%WITH RECURSIVE items%")
         theirs = new_id()
         with statements_sent() as sent:
-            await lock.execute(_ledger_sql.MOVE, user.id, -4, "usage", theirs, reference, "x")
+            await lock.execute(
+                _ledger_sql.MOVE, user.id, -4, "usage", theirs, reference, "x", None, None
+            )
             await lock.execute("COMMIT")
             await lock.execute("BEGIN")  # for the rollback on the way out
             results = await batch
@@ -640,7 +642,9 @@ async def test_a_batch_that_waited_for_a_lock_builds_on_what_committed_meanwhile
         async with holding_row_lock(tokendb_clean, user.id) as lock:
             call = started(tokendb.charge_many(items=[{"user": user, "amount": 120}] * 2))
             await blocked_backends(lock, like="%WITH RECURSIVE items%")
-            await lock.execute(_ledger_sql.MOVE, user.id, 100, "topup", new_id(), None, "credit")
+            await lock.execute(
+                _ledger_sql.MOVE, user.id, 100, "topup", new_id(), None, "credit", None, None
+            )
             await lock.execute("COMMIT")
             await lock.execute("BEGIN")  # for the rollback on the way out
             results = await asyncio.wait_for(call, 30)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.strategies import emails
 
 import tokendb
-from tokendb.schema import BACKSTOPS, TABLES
+from tokendb.schema import BACKSTOPS, READ_ONLY_TABLES, TABLES
 from tokendb.users import normalize_email
 
 # table -> column -> (data_type, nullable, default or None)
@@ -44,6 +44,8 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "last_used_at": ("timestamp with time zone", True, None),
         "expires_at": ("timestamp with time zone", True, None),
         "created_at": ("timestamp with time zone", False, "now()"),
+        "token_limit": ("bigint", True, None),
+        "limit_period": ("character varying(5)", True, None),
     },
     "token_transactions": {
         "id": ("uuid", False, "gen_random_uuid()"),
@@ -55,6 +57,8 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "balance_after": ("integer", False, None),
         "created_at": ("timestamp with time zone", False, "clock_timestamp()"),
         "seq": ("integer", False, None),
+        "model": ("character varying(50)", True, None),
+        "api_key_id": ("uuid", True, None),
     },
     "chat_sessions": {
         "id": ("uuid", False, "gen_random_uuid()"),
@@ -99,6 +103,9 @@ FOREIGN_KEYS = {
     ("token_transactions", "user_id"): ("users", "RESTRICT"),
     ("token_holds", "user_id"): ("users", "RESTRICT"),
     ("token_holds", "captured_transaction_id"): ("token_transactions", "RESTRICT"),
+    ("token_transactions", "api_key_id"): ("api_keys", "RESTRICT"),
+    ("usage_daily", "user_id"): ("users", "RESTRICT"),
+    ("usage_daily", "api_key_id"): ("api_keys", "RESTRICT"),
     # The incremental audit's marks go with their user (who has no ledger rows then).
     ("tokendb_audit_marks", "user_id"): ("users", "CASCADE"),
 }
@@ -110,6 +117,8 @@ CHECKS = {
     "users_email_shape",
     "users_email_printable",
     "api_keys_permissions_array",
+    "api_keys_token_limit_valid",
+    "token_transactions_attribution",
     "token_transactions_type_valid",
     "token_transactions_amount_nonzero",
     "token_transactions_amount_sign",
@@ -156,6 +165,8 @@ INDEXES = {
         False,
         "(user_id, expires_at) WHERE ((status)::text = 'active'::text)",
     ),
+    "usage_daily_group_key": (True, "(user_id, day, api_key_id, model) NULLS NOT DISTINCT"),
+    "usage_daily_key_day_idx": (False, "(api_key_id, day) WHERE (api_key_id IS NOT NULL)"),
 }
 
 
@@ -783,7 +794,14 @@ NO_TRUNCATE = {
 @pytest.mark.parametrize("table", sorted(TABLES))
 async def test_truncate_is_the_owners_alone(app_raw: asyncpg.Connection, table: str) -> None:
     """Even for a role granted TRUNCATE. The named table's trigger fires first (the
-    tables a CASCADE reaches come after it, and refuse it too)."""
+    tables a CASCADE reaches come after it, and refuse it too), but where the
+    cascade reaches the usage rollup, which the role may only read: that
+    privilege check comes before any trigger."""
+    if table in ("users", "api_keys"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="usage_daily"):
+            async with app_raw.transaction():
+                await app_raw.execute(f"TRUNCATE {table} CASCADE")
+        return
     await assert_rejected(
         app_raw, asyncpg.RestrictViolationError, NO_TRUNCATE[table], f"TRUNCATE {table} CASCADE"
     )
@@ -897,7 +915,7 @@ async def named_objects(conn: asyncpg.Connection) -> set[str]:
         UNION SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
             WHERE x.indrelid = ANY($1::regclass[])
         """,
-        list(TABLES),
+        [*TABLES, *READ_ONLY_TABLES],
     )
     return {row["name"] for row in rows}
 

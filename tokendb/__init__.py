@@ -74,12 +74,17 @@ from tokendb.models import ApiKey as ApiKey
 from tokendb.models import ChatMessage as ChatMessage
 from tokendb.models import ChatSession as ChatSession
 from tokendb.models import HoldStatus as HoldStatus
+from tokendb.models import LimitPeriod as LimitPeriod
 from tokendb.models import MessageRole as MessageRole
 from tokendb.models import TokenHold as TokenHold
 from tokendb.models import TokenTransaction as TokenTransaction
 from tokendb.models import TransactionType as TransactionType
 from tokendb.models import User as User
 from tokendb.models import UserRole as UserRole
+from tokendb.usage import UsageDiscrepancy as UsageDiscrepancy
+from tokendb.usage import UsageRow as UsageRow
+from tokendb.usage import audit_usage as audit_usage
+from tokendb.usage import usage_report as usage_report
 from tokendb.users import authenticate as authenticate
 from tokendb.users import change_password as change_password
 from tokendb.users import create_user as create_user
@@ -113,6 +118,7 @@ __all__ = [
     "InvalidApiKey",
     "InvalidCredentials",
     "LedgerDiscrepancy",
+    "LimitPeriod",
     "MessageRole",
     "NotFound",
     "PermissionDenied",
@@ -122,6 +128,8 @@ __all__ = [
     "TokenHold",
     "TokenTransaction",
     "TransactionType",
+    "UsageDiscrepancy",
+    "UsageRow",
     "User",
     "UserRole",
     "ValidationError",
@@ -129,6 +137,7 @@ __all__ = [
     "audit_chats",
     "audit_holds",
     "audit_ledger",
+    "audit_usage",
     "authenticate",
     "capture",
     "change_password",
@@ -163,6 +172,7 @@ __all__ = [
     "top_up",
     "tortoise_app",
     "tortoise_orm",
+    "usage_report",
     "verify_api_key",
     "verify_cache_stats",
 ]

@@ -124,6 +124,7 @@ __all__ = [
     "ADD_MESSAGE",
     "AUDIT",
     "AUDIT_SINCE_CHECKPOINT",
+    "AUDIT_USAGE",
     "AUDIT_USER",
     "BALANCE",
     "BATCH",
@@ -133,6 +134,7 @@ __all__ = [
     "CHECKPOINTS",
     "CREATE_USER",
     "IDEMPOTENCY_INDEX",
+    "KEY_OWNER",
     "LOCK_CHARGE",
     "LOCK_USER",
     "MARKS",
@@ -160,12 +162,15 @@ Outcome: TypeAlias = TokenTransaction | TokenDBError
 
 
 class Movement(NamedTuple):
-    """A validated request to move ``amount`` (> 0) tokens of ``user_id``."""
+    """A validated request to move ``amount`` (> 0) tokens of ``user_id``, for a usage row
+    through ``api_key_id`` (one of the user's keys) for ``model``."""
 
     user_id: UUID
     amount: int
     description: str | None
     reference_id: UUID | None
+    api_key_id: UUID | None = None
+    model: str | None = None
 
 
 def _record(source: str, **values: str) -> str:
@@ -193,9 +198,12 @@ _MOVED = _record(
     reference_id="$5",
     balance_after="token_balance",
     created_at="clock_timestamp()",
+    api_key_id="$7",
+    model="$8",
 )
 
-# $1 user, $2 delta (negative for a debit), $3 type, $4 new row id, $5 reference, $6 description.
+# $1 user, $2 delta (negative for a debit), $3 type, $4 new row id, $5 reference,
+# $6 description, $7 the API key (one of the user's) or NULL, $8 the model or NULL.
 MOVE = f"""
 WITH prior AS (
     SELECT 1 FROM token_transactions
@@ -205,6 +213,7 @@ WITH prior AS (
     UPDATE users                                    -- the user's row lock is taken here
     SET token_balance = token_balance + $2, updated_at = clock_timestamp()
     WHERE id = $1 AND token_balance - held_tokens + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
+      AND ($7::uuid IS NULL OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = $7 AND k.user_id = $1))
     RETURNING id, token_balance
 )
 {_MOVED}
@@ -215,6 +224,7 @@ BY_REFERENCE = (
     "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3"
 )
 BALANCE = "SELECT token_balance, held_tokens FROM users WHERE id = $1"
+KEY_OWNER = "SELECT user_id FROM api_keys WHERE id = $1"
 LOCK_USER = "SELECT token_balance, held_tokens FROM users WHERE id = $1 FOR UPDATE"
 
 # $1 user, whose row lock the caller holds: its expired holds are marked and
@@ -260,9 +270,9 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
     Raises :class:`InsufficientTokens`, :class:`ReferenceConflict`,
     :class:`NotFound` and :class:`ValidationError` (a balance past the column).
     """
-    user_id, requested, text, reference = movement
+    user_id, requested, text, reference, key_id, model = movement
     delta = -requested if kind is TransactionType.USAGE else requested
-    arguments = (user_id, delta, kind.value, new_id(), reference, text)
+    arguments = (user_id, delta, kind.value, new_id(), reference, text, key_id, model)
     try:
         rows = await _db.write(MOVE, *arguments)
     except asyncpg.UniqueViolationError as exc:
@@ -281,6 +291,8 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
     found = await spendable_or_none(user_id)
     if found is None:
         raise NotFound("user", user_id)
+    if key_id is not None and not await _key_is_users(key_id, user_id):
+        raise NotFound("API key", key_id)
     available, holds = found
     if delta < 0 and available + delta < 0 and not holds:
         raise InsufficientTokens(user_id, available, requested)
@@ -288,10 +300,15 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
     return await _move_under_lock(arguments, requested)
 
 
+async def _key_is_users(key_id: UUID, user_id: UUID) -> bool:
+    rows = await _db.read(KEY_OWNER, key_id)
+    return bool(rows) and rows[0]["user_id"] == user_id
+
+
 async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenTransaction:
     """:data:`MOVE` again, in a transaction that holds the user's row lock first
     (and has freed the user's expired holds: :func:`available_under_lock`)."""
-    user_id, delta, kind, _, reference, _ = arguments
+    user_id, delta, kind, _, reference, *_ = arguments
 
     async def body(conn: _db.Connection) -> TokenTransaction:
         available = await available_under_lock(conn, user_id)
@@ -352,6 +369,8 @@ _BATCH_MOVED = _record(
     reference_id="i.reference_id",
     balance_after="w.balance",
     created_at="stamp.at",
+    api_key_id="i.api_key_id",
+    model="i.model",
 )
 
 _LOCKED = (
@@ -360,13 +379,17 @@ _LOCKED = (
 )
 
 # $1 users, $2 amounts (> 0), $3 new row ids (minted in arrival order),
-# $4 reference ids, $5 descriptions; item i is element i of each array.
+# $4 reference ids, $5 descriptions, $6 API keys, $7 models; item i is element i of each array.
 BATCH = f"""
 WITH RECURSIVE items AS MATERIALIZED (
-    SELECT i.seq, i.user_id, i.amount, i.id, i.reference_id, i.description,
+    SELECT i.seq, i.user_id, i.amount, i.id, i.reference_id, i.description, i.api_key_id,
+           i.model, i.api_key_id IS NULL OR k.user_id IS NOT DISTINCT FROM i.user_id AS key_ok,
            row_number() OVER (PARTITION BY i.user_id ORDER BY i.seq) AS rank
-    FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[])
-         WITH ORDINALITY AS i(user_id, amount, id, reference_id, description, seq)
+    FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[],
+                $7::text[])
+         WITH ORDINALITY
+         AS i(user_id, amount, id, reference_id, description, api_key_id, model, seq)
+    LEFT JOIN api_keys k ON k.id = i.api_key_id
 ), locked AS MATERIALIZED (
     {_LOCKED}                          -- the locks, in id order
 ), stamp AS MATERIALIZED (
@@ -387,6 +410,7 @@ WITH RECURSIVE items AS MATERIALIZED (
     JOIN items i ON i.user_id = w.user_id AND i.rank = w.rank + 1
     CROSS JOIN LATERAL (
         SELECT CASE
+            WHEN NOT i.key_ok THEN 'nokey'
             WHEN i.reference_id = ANY(w.moved_refs) OR EXISTS (
                 SELECT 1 FROM prior p
                 WHERE p.user_id = i.user_id AND p.reference_id = i.reference_id
@@ -423,15 +447,15 @@ def _batch_locking(locked: str) -> str:
     return BATCH.replace(_LOCKED, locked)
 
 
-# The coalesced lane's batches: $6 the lock_timeout of the statement (its own
+# The coalesced lane's batches: $8 the lock_timeout of the statement (its own
 # transaction), set before the first row lock is asked for (the filter runs
 # on each user's row before FOR UPDATE locks it).
 _PATIENT = _LOCKED.replace(
     "WHERE id = ANY($1::uuid[])",
-    "WHERE id = ANY($1::uuid[]) AND set_config('lock_timeout', $6, true) <> ''",
+    "WHERE id = ANY($1::uuid[]) AND set_config('lock_timeout', $8, true) <> ''",
 )
 BATCH_PATIENT = _batch_locking(_PATIENT)
-""":data:`BATCH` that waits at most ``$6`` for its users' rows (``LockNotAvailable``)."""
+""":data:`BATCH` that waits at most ``$8`` for its users' rows (``LockNotAvailable``)."""
 BATCH_SKIPPING = _batch_locking(_PATIENT + " SKIP LOCKED")
 """:data:`BATCH` that leaves out users whose rows are locked: their items get no row."""
 
@@ -454,6 +478,8 @@ async def charge_batch(movements: Sequence[Movement]) -> list[Outcome]:
         ids,
         [m.reference_id for m in movements],
         [m.description for m in movements],
+        [m.api_key_id for m in movements],
+        [m.model for m in movements],
     )
     for _ in range(3):
         try:
@@ -513,6 +539,8 @@ async def charge_coalesced(
             [ids[index] for index in sent],
             [m.reference_id for m in chosen],
             [m.description for m in chosen],
+            [m.api_key_id for m in chosen],
+            [m.model for m in chosen],
             timeout,
         )
 
@@ -585,10 +613,13 @@ def _outcomes(
     by_seq = {row["seq"]: row for row in rows}
     moved: dict[tuple[UUID, UUID], TokenTransaction] = {}
     outcomes: list[Outcome | None] = []
-    for seq, (user_id, amount, _, reference) in enumerate(movements, start=1):
+    for seq, (user_id, amount, _, reference, key_id, _) in enumerate(movements, start=1):
         row = by_seq.get(seq)
         if row is None:
             outcomes.append(None if unlocked is None else unlocked("user", user_id))
+        elif row["outcome"] == "nokey":
+            assert key_id is not None
+            outcomes.append(NotFound("API key", key_id))
         elif row["outcome"] == "moved":
             charged = to_model(TokenTransaction, row, "row_")
             if reference is not None:
@@ -613,7 +644,7 @@ def _outcomes(
 
 # $1 the charge, $2 its owner or NULL. Takes the user's row lock.
 LOCK_CHARGE = f"""
-SELECT t.user_id, t.amount, t.type, u.token_balance
+SELECT t.user_id, t.amount, t.type, t.api_key_id, t.model, u.token_balance
 FROM token_transactions t JOIN users u ON u.id = t.user_id
 WHERE t.id = $1 AND {_sql.owned_by("$2", "t.user_id")}
 FOR UPDATE OF u
@@ -661,6 +692,8 @@ async def refund(
             new_id(),
             charge_id,
             description if description is not None else f"refund of {charge_id}",
+            locked["api_key_id"],  # a refund carries its charge's key and model
+            locked["model"],
         )
         assert row is not None  # the lock is ours and credits have no floor
         return to_model(TokenTransaction, row)
@@ -732,6 +765,8 @@ _MESSAGE_USAGE = _record(
     reference_id="$1",
     balance_after="debit.token_balance",
     created_at="clock_timestamp()",
+    api_key_id="session.api_key_id",
+    model="session.model",
 )
 
 # chats.add_message: $1 message id, $2 session, $3 role, $4 content, $5 tokens,
@@ -743,7 +778,7 @@ ADD_MESSAGE = f"""
 WITH session AS (
     UPDATE chat_sessions SET tokens_used = tokens_used + $5
     WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
-    RETURNING id, user_id, model, tokens_used
+    RETURNING id, user_id, api_key_id, model, tokens_used
 ), debit AS (
     UPDATE users
     SET token_balance = token_balance - $5, updated_at = clock_timestamp()
@@ -914,3 +949,33 @@ SELECT user_id, balance, ledger_sum, broken_links, first_broken FROM off ORDER B
 """The books since the stored checkpoint: every user whose rows since their mark do not
 continue it, or whose balance is not the mark's plus the new amounts; a checkpoint and
 the users' new marks are written in the same statement when there is none."""
+
+AUDIT_USAGE = """
+WITH ledger AS (
+    -- A refund counts on its charge's key, model and UTC day (as the rollup books it).
+    SELECT t.user_id,
+           CASE t.type WHEN 'refund' THEN c.api_key_id ELSE t.api_key_id END AS api_key_id,
+           CASE t.type WHEN 'refund' THEN c.model ELSE t.model END AS model,
+           (CASE t.type WHEN 'refund' THEN c.created_at ELSE t.created_at END
+               AT TIME ZONE 'UTC')::date AS day,
+           -t.amount AS tokens, (t.type = 'usage')::int AS requests
+    FROM token_transactions t
+    LEFT JOIN token_transactions c ON t.type = 'refund' AND c.id = t.reference_id
+    WHERE t.type IN ('usage', 'refund') AND ($1::uuid IS NULL OR t.user_id = $1)
+), both_sides AS (
+    SELECT user_id, api_key_id, model, day, tokens, requests, 0 AS ledger_tokens,
+           0 AS ledger_requests
+    FROM usage_daily WHERE $1::uuid IS NULL OR user_id = $1
+  UNION ALL
+    SELECT user_id, api_key_id, model, day, 0, 0, tokens, requests FROM ledger
+)
+SELECT user_id, api_key_id, model, day,   -- GROUP BY puts NULLs together
+       sum(tokens) AS tokens, sum(requests) AS requests,
+       sum(ledger_tokens) AS ledger_tokens, sum(ledger_requests) AS ledger_requests
+FROM both_sides
+GROUP BY user_id, api_key_id, model, day
+HAVING sum(tokens) <> sum(ledger_tokens) OR sum(requests) <> sum(ledger_requests)
+ORDER BY user_id, day, api_key_id NULLS FIRST, model NULLS FIRST
+"""
+"""Every group of ``usage_daily`` (of everyone, ``$1`` NULL, or of one user) that is not
+what the ledger's usage and refund rows add up to, with both sides."""

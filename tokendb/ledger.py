@@ -38,7 +38,7 @@ from tokendb._ledger_sql import Movement, Outcome
 from tokendb._translate import translated
 from tokendb.errors import NotFound, TokenDBError, ValidationError
 from tokendb.ids import new_id
-from tokendb.models import TokenTransaction, TransactionType, User
+from tokendb.models import ApiKey, TokenTransaction, TransactionType, User
 
 __all__ = [
     "MAX_BATCH",
@@ -55,16 +55,26 @@ __all__ = [
 ]
 
 MAX_DESCRIPTION_LENGTH = 1000
+MAX_MODEL_LENGTH = 50
 MAX_BATCH = 256
 """Charges per statement. Beyond a few hundred a batch only holds its locks longer."""
 
 
-def _validated(user: Any, amount: Any, description: Any, reference_id: Any) -> Movement:
+def _validated(
+    user: Any,
+    amount: Any,
+    description: Any,
+    reference_id: Any,
+    api_key: Any = None,
+    model: Any = None,
+) -> Movement:
     return Movement(
         _args.ref_id(user, "user", User),
         _args.positive_amount(amount),
         _args.optional_text(description, "description", max_length=MAX_DESCRIPTION_LENGTH),
         _args.optional_uuid(reference_id, "reference_id"),
+        _args.optional_ref_id(api_key, "api_key", ApiKey),
+        None if model is None else _args.text(model, "model", max_length=MAX_MODEL_LENGTH),
     )
 
 
@@ -115,12 +125,18 @@ async def charge(
     amount: int,
     description: str | None = None,
     reference_id: UUID | str | None = None,
+    api_key: ApiKey | UUID | str | None = None,
+    model: str | None = None,
 ) -> TokenTransaction:
     """Debit ``amount`` tokens from ``user``; return the ``usage`` row (negative amount).
 
     Race-free: the balance check and the debit are one conditional UPDATE.
     With ``reference_id``, a repeat returns the original row and moves
     nothing, however many run concurrently.
+
+    ``api_key`` (one of ``user``'s keys, revoked or not) and ``model``
+    (1–50 characters) say what the tokens paid for: they are stored on the
+    row and counted in :func:`usage_report`.
 
     Concurrent calls in one process are coalesced into one statement per
     flush (group commit) with the same outcome each call would have had
@@ -133,13 +149,13 @@ async def charge(
         InsufficientTokens: the balance does not cover ``amount`` (``.balance``,
             ``.requested``); nothing written.
         ReferenceConflict: ``reference_id`` was used with another amount.
-        NotFound: unknown user.
+        NotFound: unknown user, or ``api_key`` is not one of ``user``'s keys.
         ValidationError: ``amount`` is not a positive ``int`` that fits the
             integer column, or another argument is malformed.
         DatabaseUnavailable: the database is unreachable, or the connection
             was lost (``.outcome_unknown`` once the charge was sent).
     """
-    movement = _validated(user, amount, description, reference_id)
+    movement = _validated(user, amount, description, reference_id, api_key, model)
     lane = _coalescing_lane()
     if lane is None:
         return await _ledger_sql.move(movement, TransactionType.USAGE)
@@ -197,14 +213,18 @@ class ChargeItem:
     amount: int
     description: str | None = None
     reference_id: UUID | str | None = None
+    api_key: ApiKey | UUID | str | None = None
+    model: str | None = None
 
 
-_ITEM_KEYS = frozenset(("user", "amount", "description", "reference_id"))
+_ITEM_KEYS = frozenset(("user", "amount", "description", "reference_id", "api_key", "model"))
 
 
 def _movement(item: Any) -> Movement:
     if isinstance(item, ChargeItem):
-        return _validated(item.user, item.amount, item.description, item.reference_id)
+        return _validated(
+            item.user, item.amount, item.description, item.reference_id, item.api_key, item.model
+        )
     if not isinstance(item, Mapping):
         raise ValidationError(
             "items", f"expected a ChargeItem or a mapping, got {type(item).__name__}"
@@ -215,7 +235,12 @@ def _movement(item: Any) -> Movement:
     if "user" not in item or "amount" not in item:
         raise ValidationError("items", "each item needs a user and an amount")
     return _validated(
-        item["user"], item["amount"], item.get("description"), item.get("reference_id")
+        item["user"],
+        item["amount"],
+        item.get("description"),
+        item.get("reference_id"),
+        item.get("api_key"),
+        item.get("model"),
     )
 
 
@@ -226,12 +251,13 @@ async def charge_many(
     """Charge every item, in list order; return one result per item, in the same order.
 
     Each item is what :func:`charge` takes (a :class:`ChargeItem` or a
-    mapping with ``user``, ``amount`` and optionally ``description`` and
-    ``reference_id``), and its result is what that call would have returned,
-    or the :class:`TokenDBError` it would have raised (:class:`InsufficientTokens`,
-    :class:`ReferenceConflict`, :class:`NotFound`, :class:`ValidationError`,
-    :class:`DatabaseUnavailable` …): the items are applied as if charged one
-    after another, repeats of a ``reference_id`` within the list included.
+    mapping with ``user``, ``amount`` and optionally ``description``,
+    ``reference_id``, ``api_key`` and ``model``), and its result is what that
+    call would have returned, or the :class:`TokenDBError` it would have
+    raised (:class:`InsufficientTokens`, :class:`ReferenceConflict`,
+    :class:`NotFound`, :class:`ValidationError`, :class:`DatabaseUnavailable`
+    …): the items are applied as if charged one after another, repeats of a
+    ``reference_id`` within the list included.
 
     One statement per :data:`MAX_BATCH` items, each committed on its own
     (inside the caller's transaction: part of it). Nothing is raised for an

@@ -26,6 +26,7 @@ __all__ = [
     "ChatMessage",
     "ChatSession",
     "HoldStatus",
+    "LimitPeriod",
     "MessageRole",
     "TokenHold",
     "TokenTransaction",
@@ -53,6 +54,15 @@ class HoldStatus(StrEnum):
     CAPTURED = "captured"
     RELEASED = "released"
     EXPIRED = "expired"
+
+
+class LimitPeriod(StrEnum):
+    """The window of an API key's ``token_limit``: a UTC calendar day, a UTC calendar month,
+    or the key's whole life."""
+
+    DAY = "day"
+    MONTH = "month"
+    TOTAL = "total"
 
 
 class MessageRole(StrEnum):
@@ -110,6 +120,9 @@ class ApiKey(Model):
     last_used_at = fields.DatetimeField(null=True)
     expires_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
+    # At most token_limit tokens of usage per limit_period (both NULL: no limit).
+    token_limit = fields.BigIntField(null=True)
+    limit_period = fields.CharEnumField(LimitPeriod, max_length=5, null=True)
 
     user_id: UUID
 
@@ -137,8 +150,14 @@ class TokenTransaction(Model):
     reference_id = fields.UUIDField(null=True)
     balance_after = fields.IntField()
     created_at = fields.DatetimeField(auto_now_add=True)
+    # What a usage row (and a refund, its charge's) paid for: the key and the model.
+    api_key: fields.ForeignKeyNullableRelation[ApiKey] = fields.ForeignKeyField(
+        "tokendb.ApiKey", related_name="transactions", null=True, on_delete=fields.RESTRICT
+    )
+    model = fields.CharField(max_length=50, null=True)
 
     user_id: UUID
+    api_key_id: UUID | None
 
     class Meta:
         table = "token_transactions"

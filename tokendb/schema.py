@@ -32,6 +32,7 @@ from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenHold, TokenTra
 __all__ = [
     "AUDIT_TABLES",
     "BACKSTOPS",
+    "READ_ONLY_TABLES",
     "TABLES",
     "check",
     "grant",
@@ -49,6 +50,10 @@ TABLES = tuple(
 AUDIT_TABLES = (_ledger_sql.CHECKPOINTS, _ledger_sql.MARKS)
 """Where ``audit_ledger(since_checkpoint=True)`` keeps its checkpoints and each user's mark."""
 
+READ_ONLY_TABLES = ("usage_daily",)
+"""Tables the application role may read but not write: the database writes them
+(``usage_daily``, the rollup of the ledger, by its owner's trigger)."""
+
 BACKSTOPS = (
     # CHECK constraints
     "users_token_balance_nonnegative",
@@ -57,10 +62,12 @@ BACKSTOPS = (
     "users_email_shape",
     "users_email_printable",
     "api_keys_permissions_array",
+    "api_keys_token_limit_valid",
     "token_transactions_type_valid",
     "token_transactions_amount_nonzero",
     "token_transactions_amount_sign",
     "token_transactions_balance_after_nonnegative",
+    "token_transactions_attribution",
     "chat_sessions_tokens_used_nonnegative",
     "chat_messages_tokens_nonnegative",
     "chat_messages_role_valid",
@@ -69,6 +76,7 @@ BACKSTOPS = (
     "token_transactions_idempotency_key",
     "token_transactions_user_seq_key",
     "chat_messages_session_seq_key",
+    "usage_daily_group_key",
     # triggers: the ledger
     "token_transactions_chain",
     "token_transactions_refund_within_charge",
@@ -79,6 +87,9 @@ BACKSTOPS = (
     "users_balance_follows_ledger_on_insert",
     "users_no_truncate",
     "users_id_immutable",
+    # triggers: the usage rollup
+    "token_transactions_usage_rollup",
+    "usage_daily_no_truncate",
     # triggers: API keys
     "api_keys_revocation_final",
     "api_keys_expiry_final",
@@ -160,7 +171,9 @@ def head_migration() -> str:
 _CHECK = f"""
 WITH tables AS (
     SELECT oid FROM pg_class
-    WHERE oid = ANY (ARRAY[{", ".join(f"to_regclass('{table}')" for table in TABLES)}])
+    WHERE oid = ANY (ARRAY[{
+    ", ".join(f"to_regclass('{table}')" for table in (*TABLES, *READ_ONLY_TABLES))
+}])
 ), present AS (
     SELECT conname AS name FROM pg_constraint WHERE conrelid IN (SELECT oid FROM tables)
     UNION ALL
@@ -249,7 +262,8 @@ def grant_sql(role: str, *, schema: str = "public") -> list[str]:
     USAGE on ``schema``; SELECT, INSERT, UPDATE and DELETE on the six tables
     (TRUNCATE is not needed, and the tables refuse it to everyone but their
     owner); SELECT, INSERT and UPDATE on the incremental audit's checkpoints
-    and marks (:data:`AUDIT_TABLES`); SELECT on Aerich's table, which
+    and marks (:data:`AUDIT_TABLES`); SELECT on :data:`READ_ONLY_TABLES` (the
+    usage rollup, which only the database writes) and on Aerich's table, which
     :func:`check` reads. Nothing else: the tables have no sequences, and the
     role needs no function of its own.
     Raises :class:`~tokendb.errors.ValidationError` for a name PostgreSQL
@@ -265,6 +279,7 @@ def grant_sql(role: str, *, schema: str = "public") -> list[str]:
         f"GRANT USAGE ON SCHEMA {_identifier(schema)} TO {grantee}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {grantee}",
         f"GRANT SELECT, INSERT, UPDATE ON {audit_tables} TO {grantee}",
+        f"GRANT SELECT ON {', '.join(map(_identifier, READ_ONLY_TABLES))} TO {grantee}",
         f'GRANT SELECT ON "aerich" TO {grantee}',
     ]
 

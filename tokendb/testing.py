@@ -101,6 +101,7 @@ __all__ = [
 DEFAULT_TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 TABLES = (
     "token_holds",
+    "usage_daily",
     "chat_messages",
     "chat_sessions",
     "token_transactions",
