@@ -57,6 +57,13 @@ def notes(report: Report) -> list[str]:
                 f"{coalesced.title}: {coalesced.tokendb.ops_per_s / ceiling.raw.ops_per_s:.0%} "
                 f"of the hand-written batch statement's {ceiling.raw.ops_per_s:,.0f}/s"
             )
+    locked = report.result("coalesced-locked")
+    if locked and locked.raw.p99_ms:
+        ratio = locked.tokendb.p99_ms / locked.raw.p99_ms
+        lines.append(
+            f"{locked.title}: the other users' p99 is {ratio:.2f}× their p99 with nothing "
+            f"locked (target ≤ 2×) {'✓' if ratio <= 2 else '✗'}"
+        )
     rounds = [mb for result in report.results for mb in result.rss_mb]
     if rounds:
         growth = max(report.results, key=lambda r: r.rss_mb[-1] - r.rss_mb[0])

@@ -7,6 +7,8 @@ a scenario can say exactly what each side's balances must be.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,8 @@ START_BALANCE = 1_000_000_000
 TOP_UP_START = 1_000
 MESSAGE = "What is the capital of France? Answer in one word, then explain why. " * 4
 PAGE = 50
+GIVE_UP = 0.5
+"""Seconds a caller of the locked user waits before it gives up (``coalesced-locked``)."""
 
 Check = Callable[[], Awaitable[list[str]]]
 
@@ -175,6 +179,57 @@ async def _movements(bench: Bench, users: int, kind: str) -> tuple[Side, Side]:
             return 1
 
         return Side(op, balances_check(bench, start, moved, sign))
+
+    return await side(True), await side(False)
+
+
+async def _locked(bench: Bench) -> tuple[Side, Side]:
+    """Coalesced charges of random users while one more user's row is locked (by a
+    transaction that holds it) and its calls keep giving up; the baseline is the same
+    tokendb calls with nothing locked. Each side has its own users."""
+    users = bench.options.users
+    holder = await asyncpg.connect(bench.url)
+    (held,) = await seed_users(bench, 1, START_BALANCE)
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", held)
+    stuck: set[asyncio.Task[None]] = set()
+
+    async def gives_up() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tokendb.charge(user=held, amount=1), GIVE_UP)
+
+    async def side(locked: bool) -> Side:
+        pick = _picker(await seed_users(bench, users, START_BALANCE), seed=users)
+        moved: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            if locked and index == 0 and not stuck:
+                # In the background, so its own wait is not in the others' latencies.
+                task = asyncio.ensure_future(gives_up())
+                stuck.add(task)
+                task.add_done_callback(stuck.discard)
+            user = pick()
+            await tokendb.charge(user=user, amount=1)
+            moved[user] += 1
+            return 1
+
+        others = balances_check(bench, START_BALANCE, moved, -1)
+
+        async def check() -> list[str]:
+            if not locked:
+                return await others()
+            await asyncio.gather(*stuck)
+            if not holder.is_closed():
+                await holder.close()  # the lock goes with it
+            balance = await bench.pool.fetchval(
+                "SELECT token_balance FROM users WHERE id = $1", held
+            )
+            charged = (
+                [] if balance == START_BALANCE else [f"the locked user was charged: {balance}"]
+            )
+            return charged + await others()
+
+        return Side(op, check)
 
     return await side(True), await side(False)
 
@@ -361,6 +416,15 @@ def all_scenarios() -> list[Scenario]:
             target=0.9,
             coalesce=True,
             callers=lambda options: 1,
+        ),
+        Scenario(
+            "coalesced-locked",
+            f"charge · {many} · coalesced, 1 more user's row locked",
+            "The coalesced calls while another user's row is held locked and a caller of "
+            f"that user keeps giving up after {GIVE_UP:g} s (never charged); baseline: the "
+            "same tokendb calls with nothing locked. Target: p99 ≤ 2× the baseline's.",
+            _locked,
+            coalesce=True,
         ),
         Scenario(
             "charge-many",

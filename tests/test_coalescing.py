@@ -803,3 +803,45 @@ async def test_a_batch_skips_a_locked_user_and_its_call_waits_alone(
         await blocked_backends(lock, like=f"%{_ledger_sql.MOVE.strip()[:20]}%")  # alone now
     assert (await batch[0]).balance_after == 98
     assert [await tokendb.get_balance(user=u) for u in (first, held, a, b)] == [99, 98, 98, 98]
+
+
+async def test_other_users_latency_barely_moves_while_one_users_row_is_locked(
+    tokendb_clean: str, funded_user, coalescing_on
+) -> None:
+    """The issue's target is p99 with one user's row locked ≤ 2× p99 with nothing locked
+    (``python -m bench --only coalesced-locked`` reports it); this test, on a shared
+    machine, only asks for 5×. Before, the others waited for the locked call's
+    ``lock_timeout`` (10 s here): thousands of times their usual latency."""
+    held = await funded_user(balance=1000)
+    others = [(await funded_user(balance=10_000)).id for _ in range(24)]
+    loop = asyncio.get_running_loop()
+
+    async def round_of_calls() -> float:
+        latencies: list[float] = []
+
+        async def caller(index: int) -> None:
+            for step in range(12):
+                started = loop.time()
+                await tokendb.charge(user=others[(index + step) % len(others)], amount=1)
+                latencies.append(loop.time() - started)
+
+        await asyncio.gather(*(caller(index) for index in range(16)))
+        latencies.sort()
+        return latencies[int(0.99 * len(latencies))]
+
+    async def gives_up() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tokendb.charge(user=held, amount=1), 0.3)
+
+    free, locked = [], []
+    for _ in range(3):  # interleaved: the machine's load hits both alike
+        free.append(await round_of_calls())
+        async with holding_row_lock(tokendb_clean, held.id):
+            stuck = [started(gives_up()) for _ in range(2)]
+            locked.append(await round_of_calls())
+            await asyncio.gather(*stuck)
+    free_p99, locked_p99 = sorted(free)[1], sorted(locked)[1]
+    assert locked_p99 <= 5 * free_p99, (
+        f"p99 {locked_p99 * 1000:.1f} ms locked, {free_p99 * 1000:.1f} ms not"
+    )
+    assert await tokendb.get_balance(user=held) == 1000  # every call for it gave up uncharged

@@ -45,7 +45,7 @@ async def test_each_batch_runs_in_the_context_of_its_oldest_caller() -> None:
             await gate.wait()  # in flight while the others arrive
         return item
 
-    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object, patience: float) -> list[str]:
         seen.append((tuple(items), WHO.get()))
         return list(items)
 
@@ -92,7 +92,7 @@ async def test_a_failing_lone_call_gets_its_error_and_the_queue_goes_on() -> Non
             raise ExecutorBug(item)
         return item
 
-    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object, patience: float) -> list[str]:
         return list(items)
 
     queue: GroupCommit[str, str] = GroupCommit(
@@ -114,7 +114,7 @@ async def test_a_stopped_flusher_leaves_no_caller_without_an_outcome(stop: str) 
         await asyncio.sleep(0)  # in flight while the others queue
         return item
 
-    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object, patience: float) -> list[str]:
         if "first" in items:
             in_flight.set()
             await gate.wait()
@@ -153,7 +153,7 @@ async def test_the_next_batch_is_sent_before_the_last_ones_callers_resume() -> N
         await asyncio.sleep(0)
         return item
 
-    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object, patience: float) -> list[str]:
         events.append(f"sent {'+'.join(items)}")
         if "b" in items:
             in_flight.set()
@@ -190,7 +190,7 @@ async def test_calls_share_a_batch_only_with_calls_of_their_group() -> None:
             await gate.wait()
         return item
 
-    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object, patience: float) -> list[str]:
         sent.append(tuple(items))
         return list(items)
 
@@ -243,7 +243,7 @@ class Runners:
         return f"r{item}"
 
     async def run_batch(
-        self, items: Sequence[int], given_up: Callable[[int], bool]
+        self, items: Sequence[int], given_up: Callable[[int], bool], patience: float
     ) -> list[str | BaseException | Alone]:
         self.calls.append(("batch", list(items)))
         await self.gate.wait()
@@ -372,7 +372,7 @@ async def test_a_lone_call_past_its_patience_stops_holding_up_the_queue() -> Non
             await slow_gate.wait()
         return item
 
-    async def run_batch(items: Sequence[str], given_up: object) -> list[str]:
+    async def run_batch(items: Sequence[str], given_up: object, patience: float) -> list[str]:
         sent.append(tuple(items))
         return list(items)
 
@@ -429,7 +429,7 @@ async def test_a_batch_runner_that_loses_an_outcome_fails_its_callers_rather_tha
     runners.gate.set()
 
     async def loses_one(
-        items: Sequence[int], given_up: Callable[[int], bool]
+        items: Sequence[int], given_up: Callable[[int], bool], patience: float
     ) -> list[str | BaseException | Alone]:
         outcomes: list[str | BaseException | Alone] = [f"r{item}" for item in items]
         return outcomes[:-1]
@@ -440,3 +440,32 @@ async def test_a_batch_runner_that_loses_an_outcome_fails_its_callers_rather_tha
     lone, *lost = await settled(asyncio.gather(*calls, return_exceptions=True))
     assert lone == "r0"
     assert all(isinstance(o, tokendb.DatabaseUnavailable) and o.outcome_unknown for o in lost)
+
+
+async def test_on_a_slow_machine_the_patience_follows_the_usual_statement_time() -> None:
+    """A lane whose statements all take 30 ms does not take the next 30 ms call for a
+    stuck one (patience 10 ms): the calls queued behind it wait for it, as a batch."""
+    sent: list[Any] = []
+
+    async def run_one(item: int) -> int:
+        sent.append(item)
+        await asyncio.sleep(0.03)
+        return item
+
+    async def run_batch(items: Sequence[int], given_up: object, patience: float) -> list[int]:
+        sent.append(tuple(items))
+        return list(items)
+
+    queue: GroupCommit[int, int] = GroupCommit(
+        run_one=run_one, run_batch=run_batch, max_batch=8, patience=0.01
+    )
+    lane = Lane()
+    for item in range(40):
+        await queue.call(item, lane=lane)
+    assert queue._lanes[lane].patience() > 0.09
+    sent.clear()
+    slow = submit(queue, 100, lane)
+    await asyncio.sleep(0)
+    behind = [submit(queue, item, lane) for item in (101, 102)]
+    assert await settled(asyncio.gather(slow, *behind)) == [100, 101, 102]
+    assert sent == [100, (101, 102)]  # not sent while 100 was in flight

@@ -32,10 +32,13 @@ that came later. Calls share a batch only with calls of the same ``group``
 caller's settings.
 
 *Isolation.* Nobody waits for someone else's slow call for longer than
-``patience`` seconds (about a batch's normal latency): a lone call still in
-flight after ``patience`` stops holding the lane (it goes on, on its
+the lane's patience: ``patience`` seconds, or :data:`PATIENCE_FACTOR` times
+the lane's usual statement time when the machine is slower than that (an
+average of its recent lone calls and batches), so a loaded machine does not
+take every statement for a stuck one. A lone call still in flight after it
+stops holding the lane (it goes on, on its
 caller's task, and the queue behind it is sent), and ``run_batch`` is
-expected to bound its own waits by ``patience`` (the ledger's batch runs
+handed the lane's patience and expected to bound its own waits by it (the ledger's batch runs
 with that ``lock_timeout``) and to answer :data:`ALONE` for an item it could
 not decide in time: that item's caller then sends it with ``run_one`` on its
 own task, outside the lane, with the normal bounds.
@@ -94,6 +97,9 @@ _TURN: Final = _Turn()
 _Entry: TypeAlias = tuple[Item, "asyncio.Future[Any]", contextvars.Context, Hashable]
 """A queued call: its item, the future its caller awaits, the caller's context, its group."""
 
+PATIENCE_FACTOR = 4.0
+"""A lane's patience is at least this many times its usual statement time."""
+
 GivenUp: TypeAlias = Callable[[int], bool]
 """``given_up(i)``: whether the caller of item ``i`` of a batch stopped waiting."""
 
@@ -106,7 +112,8 @@ class GroupCommit(Generic[Item, Result]):
         *,
         run_one: Callable[[Item], Awaitable[Result]],
         run_batch: Callable[
-            [Sequence[Item], GivenUp], Awaitable[Sequence[Result | BaseException | Alone]]
+            [Sequence[Item], GivenUp, float],
+            Awaitable[Sequence[Result | BaseException | Alone]],
         ],
         max_batch: int,
         patience: float,
@@ -115,7 +122,7 @@ class GroupCommit(Generic[Item, Result]):
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.patience = patience
-        """Seconds a call in flight may hold the lane (and a batch wait for a lock)."""
+        """Seconds a call in flight may hold the lane (and a batch wait for a lock), at least."""
         self._lanes: weakref.WeakKeyDictionary[Any, _Lane[Item, Result]] = (
             weakref.WeakKeyDictionary()
         )
@@ -148,6 +155,8 @@ class _Lane(Generic[Item, Result]):
         self.holder: object | None = None
         """The lone call holding the lane (None: a batch, or a call about to take its turn)."""
         self.since = 0.0
+        self.usual = 0.0
+        """Seconds a statement of this lane usually takes (a moving average)."""
         self.timer: asyncio.TimerHandle | None = None
         """Armed while calls queue behind a lone call: ``patience`` after it started."""
         self._tasks: set[asyncio.Task[None]] = set()  # referenced while they run
@@ -176,13 +185,22 @@ class _Lane(Generic[Item, Result]):
         if self.queue:
             self._arm()
         try:
-            return await self.owner.run_one(item)
+            result = await self.owner.run_one(item)
+            if self.holder is hold:  # not overdue: a usual statement
+                self._took(self.loop.time() - self.since)
+            return result
         finally:
             if self.holder is hold:
                 self._release()
 
     def _arm(self) -> None:
-        self.timer = self.loop.call_at(self.since + self.owner.patience, self._overdue)
+        self.timer = self.loop.call_at(self.since + self.patience(), self._overdue)
+
+    def patience(self) -> float:
+        return max(self.owner.patience, PATIENCE_FACTOR * self.usual)
+
+    def _took(self, seconds: float) -> None:
+        self.usual += (seconds - self.usual) / 16
 
     def _overdue(self) -> None:
         # The lone call in flight goes on, on its caller's task; the calls
@@ -211,9 +229,13 @@ class _Lane(Generic[Item, Result]):
 
     async def _flush(self, batch: list[_Entry[Item]]) -> None:
         try:
+            started = self.loop.time()
             outcomes = await self.owner.run_batch(
-                [entry[0] for entry in batch], lambda index: batch[index][1].done()
+                [entry[0] for entry in batch],
+                lambda index: batch[index][1].done(),
+                self.patience(),
             )
+            self._took(self.loop.time() - started)
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} items")
         except BaseException:

@@ -81,15 +81,14 @@ def _validated(
 PATIENCE = 0.02
 """Seconds a coalesced call may hold up other users' calls: how long a lone charge
 holds the lane, and a batch waits for a locked row, before the others go on
-(a few times a batch's normal latency)."""
+(a few times a batch's normal latency; on a machine so loaded that statements
+take longer, :data:`tokendb._group_commit.PATIENCE_FACTOR` times their usual time)."""
 
 
 async def _coalesced_batch(
-    movements: Sequence[Movement], given_up: Callable[[int], bool]
+    movements: Sequence[Movement], given_up: Callable[[int], bool], patience: float
 ) -> list[Outcome | Alone]:
-    outcomes = await _ledger_sql.charge_coalesced(
-        movements, given_up=given_up, patience=_CHARGES.patience
-    )
+    outcomes = await _ledger_sql.charge_coalesced(movements, given_up=given_up, patience=patience)
     return [ALONE if outcome is None else outcome for outcome in outcomes]
 
 
