@@ -139,14 +139,21 @@ def _embedded(action: Callable[[], T]) -> T:
         _fail(_escape(str(exc)))
 
 
-def _run(ctx: typer.Context, action: Callable[[], Awaitable[T]], *, connect: bool = True) -> T:
-    """Run ``action`` with tokendb connected; a TokenDBError becomes a one-line error."""
+def _run(
+    ctx: typer.Context,
+    action: Callable[[], Awaitable[T]],
+    *,
+    connect: bool = True,
+    **options: Any,
+) -> T:
+    """Run ``action`` with tokendb connected (``options`` go to :func:`tokendb.init`);
+    a TokenDBError becomes a one-line error."""
     state: _State = ctx.ensure_object(_State)
 
     async def main() -> T:
         if not connect:
             return await action()
-        async with tokendb.connect(state.database_url):
+        async with tokendb.connect(state.database_url, **options):
             return await action()
 
     try:
@@ -781,7 +788,9 @@ def audit(
 
     The ledger part is incremental: the rows since the last clean audit's
     checkpoint (every row the first time), and a new checkpoint when the books
-    balance. --full reads the whole ledger (and stores no checkpoint).
+    balance. --full reads the whole ledger (and stores no checkpoint). Runs
+    without a statement timeout: the first or a --full audit of ten million
+    rows takes longer than the default 30 s (Ctrl-C stops it).
 
     Example: tokendb audit --json
     Example: tokendb audit --full
@@ -791,7 +800,7 @@ def audit(
         ledger = await tokendb.audit_ledger(since_checkpoint=not full)
         return {"ledger": ledger, "chats": await tokendb.audit_chats()}
 
-    found = _run(ctx, action)
+    found = _run(ctx, action, statement_timeout=None)
     balanced = not found["ledger"] and not found["chats"]
     if as_json:
         typer.echo(json.dumps(_jsonable(found) | {"books_balance": balanced}, indent=2))
