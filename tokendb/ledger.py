@@ -397,7 +397,10 @@ async def audit_ledger(
     or whose ``balance_after`` chain is broken. Empty when the books balance.
 
     The whole ledger is one read, in each user's chain order (the
-    ``(user_id, seq)`` index): about 1–3 s a million rows (``bench/README.md``).
+    ``(user_id, seq)`` index): about 1–3 s a million rows (``bench/README.md``),
+    so at some ten million rows it outlasts the default ``statement_timeout``
+    (30 s): run it after ``init(statement_timeout=None)`` (``tokendb audit``
+    does), or audit since the checkpoint.
     One user's audit reads that user's rows alone (about a millisecond for a
     user with 100 rows in a ledger of a million): cheap enough after every
     test and from the CLI.
