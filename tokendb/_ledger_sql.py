@@ -769,6 +769,12 @@ _MESSAGE_USAGE = _record(
     model="session.model",
 )
 
+_MESSAGE_BACK = ", ".join(
+    _sql.quoted(column) for column in _sql.columns(ChatMessage) if column != "content"
+)
+"""The stored message's columns but its content, which the caller sent: echoing a
+message of megabytes back would cost the caller's event loop as much again."""
+
 # chats.add_message: $1 message id, $2 session, $3 role, $4 content, $5 tokens,
 # $6 the usage row's id, $7 the session's owner or NULL.
 # Session row first (tokens_used), then the user row (the debit). If the
@@ -791,7 +797,7 @@ WITH session AS (
     {_MESSAGE_USAGE}
     RETURNING id
 )
-SELECT * FROM message
+SELECT {_MESSAGE_BACK} FROM message
 """
 
 

@@ -10,19 +10,24 @@ deadlock with each other or with the ledger (which locks only users).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db, _keyset, _ledger_sql, _sql
+from tokendb import _args, _db, _keyset, _ledger_sql, _settings, _sql, _waits
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
     ChatSessionEnded,
+    DatabaseTimeout,
     InsufficientTokens,
     NotFound,
 )
@@ -140,19 +145,63 @@ async def add_message(
     cost = _args.whole_number(tokens, "tokens", minimum=0)
     owner = _args.owner(user)
     arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner)
-    with _args.fits_integer_column("tokens"):
-        try:
-            rows = await _db.write(_ledger_sql.ADD_MESSAGE, *arguments)
-        except asyncpg.CheckViolationError as exc:
-            if exc.constraint_name not in _SHORT:
-                raise
-            rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
+    async with _heavy_budget(len(body)):
+        with _args.fits_integer_column("tokens"):
+            try:
+                rows = await _db.write(_ledger_sql.ADD_MESSAGE, *arguments)
+            except asyncpg.CheckViolationError as exc:
+                if exc.constraint_name not in _SHORT:
+                    raise
+                rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
     if rows:
-        return to_model(ChatMessage, rows[0])
+        return to_model(ChatMessage, {**rows[0], "content": body})  # not echoed back
     state = await _db.read(_SESSION_STATE, session_id, owner)
     if not state:
         raise NotFound("chat session", session_id)
     raise ChatSessionEnded(session_id)
+
+
+HEAVY_MESSAGE = 256_000
+"""Characters from which a message counts as heavy (:func:`_heavy_budget`)."""
+HEAVY_AT_ONCE = 2
+"""Heavy messages one event loop writes at a time."""
+
+_heavy: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.asynccontextmanager
+async def _heavy_budget(length: int) -> AsyncIterator[None]:
+    """At most :data:`HEAVY_AT_ONCE` heavy messages in flight per event loop; light ones pass.
+
+    A tenant sending messages of megabytes holds a pooled connection for a
+    second each (the server writes and logs every byte) and the event loop
+    for tens of milliseconds (encoding them): unbounded, a few such callers
+    took the pool and the loop from everyone else (issue 13). Bounded, they
+    queue behind each other, and the wait is theirs: bounded by
+    ``acquire_timeout`` like a wait for a pooled connection (:class:`DatabaseTimeout`).
+    """
+    if length < HEAVY_MESSAGE:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    budget = _heavy.get(loop)
+    if budget is None:
+        budget = _heavy[loop] = asyncio.Semaphore(HEAVY_AT_ONCE)
+    seconds = _settings.current().acquire_timeout
+    try:
+        with _waits.Deadline(seconds):
+            await budget.acquire()
+    except TimeoutError as exc:
+        raise DatabaseTimeout(
+            f"no slot for a heavy message (≥ {HEAVY_MESSAGE:,} characters) became free "
+            f"within {seconds:g} s; nothing was written"
+        ) from exc
+    try:
+        yield
+    finally:
+        budget.release()
 
 
 _SHORT = ("users_token_balance_nonnegative", "users_held_tokens_within_balance")
