@@ -676,3 +676,28 @@ async def test_add_message_and_release_race_on_one_hold(
         assert await tokendb.get_available_balance(user=user) == await tokendb.get_balance(
             user=user
         )
+
+
+async def test_the_readme_recipe_bills_a_stream_from_its_hold(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    from tests.test_docs import blocks
+
+    (recipe,) = [b for b in blocks("The library", "python") if "async def bill_stream" in b]
+    assert len(recipe.strip().splitlines()) <= 25
+    namespace: dict[str, Any] = {"tokendb": tokendb}
+    exec(compile(recipe, "README.md", "exec"), namespace)
+    user, session = await _chat(funded_user, make_api_key)
+
+    async def stream(*, max_tokens: int) -> tuple[str, int]:
+        return "four words of reply", 4
+
+    async def broken(*, max_tokens: int) -> tuple[str, int]:
+        raise ConnectionError("the provider went away")
+
+    message = await namespace["bill_stream"](session, 50, stream)
+    assert (message.tokens, await tokendb.get_available_balance(user=user)) == (4, 96)
+    with pytest.raises(ConnectionError):
+        await namespace["bill_stream"](session, 50, broken)
+    assert [h.status for h in await tokendb.list_holds(user=user)] == ["released", "captured"]
+    assert await tokendb.get_available_balance(user=user) == 96

@@ -18,6 +18,7 @@ from tokendb.models import HoldStatus, MessageRole, TransactionType, UserRole
 
 __all__ = [
     "ApiKeyOut",
+    "AvailableBalanceOut",
     "BalanceOut",
     "ChatMessageOut",
     "ChatSessionOut",
@@ -125,8 +126,11 @@ class HoldIn(BaseModel):
 class BalanceOut(BaseModel):
     user_id: UUID
     balance: int
-    available: int | None = None
-    """The balance minus active holds (:func:`tokendb.get_available_balance`), when asked."""
+
+
+class AvailableBalanceOut(BalanceOut):
+    available: int
+    """The balance minus active holds (:func:`tokendb.get_available_balance`)."""
 
 
 class ErrorOut(BaseModel):
