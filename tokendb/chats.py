@@ -233,7 +233,6 @@ async def _heavy_budget(length: int) -> AsyncIterator[None]:
         budget.release()
 
 
-
 async def _add_captured(arguments: tuple[Any, ...], hold_id: UUID) -> ChatMessage:
     """:data:`_ledger_sql.ADD_MESSAGE_CAPTURE`; when it wrote nothing, why."""
     _, session_id, _, body, cost, _, owner = arguments
@@ -277,7 +276,7 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
     covers the message. Locking the session then the user (the usual order)
     makes the balance the decision is made on the one that is reported.
     """
-    _, session_id, _, body, cost, _, owner = arguments
+    _, session_id, _, _, cost, _, owner = arguments
     user_id = await conn.fetchval(_LOCK_OPEN_SESSION, session_id, owner)
     if user_id is None:
         return []  # ended or gone meanwhile: the caller tells which
