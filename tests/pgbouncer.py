@@ -75,6 +75,7 @@ def running(server_url: str, *, pool_size: int = 60) -> Iterator[int]:
             f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
             f"unix_socket_dir = {folder}\n"
             "auth_type = trust\n"
+            "auth_user = postgres\n"
             f"auth_file = {folder / 'users.txt'}\n"
             "pool_mode = transaction\n"
             f"default_pool_size = {pool_size}\n"
