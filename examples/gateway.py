@@ -11,12 +11,22 @@ refused with 413. The "model" is a stand-in that echoes; tokens are counted as
 words. A prompt and its reply are two billed messages; when the balance
 cannot pay for the reply, the request fails with 402 and only the prompt
 (already processed) stays billed.
+
+``…/stream`` streams the reply the way a gateway must when it cannot know the
+cost in advance: it holds ``max_tokens`` first (402 before anything is
+streamed if the balance cannot cover them), streams, then bills what the
+reply used from the hold (``add_message(hold=…)``), and releases the hold if
+anything fails or the client goes away. A process that dies mid-stream
+leaves a hold that expires by itself after ``HOLD_TTL``.
 """
 
+from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Annotated
 from uuid import UUID
 
 from fastapi import Depends, FastAPI, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 import tokendb
@@ -27,7 +37,12 @@ from tokendb.contrib.fastapi import (
     lifespan,
     require_api_key,
 )
-from tokendb.contrib.schemas import BalanceOut, ChatMessageOut, ChatSessionOut, TransactionOut
+from tokendb.contrib.schemas import (
+    AvailableBalanceOut,
+    ChatMessageOut,
+    ChatSessionOut,
+    TransactionOut,
+)
 
 app = FastAPI(
     title="tokendb gateway example",
@@ -48,6 +63,14 @@ class NewSession(BaseModel):
 
 class NewMessage(BaseModel):
     content: str = Field(min_length=1, max_length=10_000, pattern=r"^[^\x00]*$")
+
+
+class StreamedMessage(NewMessage):
+    max_tokens: int = Field(default=256, ge=1, le=4096)
+
+
+HOLD_TTL = timedelta(minutes=5)
+"""How long a stream may take; a hold nobody resolved is free again after it."""
 
 
 class Exchange(BaseModel):
@@ -96,9 +119,52 @@ async def send_message(session_id: UUID, body: NewMessage, key: ChatKey) -> Exch
     )
 
 
+@app.post(
+    "/v1/chat/sessions/{session_id}/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def stream_message(
+    session_id: UUID, body: StreamedMessage, key: ChatKey
+) -> StreamingResponse:
+    """Bill the prompt, hold ``max_tokens``, stream the reply, bill what it used from the hold."""
+    await tokendb.add_message(
+        session=session_id,
+        role="user",
+        content=body.content,
+        tokens=count_tokens(body.content),
+        user=key.user_id,
+    )
+    held = await tokendb.hold(user=key.user_id, amount=body.max_tokens, ttl=HOLD_TTL)
+
+    async def reply() -> AsyncIterator[str]:
+        words: list[str] = []
+        try:
+            for word in generate(body.content).split()[: body.max_tokens]:
+                words.append(word)
+                yield word + " "
+            await tokendb.add_message(
+                session=session_id,
+                role="assistant",
+                content=" ".join(words),
+                tokens=len(words),
+                user=key.user_id,
+                hold=held,
+            )
+        except BaseException:  # an error, or the client went away: give the tokens back
+            await tokendb.release(hold=held)
+            raise
+
+    return StreamingResponse(reply(), media_type="text/plain")
+
+
 @app.get("/v1/balance")
-async def balance(key: ChatKey) -> BalanceOut:
-    return BalanceOut(user_id=key.user_id, balance=await tokendb.get_balance(user=key.user_id))
+async def balance(key: ChatKey) -> AvailableBalanceOut:
+    return AvailableBalanceOut(
+        user_id=key.user_id,
+        balance=await tokendb.get_balance(user=key.user_id),
+        available=await tokendb.get_available_balance(user=key.user_id),
+    )
 
 
 @app.get("/v1/transactions")

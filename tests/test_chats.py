@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -14,6 +15,7 @@ import tokendb
 from tests.helpers import (
     after_statement,
     blocked_backends,
+    holding_row_lock,
     row_is_locked,
     table_counts,
     tamper,
@@ -397,3 +399,38 @@ async def test_a_session_ends_after_its_last_message(tokendb_clean: str, chat) -
         await holder.close()
     [message] = await tokendb.list_messages(session=session)
     assert ended.ended_at is not None and ended.ended_at >= message.created_at
+
+
+async def test_heavy_messages_queue_behind_each_other_not_in_front_of_others(
+    tokendb_clean: str, chat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant sending huge messages holds at most ``HEAVY_AT_ONCE`` connections: its next
+    heavy message waits in the process (not sent), a light message of another goes on,
+    and each message comes back with its content (which the statement no longer echoes)."""
+    monkeypatch.setattr(chats, "HEAVY_MESSAGE", 10)
+    monkeypatch.setattr(chats, "HEAVY_AT_ONCE", 1)
+    monkeypatch.setattr(chats, "_heavy", weakref.WeakKeyDictionary())  # budgets made anew
+    heavy_session, _, heavy_user = await chat()
+    light_session, _, _ = await chat()
+    big = "ü" * 20
+    async with holding_row_lock(tokendb_clean, heavy_user.id) as lock:
+        first = asyncio.ensure_future(
+            tokendb.add_message(session=heavy_session, role="user", content=big, tokens=1)
+        )
+        await blocked_backends(lock)
+        second = asyncio.ensure_future(
+            tokendb.add_message(session=heavy_session, role="user", content=big + "!", tokens=1)
+        )
+        light = await asyncio.wait_for(
+            tokendb.add_message(session=light_session, role="user", content="hi", tokens=1), 30
+        )
+        assert light.content == "hi"
+        await lock.execute("SELECT pg_stat_clear_snapshot()")
+        waiting = await lock.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND state = 'active'"
+        )
+        assert waiting == 1, "the second heavy message was sent while the first held a slot"
+    assert [(await first).content, (await second).content] == [big, big + "!"]
+    stored = await tokendb.list_messages(session=heavy_session)
+    assert [m.content for m in stored] == [big, big + "!"]

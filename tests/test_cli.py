@@ -91,6 +91,9 @@ def test_every_command_is_covered_by_the_help_test() -> None:
         "tokens refund",
         "tokens balance",
         "tokens history",
+        "holds list",
+        "holds release",
+        "holds expire",
         "db start",
         "db stop",
         "db status",
@@ -113,7 +116,7 @@ def test_read_commands_offer_json() -> None:
     readers = [
         path
         for path in COMMANDS
-        if path[-1] in {"get", "list", "balance", "history", "verify", "status", "audit"}
+        if path[-1] in {"get", "list", "balance", "history", "verify", "status", "audit", "expire"}
     ]
     for path in readers:
         result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
@@ -201,8 +204,9 @@ async def test_token_commands_move_tokens_and_refuse_overdrafts(cli: Any) -> Non
     assert over.code == 1 and "100 refundable tokens, 500 requested" in over.stderr
 
     balance = await cli("tokens", "balance", "-u", "bob@example.com", "--json")
-    assert balance.json() == {"user_id": str(user.id), "balance": 400}
-    assert (await cli("tokens", "balance", "-u", "bob@example.com")).stdout.strip() == "400 tokens"
+    assert balance.json() == {"user_id": str(user.id), "balance": 400, "available": 400}
+    shown = await cli("tokens", "balance", "-u", "bob@example.com")
+    assert shown.stdout.strip() == "400 tokens, 400 available"
     history = (await cli("tokens", "history", "-u", str(user.id), "--limit", "2", "--json")).json()
     assert [row["type"] for row in history] == ["refund", "usage"]
     older = await cli(
@@ -393,3 +397,35 @@ async def test_a_missing_schema_names_tokendb_migrate(
         result = await cli("--database-url", url, "users", "list")
     assert result.code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "run `tokendb migrate`" in result.stderr
+
+
+async def test_holds_list_release_expire_and_the_available_balance(
+    cli: Any, tokendb_clean: str
+) -> None:
+    user = await tokendb.create_user(email="hal@example.com", password="hunter2hunter2", name="H")
+    kept = await tokendb.hold(user=user, amount=30, ttl=600)
+    old = await tokendb.hold(user=user, amount=20, ttl=600)
+    shown = await cli("tokens", "balance", "-u", "hal@example.com")
+    assert shown.stdout.strip() == "100 tokens, 50 available"
+    listed = (await cli("holds", "list", "-u", "hal@example.com", "--json")).json()
+    assert [(h["id"], h["status"]) for h in listed] == [
+        (str(old.id), "active"),
+        (str(kept.id), "active"),
+    ]
+    await tamper(
+        tokendb_clean,
+        "UPDATE token_holds SET expires_at = clock_timestamp() - interval '1 s', "
+        "created_at = clock_timestamp() - interval '2 s' WHERE id = $1",
+        old.id,
+    )
+    assert (await cli("holds", "expire", "--json")).json() == {"expired": 1}
+    assert (await cli("holds", "expire")).stdout.strip() == "0 holds expired"
+    released = await cli("holds", "release", str(kept.id), "--json")
+    assert released.json()["status"] == "released"
+    active = await cli("holds", "list", "-u", str(user.id), "--status", "active", "--json")
+    assert active.json() == []
+    expired = await cli("holds", "list", "-u", str(user.id), "--status", "expired")
+    assert expired.code == 0 and "expired" in expired.stdout
+    bad = await cli("holds", "list", "-u", str(user.id), "--status", "pending")
+    assert bad.code == 1 and bad.stderr.startswith("Error: status: must be one of")
+    assert (await cli("audit")).code == 0

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import httpx
+import pydantic
 import pytest
 import pytest_asyncio
 from asgi_lifespan import LifespanManager
@@ -26,6 +27,7 @@ SCHEMAS: list[tuple[type[BaseModel], type[Any]]] = [
     (schemas.TransactionOut, tokendb.TokenTransaction),
     (schemas.ChatSessionOut, tokendb.ChatSession),
     (schemas.ChatMessageOut, tokendb.ChatMessage),
+    (schemas.HoldOut, tokendb.TokenHold),
 ]
 
 
@@ -35,6 +37,18 @@ def test_schemas_expose_every_column_but_the_secrets(
 ) -> None:
     assert set(schema.model_fields) == set(public_fields(model))
     assert not set(schema.model_fields) & {"password_hash", "key_hash"}
+
+
+async def test_the_hold_schemas_take_a_hold_and_give_it_back(funded_user: Any) -> None:
+    request = schemas.HoldIn.model_validate({"amount": 40, "ttl": 300})
+    user = await funded_user(balance=100)
+    held = await tokendb.hold(user=user, **request.model_dump())
+    out = schemas.HoldOut.model_validate(held)
+    assert (out.id, out.amount, out.status) == (held.id, 40, tokendb.HoldStatus.ACTIVE)
+    for bad in ({"amount": 0, "ttl": 1}, {"amount": 1, "ttl": 0}, {"amount": 1, "ttl": 86401}):
+        with pytest.raises(pydantic.ValidationError):
+            schemas.HoldIn.model_validate(bad)
+    await tokendb.release(hold=held)
 
 
 async def test_schemas_validate_model_instances(make_api_key: Any) -> None:

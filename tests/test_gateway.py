@@ -67,6 +67,7 @@ async def test_a_chat_is_billed_over_http(
     assert (await client.get("/v1/balance", headers=auth)).json() == {
         "user_id": str(user.id),
         "balance": 92,
+        "available": 92,
     }
     ledger = (await client.get("/v1/transactions", headers=auth)).json()
     assert [(row["type"], row["amount"]) for row in ledger] == [
@@ -270,6 +271,52 @@ async def test_every_route_declares_the_error_shape_in_openapi(client: httpx.Asy
                     path,
                     status,
                 )
+
+
+async def test_a_streamed_reply_is_held_first_and_billed_from_the_hold(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any
+) -> None:
+    user, auth = await customer(funded_user, make_api_key, 100)
+    session = (await client.post("/v1/chat/sessions", json={}, headers=auth)).json()
+    url = f"/v1/chat/sessions/{session['id']}/stream"
+    streamed = await client.post(url, json={"content": "one two", "max_tokens": 10}, headers=auth)
+    assert streamed.status_code == 200 and streamed.text == "You said: one two "
+    # The prompt (2 tokens) and the reply (4 words) are billed; the hold of 10 is captured.
+    assert await tokendb.get_balance(user=user) == 94
+    assert await tokendb.get_available_balance(user=user) == 94
+    (captured,) = await tokendb.list_holds(user=user)
+    assert (captured.status, captured.amount, captured.captured_amount) == ("captured", 10, 4)
+    messages = await tokendb.list_messages(session=session["id"])
+    assert [(m.role, m.tokens) for m in messages] == [("user", 2), ("assistant", 4)]
+    (usage, *_) = await tokendb.list_transactions(user=user)
+    assert (usage.id, usage.reference_id) == (captured.captured_transaction_id, messages[1].id)
+    # max_tokens cuts the reply; a hold the balance cannot cover is 402 before any streaming.
+    short = await client.post(url, json={"content": "a b c", "max_tokens": 2}, headers=auth)
+    assert short.text == "You said: "
+    refused = await client.post(url, json={"content": "x", "max_tokens": 4096}, headers=auth)
+    assert (
+        refused.status_code == 402 and refused.json()["fields"]["balance"] == 88
+    )  # the prompt is billed
+
+
+async def test_a_stream_that_fails_releases_its_hold(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any, monkeypatch: Any
+) -> None:
+    user, auth = await customer(funded_user, make_api_key, 100)
+    session = (await client.post("/v1/chat/sessions", json={}, headers=auth)).json()
+    gateway = load_gateway()
+
+    def broken(prompt: str) -> str:
+        raise RuntimeError("the provider went away")
+
+    async with asgi_client(gateway.app, base_url="http://gateway") as http:
+        monkeypatch.setattr(gateway, "generate", broken)
+        url = f"/v1/chat/sessions/{session['id']}/stream"
+        with contextlib.suppress(Exception):
+            await http.post(url, json={"content": "hi", "max_tokens": 50}, headers=auth)
+    (released,) = await tokendb.list_holds(user=user)
+    assert released.status == "released"
+    assert await tokendb.get_available_balance(user=user) == 99  # only the prompt is billed
 
 
 def schemathesis_command() -> list[str]:

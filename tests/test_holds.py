@@ -572,3 +572,132 @@ async def test_audit_holds_finds_what_the_backstops_would_refuse(
     assert (found.user_id, found.held_tokens, found.active_holds) == (held.user_id, 7, 30)
     await tamper(tokendb_clean, "UPDATE users SET held_tokens = 30 WHERE id = $1", held.user_id)
     assert await tokendb.audit_holds() == []
+
+
+# --- add_message(hold=…) --------------------------------------------------------------------
+
+
+async def _chat(funded_user: Any, make_api_key: Any, balance: int = 100) -> Any:
+    user = await funded_user(balance=balance)
+    key, _ = await make_api_key(user=user)
+    return user, await tokendb.start_chat(api_key=key, model="m")
+
+
+async def test_add_message_captures_its_tokens_from_the_hold(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    user, session = await _chat(funded_user, make_api_key)
+    held = await tokendb.hold(user=user, amount=80, ttl=60)
+    message = await tokendb.add_message(
+        session=session, role="assistant", content="streamed", tokens=70, hold=held
+    )
+    (usage, *_) = await tokendb.list_transactions(user=user)
+    assert (usage.reference_id, usage.amount, usage.balance_after) == (message.id, -70, 30)
+    (captured,) = await tokendb.list_holds(user=user)
+    assert captured.status is HoldStatus.CAPTURED
+    assert (captured.captured_amount, captured.captured_transaction_id) == (70, usage.id)
+    assert (await tokendb.get_chat(session=session)).tokens_used == 70
+    assert await tokendb.get_available_balance(user=user) == 30
+    before = await table_counts()
+    again = await tokendb.add_message(
+        session=session, role="assistant", content="streamed", tokens=70, hold=held.id
+    )
+    assert again.id == message.id  # a retry after an unknown outcome
+    with pytest.raises(tokendb.HoldNotActive) as info:
+        await tokendb.add_message(
+            session=session, role="assistant", content="x", tokens=5, hold=held
+        )
+    assert info.value.status == "captured"
+    assert await table_counts() == before
+
+
+async def test_add_message_with_zero_tokens_releases_the_hold(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    user, session = await _chat(funded_user, make_api_key)
+    held = await tokendb.hold(user=user, amount=80, ttl=60)
+    await tokendb.add_message(session=session, role="assistant", content="", tokens=0, hold=held)
+    (released,) = await tokendb.list_holds(user=user)
+    assert released.status is HoldStatus.RELEASED
+    assert await tokendb.get_available_balance(user=user) == 100
+
+
+@pytest.mark.parametrize("case", ["expired", "released", "too_many", "other_user", "ended"])
+async def test_add_message_with_an_unusable_hold_stores_nothing(
+    tokendb_clean: str, funded_user, make_api_key, case: str
+) -> None:
+    user, session = await _chat(funded_user, make_api_key)
+    held = await tokendb.hold(user=user, amount=50, ttl=60)
+    expected: type[Exception] = tokendb.HoldNotActive
+    if case == "expired":
+        await expire_now(tokendb_clean, held)
+        expected = tokendb.HoldExpired
+    elif case == "released":
+        await tokendb.release(hold=held)
+    elif case == "too_many":
+        expected = tokendb.CaptureExceedsHold
+    elif case == "other_user":
+        other = await funded_user(balance=100)
+        held = await tokendb.hold(user=other, amount=50, ttl=60)
+        expected = tokendb.NotFound
+    else:
+        await tokendb.end_chat(session=session)
+        expected = tokendb.ChatSessionEnded
+    before = await table_counts()
+    with pytest.raises(expected) as info:
+        await tokendb.add_message(
+            session=session, role="assistant", content="x", tokens=51 if case == "too_many" else 10,
+            hold=held.id,
+        )  # fmt: skip
+    if case == "too_many":
+        assert info.value.field == "tokens"  # type: ignore[attr-defined]
+    assert await table_counts() == before
+
+
+async def test_add_message_and_release_race_on_one_hold(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    for _ in range(8):
+        user, session = await _chat(funded_user, make_api_key)
+        held = await tokendb.hold(user=user, amount=60, ttl=60)
+        added, released = await asyncio.gather(
+            tokendb.add_message(
+                session=session, role="assistant", content="x", tokens=50, hold=held
+            ),
+            tokendb.release(hold=held),
+            return_exceptions=True,
+        )
+        if isinstance(added, tokendb.ChatMessage):
+            assert isinstance(released, tokendb.HoldNotActive)
+            assert await tokendb.get_balance(user=user) == 50
+        else:
+            assert isinstance(added, tokendb.HoldNotActive) and added.status == "released"
+            assert await tokendb.get_balance(user=user) == 100
+        assert await tokendb.get_available_balance(user=user) == await tokendb.get_balance(
+            user=user
+        )
+
+
+async def test_the_readme_recipe_bills_a_stream_from_its_hold(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    from tests.test_docs import blocks
+
+    (recipe,) = [b for b in blocks("The library", "python") if "async def bill_stream" in b]
+    assert len(recipe.strip().splitlines()) <= 25
+    namespace: dict[str, Any] = {"tokendb": tokendb}
+    exec(compile(recipe, "README.md", "exec"), namespace)
+    user, session = await _chat(funded_user, make_api_key)
+
+    async def stream(*, max_tokens: int) -> tuple[str, int]:
+        return "four words of reply", 4
+
+    async def broken(*, max_tokens: int) -> tuple[str, int]:
+        raise ConnectionError("the provider went away")
+
+    message = await namespace["bill_stream"](session, 50, stream)
+    assert (message.tokens, await tokendb.get_available_balance(user=user)) == (4, 96)
+    with pytest.raises(ConnectionError):
+        await namespace["bill_stream"](session, 50, broken)
+    assert [h.status for h in await tokendb.list_holds(user=user)] == ["released", "captured"]
+    assert await tokendb.get_available_balance(user=user) == 96

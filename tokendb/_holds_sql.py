@@ -77,6 +77,7 @@ __all__ = [
     "capture",
     "expire",
     "hold",
+    "refused",
     "release",
 ]
 
@@ -276,16 +277,36 @@ async def capture(hold_id: UUID, amount: int, description: str | None) -> TokenT
             rows = []  # it expired between the statement's check and its trigger's
         if rows:
             return to_model(TokenTransaction, rows[0])
-        state = await _state(hold_id)
-        found = to_model(TokenHold, state)
+        found, state = await refused(hold_id, amount)
         if found.status is HoldStatus.CAPTURED:
-            if found.captured_amount == amount:
-                return to_model(TokenTransaction, state, "tx_")
-            raise HoldNotActive(hold_id, found.status.value)
-        _require_active(found, past=state["past"])
-        if amount > found.amount:
-            raise CaptureExceedsHold(hold_id, found.amount, amount)
+            return to_model(TokenTransaction, state, "tx_")
     raise AssertionError("an active hold refused a capture three times")  # pragma: no cover
+
+
+async def refused(
+    hold_id: UUID, amount: int, *, user_id: UUID | None = None, field: str = "amount"
+) -> tuple[TokenHold, _db.Record]:
+    """Why a capture of ``amount`` from the hold wrote nothing.
+
+    Raises what the caller raises: :class:`NotFound` (no such hold, or not
+    ``user_id``'s), :class:`HoldNotActive` (captured with another amount,
+    released), :class:`HoldExpired`, :class:`CaptureExceedsHold`. Returns
+    the hold and its state row (``tx_``: the captured transaction) when it
+    was captured with ``amount`` (a repeat), or is active and covers
+    ``amount`` (it changed since: decide again).
+    """
+    state = await _state(hold_id)
+    found = to_model(TokenHold, state)
+    if user_id is not None and found.user_id != user_id:
+        raise NotFound("hold", hold_id)
+    if found.status is HoldStatus.CAPTURED:
+        if found.captured_amount == amount:
+            return found, state
+        raise HoldNotActive(hold_id, found.status.value)
+    _require_active(found, past=state["past"])
+    if amount > found.amount:
+        raise CaptureExceedsHold(hold_id, found.amount, amount, field=field)
+    return found, state
 
 
 async def release(hold_id: UUID) -> TokenHold:

@@ -122,6 +122,7 @@ from tokendb.models import ChatMessage, TokenTransaction, TransactionType, User
 
 __all__ = [
     "ADD_MESSAGE",
+    "ADD_MESSAGE_CAPTURE",
     "AUDIT",
     "AUDIT_SINCE_CHECKPOINT",
     "AUDIT_USAGE",
@@ -755,19 +756,31 @@ _MESSAGE = _sql.insert(
     },
     source="session",
 )
-_MESSAGE_USAGE = _record(
-    "debit, session",
-    id="$6",
-    user_id="debit.id",
-    amount="-$5",
-    type="'usage'",
-    description="'chat message (' || session.model || ')'",
-    reference_id="$1",
-    balance_after="debit.token_balance",
-    created_at="clock_timestamp()",
-    api_key_id="session.api_key_id",
-    model="session.model",
+
+
+def _message_usage(source: str) -> str:
+    return _record(
+        source,
+        id="$6",
+        user_id="debit.id",
+        amount="-$5",
+        type="'usage'",
+        description="'chat message (' || session.model || ')'",
+        reference_id="$1",
+        balance_after="debit.token_balance",
+        created_at="clock_timestamp()",
+        api_key_id="session.api_key_id",
+        model="session.model",
+    )
+
+
+_MESSAGE_USAGE = _message_usage("debit, session")
+
+_MESSAGE_BACK = ", ".join(
+    _sql.quoted(column) for column in _sql.columns(ChatMessage) if column != "content"
 )
+"""The stored message's columns but its content, which the caller sent: echoing a
+message of megabytes back would cost the caller's event loop as much again."""
 
 # chats.add_message: $1 message id, $2 session, $3 role, $4 content, $5 tokens,
 # $6 the usage row's id, $7 the session's owner or NULL.
@@ -791,7 +804,7 @@ WITH session AS (
     {_MESSAGE_USAGE}
     RETURNING id
 )
-SELECT * FROM message
+SELECT {_MESSAGE_BACK} FROM message
 """
 
 
@@ -979,3 +992,63 @@ ORDER BY user_id, day, api_key_id NULLS FIRST, model NULLS FIRST
 """
 """Every group of ``usage_daily`` (of everyone, ``$1`` NULL, or of one user) that is not
 what the ledger's usage and refund rows add up to, with both sides."""
+
+_COUNTED_MESSAGE = _sql.insert(
+    ChatMessage,
+    {
+        "id": "$1",
+        "session_id": "id",
+        "role": "$3",
+        "content": "$4",
+        "tokens": "$5",
+        "tokens_used_after": "tokens_used",
+        "created_at": "clock_timestamp()",
+    },
+    source="counted",
+)
+
+# chats.add_message with a hold: the parameters of ADD_MESSAGE, and $8 the hold.
+# Locks the session row, then the user row, then the hold: the order of
+# ADD_MESSAGE and of every statement on holds. The hold is captured for the
+# message's tokens (released for 0 tokens) only while active and unexpired
+# and when it covers them; the user's held tokens drop by the hold's amount,
+# the balance by the tokens. Without that, nothing is written: the session's
+# total, the message and the usage row all follow the debit.
+ADD_MESSAGE_CAPTURE = f"""
+WITH session AS MATERIALIZED (
+    SELECT id, user_id, api_key_id, model FROM chat_sessions
+    WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
+    FOR UPDATE
+), holder AS MATERIALIZED (
+    SELECT u.id FROM users u JOIN session ON u.id = session.user_id
+    FOR UPDATE OF u
+), captured AS (
+    UPDATE token_holds h
+    SET status = CASE WHEN $5 > 0 THEN 'captured' ELSE 'released' END,
+        captured_amount = nullif($5, 0),
+        captured_transaction_id = CASE WHEN $5 > 0 THEN $6::uuid END
+    FROM holder
+    WHERE h.id = $8 AND h.user_id = holder.id AND h.status = 'active'
+      AND h.expires_at > clock_timestamp() AND h.amount >= $5
+    RETURNING h.user_id, h.amount
+), debit AS (
+    UPDATE users u
+    SET token_balance = u.token_balance - $5, held_tokens = u.held_tokens - captured.amount,
+        updated_at = clock_timestamp()
+    FROM captured
+    WHERE u.id = captured.user_id
+    RETURNING u.id, u.token_balance
+), counted AS (
+    UPDATE chat_sessions s SET tokens_used = s.tokens_used + $5
+    FROM debit
+    WHERE s.id = $2
+    RETURNING s.id, s.tokens_used
+), message AS (
+    {_COUNTED_MESSAGE}
+    RETURNING *
+), usage AS (
+    {_message_usage("debit, session WHERE $5 > 0")}
+    RETURNING id
+)
+SELECT {_MESSAGE_BACK} FROM message
+"""

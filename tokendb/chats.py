@@ -3,31 +3,47 @@
 ``add_message`` stores the message, adds its tokens to the session and
 charges the user in **one statement** (:data:`_ledger_sql.ADD_MESSAGE`), so
 ``session.tokens_used == Σ message.tokens == −Σ usage rows of its messages``
-holds after every call. Lock order is session row, then user row,
-everywhere; no code path takes them the other way round, so chats cannot
-deadlock with each other or with the ledger (which locks only users).
+holds after every call. Lock order is session row, then user row (then a
+hold: :data:`_ledger_sql.ADD_MESSAGE_CAPTURE`), everywhere; no code path
+takes them the other way round, so chats cannot deadlock with each other,
+with the ledger or with holds (which lock a user, then its holds).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db, _keyset, _ledger_sql, _sql
+from tokendb import _args, _db, _holds_sql, _keyset, _ledger_sql, _settings, _sql, _waits
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
+    CaptureExceedsHold,
     ChatSessionEnded,
+    DatabaseTimeout,
+    HoldNotActive,
     InsufficientTokens,
     NotFound,
 )
 from tokendb.ids import new_id
-from tokendb.models import ApiKey, ChatMessage, ChatSession, MessageRole, User
+from tokendb.models import (
+    ApiKey,
+    ChatMessage,
+    ChatSession,
+    HoldStatus,
+    MessageRole,
+    TokenHold,
+    User,
+)
 
 __all__ = [
     "MAX_CONTENT_LENGTH",
@@ -118,6 +134,7 @@ async def add_message(
     content: str,
     tokens: int,
     user: User | UUID | str | None = None,
+    hold: TokenHold | UUID | str | None = None,
 ) -> ChatMessage:
     """Store a message and bill its ``tokens`` to the session's user, atomically.
 
@@ -126,10 +143,21 @@ async def add_message(
     model). ``tokens == 0`` stores the message without a ledger row. With
     ``user``, the session must belong to that user.
 
+    With ``hold`` (an active hold of the session's user, from
+    :func:`tokendb.hold`), the tokens are captured from it, with the
+    guarantees of :func:`tokendb.capture`, in the same statement: the hold
+    becomes ``captured`` (its ``captured_transaction_id`` is the message's
+    usage row) and the rest of it is released; for 0 tokens it is released.
+    A repeat with a hold captured by a message of this session with the same
+    tokens returns that message.
+
     Raises:
         InsufficientTokens: the balance does not cover ``tokens``; nothing stored.
         ChatSessionEnded: the session has ended; nothing stored.
-        NotFound: unknown session, or another user's.
+        HoldExpired: the hold expired; nothing stored.
+        HoldNotActive: the hold was released or captured already (``.status``).
+        CaptureExceedsHold: ``tokens`` is more than the hold; nothing stored.
+        NotFound: unknown session or hold, or another user's.
         ValidationError: a bad role, content or token count.
         DatabaseUnavailable: the database is unreachable, or the connection was lost
             (``.outcome_unknown`` once the write was sent).
@@ -140,20 +168,101 @@ async def add_message(
     cost = _args.whole_number(tokens, "tokens", minimum=0)
     owner = _args.owner(user)
     arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner)
-    with _args.fits_integer_column("tokens"):
-        try:
-            rows = await _db.write(_ledger_sql.ADD_MESSAGE, *arguments)
-        except asyncpg.CheckViolationError as exc:
-            if exc.constraint_name not in _SHORT:
-                raise
-            rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
+    if hold is not None:
+        hold_id = _args.ref_id(hold, "hold", TokenHold)
+        if isinstance(hold, TokenHold) and cost > hold.amount:
+            raise CaptureExceedsHold(hold_id, hold.amount, cost, field="tokens")
+        async with _heavy_budget(len(body)):
+            return await _add_captured(arguments, hold_id)
+    async with _heavy_budget(len(body)):
+        with _args.fits_integer_column("tokens"):
+            try:
+                rows = await _db.write(_ledger_sql.ADD_MESSAGE, *arguments)
+            except asyncpg.CheckViolationError as exc:
+                if exc.constraint_name not in _SHORT:
+                    raise
+                rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
     if rows:
-        return to_model(ChatMessage, rows[0])
+        return to_model(ChatMessage, {**rows[0], "content": body})  # not echoed back
     state = await _db.read(_SESSION_STATE, session_id, owner)
     if not state:
         raise NotFound("chat session", session_id)
     raise ChatSessionEnded(session_id)
 
+
+HEAVY_MESSAGE = 256_000
+"""Characters from which a message counts as heavy (:func:`_heavy_budget`)."""
+HEAVY_AT_ONCE = 2
+"""Heavy messages one event loop writes at a time."""
+
+_heavy: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.asynccontextmanager
+async def _heavy_budget(length: int) -> AsyncIterator[None]:
+    """At most :data:`HEAVY_AT_ONCE` heavy messages in flight per event loop; light ones pass.
+
+    A tenant sending messages of megabytes holds a pooled connection for a
+    second each (the server writes and logs every byte) and the event loop
+    for tens of milliseconds (encoding them): unbounded, a few such callers
+    took the pool and the loop from everyone else (issue 13). Bounded, they
+    queue behind each other, and the wait is theirs: bounded by
+    ``acquire_timeout`` like a wait for a pooled connection (:class:`DatabaseTimeout`).
+    """
+    if length < HEAVY_MESSAGE:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    budget = _heavy.get(loop)
+    if budget is None:
+        budget = _heavy[loop] = asyncio.Semaphore(HEAVY_AT_ONCE)
+    seconds = _settings.current().acquire_timeout
+    try:
+        with _waits.Deadline(seconds):
+            await budget.acquire()
+    except TimeoutError as exc:
+        raise DatabaseTimeout(
+            f"no slot for a heavy message (≥ {HEAVY_MESSAGE:,} characters) became free "
+            f"within {seconds:g} s; nothing was written"
+        ) from exc
+    try:
+        yield
+    finally:
+        budget.release()
+
+
+async def _add_captured(arguments: tuple[Any, ...], hold_id: UUID) -> ChatMessage:
+    """:data:`_ledger_sql.ADD_MESSAGE_CAPTURE`; when it wrote nothing, why."""
+    _, session_id, _, body, cost, _, owner = arguments
+    for _ in range(3):
+        try:
+            rows = await _db.write(_ledger_sql.ADD_MESSAGE_CAPTURE, *arguments, hold_id)
+        except asyncpg.CheckViolationError as exc:
+            if exc.constraint_name != "token_holds_transition":
+                raise
+            rows = []  # it expired between the statement's check and its trigger's
+        if rows:
+            return to_model(ChatMessage, {**rows[0], "content": body})  # not echoed back
+        state = await _db.read(_SESSION, session_id, owner)
+        if not state:
+            raise NotFound("chat session", session_id)
+        if state[0]["ended_at"] is not None:
+            raise ChatSessionEnded(session_id)
+        found, hold_state = await _holds_sql.refused(
+            hold_id, cost, user_id=state[0]["user_id"], field="tokens"
+        )
+        if found.status is HoldStatus.CAPTURED:
+            earlier = await _db.read(_BILLED_BY, hold_state["tx_reference_id"], session_id, cost)
+            if not earlier:
+                raise HoldNotActive(hold_id, found.status.value)
+            return to_model(ChatMessage, earlier[0])
+    raise AssertionError("an active hold refused a message three times")  # pragma: no cover
+
+
+_BILLED_BY = "SELECT * FROM chat_messages WHERE id = $1 AND session_id = $2 AND tokens = $3"
+"""The message a hold's capture billed, if it is of this session with these tokens (a repeat)."""
 
 _SHORT = ("users_token_balance_nonnegative", "users_held_tokens_within_balance")
 """The debit went below zero, or into tokens held by holds (maybe expired ones)."""

@@ -73,6 +73,12 @@ tokens_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
+holds_app = typer.Typer(
+    help="List, release and expire token holds.\n\n"
+    "Example: tokendb holds list --user ada@example.com --status active",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 db_app = typer.Typer(
     help="Manage the embedded PostgreSQL server (used when DATABASE_URL is unset).\n\n"
     "Example: tokendb db start",
@@ -82,6 +88,7 @@ db_app = typer.Typer(
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(holds_app, name="holds")
 app.add_typer(db_app, name="db")
 
 out = Console()
@@ -729,20 +736,21 @@ def tokens_refund(
 
 @tokens_app.command("balance")
 def tokens_balance(ctx: typer.Context, user: UserOption, as_json: JsonOption = False) -> None:
-    """Show a user's token balance.
+    """Show a user's token balance, and what of it is available (not held).
 
     Example: tokendb tokens balance --user ada@example.com --json
     """
 
-    async def action() -> tuple[str, int]:
+    async def action() -> tuple[str, int, int]:
         user_id = await _user_id(user)
-        return user_id, await tokendb.get_balance(user=user_id)
+        balance = await tokendb.get_balance(user=user_id)
+        return user_id, balance, await tokendb.get_available_balance(user=user_id)
 
-    user_id, balance = _run(ctx, action)
+    user_id, balance, available = _run(ctx, action)
     if as_json:
-        typer.echo(json.dumps({"user_id": user_id, "balance": balance}))
+        typer.echo(json.dumps({"user_id": user_id, "balance": balance, "available": available}))
     else:
-        out.print(f"{balance} tokens")
+        out.print(f"{balance} tokens, {available} available")
 
 
 @tokens_app.command("history")
@@ -769,6 +777,65 @@ def tokens_history(
     _emit(_run(ctx, action), as_json=as_json, title="Ledger (newest first)", wide=wide)
 
 
+# --- holds ------------------------------------------------------------------------------
+
+
+@holds_app.command("list")
+def holds_list(
+    ctx: typer.Context,
+    user: UserOption,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status", help="Only holds in this state: active, captured, released, expired."
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Page size (1-1000).")] = 20,
+    before: Annotated[
+        str | None, typer.Option("--before", help="Last hold id of the previous page.")
+    ] = None,
+    wide: WideOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a user's holds, newest first, a page at a time.
+
+    Example: tokendb holds list --user ada@example.com --status active --json
+    """
+
+    async def action() -> list[tokendb.TokenHold]:
+        return await tokendb.list_holds(
+            user=await _user_id(user), status=status, limit=limit, before=before
+        )
+
+    _emit(_run(ctx, action), as_json=as_json, title="Holds (newest first)", wide=wide)
+
+
+@holds_app.command("release")
+def holds_release(
+    ctx: typer.Context,
+    hold_id: Annotated[str, typer.Argument(help="The id of the hold to release.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Give an active hold's tokens back (a released or expired hold stays as it is).
+
+    Example: tokendb holds release 0190f1d2-7c4e-7b4a-9c1e-2f1e3d4c5b6a
+    """
+    _emit(_run(ctx, lambda: tokendb.release(hold=hold_id)), as_json=as_json, title="Hold")
+
+
+@holds_app.command("expire")
+def holds_expire(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Mark every hold past its expiry expired (optional: expiry works without it).
+
+    Example: tokendb holds expire --json
+    """
+    count = _run(ctx, tokendb.expire_holds)
+    if as_json:
+        typer.echo(json.dumps({"expired": count}))
+    else:
+        out.print(f"{count} holds expired")
+
+
 # --- audit ------------------------------------------------------------------------------
 
 
@@ -784,7 +851,8 @@ def audit(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Check the books: balances against the ledger, chats against their billing. Exit 1 if off.
+    """Check the books: balances against the ledger, chats against their billing, held
+    tokens against the holds. Exit 1 if off.
 
     The ledger part is incremental: the rows since the last clean audit's
     checkpoint (every row the first time), and a new checkpoint when the books
@@ -798,10 +866,14 @@ def audit(
 
     async def action() -> dict[str, list[Any]]:
         ledger = await tokendb.audit_ledger(since_checkpoint=not full)
-        return {"ledger": ledger, "chats": await tokendb.audit_chats()}
+        return {
+            "ledger": ledger,
+            "chats": await tokendb.audit_chats(),
+            "holds": await tokendb.audit_holds(),
+        }
 
     found = _run(ctx, action, statement_timeout=None)
-    balanced = not found["ledger"] and not found["chats"]
+    balanced = not any(found.values())
     if as_json:
         typer.echo(json.dumps(_jsonable(found) | {"books_balance": balanced}, indent=2))
     elif balanced:

@@ -29,11 +29,14 @@ __all__ = [
     "APP_LABEL",
     "DEFAULT_POOL_MAX_SIZE",
     "DEFAULT_POOL_MIN_SIZE",
+    "PGBOUNCER_PARAMETER",
     "ResolvedDatabase",
+    "behind_pgbouncer",
     "config_for",
     "config_from_env",
     "data_dir_from_env",
     "database_url_from_env",
+    "direct_url_from_env",
     "embedded_allowed_from_env",
     "listen_connect_args",
     "listen_url_from_env",
@@ -55,7 +58,13 @@ DEFAULT_POOL_MAX_SIZE = 20
 """Tortoise's own default is 5 connections, too few for a gateway: 64 concurrent
 requests would queue behind five connections."""
 
+PGBOUNCER_PARAMETER = "pgbouncer"
+"""The URL parameter that says the URL goes through PgBouncer in transaction (or statement)
+pooling mode: ``postgres://app@pgbouncer:6432/tokendb?pgbouncer=true``."""
+
 _SCHEMES = {"postgres", "postgresql", "asyncpg"}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 _URL_EXAMPLE = "postgres://user:password@127.0.0.1:5432/tokendb"
 
 
@@ -114,6 +123,33 @@ def _with_apps(
     return merged
 
 
+def _pgbouncer_flag(value: object, variable: str) -> bool:
+    if value is None:
+        return False
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"{variable}: {PGBOUNCER_PARAMETER} must be true or false, got {value!r}",
+        variable=variable,
+    )
+
+
+def behind_pgbouncer(url: str, *, variable: str = "DATABASE_URL") -> bool:
+    """True when ``url`` says it goes through PgBouncer (``?pgbouncer=true``).
+
+    Raises :class:`ConfigurationError` naming ``variable`` for a value that is
+    neither true nor false.
+    """
+    try:
+        values = parse_qs(urlsplit(url.strip()).query).get(PGBOUNCER_PARAMETER)
+    except ValueError:
+        return False  # not a URL at all: tortoise_config says so
+    return _pgbouncer_flag(values[-1] if values else None, variable)
+
+
 def _parse_pool_size(value: str, name: str, variable: str) -> int:
     try:
         size = int(value)
@@ -141,6 +177,9 @@ def tortoise_config(
     ``database_url`` is a ``postgres://`` (or ``postgresql://``) URL. Tortoise
     URL parameters pass through to asyncpg (libpq's ``sslmode`` as ``ssl``; an unknown
     one is a :class:`ConfigurationError`), so ``?minsize=16&maxsize=16`` sizes the pool;
+    ``?pgbouncer=true`` (:data:`PGBOUNCER_PARAMETER`) says the URL goes through
+    PgBouncer in transaction pooling mode: asyncpg's statement cache is turned
+    off (``statement_cache_size=0``) and the parameter is not sent to the server.
     ``min_size``/``max_size`` given here win over the URL, and the defaults
     (:data:`DEFAULT_POOL_MIN_SIZE`, :data:`DEFAULT_POOL_MAX_SIZE`) apply when
     neither says. ``variable`` names the setting the URL came from, for errors.
@@ -192,6 +231,11 @@ def tortoise_config(
         ) from None
 
     credentials: dict[str, Any] = connection["credentials"]
+    if _pgbouncer_flag(credentials.pop(PGBOUNCER_PARAMETER, None), variable):
+        # PgBouncer hands each transaction any server connection: a statement
+        # prepared (named) on one is unknown on the next. asyncpg without a
+        # statement cache sends the unnamed statement with each query instead.
+        credentials["statement_cache_size"] = 0
     _asyncpg_parameters(credentials, variable)
     for key, given, default in (
         ("minsize", min_size, DEFAULT_POOL_MIN_SIZE),
@@ -272,6 +316,14 @@ def database_url_from_env() -> str | None:
     return url or None
 
 
+def direct_url_from_env() -> str | None:
+    """``TOKENDB_DIRECT_URL`` (the server itself, not PgBouncer: for migrations and the verify
+    cache's listener when ``DATABASE_URL`` goes through PgBouncer), or None when unset."""
+    load_env_file()
+    url = os.environ.get("TOKENDB_DIRECT_URL", "").strip()
+    return url or None
+
+
 def listen_url_from_env() -> str | None:
     """``TOKENDB_LISTEN_URL`` (the verify cache's direct connection), or None when unset."""
     load_env_file()
@@ -301,12 +353,19 @@ def verify_cache_from_env() -> bool | None:
 def listen_connect_args(url: str, *, variable: str) -> dict[str, Any]:
     """:func:`asyncpg.connect`'s arguments for one connection to ``url`` (no pool settings).
 
-    Raises :class:`ConfigurationError` naming ``variable`` for an unusable URL.
+    Raises :class:`ConfigurationError` naming ``variable`` for an unusable URL, or one that
+    goes through PgBouncer (``LISTEN`` needs a session of its own).
     """
     import inspect
 
     import asyncpg
 
+    if behind_pgbouncer(url, variable=variable):
+        raise ConfigurationError(
+            f"{variable} goes through PgBouncer ({PGBOUNCER_PARAMETER}=true), but the verify "
+            "cache's listener needs a direct connection to PostgreSQL (LISTEN lasts a session)",
+            variable=variable,
+        )
     credentials = tortoise_config(url, variable=variable)["connections"]["default"]["credentials"]
     accepted = set(inspect.signature(asyncpg.connect).parameters) - _NOT_IN_URLS
     args = {name: value for name, value in credentials.items() if name in accepted}
@@ -335,6 +394,11 @@ class ResolvedDatabase:
     ``TOKENDB_DATA_DIR`` (the embedded server)."""
     embedded: bool
     """True for tokendb's own embedded server (which tokendb migrates by itself)."""
+
+    @property
+    def pgbouncer(self) -> bool:
+        """True when the URL goes through PgBouncer (``?pgbouncer=true``)."""
+        return behind_pgbouncer(self.url, variable=self.variable)
 
     @property
     def explicit(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,19 +17,20 @@ from typing import Any, TypedDict, TypeVar, Unpack
 
 from tortoise import Tortoise
 
-from tokendb import _key_cache, _settings, _tortoise, schema
+from tokendb import _db, _key_cache, _settings, _tortoise, schema
 from tokendb._translate import translated
 from tokendb.config import (
     APP_LABEL,
     ResolvedDatabase,
     config_for,
+    direct_url_from_env,
     listen_connect_args,
     listen_url_from_env,
     resolve_database,
     resolve_database_async,
     verify_cache_from_env,
 )
-from tokendb.errors import ConfigurationError, TokenDBError
+from tokendb.errors import ConfigurationError, ConfigurationWarning, TokenDBError
 from tokendb.schema import migrations_location as migrations_location
 
 __all__ = [
@@ -62,8 +64,16 @@ Apps = Mapping[str, Mapping[str, Any]]
 """The host's own Tortoise apps, as in ``TORTOISE_ORM["apps"]``, e.g.
 ``{"shop": {"models": ["shop.models"]}}``."""
 
-_initialised_url: str | None = None
-"""The URL :func:`init` (or :func:`tortoise_orm`) configured, for :func:`migrate` without one."""
+_initialised: ResolvedDatabase | None = None
+"""The database :func:`init` (or :func:`tortoise_orm`) configured (:func:`migrate`'s default)."""
+
+_server_defaults: dict[str, int] = {}
+"""Through PgBouncer: the timeouts (ms) :func:`init` asked for, which the server's defaults for
+the role or database must provide (:func:`check_connection` checks them)."""
+
+_SERVER_DEFAULTS = (
+    "SELECT name, setting::bigint AS ms FROM pg_settings WHERE name = ANY($1::text[])"
+)
 
 
 @translated
@@ -245,16 +255,32 @@ def _check_options(options: InitOptions) -> None:
 
 
 def _configure_verify_cache(database: ResolvedDatabase, options: InitOptions) -> bool:
-    """The verify cache's size and direct connection (:mod:`tokendb._key_cache`); True if on."""
+    """The verify cache's size and direct connection (:mod:`tokendb._key_cache`); True if on.
+
+    The listener's URL: ``listen_url``, else ``TOKENDB_LISTEN_URL``, else
+    ``TOKENDB_DIRECT_URL`` (neither read for an explicit database URL), else
+    the database URL unless it goes through PgBouncer: then the cache stays
+    off, with a :class:`ConfigurationWarning`.
+    """
     enabled = options.get("verify_cache")
     if enabled is None:
         enabled = (None if database.explicit else verify_cache_from_env()) is not False
     listen_url, variable = options.get("listen_url"), "listen_url"
     if listen_url is None and not database.explicit:
         listen_url, variable = listen_url_from_env(), "TOKENDB_LISTEN_URL"
-    if listen_url is None:
+        if listen_url is None:
+            listen_url, variable = direct_url_from_env(), "TOKENDB_DIRECT_URL"
+    if listen_url is None and not database.pgbouncer:
         listen_url, variable = database.url, database.variable
-    connect = listen_connect_args(listen_url, variable=variable) if enabled else None
+    if enabled and listen_url is None:
+        warnings.warn(
+            f"{database.variable} goes through PgBouncer and no direct URL is set for the verify "
+            "cache's listener (init(listen_url=...), TOKENDB_LISTEN_URL or TOKENDB_DIRECT_URL): "
+            "the verify cache is off, every verify_api_key looks the key up",
+            ConfigurationWarning,
+            stacklevel=5,
+        )
+    connect = listen_connect_args(listen_url, variable=variable) if enabled and listen_url else None
     _key_cache.configure(
         maxsize=options.get("verify_cache_size", DEFAULT_VERIFY_CACHE_SIZE), connect=connect
     )
@@ -263,7 +289,7 @@ def _configure_verify_cache(database: ResolvedDatabase, options: InitOptions) ->
 
 def _configure(database: ResolvedDatabase, options: InitOptions) -> dict[str, Any]:
     """The Tortoise config for ``database`` with tokendb's bounds; sets the seam's settings."""
-    global _initialised_url
+    global _initialised, _server_defaults
     statement_timeout = options.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT)
     lock_timeout = options.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     acquire_timeout = options.get("acquire_timeout", DEFAULT_ACQUIRE_TIMEOUT)
@@ -275,10 +301,24 @@ def _configure(database: ResolvedDatabase, options: InitOptions) -> dict[str, An
     )
     credentials = config["connections"]["default"]["credentials"]
     server_settings: dict[str, str] = dict(credentials.get("server_settings") or {})
-    if statement_timeout is not None:
-        server_settings.setdefault("statement_timeout", f"{round(statement_timeout * 1000)}ms")
-    if lock_timeout is not None:
-        server_settings.setdefault("lock_timeout", f"{round(lock_timeout * 1000)}ms")
+    timeouts = {
+        name: round(seconds * 1000)
+        for name, seconds in (
+            ("statement_timeout", statement_timeout),
+            ("lock_timeout", lock_timeout),
+        )
+        if seconds is not None
+    }
+    if database.pgbouncer:
+        # PgBouncer refuses a connection that sends these as startup
+        # parameters, and SET LOCAL would cost every statement a round trip:
+        # the server's defaults for the role or database provide them
+        # (ALTER ROLE ... SET), which check_connection() checks.
+        _server_defaults = timeouts
+    else:
+        _server_defaults = {}
+        for name, ms in timeouts.items():
+            server_settings.setdefault(name, f"{ms}ms")
     credentials["server_settings"] = server_settings
     # Client-side bounds too, for a server that stops answering without
     # closing the socket (the server-side timeouts need a live server):
@@ -298,7 +338,7 @@ def _configure(database: ResolvedDatabase, options: InitOptions) -> dict[str, An
             ),
         )
     )
-    _initialised_url = database.url
+    _initialised = database
     return config
 
 
@@ -332,9 +372,34 @@ async def check_connection() -> None:
     _tortoise.guard_transactions()
     try:
         await schema.check()
+        if _server_defaults:
+            await _check_server_defaults(_server_defaults)
     except TokenDBError:
         await Tortoise.close_connections()
         raise
+
+
+async def _check_server_defaults(expected: Mapping[str, int]) -> None:
+    """Through PgBouncer: warn when the server's default for a timeout init asked for is off
+    or looser (the connection could not set it itself)."""
+    rows = await _db.read(_SERVER_DEFAULTS, list(expected))
+    found = {row["name"]: row["ms"] for row in rows}
+    loose = [
+        f"{name} is {found.get(name, 0)} ms (asked for {ms} ms)"
+        for name, ms in expected.items()
+        if not 0 < found.get(name, 0) <= ms
+    ]
+    if loose:
+        fixes = "; ".join(
+            f"ALTER ROLE <role> SET {name} = '{ms}ms'" for name, ms in expected.items()
+        )
+        warnings.warn(
+            f"through PgBouncer tokendb cannot set its timeouts on the connection, and the "
+            f"server's defaults do not provide them: {', '.join(loose)}. Set them for the "
+            f"application role (or database): {fixes}",
+            ConfigurationWarning,
+            stacklevel=4,
+        )
 
 
 def is_initialised() -> bool:
@@ -363,8 +428,8 @@ async def close() -> None:
     Raises:
         DatabaseError: closing the pool failed.
     """
-    global _initialised_url
-    _initialised_url = None
+    global _initialised
+    _initialised = None
     await _key_cache.stop()
     await _close_connections()
 
@@ -407,19 +472,22 @@ async def migrate(database_url: str | None = None) -> list[str]:
 
     ``database_url`` defaults to the database tokendb was initialised on
     (:func:`init`, :func:`tortoise_orm`), else is resolved as by :func:`init`
-    (``DATABASE_URL``, else the embedded server).
+    (``DATABASE_URL``, else the embedded server). Migrations hold a
+    session-level advisory lock, which PgBouncer's transaction pooling
+    breaks: for a URL that goes through PgBouncer (``?pgbouncer=true``)
+    they run on ``TOKENDB_DIRECT_URL`` when the URL came from the
+    environment, and are refused otherwise.
 
     Each migration runs in its own transaction, so a failing one leaves the
     schema as it was. Runs on a connection of its own: the pool opened by
     :func:`init` (if any) is left untouched.
 
     Raises:
-        ConfigurationError: a missing or malformed URL, or missing migrations.
+        ConfigurationError: a missing or malformed URL, missing migrations, or a URL
+            through PgBouncer without a direct one.
         DatabaseUnavailable: the server cannot be reached.
         DatabaseError: a migration failed (the schema is left as it was).
     """
-    if database_url is None:
-        database_url = _initialised_url
     return await _upgrade(database_url, migrations_location())
 
 
@@ -445,14 +513,17 @@ async def run_aerich(
     """Run ``action(command)`` with an initialised ``aerich.Command`` for ``app``.
 
     ``app`` defaults to tokendb's, ``location`` to :func:`migrations_location`;
-    ``apps`` are the host's apps (for a host app's own migrations). A fresh
+    ``apps`` are the host's apps (for a host app's own migrations).
+    ``database_url`` defaults to :func:`init`'s database; one through
+    PgBouncer is replaced by ``TOKENDB_DIRECT_URL`` or refused, as in
+    :func:`migrate` (raises :class:`ConfigurationError` then). A fresh
     Tortoise context in a child task: Aerich closes the connections of
     whatever context it runs in, and must not close the application's.
     """
     from aerich import Command
     from tortoise.context import TortoiseContext, _current_context
 
-    config = config_for(await resolve_database_async(database_url), apps=apps)
+    config = config_for(await _migration_database(database_url), apps=apps)
     credentials = config["connections"]["default"]["credentials"]
     # One connection holds the migration lock, one runs the migrations.
     credentials["minsize"], credentials["maxsize"] = 1, 2
@@ -479,3 +550,24 @@ async def run_aerich(
                 await context.close_connections()
 
     return await asyncio.create_task(isolated())
+
+
+async def _migration_database(database_url: str | None) -> ResolvedDatabase:
+    """Where migrations run: ``database_url``, else :func:`init`'s database, else the
+    configured one; a direct URL instead of one through PgBouncer."""
+    if database_url is None and _initialised is not None:
+        database = _initialised
+    else:
+        database = await resolve_database_async(database_url)
+    if not database.pgbouncer:
+        return database
+    direct = None if database.explicit else direct_url_from_env()
+    if direct is None:
+        raise ConfigurationError(
+            f"{database.variable} goes through PgBouncer (pgbouncer=true), whose transaction "
+            "pooling breaks the session-level lock migrations hold: migrate with a direct URL "
+            "to PostgreSQL (tokendb migrate --database-url postgres://…:5432/…, or set "
+            "TOKENDB_DIRECT_URL next to DATABASE_URL)",
+            variable=database.variable,
+        )
+    return ResolvedDatabase(direct, "TOKENDB_DIRECT_URL", embedded=False)

@@ -243,10 +243,13 @@ class HoldExpired(HoldNotActive):
 
 
 class CaptureExceedsHold(ValidationError):
-    """A capture of ``requested`` tokens from a hold of ``held`` tokens: nothing captured."""
+    """A capture of ``requested`` tokens from a hold of ``held`` tokens: nothing captured.
 
-    def __init__(self, hold_id: UUID, held: int, requested: int) -> None:
-        super().__init__("amount", f"hold {hold_id} holds {held} tokens, {requested} requested")
+    ``field`` is the argument at fault (``amount``; ``tokens`` for ``add_message``).
+    """
+
+    def __init__(self, hold_id: UUID, held: int, requested: int, *, field: str = "amount") -> None:
+        super().__init__(field, f"hold {hold_id} holds {held} tokens, {requested} requested")
         self.hold_id = hold_id
         self.held = held
         self.requested = requested

@@ -33,6 +33,7 @@ from tokendb.errors import (
     ChatSessionEnded,
     DatabaseUnavailable,
     EmailTaken,
+    HoldNotActive,
     InsufficientTokens,
     InvalidApiKey,
     InvalidCredentials,
@@ -68,7 +69,8 @@ STATUS_CODES: tuple[tuple[type[TokenDBError], int], ...] = (
     (ReferenceConflict, 409),
     (RefundExceedsCharge, 409),
     (ChatSessionEnded, 409),
-    (ValidationError, 422),
+    (HoldNotActive, 409),  # also HoldExpired
+    (ValidationError, 422),  # also CaptureExceedsHold
     (DatabaseUnavailable, 503),  # also DatabaseTimeout
 )
 """The HTTP status of each error class; the first ``isinstance`` match wins, else 500."""

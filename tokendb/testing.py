@@ -39,6 +39,15 @@ The test server is, in this order: ``--tokendb-url``;
 ``postgres://postgres@127.0.0.1:5432/postgres``; tokendb's embedded server
 (``tokendb[embedded]``, data dir ``TOKENDB_DATA_DIR`` or ``~/.tokendb``).
 
+Through PgBouncer: when that URL says ``?pgbouncer=true``, databases and
+roles are created, migrated and emptied on the server behind it
+(``TOKENDB_TEST_DIRECT_URL``, else the address PgBouncer reaches it at), and
+``tokendb_db``, ``tokendb_app_url`` and :func:`test_server_url` are direct
+URLs for the tests' own connections, while tokendb itself runs through
+PgBouncer (:func:`test_pooler_url`), its verify cache listening on the direct
+URL and the database's default ``statement_timeout``/``lock_timeout`` set to
+``init()``'s.
+
 Event loops: tests may run on pytest-asyncio's default function-scoped loops
 or on a session loop. The connection pool is opened by the first call in a
 test's loop; when that loop closes, its connections are shut down after the
@@ -73,6 +82,7 @@ import pytest
 
 import tokendb
 from tokendb import passwords, schema
+from tokendb.config import behind_pgbouncer
 
 try:
     import pytest_asyncio
@@ -89,6 +99,7 @@ __all__ = [
     "funded_user",
     "make_api_key",
     "make_user",
+    "test_pooler_url",
     "test_server_url",
     "throwaway_database",
     "tokendb_app_url",
@@ -110,6 +121,7 @@ TABLES = (
 )
 _PROBE_TIMEOUT = 3.0
 _server_url_key = pytest.StashKey[str]()
+_pooler_url_key = pytest.StashKey[str | None]()
 _app_tables_key = pytest.StashKey[list[str]]()
 _embedded_key = pytest.StashKey[bool]()
 _app_url_key = pytest.StashKey[str]()
@@ -158,7 +170,10 @@ def test_server_url(config: pytest.Config | None = None) -> str:
     ``--tokendb-url``, else ``TOKENDB_TEST_DATABASE_URL``, else
     :data:`DEFAULT_TEST_DATABASE_URL` when it accepts a connection, else the
     embedded server (started here, blocking). Decided once per session.
-    Raises :class:`pytest.UsageError` when there is none.
+    When that URL goes through PgBouncer (``?pgbouncer=true``), the server
+    behind it: ``TOKENDB_TEST_DIRECT_URL``, else the address PgBouncer
+    reaches it at (``inet_server_addr()``); :func:`test_pooler_url` is then
+    the PgBouncer URL. Raises :class:`pytest.UsageError` when there is none.
     """
     if config is not None and _server_url_key in config.stash:
         return config.stash[_server_url_key]
@@ -179,9 +194,68 @@ def test_server_url(config: pytest.Config | None = None) -> str:
         url = _with_database(embedded.ensure_server(tokendb_config.data_dir_from_env()), "postgres")
         if config is not None:
             config.stash[_embedded_key] = True
+    pooler = None
+    if behind_pgbouncer(url, variable="TOKENDB_TEST_DATABASE_URL"):
+        pooler, url = url, os.environ.get("TOKENDB_TEST_DIRECT_URL") or _server_behind(url)
     if config is not None:
         config.stash[_server_url_key] = url
+        config.stash[_pooler_url_key] = pooler
     return url
+
+
+def test_pooler_url(config: pytest.Config | None = None) -> str | None:
+    """The PgBouncer URL (``?pgbouncer=true``) tokendb runs through in the tests, or None.
+
+    Raises :class:`pytest.UsageError` as :func:`test_server_url`.
+    """
+    test_server_url(config)
+    if config is not None:
+        return config.stash[_pooler_url_key]
+    url = os.environ.get("TOKENDB_TEST_DATABASE_URL", "")
+    return url if url and behind_pgbouncer(url, variable="TOKENDB_TEST_DATABASE_URL") else None
+
+
+def _without_query(url: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(query=""))
+
+
+def _server_behind(pooler_url: str) -> str:
+    """The direct URL of the server the PgBouncer at ``pooler_url`` forwards to."""
+
+    async def ask() -> tuple[str | None, int | None]:
+        conn = await asyncpg.connect(
+            _asyncpg_dsn(_without_query(pooler_url)), statement_cache_size=0, timeout=_PROBE_TIMEOUT
+        )
+        try:
+            row = await conn.fetchrow("SELECT inet_server_addr()::text, inet_server_port()")
+        finally:
+            await conn.close()
+        assert row is not None
+        return row[0], row[1]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        address, port = pool.submit(asyncio.run, ask()).result()
+    if address is None or port is None:
+        raise pytest.UsageError(
+            "PgBouncer reaches the test server over a Unix socket: set TOKENDB_TEST_DIRECT_URL "
+            "to the server's own URL (databases are created and migrated there)"
+        )
+    host = address.split("/")[0]
+    host = f"[{host}]" if ":" in host else host
+    parts = urlsplit(pooler_url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
+
+
+def _through_pooler(url: str, pooler_url: str | None) -> str:
+    """The direct ``url``'s user, password and database through the PgBouncer at ``pooler_url``."""
+    if pooler_url is None:
+        return url
+    direct, pooler = urlsplit(url), urlsplit(pooler_url)
+    userinfo, host = direct.netloc.rpartition("@")[0], pooler.netloc.rpartition("@")[2]
+    netloc = f"{userinfo}@{host}" if userinfo else host
+    return urlunsplit(pooler._replace(netloc=netloc, path=direct.path))
 
 
 def _with_database(url: str, database: str) -> str:
@@ -439,11 +513,21 @@ async def tokendb_db(
 
     The URL connects as the owner of the tables (the server's admin role);
     under ``tokendb_app_role`` tokendb itself runs as an application role
-    (``tokendb_app_url``).
+    (``tokendb_app_url``). Through PgBouncer (:func:`test_pooler_url`), the
+    URL is direct and tokendb runs through PgBouncer.
     """
     from tokendb import _tortoise
+    from tokendb.connection import DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
 
     server_url = await asyncio.to_thread(test_server_url, request.config)
+    pooler_url = test_pooler_url(request.config)
+
+    def through(url: str) -> dict[str, Any]:
+        """init()'s URL and listener for the direct ``url``."""
+        if pooler_url is None:
+            return {"database_url": url}
+        return {"database_url": _through_pooler(url, pooler_url), "listen_url": url}
+
     if request.config.stash.get(_embedded_key, False):
         from tokendb import embedded
 
@@ -456,7 +540,14 @@ async def tokendb_db(
         async with throwaway_database(server_url) as url:
             await tokendb.migrate(url)
             await _create_app_tables(url, tortoise_apps, migrations)
-            await tokendb.init(url, apps=tortoise_apps, min_size=1, max_size=20)
+            if pooler_url is not None:
+                # What init() would set on a direct connection, as the database's defaults.
+                await _set_database_defaults(
+                    url,
+                    statement_timeout=f"{round(DEFAULT_STATEMENT_TIMEOUT * 1000)}ms",
+                    lock_timeout=f"{round(DEFAULT_LOCK_TIMEOUT * 1000)}ms",
+                )
+            await tokendb.init(**through(url), apps=tortoise_apps, min_size=1, max_size=20)
             try:
                 app_tables = _app_tables(list(tortoise_apps))
                 request.config.stash[_app_tables_key] = app_tables
@@ -465,7 +556,9 @@ async def tokendb_db(
                 as_app = bool(request.config.getini("tokendb_app_role"))
                 async with application_role(url, app_tables) if as_app else _as_owner(url) as runs:
                     if as_app:
-                        await tokendb.init(runs, apps=tortoise_apps, min_size=1, max_size=20)
+                        await tokendb.init(
+                            **through(runs), apps=tortoise_apps, min_size=1, max_size=20
+                        )
                     request.config.stash[_app_url_key] = runs
                     # Each test opens the pool in its own event loop (see pytest_runtest_teardown).
                     await _tortoise.close_pool(_tortoise.models_client())
@@ -477,10 +570,23 @@ async def tokendb_db(
                 await tokendb.close()
 
 
+async def _set_database_defaults(url: str, **settings: str) -> None:
+    """``ALTER DATABASE … SET name = value`` for ``url``'s database (as its owner)."""
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        for setting, value in settings.items():
+            literal = await conn.fetchval("SELECT quote_literal($1)", value)
+            await conn.execute(f'ALTER DATABASE "{name}" SET {setting} = {literal}')
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def tokendb_app_url(tokendb_db: str, request: pytest.FixtureRequest) -> str:
     """The URL tokendb is initialised with: the application role's under
-    ``tokendb_app_role``, else ``tokendb_db``'s (the owner's)."""
+    ``tokendb_app_role``, else ``tokendb_db``'s (the owner's); through PgBouncer,
+    its direct counterpart (tokendb's own URL goes through PgBouncer)."""
     return request.config.stash[_app_url_key]
 
 

@@ -12,16 +12,19 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from tokendb.models import MessageRole, TransactionType, UserRole
+from tokendb.models import HoldStatus, MessageRole, TransactionType, UserRole
 
 __all__ = [
     "ApiKeyOut",
+    "AvailableBalanceOut",
     "BalanceOut",
     "ChatMessageOut",
     "ChatSessionOut",
     "ErrorOut",
+    "HoldIn",
+    "HoldOut",
     "IssuedApiKeyOut",
     "TransactionOut",
     "UserOut",
@@ -38,6 +41,8 @@ class UserOut(_Out):
     name: str
     role: UserRole
     token_balance: int
+    held_tokens: int
+    """Tokens of active holds (expired ones nothing marked yet included)."""
     created_at: datetime
     updated_at: datetime
 
@@ -93,9 +98,39 @@ class ChatMessageOut(_Out):
     created_at: datetime
 
 
+class HoldOut(_Out):
+    """A token hold (:func:`tokendb.hold`)."""
+
+    id: UUID
+    user_id: UUID
+    amount: int
+    status: HoldStatus
+    reference_id: UUID | None
+    description: str | None
+    expires_at: datetime
+    created_at: datetime
+    resolved_at: datetime | None
+    captured_amount: int | None
+    captured_transaction_id: UUID | None
+
+
+class HoldIn(BaseModel):
+    """A request to hold tokens: the keyword arguments of :func:`tokendb.hold` but the user."""
+
+    amount: int = Field(gt=0, le=2**31 - 1)
+    ttl: float = Field(gt=0, le=24 * 3600, description="Seconds, at most 24 hours.")
+    reference_id: UUID | None = None
+    description: str | None = Field(default=None, max_length=1000)
+
+
 class BalanceOut(BaseModel):
     user_id: UUID
     balance: int
+
+
+class AvailableBalanceOut(BalanceOut):
+    available: int
+    """The balance minus active holds (:func:`tokendb.get_available_balance`)."""
 
 
 class ErrorOut(BaseModel):
