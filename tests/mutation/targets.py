@@ -101,7 +101,6 @@ BACKSTOP_TESTS: tuple[str, ...] = (
     # 6, verify cache: what a change of another client tells the cache
     "tests/test_verify_cache.py::test_another_clients_change_reaches_the_cache",
     "tests/test_verify_cache.py::test_a_user_change_reaches_the_cache",
-    "tests/test_verify_cache.py::test_truncate_empties_the_cache",
     # 7, usage: raw rows of the application role
     "tests/test_usage.py::test_the_application_role_cannot_write_the_rollup",
     "tests/test_usage.py::test_raw_usage_rows_of_the_application_role_are_rolled_up",
