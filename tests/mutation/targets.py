@@ -98,9 +98,6 @@ BACKSTOP_TESTS: tuple[str, ...] = (
     "tests/test_holds.py::test_the_application_role_cannot_fake_holds",  # 3, holds
     "tests/test_integrity.py::test_a_users_id_never_changes_so_no_balance_slips_past_its_check",
     "tests/test_integrity.py::test_an_api_keys_id_never_changes",  # 4, ids immutable
-    # 6, verify cache: what a change of another client tells the cache
-    "tests/test_verify_cache.py::test_another_clients_change_reaches_the_cache",
-    "tests/test_verify_cache.py::test_a_user_change_reaches_the_cache",
     # 7, usage: raw rows of the application role
     "tests/test_usage.py::test_the_application_role_cannot_write_the_rollup",
     "tests/test_usage.py::test_raw_usage_rows_of_the_application_role_are_rolled_up",
