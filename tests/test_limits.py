@@ -240,7 +240,7 @@ async def test_set_api_key_limit_takes_effect(lanes: str, make_api_key) -> None:
     await tokendb.set_api_key_limit(api_key=key, token_limit=70, limit_period=LimitPeriod.DAY)
     await charge(key, 20)
     removed = await tokendb.set_api_key_limit(api_key=key, token_limit=None, limit_period=None)
-    assert (removed.token_limit, removed.limit_period) == (None, None)
+    assert (removed.token_limit, removed.limit_period) == (None, None)  # type: ignore[comparison-overlap]
     await charge(key, 500)
 
 
