@@ -73,7 +73,15 @@ async def verify(pool: asyncpg.Pool, secret: str) -> asyncpg.Record:
 async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens: int) -> Any:
     """Message + session total + debit: :data:`tokendb._ledger_sql.ADD_MESSAGE`."""
     row = await pool.fetchrow(
-        _ledger_sql.ADD_MESSAGE, new_id(), session_id, "user", content, tokens, new_id(), None
+        _ledger_sql.ADD_MESSAGE,
+        new_id(),
+        session_id,
+        "user",
+        content,
+        tokens,
+        new_id(),
+        None,
+        False,  # the key's limit not decided here: nothing moves through a limited key
     )
     if row is None:
         raise RuntimeError("session ended")

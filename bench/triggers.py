@@ -142,6 +142,7 @@ async def main(server_url: str, rounds: int, runs: int) -> None:
                     1,
                     new_id(),
                     None,
+                    False,
                 ),
                 f"batch of {BATCH} charges of one user (BATCH)": lambda: (
                     _ledger_sql.BATCH,

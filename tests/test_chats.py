@@ -391,7 +391,7 @@ async def test_a_session_ends_after_its_last_message(tokendb_clean: str, chat) -
         await holder.execute("SELECT 1 FROM chat_sessions WHERE id = $1 FOR UPDATE", session.id)
         ending = asyncio.ensure_future(tokendb.end_chat(session=session))
         await blocked_backends(holder, like="UPDATE chat_sessions%")
-        arguments = (uuid.uuid4(), session.id, "user", "late", 0, uuid.uuid4(), None)
+        arguments = (uuid.uuid4(), session.id, "user", "late", 0, uuid.uuid4(), None, False)
         await holder.execute(_ledger_sql.ADD_MESSAGE, *arguments)
         await tx.commit()
         ended = await asyncio.wait_for(ending, 10)

@@ -8,6 +8,7 @@ bad input first.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -931,3 +932,39 @@ async def test_backstops_are_the_named_checks_triggers_and_unique_indexes_of_the
     generated = {name for name in present if name.endswith(("_pkey", "_fkey", "_idx"))}
     generated |= {"users_email_key", "api_keys_key_hash_key"}  # UNIQUE columns of the init
     assert present - generated == set(BACKSTOPS)
+
+
+async def test_each_change_a_cached_verification_depends_on_is_notified(tokendb_db: str) -> None:
+    """Migration 6: whoever changes a key or its user (raw SQL here), the verify
+    caches hear it at commit on ``tokendb_api_keys``: a changed or deleted key
+    by its hash, a changed user as ``u:<id>``, a TRUNCATE as ``*``; verify's
+    touch of ``last_used_at`` alone sends nothing. (TRUNCATE users always
+    cascades to api_keys, whose trigger sends the same ``*``.) Each change is
+    committed: a rolled-back one notifies nobody."""
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener, raw = await asyncpg.connect(tokendb_db), await asyncpg.connect(tokendb_db)
+    await listener.add_listener("tokendb_api_keys", lambda *args: heard.put_nowait(args[3]))
+    try:
+
+        async def next_heard() -> str:
+            return await asyncio.wait_for(heard.get(), 10)
+
+        user_id = await insert_user(raw)
+        key_id = await insert_key(raw, user_id)
+        key_hash = await raw.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", key_id)
+        await raw.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", key_id)
+        await raw.execute("SELECT pg_notify('tokendb_api_keys', 'then')")
+        assert await next_heard() == "then"  # the touch sent nothing before it
+        await raw.execute("UPDATE api_keys SET is_active = false WHERE id = $1", key_id)
+        assert await next_heard() == key_hash
+        await raw.execute("UPDATE users SET role = 'admin' WHERE id = $1", user_id)
+        assert await next_heard() == f"u:{user_id}"
+        other = await insert_key(raw, user_id)
+        other_hash = await raw.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", other)
+        await raw.execute("DELETE FROM api_keys WHERE id = $1", other)
+        assert await next_heard() == other_hash
+        await raw.execute("TRUNCATE api_keys CASCADE")
+        assert await next_heard() == "*"
+    finally:
+        await listener.close()
+        await raw.close()

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 from tortoise.exceptions import ConfigurationError as TortoiseConfigurationError
-from tortoise.exceptions import OperationalError
+from tortoise.exceptions import IntegrityError, OperationalError
 
 import tokendb
 from tests.helpers import refusing_ledger_rows
@@ -152,6 +152,19 @@ def test_a_refusal_names_its_constraint_and_a_tokendb_error_passes_through() -> 
     assert translate(refused("no", "users_role_valid")).constraint == "users_role_valid"  # type: ignore[attr-defined]
     already = tokendb.NotFound("user", "x")
     assert translate(already) is already
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["asyncpg", "tortoise"])
+def test_a_refusal_says_what_was_refused_not_the_row(wrapped: bool) -> None:
+    """PostgreSQL's DETAIL quotes the refused row (a password hash, its argon2
+    salt); a translated error keeps the server's primary message only, whether
+    asyncpg raised it or Tortoise wrapped it."""
+    exc = refused('new row violates check constraint "users_role_valid"', "users_role_valid")
+    exc.detail = "Failing row contains ($argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA)."
+    assert "c2FsdA" in str(exc)
+    error = translate(IntegrityError(exc) if wrapped else exc)
+    assert 'violates check constraint "users_role_valid"' in str(error)
+    assert "c2FsdA" not in str(error) and "DETAIL" not in str(error)
 
 
 @pytest.mark.parametrize(

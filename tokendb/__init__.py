@@ -14,6 +14,7 @@ billed. Every public name is importable from here::
 from tokendb.api_keys import issue_api_key as issue_api_key
 from tokendb.api_keys import list_api_keys as list_api_keys
 from tokendb.api_keys import revoke_api_key as revoke_api_key
+from tokendb.api_keys import set_api_key_limit as set_api_key_limit
 from tokendb.api_keys import verify_api_key as verify_api_key
 from tokendb.api_keys import verify_cache_stats as verify_cache_stats
 from tokendb.chats import ChatDiscrepancy as ChatDiscrepancy
@@ -46,6 +47,7 @@ from tokendb.errors import HoldNotActive as HoldNotActive
 from tokendb.errors import InsufficientTokens as InsufficientTokens
 from tokendb.errors import InvalidApiKey as InvalidApiKey
 from tokendb.errors import InvalidCredentials as InvalidCredentials
+from tokendb.errors import KeyLimitExceeded as KeyLimitExceeded
 from tokendb.errors import NotFound as NotFound
 from tokendb.errors import PermissionDenied as PermissionDenied
 from tokendb.errors import ReferenceConflict as ReferenceConflict
@@ -117,6 +119,7 @@ __all__ = [
     "InsufficientTokens",
     "InvalidApiKey",
     "InvalidCredentials",
+    "KeyLimitExceeded",
     "LedgerDiscrepancy",
     "LimitPeriod",
     "MessageRole",
@@ -167,6 +170,7 @@ __all__ = [
     "refund",
     "release",
     "revoke_api_key",
+    "set_api_key_limit",
     "set_role",
     "start_chat",
     "top_up",

@@ -15,13 +15,17 @@ user's row lock held                        delta >= 0``), :data:`BATCH` (the wa
 a repeated ``reference_id`` moves nothing   :data:`MOVE` (``prior``), :data:`BATCH`
 a ledger row's columns                      :func:`_record` (from the model)
 refunds within their charge                 :func:`refund` (lock, then sum)
+a key's limit, decided under its row lock   :func:`_move_under_lock` with
+                                            :mod:`tokendb._limits_sql`; the
+                                            statements move nothing through a
+                                            limited key (``token_limit IS NULL``)
 the books balance                           :data:`AUDIT`, :data:`AUDIT_USER`,
                                             :data:`AUDIT_SINCE_CHECKPOINT`
 ==========================================  =======================================
 
 What comes next goes here too: a condition on the available balance (holds)
-or a per-key limit belongs in the ``WHERE`` of :data:`MOVE`, in the walk of
-:data:`BATCH` and in :data:`ADD_MESSAGE`'s debit; a new ledger column is a
+belongs in the ``WHERE`` of :data:`MOVE`, in the walk of :data:`BATCH` and
+in :data:`ADD_MESSAGE`'s debit; a new ledger column is a
 value in each :func:`_record` call; a rollup written with the movement is one
 more CTE of each statement that calls :func:`_record`.
 
@@ -106,7 +110,7 @@ from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db, _keyset, _sql
+from tokendb import _args, _db, _keyset, _limits_sql, _sql
 from tokendb._rows import to_model
 from tokendb._translate import RETRYABLE, TIMED_OUT, translate
 from tokendb.errors import (
@@ -140,6 +144,7 @@ __all__ = [
     "LOCK_USER",
     "MARKS",
     "MOVE",
+    "MOVE_DECIDED",
     "PAGES",
     "REFUNDED",
     "SWEEP_USER",
@@ -214,18 +219,28 @@ WITH prior AS (
     UPDATE users                                    -- the user's row lock is taken here
     SET token_balance = token_balance + $2, updated_at = clock_timestamp()
     WHERE id = $1 AND token_balance - held_tokens + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
-      AND ($7::uuid IS NULL OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = $7 AND k.user_id = $1))
+      AND ($7::uuid IS NULL OR EXISTS (
+          SELECT 1 FROM api_keys k WHERE k.id = $7 AND k.user_id = $1 AND k.token_limit IS NULL
+      ))                                            -- a limited key: the locked path
     RETURNING id, token_balance
 )
 {_MOVED}
 RETURNING *
 """
+"""One movement in one statement: nothing moves through a key with a limit
+(:mod:`tokendb._limits_sql` decides those under the key's lock)."""
+
+_UNLIMITED = " AND k.token_limit IS NULL"
+assert MOVE.count(_UNLIMITED) == 1
+MOVE_DECIDED = MOVE.replace(_UNLIMITED, "")
+""":data:`MOVE` whose key's limit was decided by the caller under the key's lock (or does
+not apply: a refund)."""
 
 BY_REFERENCE = (
     "SELECT * FROM token_transactions WHERE user_id = $1 AND type = $2 AND reference_id = $3"
 )
 BALANCE = "SELECT token_balance, held_tokens FROM users WHERE id = $1"
-KEY_OWNER = "SELECT user_id FROM api_keys WHERE id = $1"
+KEY_OWNER = "SELECT user_id, token_limit FROM api_keys WHERE id = $1"
 LOCK_USER = "SELECT token_balance, held_tokens FROM users WHERE id = $1 FOR UPDATE"
 
 # $1 user, whose row lock the caller holds: its expired holds are marked and
@@ -274,6 +289,8 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
     user_id, requested, text, reference, key_id, model = movement
     delta = -requested if kind is TransactionType.USAGE else requested
     arguments = (user_id, delta, kind.value, new_id(), reference, text, key_id, model)
+    if key_id is not None and _limits_sql.probably_limited(key_id):
+        return await _move_under_lock(arguments, requested)
     try:
         rows = await _db.write(MOVE, *arguments)
     except asyncpg.UniqueViolationError as exc:
@@ -292,8 +309,12 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
     found = await spendable_or_none(user_id)
     if found is None:
         raise NotFound("user", user_id)
-    if key_id is not None and not await _key_is_users(key_id, user_id):
-        raise NotFound("API key", key_id)
+    if key_id is not None:
+        keys = await _db.read(KEY_OWNER, key_id)
+        if not keys or keys[0]["user_id"] != user_id:
+            raise NotFound("API key", key_id)
+        if keys[0]["token_limit"] is not None:
+            return await _move_under_lock(arguments, requested)  # decided under the key's lock
     available, holds = found
     if delta < 0 and available + delta < 0 and not holds:
         raise InsufficientTokens(user_id, available, requested)
@@ -301,27 +322,32 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
     return await _move_under_lock(arguments, requested)
 
 
-async def _key_is_users(key_id: UUID, user_id: UUID) -> bool:
-    rows = await _db.read(KEY_OWNER, key_id)
-    return bool(rows) and rows[0]["user_id"] == user_id
-
-
 async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenTransaction:
-    """:data:`MOVE` again, in a transaction that holds the user's row lock first
-    (and has freed the user's expired holds: :func:`available_under_lock`)."""
-    user_id, delta, kind, _, reference, *_ = arguments
+    """:data:`MOVE_DECIDED` in a transaction that holds the key's row lock (when the
+    movement is through a key) and then the user's (and has freed the user's
+    expired holds: :func:`available_under_lock`).
+
+    Through a key with a limit, the window is read after the key's lock, in
+    a statement of its own, and the movement refused past the limit
+    (:func:`tokendb._limits_sql.check`). A repeated reference is a repeat
+    before it is a movement: it neither counts nor is refused.
+    """
+    user_id, delta, kind, _, reference, _, key_id, _ = arguments
 
     async def body(conn: _db.Connection) -> TokenTransaction:
-        available = await available_under_lock(conn, user_id)
-        if available is None:
-            raise NotFound("user", user_id)
-        row = await conn.fetchrow(MOVE, *arguments)
-        if row is not None:
-            return to_model(TokenTransaction, row)
+        limit = None if key_id is None else await _limits_sql.lock_key(conn, key_id, user_id)
         if reference is not None:
             existing = await conn.fetchrow(BY_REFERENCE, user_id, kind, reference)
             if existing is not None:
                 return _as_repeat(to_model(TokenTransaction, existing), delta)
+        if limit is not None:
+            await _limits_sql.check(conn, key_id, limit, requested)
+        available = await available_under_lock(conn, user_id)
+        if available is None:
+            raise NotFound("user", user_id)
+        row = await conn.fetchrow(MOVE_DECIDED, *arguments)
+        if row is not None:
+            return to_model(TokenTransaction, row)
         raise InsufficientTokens(user_id, available, requested)
 
     with _args.fits_integer_column("amount"):
@@ -385,6 +411,7 @@ BATCH = f"""
 WITH RECURSIVE items AS MATERIALIZED (
     SELECT i.seq, i.user_id, i.amount, i.id, i.reference_id, i.description, i.api_key_id,
            i.model, i.api_key_id IS NULL OR k.user_id IS NOT DISTINCT FROM i.user_id AS key_ok,
+           k.token_limit IS NOT NULL AS limited,  -- decided alone, under the key's lock
            row_number() OVER (PARTITION BY i.user_id ORDER BY i.seq) AS rank
     FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[],
                 $7::text[])
@@ -412,6 +439,7 @@ WITH RECURSIVE items AS MATERIALIZED (
     CROSS JOIN LATERAL (
         SELECT CASE
             WHEN NOT i.key_ok THEN 'nokey'
+            WHEN i.limited THEN 'limited'
             WHEN i.reference_id = ANY(w.moved_refs) OR EXISTS (
                 SELECT 1 FROM prior p
                 WHERE p.user_id = i.user_id AND p.reference_id = i.reference_id
@@ -502,6 +530,7 @@ async def charge_batch(movements: Sequence[Movement]) -> list[Outcome]:
             if outcome is None:
                 # Refused while the user had holds, some maybe expired: alone,
                 # the call would have had the second look that frees them.
+                # Or through a limited key: decided alone, under its lock.
                 outcomes[index] = await _charge_alone(movements[index])
         return [outcome for outcome in outcomes if outcome is not None]
     return [await _charge_alone(movement) for movement in movements]
@@ -608,7 +637,8 @@ def _outcomes(
 ) -> list[Outcome | None]:
     """Each movement's outcome from :data:`BATCH`'s rows; None for one refused while
     its user had holds (its call alone then has the second look that frees
-    them). A movement without a row (its user was not there to lock, or,
+    them) and for one through a key with a limit (decided alone, under the
+    key's lock). A movement without a row (its user was not there to lock, or,
     skipping locked rows, was locked) is ``unlocked``: :class:`NotFound`, or
     None (undecided: alone, too)."""
     by_seq = {row["seq"]: row for row in rows}
@@ -621,6 +651,10 @@ def _outcomes(
         elif row["outcome"] == "nokey":
             assert key_id is not None
             outcomes.append(NotFound("API key", key_id))
+        elif row["outcome"] == "limited":
+            assert key_id is not None
+            _limits_sql.remember(key_id, limited=True)
+            outcomes.append(None)  # alone, as if it had come alone
         elif row["outcome"] == "moved":
             charged = to_model(TokenTransaction, row, "row_")
             if reference is not None:
@@ -686,7 +720,7 @@ async def refund(
         if wanted <= 0 or wanted > refundable:
             raise RefundExceedsCharge(charge_id, refundable, wanted)
         row = await conn.fetchrow(
-            MOVE,
+            MOVE_DECIDED,  # a credit: no key limit to decide
             locked["user_id"],
             wanted,
             TransactionType.REFUND.value,
@@ -783,7 +817,9 @@ _MESSAGE_BACK = ", ".join(
 message of megabytes back would cost the caller's event loop as much again."""
 
 # chats.add_message: $1 message id, $2 session, $3 role, $4 content, $5 tokens,
-# $6 the usage row's id, $7 the session's owner or NULL.
+# $6 the usage row's id, $7 the session's owner or NULL, $8 true when the caller
+# holds the session's key's lock and decided its limit (else nothing is written
+# through a key with a limit: the caller takes the locked path).
 # Session row first (tokens_used), then the user row (the debit). If the
 # debit would go below zero, users_token_balance_nonnegative aborts the
 # whole statement: the session update and the message go with it.
@@ -791,6 +827,10 @@ ADD_MESSAGE = f"""
 WITH session AS (
     UPDATE chat_sessions SET tokens_used = tokens_used + $5
     WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
+      AND ($8::bool OR $5 = 0 OR NOT EXISTS (
+          SELECT 1 FROM api_keys k
+          WHERE k.id = chat_sessions.api_key_id AND k.token_limit IS NOT NULL
+      ))
     RETURNING id, user_id, api_key_id, model, tokens_used
 ), debit AS (
     UPDATE users

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from tokendb import _args, _db, _key_cache, _keyset, _sql, keys
+from tokendb import _args, _db, _key_cache, _keyset, _limits_sql, _sql, keys
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import (
@@ -30,13 +30,14 @@ from tokendb.errors import (
     ValidationError,
 )
 from tokendb.ids import new_id
-from tokendb.models import ApiKey, User
+from tokendb.models import ApiKey, LimitPeriod, User
 
 __all__ = [
     "DEFAULT_TOUCH_INTERVAL",
     "issue_api_key",
     "list_api_keys",
     "revoke_api_key",
+    "set_api_key_limit",
     "verify_api_key",
     "verify_cache_stats",
 ]
@@ -57,10 +58,13 @@ _NEW_KEY = _sql.insert(
         "is_active": "true",
         "expires_at": "$7",
         "created_at": "clock_timestamp()",
+        "token_limit": "$8",
+        "limit_period": "$9",
     },
     source="users",
 )
-# $1 new id, $2 the user, $3 hash, $4 display prefix, $5 name, $6 permissions (JSON), $7 expiry.
+# $1 new id, $2 the user, $3 hash, $4 display prefix, $5 name, $6 permissions (JSON), $7 expiry,
+# $8 token limit, $9 its period (both NULL: no limit).
 _ISSUE = f"""
 {_NEW_KEY}
 WHERE id = $2
@@ -89,6 +93,8 @@ async def issue_api_key(
     name: str,
     permissions: list[str] | None = None,
     expires_at: datetime | None = None,
+    token_limit: int | None = None,
+    limit_period: LimitPeriod | str | None = None,
 ) -> tuple[ApiKey, str]:
     """Create an API key for ``user``; return ``(api_key, secret)``.
 
@@ -98,8 +104,12 @@ async def issue_api_key(
     :data:`~tokendb.keys.DEFAULT_PERMISSIONS` (``["*"]``, every permission).
     ``expires_at`` must be timezone-aware and in the future.
 
+    ``token_limit`` and ``limit_period`` (both or neither) cap the key's
+    usage: at most ``token_limit`` tokens per ``"day"`` or ``"month"`` (UTC
+    calendar windows) or ``"total"``; see :func:`set_api_key_limit`.
+
     Raises:
-        ValidationError: a bad name, scope or expiry.
+        ValidationError: a bad name, scope, expiry or limit.
         NotFound: unknown user.
         DatabaseUnavailable: the database is unreachable, or the connection was lost
             (``.outcome_unknown`` once the write was sent).
@@ -110,6 +120,7 @@ async def issue_api_key(
     expiry = None if expires_at is None else _args.aware_datetime(expires_at, "expires_at")
     if expiry is not None and expiry <= datetime.now(expiry.tzinfo):
         raise ValidationError("expires_at", "must be in the future")
+    limit, period = _limit(token_limit, limit_period)
     secret = keys.generate_key()
     rows = await _db.write(
         _ISSUE,
@@ -120,10 +131,65 @@ async def issue_api_key(
         clean_name,
         json.dumps(scopes),
         expiry,
+        limit,
+        period,
     )
     if not rows:
         raise NotFound("user", user_id)
     return to_model(ApiKey, rows[0]), secret
+
+
+_BIGINT_MAX = 2**63 - 1
+
+
+def _limit(token_limit: Any, limit_period: Any) -> tuple[int | None, str | None]:
+    """A key's limit and period, both or neither (the column values)."""
+    if token_limit is None and limit_period is None:
+        return None, None
+    if token_limit is None:
+        raise ValidationError("token_limit", "is required with limit_period")
+    if limit_period is None:
+        raise ValidationError("limit_period", "is required with token_limit")
+    limit = _args.whole_number(token_limit, "token_limit", minimum=1, maximum=_BIGINT_MAX)
+    return limit, _args.enum_member(limit_period, LimitPeriod, "limit_period").value
+
+
+_SET_LIMIT = "UPDATE api_keys SET token_limit = $2, limit_period = $3 WHERE id = $1 RETURNING *"
+
+
+@translated
+async def set_api_key_limit(
+    *,
+    api_key: ApiKey | UUID | str,
+    token_limit: int | None,
+    limit_period: LimitPeriod | str | None,
+) -> ApiKey:
+    """Set (or, with both ``None``, remove) ``api_key``'s usage limit; return the key.
+
+    At most ``token_limit`` (1 to 2**63-1) tokens of usage per
+    ``limit_period``: ``"day"`` and ``"month"`` are UTC calendar windows,
+    ``"total"`` the key's whole life. A charge or chat message through the
+    key is refused with
+    :class:`~tokendb.KeyLimitExceeded` when the window's usage (net of
+    refunds, read from the ledger's rollup: nothing is reset by a job), plus
+    the key's active holds, plus the request would exceed it. The change
+    applies to every movement that starts after it returns; usage already
+    booked stays, even past a lowered limit.
+
+    Raises:
+        NotFound: unknown key.
+        ValidationError: one of the two without the other, a limit that is
+            not a positive whole number, or an unknown period.
+        DatabaseUnavailable: the database is unreachable, or the connection was lost
+            (``.outcome_unknown`` once the write was sent).
+    """
+    key_id = _args.ref_id(api_key, "api_key", ApiKey)
+    limit, period = _limit(token_limit, limit_period)
+    rows = await _db.write(_SET_LIMIT, key_id, limit, period)
+    if not rows:
+        raise NotFound("API key", key_id)
+    _limits_sql.remember(key_id, limited=limit is not None)
+    return to_model(ApiKey, rows[0])
 
 
 def _touch_interval(value: Any) -> timedelta:

@@ -7,6 +7,11 @@ holds after every call. Lock order is session row, then user row (then a
 hold: :data:`_ledger_sql.ADD_MESSAGE_CAPTURE`), everywhere; no code path
 takes them the other way round, so chats cannot deadlock with each other,
 with the ledger or with holds (which lock a user, then its holds).
+
+A session whose key has a ``token_limit`` is billed in a transaction that
+locks the key's row first (key, session, user: the ledger's limited path
+also takes a key before its user), reads the key's window after the lock
+and refuses past the limit (:mod:`tokendb._limits_sql`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ from uuid import UUID
 
 import asyncpg
 
-from tokendb import _args, _db, _holds_sql, _keyset, _ledger_sql, _settings, _sql, _waits
+from tokendb import (
+    _args,
+    _db,
+    _holds_sql,
+    _keyset,
+    _ledger_sql,
+    _limits_sql,
+    _settings,
+    _sql,
+    _waits,
+)
 from tokendb._rows import to_model
 from tokendb._translate import translated
 from tokendb.errors import (
@@ -84,7 +99,7 @@ RETURNING *
 _OWNED = f"WHERE id = $1 AND {_sql.owned_by('$2')}"
 _KEY_STATE = f"SELECT key_prefix, is_active, expires_at FROM api_keys {_OWNED}"
 _SESSION = f"SELECT * FROM chat_sessions {_OWNED}"
-_SESSION_STATE = f"SELECT ended_at FROM chat_sessions {_OWNED}"
+_SESSION_STATE = f"SELECT ended_at, api_key_id FROM chat_sessions {_OWNED}"
 _LOCK_OPEN_SESSION = f"SELECT user_id FROM chat_sessions {_OWNED} AND ended_at IS NULL FOR UPDATE"
 _END = (
     f"UPDATE chat_sessions SET ended_at = coalesce(ended_at, clock_timestamp()) {_OWNED} "
@@ -151,8 +166,15 @@ async def add_message(
     A repeat with a hold captured by a message of this session with the same
     tokens returns that message.
 
+    Through a session whose key has a ``token_limit``, the message is
+    refused when the key's window (plus its active holds) cannot take
+    ``tokens`` more: decided under the key's row lock, so concurrent
+    messages cannot pass the limit together.
+
     Raises:
         InsufficientTokens: the balance does not cover ``tokens``; nothing stored.
+        KeyLimitExceeded: the session's key is past its limit (``.limit``,
+            ``.used``, ``.requested``, ``.period``); nothing stored.
         ChatSessionEnded: the session has ended; nothing stored.
         HoldExpired: the hold expired; nothing stored.
         HoldNotActive: the hold was released or captured already (``.status``).
@@ -167,13 +189,13 @@ async def add_message(
     body = _args.text(content, "content", max_length=MAX_CONTENT_LENGTH, min_length=0, strip=False)
     cost = _args.whole_number(tokens, "tokens", minimum=0)
     owner = _args.owner(user)
-    arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner)
+    arguments = (new_id(), session_id, member.value, body, cost, new_id(), owner, False)
     if hold is not None:
         hold_id = _args.ref_id(hold, "hold", TokenHold)
         if isinstance(hold, TokenHold) and cost > hold.amount:
             raise CaptureExceedsHold(hold_id, hold.amount, cost, field="tokens")
         async with _heavy_budget(len(body)):
-            return await _add_captured(arguments, hold_id)
+            return await _add_captured(arguments[:-1], hold_id)
     async with _heavy_budget(len(body)):
         with _args.fits_integer_column("tokens"):
             try:
@@ -182,11 +204,16 @@ async def add_message(
                 if exc.constraint_name not in _SHORT:
                     raise
                 rows = await _db.transaction(lambda conn: _add_under_lock(conn, arguments))
+            if not rows:
+                state = await _db.read(_SESSION_STATE, session_id, owner)
+                if not state:
+                    raise NotFound("chat session", session_id)
+                key_id = state[0]["api_key_id"]
+                if state[0]["ended_at"] is None and cost > 0 and key_id is not None:
+                    # Open, and refused: its key has a limit (set maybe since the statement).
+                    rows = await _db.transaction(lambda conn: _add_limited(conn, arguments, key_id))
     if rows:
         return to_model(ChatMessage, {**rows[0], "content": body})  # not echoed back
-    state = await _db.read(_SESSION_STATE, session_id, owner)
-    if not state:
-        raise NotFound("chat session", session_id)
     raise ChatSessionEnded(session_id)
 
 
@@ -276,7 +303,7 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
     covers the message. Locking the session then the user (the usual order)
     makes the balance the decision is made on the one that is reported.
     """
-    _, session_id, _, _, cost, _, owner = arguments
+    _, session_id, _, _, cost, _, owner, _ = arguments
     user_id = await conn.fetchval(_LOCK_OPEN_SESSION, session_id, owner)
     if user_id is None:
         return []  # ended or gone meanwhile: the caller tells which
@@ -285,6 +312,19 @@ async def _add_under_lock(conn: asyncpg.Connection, arguments: tuple[Any, ...]) 
     if available < cost:
         raise InsufficientTokens(user_id, available, cost)
     return await conn.fetch(_ledger_sql.ADD_MESSAGE, *arguments)
+
+
+async def _add_limited(
+    conn: asyncpg.Connection, arguments: tuple[Any, ...], key_id: UUID
+) -> list[Any]:
+    """:data:`_ledger_sql.ADD_MESSAGE` through a key with a limit: the key's row
+    locked, then the session's and the user's (:func:`_add_under_lock`), the
+    window read after the key's lock and the message refused past the limit."""
+    cost = arguments[4]
+    limit = await _limits_sql.lock_key(conn, key_id, None)
+    if limit is not None:
+        await _limits_sql.check(conn, key_id, limit, cost)
+    return await _add_under_lock(conn, (*arguments[:-1], True))
 
 
 @translated

@@ -18,6 +18,8 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID
 
+from tokendb.models import LimitPeriod
+
 __all__ = [
     "ApiKeyExpired",
     "ApiKeyRevoked",
@@ -34,6 +36,7 @@ __all__ = [
     "InsufficientTokens",
     "InvalidApiKey",
     "InvalidCredentials",
+    "KeyLimitExceeded",
     "NotFound",
     "PermissionDenied",
     "ReferenceConflict",
@@ -180,6 +183,30 @@ class InsufficientTokens(TokenDBError):
         self.user_id = user_id
         self.balance = balance
         self.requested = requested
+
+
+class KeyLimitExceeded(TokenDBError):
+    """A usage movement of ``requested`` tokens through API key ``api_key_id`` was refused:
+    the key may use ``limit`` tokens per ``period`` and has ``used`` of them.
+
+    ``used`` is the key's usage in the current window (net of refunds: a UTC
+    day, a UTC month, or its whole life for ``total``) plus its active
+    holds. Nothing was written. Not an :class:`InsufficientTokens`: the
+    user may have tokens, this key may not spend them (HTTP 429).
+    """
+
+    def __init__(
+        self, api_key_id: UUID, *, limit: int, used: int, requested: int, period: LimitPeriod
+    ) -> None:
+        super().__init__(
+            f"API key {api_key_id} has used {used} of its {limit} tokens per "
+            f"{period.value}, {requested} requested"
+        )
+        self.api_key_id = api_key_id
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        self.period = period
 
 
 class ReferenceConflict(TokenDBError):

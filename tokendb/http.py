@@ -15,9 +15,9 @@ Every error has one shape, ``{"error": "<class name>", "detail": "<message>",
 "fields": {...}}``, with the status of :data:`STATUS_CODES`: 401 invalid,
 revoked or expired key (with ``WWW-Authenticate: Bearer``), 403 missing
 permission, 402 insufficient tokens, 404 not found, 409 conflicts, 422
-validation, 503 database unavailable (with ``Retry-After``). Anything else is
-a 500 whose body names the error class only: its message may describe the
-deployment.
+validation, 429 an API key past its token limit, 503 database unavailable
+(with ``Retry-After``). Anything else is a 500 whose body names the error
+class only: its message may describe the deployment.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tokendb.errors import (
     InsufficientTokens,
     InvalidApiKey,
     InvalidCredentials,
+    KeyLimitExceeded,
     NotFound,
     PermissionDenied,
     ReferenceConflict,
@@ -64,6 +65,7 @@ STATUS_CODES: tuple[tuple[type[TokenDBError], int], ...] = (
     (InvalidCredentials, 401),
     (PermissionDenied, 403),
     (InsufficientTokens, 402),
+    (KeyLimitExceeded, 429),  # the user can pay, this key may not spend more now
     (NotFound, 404),
     (EmailTaken, 409),
     (ReferenceConflict, 409),

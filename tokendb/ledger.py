@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from tokendb import _args, _db, _keyset, _ledger_sql, _settings
+from tokendb import _args, _db, _keyset, _ledger_sql, _limits_sql, _settings
 from tokendb._group_commit import ALONE, Alone, GroupCommit
 from tokendb._ledger_sql import Movement, Outcome
 from tokendb._translate import translated
@@ -135,7 +135,11 @@ async def charge(
 
     ``api_key`` (one of ``user``'s keys, revoked or not) and ``model``
     (1–50 characters) say what the tokens paid for: they are stored on the
-    row and counted in :func:`usage_report`.
+    row and counted in :func:`usage_report`. Through a key with a
+    ``token_limit`` (:func:`set_api_key_limit`), the charge is decided in a
+    transaction that locks the key's row first, then reads the key's window,
+    so concurrent charges cannot pass the limit together; such a charge is
+    never coalesced (it runs as it would alone).
 
     Concurrent calls in one process are coalesced into one statement per
     flush (group commit) with the same outcome each call would have had
@@ -147,6 +151,8 @@ async def charge(
     Raises:
         InsufficientTokens: the balance does not cover ``amount`` (``.balance``,
             ``.requested``); nothing written.
+        KeyLimitExceeded: ``api_key``'s window cannot take ``amount`` more
+            (``.limit``, ``.used``, ``.requested``, ``.period``); nothing written.
         ReferenceConflict: ``reference_id`` was used with another amount.
         NotFound: unknown user, or ``api_key`` is not one of ``user``'s keys.
         ValidationError: ``amount`` is not a positive ``int`` that fits the
@@ -155,7 +161,10 @@ async def charge(
             was lost (``.outcome_unknown`` once the charge was sent).
     """
     movement = _validated(user, amount, description, reference_id, api_key, model)
-    lane = _coalescing_lane()
+    key_id = movement.api_key_id
+    lane = (
+        None if key_id is not None and _limits_sql.probably_limited(key_id) else _coalescing_lane()
+    )
     if lane is None:
         return await _ledger_sql.move(movement, TransactionType.USAGE)
     client, settings = lane
@@ -253,10 +262,12 @@ async def charge_many(
     mapping with ``user``, ``amount`` and optionally ``description``,
     ``reference_id``, ``api_key`` and ``model``), and its result is what that
     call would have returned, or the :class:`TokenDBError` it would have
-    raised (:class:`InsufficientTokens`, :class:`ReferenceConflict`,
-    :class:`NotFound`, :class:`ValidationError`, :class:`DatabaseUnavailable`
-    …): the items are applied as if charged one after another, repeats of a
-    ``reference_id`` within the list included.
+    raised (:class:`InsufficientTokens`, :class:`KeyLimitExceeded`,
+    :class:`ReferenceConflict`, :class:`NotFound`, :class:`ValidationError`,
+    :class:`DatabaseUnavailable` …): the items are applied as if charged one
+    after another, repeats of a ``reference_id`` within the list included.
+    (An item through a key with a limit is decided alone, under the key's
+    lock, after the other items of its statement.)
 
     One statement per :data:`MAX_BATCH` items, each committed on its own
     (inside the caller's transaction: part of it). Nothing is raised for an

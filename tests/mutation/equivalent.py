@@ -24,14 +24,16 @@ _SLOTS = "slots=False only gives ChargeItem a __dict__: equality, hashing and im
 _STRICT = "zip(strict=True) checks charge_batch's own contract (one outcome per item, which it always keeps); no caller can make it fail"
 _EMAIL = "email_validator refuses an address over 254 characters before these checks: the 255 bound cannot be reached either way"
 
+_HELD = "the spendable amount read before the lock is used only when held_tokens is 0 (with holds, the call is decided again under the lock), where balance + held and balance - held agree"
 _COUNTED = "the outcomes were counted just above (a RuntimeError fails the batch's callers first): zip's strict check cannot fire"
 
 EQUIVALENT: dict[str, str] = {
     "tokendb/_group_commit.py::_flush: for (_, waiter, _, _), outcome in zip(batch, outcomes, strict=True): => for (_, waiter, _, _), outcome in zip(batch, outcomes, strict=False):": _COUNTED,
     "tokendb/_ledger_sql.py::<module>: SET token_balance = token_balance + $2, updated_at = clock_timestamp() => SET token_balance = token_balance + $2, updated_at = now()": _CLOCK,
     "tokendb/_ledger_sql.py::move: if exc.constraint_name != IDEMPOTENCY_INDEX or reference is None: => if exc.constraint_name != IDEMPOTENCY_INDEX and reference is None:": _UNIQUE,
-    "tokendb/_ledger_sql.py::move: if delta < 0 and balance + delta < 0: => if delta < 1 and balance + delta < 0:": _DELTA0,
-    "tokendb/_ledger_sql.py::move: if delta < 0 and balance + delta < 0: => if delta <= 0 and balance + delta < 0:": _DELTA0,
+    "tokendb/_ledger_sql.py::move: if delta < 0 and available + delta < 0 and not holds: => if delta < 1 and available + delta < 0 and not holds:": _DELTA0,
+    "tokendb/_ledger_sql.py::move: if delta < 0 and available + delta < 0 and not holds: => if delta <= 0 and available + delta < 0 and not holds:": _DELTA0,
+    'tokendb/_ledger_sql.py::spendable_or_none: return int(rows[0]["token_balance"]) - held, held > 0 => return int(rows[0]["token_balance"]) + held, held > 0': _HELD,
     "tokendb/_ledger_sql.py::<module>: WHERE w.rank > 0 => WHERE w.rank >= 0": _RANK,
     "tokendb/_ledger_sql.py::charge_batch: for _ in range(3): => for _ in range( 4):": _RETRIES,
     "tokendb/_ledger_sql.py::charge_batch: for _ in range(3): => for _ in range( 2):": _RETRIES,

@@ -48,6 +48,8 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_chats.py",
             "tests/test_users.py",
             "tests/test_concurrency.py",
+            "tests/test_holds.py",
+            "tests/test_usage.py",
         ),
     ),
     # The coalescer: the generic group-commit queue (its batch statement is in _ledger_sql).
@@ -96,6 +98,11 @@ BACKSTOP_TESTS: tuple[str, ...] = (
     "tests/test_holds.py::test_the_application_role_cannot_fake_holds",  # 3, holds
     "tests/test_integrity.py::test_a_users_id_never_changes_so_no_balance_slips_past_its_check",
     "tests/test_integrity.py::test_an_api_keys_id_never_changes",  # 4, ids immutable
+    # 7, usage: raw rows of the application role
+    "tests/test_usage.py::test_the_application_role_cannot_write_the_rollup",
+    "tests/test_usage.py::test_raw_usage_rows_of_the_application_role_are_rolled_up",
+    "tests/test_usage.py::test_a_raw_usage_row_with_another_users_key_is_refused",
+    "tests/test_usage.py::test_a_raw_refund_must_carry_its_charges_key_and_model",
 )
 """The tests that must notice a CHECK, trigger or unique index of the migrations
 removed or weakened (``python -m tests.mutation backstops``). Tests marked

@@ -1,0 +1,297 @@
+"""Per-key token limits (issue 14): decided under the key's row lock, on the window's
+usage read after it (tokendb._limits_sql), for charges, chat messages and holds.
+
+Time is under the test's control: a key's ledger rows are moved back in time
+as the owner, rollup and all (:func:`tests.test_usage.shift_history`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+import tokendb
+from tests.helpers import db_settings, table_counts
+from tests.test_usage import shift_history
+from tokendb import _limits_sql
+from tokendb.http import status_code_for
+from tokendb.models import LimitPeriod, MessageRole
+
+UTC = dt.UTC
+
+
+def midnight() -> dt.datetime:
+    """Today, 00:00 UTC."""
+    return dt.datetime.combine(dt.datetime.now(UTC).date(), dt.time(0), UTC)
+
+
+@pytest.fixture(params=[True, False], ids=["coalesced", "one-statement-per-call"])
+async def lanes(tokendb_clean: str, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    with db_settings(coalesce_charges=request.param):
+        yield tokendb_clean
+
+
+async def limited_key(
+    make_api_key, limit: int, period: str = "day", *, balance: int = 10_000
+) -> tokendb.ApiKey:
+    key, _ = await make_api_key(token_limit=limit, limit_period=period)
+    await tokendb.top_up(user=key.user_id, amount=balance)
+    return key
+
+
+async def charge(key: tokendb.ApiKey, amount: int) -> tokendb.TokenTransaction:
+    return await tokendb.charge(user=key.user_id, amount=amount, api_key=key, model="m")
+
+
+# --- the race ---------------------------------------------------------------------------
+
+
+async def test_fifty_concurrent_charges_of_five_against_a_limit_of_100_give_twenty(
+    lanes: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 100)
+    _limits_sql.remember(key.id, limited=False)  # the route unknown: the batch finds the limit
+    balance = await tokendb.get_balance(user=key.user_id)
+    results = await asyncio.gather(*(charge(key, 5) for _ in range(50)), return_exceptions=True)
+    moved = [r for r in results if isinstance(r, tokendb.TokenTransaction)]
+    refused = [r for r in results if isinstance(r, tokendb.KeyLimitExceeded)]
+    assert (len(moved), len(refused)) == (20, 30), results
+    assert {(e.limit, e.used, e.requested, e.period) for e in refused} == {
+        (100, 100, 5, LimitPeriod.DAY)
+    }
+    assert await tokendb.get_balance(user=key.user_id) == balance - 100
+
+
+async def test_concurrent_messages_through_a_limited_key_stop_at_the_limit(
+    tokendb_clean: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 10)
+    session = await tokendb.start_chat(api_key=key, model="m")
+    results = await asyncio.gather(
+        *(
+            tokendb.add_message(session=session, role=MessageRole.USER, content="x", tokens=1)
+            for _ in range(25)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, tokendb.ChatMessage) for r in results) == 10, results
+    assert sum(isinstance(r, tokendb.KeyLimitExceeded) for r in results) == 15
+    assert (await tokendb.get_chat(session=session)).tokens_used == 10
+
+
+# --- the decision -----------------------------------------------------------------------
+
+
+async def test_a_refused_charge_carries_the_facts_and_writes_nothing(
+    lanes: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 100, "month")
+    await charge(key, 60)
+    before = await table_counts()
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 41)
+    assert (info.value.limit, info.value.used, info.value.requested) == (100, 60, 41)
+    assert info.value.period is LimitPeriod.MONTH and info.value.api_key_id == key.id
+    assert status_code_for(info.value) == 429
+    assert await table_counts() == before
+    await charge(key, 40)  # exactly to the limit
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await charge(key, 1)
+    # Keyless charges and other keys of the user are not this key's.
+    await tokendb.charge(user=key.user_id, amount=500)
+    other, _ = await tokendb.issue_api_key(user=key.user_id, name="other")
+    await tokendb.charge(user=key.user_id, amount=500, api_key=other)
+
+
+async def test_a_repeated_reference_is_a_repeat_not_a_refusal(lanes: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 10)
+    reference = uuid.uuid4()
+    first = await tokendb.charge(user=key.user_id, amount=10, api_key=key, reference_id=reference)
+    again = await tokendb.charge(user=key.user_id, amount=10, api_key=key, reference_id=reference)
+    assert again.id == first.id
+
+
+async def test_a_refund_gives_the_window_its_tokens_back(lanes: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 100)
+    tx = await charge(key, 100)
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 1)
+    assert info.value.used == 100
+    await tokendb.refund(transaction=tx, amount=30)
+    await charge(key, 30)
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 1)
+    assert info.value.used == 100
+
+
+async def test_a_short_balance_is_insufficient_tokens_within_the_limit(
+    lanes: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 10**9, balance=20)
+    balance = await tokendb.get_balance(user=key.user_id)
+    with pytest.raises(tokendb.InsufficientTokens) as info:
+        await charge(key, balance + 1)
+    assert (info.value.balance, info.value.requested) == (balance, balance + 1)
+
+
+async def test_a_limited_key_of_another_user_is_not_found(
+    lanes: str, make_api_key, make_user
+) -> None:
+    key = await limited_key(make_api_key, 100)
+    other = await make_user()
+    await tokendb.top_up(user=other, amount=100)
+    before = await table_counts()
+    for known in (False, True):
+        _limits_sql.remember(key.id, limited=known)  # either route
+        with pytest.raises(tokendb.NotFound) as info:
+            await tokendb.charge(user=other, amount=5, api_key=key)
+        assert (info.value.entity, info.value.key) == ("API key", key.id)
+    assert await table_counts() == before
+
+
+async def test_charge_many_decides_a_limited_items_alone(tokendb_clean: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 12)
+    _limits_sql.remember(key.id, limited=False)
+    results = await tokendb.charge_many(
+        items=[{"user": key.user_id, "amount": 5, "api_key": key} for _ in range(3)]
+        + [{"user": key.user_id, "amount": 7}]
+    )
+    assert [type(r).__name__ for r in results] == [
+        "TokenTransaction",
+        "TokenTransaction",
+        "KeyLimitExceeded",
+        "TokenTransaction",
+    ]
+
+
+# --- windows ----------------------------------------------------------------------------
+
+
+async def test_a_day_window_starts_at_midnight_utc(lanes: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 100)
+    await charge(key, 80)
+    await shift_history(lanes, key.user_id, to=midnight())  # today's first microsecond
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 21)
+    assert info.value.used == 80
+    await shift_history(lanes, key.user_id, to=midnight() - dt.timedelta(microseconds=1))
+    await charge(key, 100)  # yesterday's 80 are yesterday's
+
+
+async def test_a_month_window_starts_on_the_first_utc(lanes: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 100, "month")
+    await charge(key, 80)
+    first = midnight().replace(day=1)
+    await shift_history(lanes, key.user_id, to=first)
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 21)
+    assert info.value.used == 80
+    await shift_history(lanes, key.user_id, to=first - dt.timedelta(microseconds=1))
+    await charge(key, 100)
+
+
+async def test_a_total_window_never_ends(lanes: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 100, "total")
+    await charge(key, 80)
+    await shift_history(lanes, key.user_id, days=400)
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 21)
+    assert (info.value.used, info.value.period) == (80, LimitPeriod.TOTAL)
+
+
+# --- messages ---------------------------------------------------------------------------
+
+
+async def test_a_message_past_its_keys_limit_is_refused_and_nothing_is_stored(
+    tokendb_clean: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 10)
+    session = await tokendb.start_chat(api_key=key, model="m")
+    await tokendb.add_message(session=session, role=MessageRole.USER, content="a", tokens=7)
+    before = await table_counts()
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await tokendb.add_message(session=session, role=MessageRole.USER, content="b", tokens=4)
+    assert (info.value.used, info.value.requested, info.value.limit) == (7, 4, 10)
+    assert await table_counts() == before
+    await tokendb.add_message(session=session, role=MessageRole.USER, content="c", tokens=3)
+    await tokendb.add_message(session=session, role=MessageRole.USER, content="d", tokens=0)
+    await tokendb.end_chat(session=session)
+    with pytest.raises(tokendb.ChatSessionEnded):
+        await tokendb.add_message(session=session, role=MessageRole.USER, content="e", tokens=1)
+
+
+# --- setting limits ---------------------------------------------------------------------
+
+
+async def test_set_api_key_limit_takes_effect(lanes: str, make_api_key) -> None:
+    key, _ = await make_api_key()
+    assert (key.token_limit, key.limit_period) == (None, None)
+    await tokendb.top_up(user=key.user_id, amount=1000)
+    await charge(key, 50)
+    changed = await tokendb.set_api_key_limit(api_key=key, token_limit=60, limit_period="day")
+    assert (changed.token_limit, changed.limit_period) == (60, LimitPeriod.DAY)
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 20)
+    assert info.value.used == 50
+    await tokendb.set_api_key_limit(api_key=key, token_limit=70, limit_period=LimitPeriod.DAY)
+    await charge(key, 20)
+    removed = await tokendb.set_api_key_limit(api_key=key, token_limit=None, limit_period=None)
+    assert (removed.token_limit, removed.limit_period) == (None, None)  # type: ignore[comparison-overlap]
+    await charge(key, 500)
+
+
+async def test_another_process_setting_a_limit_is_honoured(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """This process believes the key unlimited; the database knows better."""
+    key, _ = await make_api_key()
+    await tokendb.top_up(user=key.user_id, amount=1000)
+    await tokendb.set_api_key_limit(api_key=key, token_limit=10, limit_period="total")
+    _limits_sql.remember(key.id, limited=False)
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await charge(key, 11)
+    session = await tokendb.start_chat(api_key=key, model="m")
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await tokendb.add_message(session=session, role=MessageRole.USER, content="x", tokens=11)
+
+
+@pytest.mark.parametrize(
+    ("limit", "period", "field"),
+    [
+        (10, None, "limit_period"),
+        (None, "day", "token_limit"),
+        (0, "day", "token_limit"),
+        (-5, "day", "token_limit"),
+        (2**63, "day", "token_limit"),
+        (True, "day", "token_limit"),
+        (1.5, "day", "token_limit"),
+        (10, "week", "limit_period"),
+        (10, 3, "limit_period"),
+    ],
+)
+async def test_bad_limits_are_refused(
+    tokendb_clean: str, make_api_key, limit: object, period: object, field: str
+) -> None:
+    key, _ = await make_api_key()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.set_api_key_limit(api_key=key, token_limit=limit, limit_period=period)  # type: ignore[arg-type]
+    assert info.value.field == field
+    with pytest.raises(tokendb.ValidationError) as info:
+        await make_api_key(token_limit=limit, limit_period=period)
+    assert info.value.field == field
+
+
+async def test_the_largest_limit_fits_and_an_unknown_key_is_not_found(
+    tokendb_clean: str, make_api_key
+) -> None:
+    key, _ = await make_api_key(token_limit=2**63 - 1, limit_period="total")
+    assert key.token_limit == 2**63 - 1
+    await tokendb.top_up(user=key.user_id, amount=10)
+    await charge(key, 10)
+    unknown = uuid.uuid4()
+    with pytest.raises(tokendb.NotFound):
+        await tokendb.set_api_key_limit(api_key=unknown, token_limit=1, limit_period="day")
