@@ -25,7 +25,7 @@ from tortoise.fields.data import CharEnumFieldInstance, DatetimeField, UUIDField
 from tortoise.models import Model
 from tortoise.timezone import get_default_timezone, get_use_tz
 
-__all__ = ["to_model"]
+__all__ = ["hydrator", "to_model"]
 
 M = TypeVar("M", bound=Model)
 Row = Mapping[str, Any] | asyncpg.Record
@@ -48,17 +48,30 @@ def to_model(model: type[M], row: Row, prefix: str = "") -> M:
         return partial
 
 
+def hydrator(model: type[M], prefix: str = "", *, omit: tuple[str, ...] = ()) -> Callable[[Row], M]:
+    """The function :func:`to_model` uses, for a hot path to bind once.
+
+    It raises ``KeyError`` on a row that lacks a column (no fallback). With
+    ``omit`` (columns the statement leaves out, :func:`tokendb._sql.select_list`'s
+    ``omit``), the instances lack those attributes and are partial (``save()`` refuses them).
+    """
+    return _plan(model, prefix, omit)
+
+
 @functools.cache
-def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
+def _plan(model: type[M], prefix: str, omit: tuple[str, ...] = ()) -> Callable[[Row], M]:
     meta = model._meta
-    as_is = [(prefix + key, attr) for key, attr, _ in meta.db_native_fields]
+    as_is = [(prefix + key, attr) for key, attr, _ in meta.db_native_fields if key not in omit]
     uuids: list[tuple[str, str]] = []
     datetimes: list[tuple[str, str, Callable[[Any], Any]]] = []
     enums: list[tuple[str, str, Any]] = []
     converted: list[tuple[str, str, Callable[[Any], Any]]] = []
     for key, attr, field in meta.db_default_fields:
-        converted.append((prefix + key, attr, functools.partial(_not_none, field.field_type)))
+        if key not in omit:
+            converted.append((prefix + key, attr, functools.partial(_not_none, field.field_type)))
     for column, attr, field in meta.db_complex_fields:
+        if column in omit:
+            continue
         key = prefix + column
         if type(field) is UUIDField:
             uuids.append((key, attr))
@@ -69,12 +82,13 @@ def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
         else:
             converted.append((key, attr, field.to_python_value))
     custom_pk = meta.db_pk_column not in meta.generated_db_fields
+    partial = bool(omit)
     new = model.__new__
 
     def hydrate(row: Row) -> M:
         instance = new(model)
         values = instance.__dict__
-        values["_partial"] = False
+        values["_partial"] = partial
         values["_saved_in_db"] = True
         values["_custom_generated_pk"] = custom_pk
         values["_await_when_save"] = {}
