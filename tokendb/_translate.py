@@ -34,14 +34,17 @@ __all__ = [
     "CONNECTION_LOST",
     "RETRYABLE",
     "TIMED_OUT",
+    "TRANSLATED",
     "is_connection_loss",
     "message_of",
     "translate",
     "translated",
+    "translates_itself",
 ]
 
 T = TypeVar("T")
 P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Errors that mean "the connection (or server) is gone": nothing about the
 # statement itself was wrong.
@@ -191,3 +194,16 @@ def translated(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corouti
 
     wrapper.__tokendb_translated__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+TRANSLATED = _TRANSLATED
+"""What :func:`translated` catches (for :func:`translates_itself`)."""
+
+
+def translates_itself(func: F) -> F:
+    """Mark a public coroutine whose whole body is ``try: … except TRANSLATED as exc:
+    raise translate(exc) from exc``: what :func:`translated` does, without its frame,
+    which every resumption of the call passes through (``verify_api_key``, on every
+    request's path). ``tests/test_public_api.py`` checks the marker."""
+    func.__tokendb_translated__ = True  # type: ignore[attr-defined]
+    return func
