@@ -7,12 +7,13 @@ argument checks, the storage seam, error translation, model instances.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from tokendb import _ledger_sql, api_keys, keys
+from tokendb import _holds_sql, _ledger_sql, api_keys, keys
 from tokendb.connection import init_config
 from tokendb.ids import new_id
 
@@ -91,3 +92,16 @@ async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens
 async def first_page(pool: asyncpg.Pool, user_id: UUID, limit: int) -> list[asyncpg.Record]:
     """The newest ``limit`` ledger rows of a user (:data:`tokendb._ledger_sql.PAGES`)."""
     return await pool.fetch(_ledger_sql.PAGES[0], user_id, limit)
+
+
+async def hold_and_capture(
+    pool: asyncpg.Pool, user_id: UUID, held: int, used: int, ttl: timedelta
+) -> asyncpg.Record:
+    """One completion: :data:`tokendb._holds_sql.HOLD` then :data:`~tokendb._holds_sql.CAPTURE`."""
+    hold = await pool.fetchrow(_holds_sql.HOLD, user_id, held, new_id(), None, None, ttl)
+    if hold is None:
+        raise RuntimeError(f"hold refused: {user_id} {held}")
+    row = await pool.fetchrow(_holds_sql.CAPTURE, hold["id"], used, new_id(), None)
+    if row is None:
+        raise RuntimeError(f"capture refused: {hold['id']}")
+    return row

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -343,6 +343,39 @@ async def _add_message(bench: Bench) -> tuple[Side, Side]:
     return await side(True), await side(False)
 
 
+HELD, USED = 10, 7
+"""One completion's estimate and what it used."""
+
+
+async def _hold_capture(bench: Bench) -> tuple[Side, Side]:
+    """Each call holds ``HELD`` tokens of a random user, then captures ``USED`` of them."""
+    ttl = timedelta(minutes=5)
+
+    async def side(use_tokendb: bool) -> Side:
+        users = bench.options.users
+        pick = _picker(await seed_users(bench, users, START_BALANCE), seed=users)
+        used: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            user = pick()
+            if use_tokendb:
+                held = await tokendb.hold(user=user, amount=HELD, ttl=ttl)
+                await tokendb.capture(hold=held, amount=USED)
+            else:
+                await raw.hold_and_capture(bench.pool, user, HELD, USED, ttl)
+            used[user] += USED
+            return 1
+
+        balances = balances_check(bench, START_BALANCE, used, -1)
+
+        async def check() -> list[str]:
+            return await balances() + [f"holds: {d}" for d in await tokendb.audit_holds()]
+
+        return Side(op, check)
+
+    return await side(True), await side(False)
+
+
 def _list_page(rows: Callable[[Options], int]) -> Callable[[Bench], Awaitable[tuple[Side, Side]]]:
     async def build(bench: Bench) -> tuple[Side, Side]:
         user = await history_user(bench, rows(bench.options))
@@ -474,6 +507,14 @@ def all_scenarios() -> list[Scenario]:
             "statement (baseline: the same statement).",
             _add_message,
             target=0.8,
+        ),
+        Scenario(
+            "hold-capture",
+            f"hold + capture · {many}",
+            "64 callers bill one completion each: hold 10 tokens of a random user, then "
+            "capture 7 (baseline: the same two statements).",
+            _hold_capture,
+            target=0.9,
         ),
         Scenario(
             "list-small",
