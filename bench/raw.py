@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
@@ -17,8 +18,9 @@ from tokendb import _holds_sql, _ledger_sql, api_keys, keys
 from tokendb.connection import init_config
 from tokendb.ids import new_id
 
-# What tokendb.init() hands asyncpg besides the address and the pool size.
-_POOL_SETTINGS = ("server_settings", "command_timeout", "timeout")
+# What tokendb.init() hands asyncpg besides the address and the pool size
+# (through PgBouncer: no server settings, no statement cache).
+_POOL_SETTINGS = ("server_settings", "command_timeout", "timeout", "statement_cache_size")
 
 
 async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
@@ -27,7 +29,8 @@ async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
     config = await init_config(url, min_size=size, max_size=size)
     credentials = config["connections"]["default"]["credentials"]
     options = {key: credentials[key] for key in _POOL_SETTINGS if key in credentials}
-    pool = await asyncpg.create_pool(url, min_size=size, max_size=size, **options)
+    dsn = urlunsplit(urlsplit(url)._replace(query=""))  # asyncpg would send ?pgbouncer=true
+    pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size, **options)
     assert pool is not None
     return pool
 

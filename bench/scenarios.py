@@ -60,6 +60,8 @@ class Bench:
     url: str
     pool: asyncpg.Pool
     histories: dict[int, UUID] = field(default_factory=dict)
+    listen_url: str | None = None
+    """The verify cache's direct URL when ``url`` goes through PgBouncer."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class Scenario:
     verify_cache: bool = True
     """Whether tokendb runs with its verify cache (the default of ``tokendb.init``)."""
     verify_cache_size: int = 10_000
+    pgbouncer: bool = False
+    """Both sides go through one PgBouncer in transaction pooling mode (tokendb with
+    ``?pgbouncer=true``, the baseline's pool without a statement cache)."""
 
 
 _SEED_USERS = """
@@ -499,6 +504,38 @@ def all_scenarios() -> list[Scenario]:
             _verify(1),
             target=0.9,
             verify_cache=False,
+        ),
+        Scenario(
+            "pgbouncer-charge",
+            f"charge · {many} · one statement per call · through PgBouncer",
+            "charge-users with both sides through PgBouncer (transaction pooling): tokendb "
+            "with ?pgbouncer=true, the baseline's asyncpg pool with statement_cache_size=0.",
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            pgbouncer=True,
+        ),
+        Scenario(
+            "pgbouncer-coalesced",
+            f"charge · {many} · coalesced (default) · through PgBouncer",
+            "coalesced-users through PgBouncer, against one statement per call through it.",
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            coalesce=True,
+            pgbouncer=True,
+        ),
+        Scenario(
+            "pgbouncer-verify",
+            "verify_api_key · 1 hot key · cache off · through PgBouncer",
+            "verify-off through PgBouncer: the lookup on every call, both sides unprepared.",
+            _verify(1),
+            verify_cache=False,
+            pgbouncer=True,
+        ),
+        Scenario(
+            "pgbouncer-verify-cached",
+            "verify_api_key · 1 hot key · cached (default) · through PgBouncer",
+            "verify through PgBouncer, the cache listening on a direct connection "
+            "(listen_url); baseline: the SELECT through PgBouncer.",
+            _verify(1),
+            pgbouncer=True,
         ),
         Scenario(
             "add-message",
