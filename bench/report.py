@@ -71,11 +71,11 @@ def notes(report: Report) -> list[str]:
     ):
         through, direct = report.result(key), report.result(direct_key)
         if through and direct and direct.tokendb.ops_per_s and direct.raw.ops_per_s:
+            ours = through.tokendb.ops_per_s / direct.tokendb.ops_per_s
+            theirs = through.raw.ops_per_s / direct.raw.ops_per_s
             lines.append(
-                f"{through.title}: tokendb at {through.tokendb.ops_per_s / direct.tokendb.ops_per_s:.0%} "
-                f"of its direct throughput, raw asyncpg at "
-                f"{through.raw.ops_per_s / direct.raw.ops_per_s:.0%} of its own (the extra hop "
-                "and no statement cache)"
+                f"{through.title}: tokendb at {ours:.0%} of its direct throughput, raw asyncpg "
+                f"at {theirs:.0%} of its own (the extra hop and no statement cache)"
             )
     rounds = [mb for result in report.results for mb in result.rss_mb]
     if rounds:
