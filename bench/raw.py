@@ -26,7 +26,7 @@ _POOL_SETTINGS = ("server_settings", "command_timeout", "timeout", "statement_ca
 async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
     """A pool configured like tokendb's: the same size, and the same server settings
     (statement and lock timeouts) and client-side bounds that ``tokendb.init()`` asks for."""
-    config = await init_config(url, min_size=size, max_size=size)
+    config = await init_config(url, min_size=size, max_size=size, verify_cache=False)
     credentials = config["connections"]["default"]["credentials"]
     options = {key: credentials[key] for key in _POOL_SETTINGS if key in credentials}
     dsn = urlunsplit(urlsplit(url)._replace(query=""))  # asyncpg would send ?pgbouncer=true

@@ -107,6 +107,11 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
     if isinstance(exc, TokenDBError):
         return exc
     sqlstate = getattr(exc, "sqlstate", None)
+    if _behind_a_pooler(exc):
+        return ConfigurationError(
+            f"{message_of(exc)}: the URL goes through a pooler in transaction mode (PgBouncer?); "
+            "add ?pgbouncer=true to it (docs/pgbouncer.md)"
+        )
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return DatabaseTimeout(
             "the statement was cancelled (statement_timeout); nothing was written",
@@ -166,6 +171,24 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
         return DatabaseError(f"database error: {message_of(exc)}")
     return DatabaseError(
         f"unexpected error talking to the database: {type(exc).__name__}: {message_of(exc)}"
+    )
+
+
+def _behind_a_pooler(exc: BaseException) -> bool:
+    """True for what PgBouncer in transaction pooling does to a URL without ``?pgbouncer=true``:
+    asyncpg's named statements lost between transactions, timeouts refused at connect."""
+    message = message_of(exc)
+    if isinstance(
+        exc,
+        (
+            asyncpg.exceptions.InvalidSQLStatementNameError,
+            asyncpg.exceptions.DuplicatePreparedStatementError,
+        ),
+    ):
+        return "__asyncpg_" in message
+    return (
+        isinstance(exc, asyncpg.exceptions.ProtocolViolationError)
+        and "unsupported startup parameter" in message
     )
 
 
