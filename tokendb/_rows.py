@@ -4,7 +4,7 @@
 bookkeeping attributes through ``Model.__setattr__`` and calls
 ``to_python_value`` on every UUID, datetime and enum column: about 6 µs a
 row, which is most of what a 50-row ledger page costs above the wire. The
-hydrator of a model is planned once from its fields (:func:`_plan`) and then
+hydrator of a model is planned once from its fields (:func:`hydrator`) and then
 writes the instance's ``__dict__`` directly, converting only what needs it.
 
 The result is the instance ``_init_from_db`` builds, attribute for attribute
@@ -37,7 +37,7 @@ def to_model(model: type[M], row: Row, prefix: str = "") -> M:
     With ``prefix``, the row names them ``prefix + column`` (a join that
     returns two models' columns side by side).
     """
-    hydrate: Callable[[Row], M] = _plan(model, prefix)
+    hydrate: Callable[[Row], M] = hydrator(model, prefix)
     try:
         return hydrate(row)
     except KeyError:
@@ -48,18 +48,15 @@ def to_model(model: type[M], row: Row, prefix: str = "") -> M:
         return partial
 
 
-def hydrator(model: type[M], prefix: str = "", *, omit: tuple[str, ...] = ()) -> Callable[[Row], M]:
-    """The function :func:`to_model` uses, for a hot path to bind once.
+@functools.cache
+def hydrator(model: type[M], prefix: str = "", omit: tuple[str, ...] = ()) -> Callable[[Row], M]:
+    """The function that builds ``model`` instances from rows (what :func:`to_model`
+    uses), planned once per arguments; a hot path calls it directly.
 
     It raises ``KeyError`` on a row that lacks a column (no fallback). With
     ``omit`` (columns the statement leaves out, :func:`tokendb._sql.select_list`'s
     ``omit``), the instances lack those attributes and are partial (``save()`` refuses them).
     """
-    return _plan(model, prefix, omit)
-
-
-@functools.cache
-def _plan(model: type[M], prefix: str, omit: tuple[str, ...] = ()) -> Callable[[Row], M]:
     meta = model._meta
     as_is = [(prefix + key, attr) for key, attr, _ in meta.db_native_fields if key not in omit]
     uuids: list[tuple[str, str]] = []

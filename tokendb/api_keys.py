@@ -277,7 +277,7 @@ async def verify_api_key(
             raise InvalidApiKey()
         row = rows[0]
         # The user without its balance is partial: save() refuses it.
-        verified = _Verified(hydrator(ApiKey)(row), hydrator(User, "user_", omit=_BALANCES)(row))
+        verified = _Verified(hydrator(ApiKey)(row), hydrator(User, "user_", _BALANCES)(row))
         if cache is None:
             # Nobody else holds these instances: hand them out as they are.
             return await verified.answer(row["checked_at"], permission, interval, shared=False)
