@@ -1,4 +1,5 @@
-"""``python -m bench.calls``: how many calls into tokendb one lone ``charge()`` makes.
+"""``python -m bench.calls``: how many calls into tokendb one lone ``charge()`` makes
+(and one ``verify_api_key()`` that looks its key up: the cache off).
 
 A call is a Python function entered (or a coroutine resumed) whose code lives
 under ``tokendb/``, counted with :func:`sys.setprofile` while one charge
@@ -19,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 import tokendb
-from tokendb import passwords
+from tokendb import _settings, passwords
 from tokendb.testing import test_server_url, throwaway_database
 
 PACKAGE = str(Path(tokendb.__file__).resolve().parent)
@@ -55,6 +56,12 @@ async def lone_charge_calls(user: tokendb.User) -> collections.Counter[tuple[str
     return await count(lambda: tokendb.charge(user=user, amount=1))
 
 
+async def lone_verify_calls(secret: str) -> collections.Counter[tuple[str, str]]:
+    """The calls of one ``verify_api_key()`` that looks the key up (the verify cache off)."""
+    with _settings.using(verify_cache=False):
+        return await count(lambda: tokendb.verify_api_key(secret=secret))
+
+
 async def count(call: Callable[[], Awaitable[Any]]) -> collections.Counter[tuple[str, str]]:
     """The calls into tokendb that ``call()`` makes, after one warm-up run of it."""
     await call()
@@ -72,11 +79,12 @@ async def _main() -> None:
                     email="calls@example.com", password="correct horse", name="Calls"
                 )
             counts = await lone_charge_calls(user)
-    print(
-        f"a lone charge(): {sum(counts.values())} calls into tokendb across {len(counts)} functions"
-    )
-    for (file, function), calls in sorted(counts.items()):
-        print(f"{calls:4d}  {file}:{function}")
+            _, secret = await tokendb.issue_api_key(user=user, name="calls")
+            verify = await lone_verify_calls(secret)
+    for what, found in (("a lone charge()", counts), ("a verify_api_key() lookup", verify)):
+        print(f"{what}: {sum(found.values())} calls into tokendb across {len(found)} functions")
+        for (file, function), calls in sorted(found.items()):
+            print(f"{calls:4d}  {file}:{function}")
 
 
 if __name__ == "__main__":

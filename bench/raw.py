@@ -7,26 +7,30 @@ argument checks, the storage seam, error translation, model instances.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
 
-from tokendb import _ledger_sql, api_keys, keys
+from tokendb import _holds_sql, _ledger_sql, api_keys, keys
 from tokendb.connection import init_config
 from tokendb.ids import new_id
 
-# What tokendb.init() hands asyncpg besides the address and the pool size.
-_POOL_SETTINGS = ("server_settings", "command_timeout", "timeout")
+# What tokendb.init() hands asyncpg besides the address and the pool size
+# (through PgBouncer: no server settings, no statement cache).
+_POOL_SETTINGS = ("server_settings", "command_timeout", "timeout", "statement_cache_size")
 
 
 async def create_pool(url: str, *, size: int) -> asyncpg.Pool:
     """A pool configured like tokendb's: the same size, and the same server settings
     (statement and lock timeouts) and client-side bounds that ``tokendb.init()`` asks for."""
-    config = await init_config(url, min_size=size, max_size=size)
+    config = await init_config(url, min_size=size, max_size=size, verify_cache=False)
     credentials = config["connections"]["default"]["credentials"]
     options = {key: credentials[key] for key in _POOL_SETTINGS if key in credentials}
-    pool = await asyncpg.create_pool(url, min_size=size, max_size=size, **options)
+    dsn = urlunsplit(urlsplit(url)._replace(query=""))  # asyncpg would send ?pgbouncer=true
+    pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size, **options)
     assert pool is not None
     return pool
 
@@ -91,3 +95,16 @@ async def add_message(pool: asyncpg.Pool, session_id: UUID, content: str, tokens
 async def first_page(pool: asyncpg.Pool, user_id: UUID, limit: int) -> list[asyncpg.Record]:
     """The newest ``limit`` ledger rows of a user (:data:`tokendb._ledger_sql.PAGES`)."""
     return await pool.fetch(_ledger_sql.PAGES[0], user_id, limit)
+
+
+async def hold_and_capture(
+    pool: asyncpg.Pool, user_id: UUID, held: int, used: int, ttl: timedelta
+) -> asyncpg.Record:
+    """One completion: :data:`tokendb._holds_sql.HOLD` then :data:`~tokendb._holds_sql.CAPTURE`."""
+    hold = await pool.fetchrow(_holds_sql.HOLD, user_id, held, new_id(), None, None, ttl)
+    if hold is None:
+        raise RuntimeError(f"hold refused: {user_id} {held}")
+    row = await pool.fetchrow(_holds_sql.CAPTURE, hold["id"], used, new_id(), None)
+    if row is None:
+        raise RuntimeError(f"capture refused: {hold['id']}")
+    return row

@@ -64,6 +64,19 @@ def notes(report: Report) -> list[str]:
             f"{locked.title}: the other users' p99 is {ratio:.2f}× their p99 with nothing "
             f"locked (target ≤ 2×) {'✓' if ratio <= 2 else '✗'}"
         )
+    for key, direct_key in (
+        ("pgbouncer-charge", "charge-users"),
+        ("pgbouncer-coalesced", "coalesced-users"),
+        ("pgbouncer-verify", "verify-off"),
+    ):
+        through, direct = report.result(key), report.result(direct_key)
+        if through and direct and direct.tokendb.ops_per_s and direct.raw.ops_per_s:
+            ours = through.tokendb.ops_per_s / direct.tokendb.ops_per_s
+            theirs = through.raw.ops_per_s / direct.raw.ops_per_s
+            lines.append(
+                f"{through.title}: tokendb at {ours:.0%} of its direct throughput, raw asyncpg "
+                f"at {theirs:.0%} of its own (the extra hop and no statement cache)"
+            )
     rounds = [mb for result in report.results for mb in result.rss_mb]
     if rounds:
         growth = max(report.results, key=lambda r: r.rss_mb[-1] - r.rss_mb[0])

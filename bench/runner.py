@@ -11,7 +11,9 @@ import tokendb
 from bench import raw
 from bench.harness import Run, Summary, closed_loop, machine, rss_mb
 from bench.scenarios import Bench, Options, Scenario, all_scenarios
-from tokendb.testing import throwaway_database
+from tests import pgbouncer
+from tokendb.connection import DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
+from tokendb.testing import _through_pooler, throwaway_database
 
 
 @dataclass
@@ -57,7 +59,8 @@ class Report:
 
 async def run(options: Options, progress: Callable[[str], None]) -> Report:
     """Run the selected scenarios on a new database; dropped afterwards."""
-    scenarios = [s for s in all_scenarios() if not options.only or s.key in options.only]
+    selected = [s for s in all_scenarios() if not options.only or s.key in options.only]
+    scenarios = [s for s in selected if not s.pgbouncer]
     report = Report(options, datetime.now(UTC), machine(), rss_start_mb=rss_mb())
     async with throwaway_database(options.server_url, prefix="tokendb_bench") as url:
         progress(f"database {url.rsplit('/', 1)[-1]}: migrating")
@@ -72,10 +75,46 @@ async def run(options: Options, progress: Callable[[str], None]) -> Report:
             for scenario in scenarios:
                 result = await _scenario(bench, scenario, progress)
                 report.results.append(result)
+            through = [s for s in selected if s.pgbouncer]
+            if through:
+                report.results += await _through_pgbouncer(bench, through, progress)
         finally:
             await tokendb.close()
             await pool.close()
     return report
+
+
+async def _through_pgbouncer(
+    direct: Bench, scenarios: list[Scenario], progress: Callable[[str], None]
+) -> list[Result]:
+    """``scenarios`` with both sides through a PgBouncer (transaction pooling) of their own."""
+    if pgbouncer.binary() is None:
+        progress("PgBouncer scenarios skipped: pgbouncer is not installed")
+        return []
+    options = direct.options
+    name = await direct.pool.fetchval("SELECT current_database()")
+    # What init() sets on a direct connection, as the database's defaults (docs/pgbouncer.md).
+    for setting, seconds in (
+        ("statement_timeout", DEFAULT_STATEMENT_TIMEOUT),
+        ("lock_timeout", DEFAULT_LOCK_TIMEOUT),
+    ):
+        await direct.pool.execute(
+            f"ALTER DATABASE \"{name}\" SET {setting} = '{round(seconds * 1000)}ms'"
+        )
+    results = []
+    with pgbouncer.running(options.server_url, pool_size=options.pool_size * 2) as port:
+        url = _through_pooler(
+            direct.url, pgbouncer.with_port(options.server_url, port, query="pgbouncer=true")
+        )
+        pool = await raw.create_pool(url, size=options.pool_size)
+        bench = Bench(options, url, pool, listen_url=direct.url)
+        try:
+            for scenario in scenarios:
+                results.append(await _scenario(bench, scenario, progress))
+        finally:
+            await tokendb.close()
+            await pool.close()
+    return results
 
 
 async def _scenario(bench: Bench, scenario: Scenario, progress: Callable[[str], None]) -> Result:
@@ -90,6 +129,7 @@ async def _scenario(bench: Bench, scenario: Scenario, progress: Callable[[str], 
         coalesce_charges=scenario.coalesce,
         verify_cache=scenario.verify_cache,
         verify_cache_size=scenario.verify_cache_size,
+        listen_url=bench.listen_url,
     )
     ours, theirs = await scenario.build(bench)
     sides = [("tokendb", ours), ("raw", theirs)]

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -60,6 +60,8 @@ class Bench:
     url: str
     pool: asyncpg.Pool
     histories: dict[int, UUID] = field(default_factory=dict)
+    listen_url: str | None = None
+    """The verify cache's direct URL when ``url`` goes through PgBouncer."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class Scenario:
     verify_cache: bool = True
     """Whether tokendb runs with its verify cache (the default of ``tokendb.init``)."""
     verify_cache_size: int = 10_000
+    pgbouncer: bool = False
+    """Both sides go through one PgBouncer in transaction pooling mode (tokendb with
+    ``?pgbouncer=true``, the baseline's pool without a statement cache)."""
 
 
 _SEED_USERS = """
@@ -343,6 +348,39 @@ async def _add_message(bench: Bench) -> tuple[Side, Side]:
     return await side(True), await side(False)
 
 
+HELD, USED = 10, 7
+"""One completion's estimate and what it used."""
+
+
+async def _hold_capture(bench: Bench) -> tuple[Side, Side]:
+    """Each call holds ``HELD`` tokens of a random user, then captures ``USED`` of them."""
+    ttl = timedelta(minutes=5)
+
+    async def side(use_tokendb: bool) -> Side:
+        users = bench.options.users
+        pick = _picker(await seed_users(bench, users, START_BALANCE), seed=users)
+        used: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            user = pick()
+            if use_tokendb:
+                held = await tokendb.hold(user=user, amount=HELD, ttl=ttl)
+                await tokendb.capture(hold=held, amount=USED)
+            else:
+                await raw.hold_and_capture(bench.pool, user, HELD, USED, ttl)
+            used[user] += USED
+            return 1
+
+        balances = balances_check(bench, START_BALANCE, used, -1)
+
+        async def check() -> list[str]:
+            return await balances() + [f"holds: {d}" for d in await tokendb.audit_holds()]
+
+        return Side(op, check)
+
+    return await side(True), await side(False)
+
+
 def _list_page(rows: Callable[[Options], int]) -> Callable[[Bench], Awaitable[tuple[Side, Side]]]:
     async def build(bench: Bench) -> tuple[Side, Side]:
         user = await history_user(bench, rows(bench.options))
@@ -468,12 +506,52 @@ def all_scenarios() -> list[Scenario]:
             verify_cache=False,
         ),
         Scenario(
+            "pgbouncer-charge",
+            f"charge · {many} · one statement per call · through PgBouncer",
+            "charge-users with both sides through PgBouncer (transaction pooling): tokendb "
+            "with ?pgbouncer=true, the baseline's asyncpg pool with statement_cache_size=0.",
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            pgbouncer=True,
+        ),
+        Scenario(
+            "pgbouncer-coalesced",
+            f"charge · {many} · coalesced (default) · through PgBouncer",
+            "coalesced-users through PgBouncer, against one statement per call through it.",
+            lambda bench: _movements(bench, bench.options.users, "usage"),
+            coalesce=True,
+            pgbouncer=True,
+        ),
+        Scenario(
+            "pgbouncer-verify",
+            "verify_api_key · 1 hot key · cache off · through PgBouncer",
+            "verify-off through PgBouncer: the lookup on every call, both sides unprepared.",
+            _verify(1),
+            verify_cache=False,
+            pgbouncer=True,
+        ),
+        Scenario(
+            "pgbouncer-verify-cached",
+            "verify_api_key · 1 hot key · cached (default) · through PgBouncer",
+            "verify through PgBouncer, the cache listening on a direct connection "
+            "(listen_url); baseline: the SELECT through PgBouncer.",
+            _verify(1),
+            pgbouncer=True,
+        ),
+        Scenario(
             "add-message",
             "add_message · 64 sessions",
             "Each caller stores a message and bills 1 token to its own session's user in one "
             "statement (baseline: the same statement).",
             _add_message,
             target=0.8,
+        ),
+        Scenario(
+            "hold-capture",
+            f"hold + capture · {many}",
+            "64 callers bill one completion each: hold 10 tokens of a random user, then "
+            "capture 7 (baseline: the same two statements).",
+            _hold_capture,
+            target=0.9,
         ),
         Scenario(
             "list-small",

@@ -7,6 +7,7 @@ import math
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 from tortoise.exceptions import IntegrityError
 
@@ -324,3 +325,43 @@ async def test_list_api_keys_includes_revoked_keys_by_default(
 async def test_a_key_name_is_at_most_100_characters(tokendb_clean: str, make_user) -> None:
     api_key, _ = await tokendb.issue_api_key(user=await make_user(), name="k" * 100)
     assert api_key.name == "k" * 100
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError("connection reset"), asyncpg.exceptions.QueryCanceledError("canceled")],
+    ids=["os", "postgres"],
+)
+async def test_verify_translates_driver_errors_itself(
+    tokendb_clean: str, make_api_key, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    """verify_api_key is not @translated (one frame fewer on the hot path): its own
+    try/except keeps every driver error a TokenDBError."""
+    _, secret = await make_api_key()
+
+    async def broken(*args: object) -> list[object]:
+        raise failure
+
+    monkeypatch.setattr(_db, "read", broken)
+    with _settings.using(verify_cache=False), pytest.raises(tokendb.TokenDBError) as info:
+        await tokendb.verify_api_key(secret=secret)
+    assert info.value.__cause__ is failure
+
+
+async def test_verified_permissions_are_a_fresh_list_every_time(
+    tokendb_clean: str, make_user
+) -> None:
+    """The decoded scopes are remembered by their JSON text (_rows._json); every key
+    still gets a list of its own."""
+    user = await make_user()
+    secrets = [
+        (await tokendb.issue_api_key(user=user, name=str(n), permissions=["chat", "embed"]))[1]
+        for n in range(2)
+    ]
+    with _settings.using(verify_cache=False):
+        first = await tokendb.verify_api_key(secret=secrets[0])
+        first.permissions.append("admin")
+        second = await tokendb.verify_api_key(secret=secrets[1])
+        again = await tokendb.verify_api_key(secret=secrets[0])
+    assert second.permissions == again.permissions == ["chat", "embed"]
+    assert second.permissions is not again.permissions

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pgbouncer
 from tokendb.testing import test_server_url as server_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,14 @@ def test_the_readme_links_the_benchmark_write_up() -> None:
 
 
 @pytest.mark.parametrize(
-    "scenarios", ["charge-users,coalesced-hot,charge-many,verify,add-message,list-small"]
+    "scenarios",
+    [
+        "charge-users,coalesced-hot,charge-many,verify,add-message,list-small",
+        pytest.param(
+            "verify-off,pgbouncer-charge,pgbouncer-verify-cached",
+            marks=pytest.mark.skipif(pgbouncer.binary() is None, reason="no pgbouncer"),
+        ),
+    ],
 )
 def test_a_tiny_run_writes_the_table_and_its_books_balance(
     tmp_path: Path, pytestconfig: pytest.Config, scenarios: str

@@ -295,3 +295,102 @@ async def test_the_largest_limit_fits_and_an_unknown_key_is_not_found(
     unknown = uuid.uuid4()
     with pytest.raises(tokendb.NotFound):
         await tokendb.set_api_key_limit(api_key=unknown, token_limit=1, limit_period="day")
+
+
+# --- holds ------------------------------------------------------------------------------
+
+
+async def test_a_keys_active_holds_count_against_its_limit(lanes: str, make_api_key) -> None:
+    key = await limited_key(make_api_key, 100)
+    held = await tokendb.hold(user=key.user_id, amount=60, ttl=60, api_key=key, model="m")
+    assert (held.api_key_id, held.model) == (key.id, "m")
+    before = await table_counts()
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 41)
+    assert (info.value.used, info.value.requested) == (60, 41)
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await tokendb.hold(user=key.user_id, amount=41, ttl=60, api_key=key)
+    assert await table_counts() == before
+    await charge(key, 40)
+    await tokendb.release(hold=held)
+    await charge(key, 60)
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await tokendb.hold(user=key.user_id, amount=1, ttl=60, api_key=key)
+
+
+async def test_an_expired_hold_no_longer_counts(tokendb_clean: str, make_api_key) -> None:
+    from tests.test_holds import expire_now
+
+    key = await limited_key(make_api_key, 100)
+    held = await tokendb.hold(user=key.user_id, amount=100, ttl=60, api_key=key)
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await charge(key, 1)
+    await expire_now(tokendb_clean, held)
+    await charge(key, 100)
+
+
+async def test_a_capture_bills_the_holds_key_and_is_never_refused_by_its_limit(
+    tokendb_clean: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 100)
+    held = await tokendb.hold(user=key.user_id, amount=80, ttl=60, api_key=key, model="m")
+    await tokendb.set_api_key_limit(api_key=key, token_limit=10, limit_period="day")
+    tx = await tokendb.capture(hold=held, amount=70)
+    assert (tx.api_key_id, tx.model, tx.amount) == (key.id, "m", -70)
+    report = await tokendb.usage_report(
+        user=key.user_id, since=midnight(), until=midnight() + dt.timedelta(days=1)
+    )
+    assert [(r.api_key_id, r.model, r.tokens) for r in report] == [(key.id, "m", 70)]
+    with pytest.raises(tokendb.KeyLimitExceeded) as info:
+        await charge(key, 1)
+    assert info.value.used == 70
+
+
+async def test_concurrent_holds_through_a_limited_key_stop_at_the_limit(
+    tokendb_clean: str, make_api_key
+) -> None:
+    key = await limited_key(make_api_key, 100)
+    _limits_sql.remember(key.id, limited=False)
+    results = await asyncio.gather(
+        *(tokendb.hold(user=key.user_id, amount=5, ttl=60, api_key=key) for _ in range(30)),
+        *(charge(key, 5) for _ in range(10)),
+        return_exceptions=True,
+    )
+    passed = [r for r in results if isinstance(r, (tokendb.TokenHold, tokendb.TokenTransaction))]
+    assert len(passed) == 20, results
+    assert all(isinstance(r, tokendb.KeyLimitExceeded) for r in results if r not in passed)
+
+
+async def test_a_hold_through_another_users_key_is_not_found(
+    tokendb_clean: str, make_api_key, make_user
+) -> None:
+    key = await limited_key(make_api_key, 100)
+    plain, _ = await make_api_key()
+    other = await make_user()
+    before = await table_counts()
+    for api_key in (key, plain):
+        with pytest.raises(tokendb.NotFound) as info:
+            await tokendb.hold(user=other, amount=5, ttl=60, api_key=api_key)
+        assert (info.value.entity, info.value.key) == ("API key", api_key.id)
+    assert await table_counts() == before
+
+
+async def test_the_database_refuses_a_hold_on_another_users_key(
+    app_raw, make_api_key, make_user
+) -> None:
+    """Going around tokendb as the application role: a hold cannot count against a
+    key of another user (token_holds_api_key_owner)."""
+    import asyncpg
+
+    key, _ = await make_api_key()
+    other = await make_user()
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as info:
+        await app_raw.execute(
+            "WITH r AS (UPDATE users SET held_tokens = held_tokens + 5 WHERE id = $1) "
+            "INSERT INTO token_holds (id, user_id, amount, status, expires_at, created_at, "
+            "api_key_id) VALUES ($2, $1, 5, 'active', now() + interval '1 minute', now(), $3)",
+            other.id,
+            uuid.uuid4(),
+            key.id,
+        )
+    assert info.value.constraint_name == "token_holds_api_key_owner"

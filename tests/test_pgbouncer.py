@@ -155,6 +155,18 @@ async def test_without_the_flag_pgbouncer_breaks_prepared_statements(
         failures = [exc]
     assert failures, "named prepared statements must break under transaction pooling"
     assert any("prepared statement" in str(f) for f in failures), failures[:3]
+    assert all(isinstance(f, tokendb.ConfigurationError) for f in failures), failures[:3]
+    assert "add ?pgbouncer=true" in str(failures[0])
+
+
+async def test_without_the_flag_the_timeouts_are_refused_with_a_hint(
+    database: str, bouncer: str
+) -> None:
+    unflagged = through(database, bouncer).replace("?pgbouncer=true", "")
+    with pytest.raises(
+        tokendb.ConfigurationError, match=r"unsupported startup parameter.*\?pgbouncer=true"
+    ):
+        await tokendb.init(unflagged, verify_cache=False)
 
 
 async def test_a_statement_timeout_applies_through_pgbouncer(

@@ -9,7 +9,7 @@ import pytest
 from tortoise.models import Model
 
 import tokendb
-from tokendb import _db, _rows
+from tokendb import _db, _rows, _sql
 from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenTransaction, User
 
 
@@ -52,14 +52,31 @@ async def test_prefixed_columns_hydrate_the_second_model_of_a_join(
     tokendb_clean: str, make_user
 ) -> None:
     user = await make_user()
+    # Every column, whatever later migrations add (held_tokens came with holds).
     (row,) = await _db.read(
-        "SELECT 1 AS other, u.id AS u_id, u.email AS u_email, u.password_hash AS u_password_hash,"
-        " u.name AS u_name, u.role AS u_role, u.token_balance AS u_token_balance,"
-        " u.created_at AS u_created_at, u.updated_at AS u_updated_at FROM users u WHERE id = $1",
+        f"SELECT 1 AS other, {_sql.select_list(User, 'u', 'u_')} FROM users u WHERE id = $1",
         user.id,
     )
     (plain,) = await _db.read("SELECT * FROM users WHERE id = $1", user.id)
     same_instance(_rows.to_model(User, row, prefix="u_"), User._init_from_db(**plain))
+
+
+async def test_omitted_columns_hydrate_a_partial_instance_without_them(
+    tokendb_clean: str, make_user
+) -> None:
+    """What verify_api_key builds its user with: the balance left out of the statement."""
+    user = await make_user()
+    omit = ("token_balance", "held_tokens")
+    (row,) = await _db.read(
+        f"SELECT {_sql.select_list(User, 'u', 'u_', omit=omit)} FROM users u WHERE id = $1",
+        user.id,
+    )
+    (plain,) = await _db.read("SELECT * FROM users WHERE id = $1", user.id)
+    expected = User._init_from_db(**{k: v for k, v in plain.items() if k not in omit})
+    assert expected._partial
+    same_instance(_rows.hydrator(User, "u_", omit=omit)(row), expected)
+    with pytest.raises(KeyError):  # a hydrator bound for a hot path has no fallback
+        _rows.hydrator(User, "u_")(row)
 
 
 async def test_a_row_missing_columns_falls_back_to_a_partial_instance(

@@ -92,6 +92,8 @@ COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "captured_amount": ("integer", True, None),
         "captured_transaction_id": ("uuid", True, None),
         "user_id": ("uuid", False, None),
+        "api_key_id": ("uuid", True, None),
+        "model": ("character varying(50)", True, None),
     },
 }
 
@@ -105,6 +107,7 @@ FOREIGN_KEYS = {
     ("token_holds", "user_id"): ("users", "RESTRICT"),
     ("token_holds", "captured_transaction_id"): ("token_transactions", "RESTRICT"),
     ("token_transactions", "api_key_id"): ("api_keys", "RESTRICT"),
+    ("token_holds", "api_key_id"): ("api_keys", "RESTRICT"),
     ("usage_daily", "user_id"): ("users", "RESTRICT"),
     ("usage_daily", "api_key_id"): ("api_keys", "RESTRICT"),
     # The incremental audit's marks go with their user (who has no ledger rows then).
@@ -168,6 +171,22 @@ INDEXES = {
     ),
     "usage_daily_group_key": (True, "(user_id, day, api_key_id, model) NULLS NOT DISTINCT"),
     "usage_daily_key_day_idx": (False, "(api_key_id, day) WHERE (api_key_id IS NOT NULL)"),
+    "api_keys_id_user_key": (True, "(id, user_id)"),
+    "token_holds_active_key_idx": (
+        False,
+        "(api_key_id) WHERE (((status)::text = 'active'::text) AND (api_key_id IS NOT NULL))",
+    ),
+}
+
+# Foreign keys over several columns: name -> (table, columns, referenced table, its columns).
+COMPOSITE_FOREIGN_KEYS = {
+    # A hold's key is its user's (migration 9).
+    "token_holds_api_key_owner": (
+        "token_holds",
+        "{api_key_id,user_id}",
+        "api_keys",
+        "{id,user_id}",
+    ),
 }
 
 
@@ -207,12 +226,32 @@ async def test_foreign_keys_and_on_delete_rules(raw: asyncpg.Connection) -> None
         FROM pg_constraint c
         JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
         WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace
+          AND cardinality(c.conkey) = 1
         """
     )
     actual = {
         (row["table_name"], row["column_name"]): (row["target"], row["on_delete"]) for row in rows
     }
     assert actual == FOREIGN_KEYS
+    composite = await raw.fetch(
+        """
+        SELECT c.conname, c.conrelid::regclass::text AS table_name,
+               (SELECT array_agg(a.attname ORDER BY k.n) FROM unnest(c.conkey) WITH ORDINALITY
+                    AS k(attnum, n) JOIN pg_attribute a
+                    ON a.attrelid = c.conrelid AND a.attnum = k.attnum)::text AS columns,
+               c.confrelid::regclass::text AS target,
+               (SELECT array_agg(a.attname ORDER BY k.n) FROM unnest(c.confkey) WITH ORDINALITY
+                    AS k(attnum, n) JOIN pg_attribute a
+                    ON a.attrelid = c.confrelid AND a.attnum = k.attnum)::text AS target_columns
+        FROM pg_constraint c
+        WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace
+          AND cardinality(c.conkey) > 1
+        """
+    )
+    assert {
+        row["conname"]: (row["table_name"], row["columns"], row["target"], row["target_columns"])
+        for row in composite
+    } == COMPOSITE_FOREIGN_KEYS
 
 
 @pytest.mark.catalog

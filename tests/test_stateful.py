@@ -1,5 +1,10 @@
 """Hypothesis stateful test: random sequences of public calls against a Python model of the books.
 
+The model has holds too: what a user can spend is its balance minus its
+active holds; a hold is captured, released, or expires (its ``expires_at``
+moved into the past as the owner, so time is the test's), and expiry takes
+effect without ``expire_holds`` (which is a rule of its own).
+
 The state machine runs in a worker thread and hands each call to the test's
 event loop (where tokendb's pool lives), so hypothesis drives real async
 calls on the real database and shrinks a failing sequence to a minimal one.
@@ -26,6 +31,7 @@ from hypothesis.stateful import (
 )
 
 import tokendb
+from tests.helpers import tamper
 from tokendb.testing import truncate_all
 
 T = TypeVar("T")
@@ -48,6 +54,15 @@ class Session:
 
 
 @dataclass
+class Hold:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    amount: int
+    state: str = "active"  # captured, released, expired (marked or not)
+    captured: tuple[int, uuid.UUID] | None = None
+
+
+@dataclass
 class Books:
     balances: dict[uuid.UUID, int] = field(default_factory=dict)
     references: dict[tuple[uuid.UUID, str, uuid.UUID], tuple[int, uuid.UUID]] = field(
@@ -64,12 +79,22 @@ def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBa
         charges = Bundle("charges")
         sessions = Bundle("sessions")
         references = Bundle("references")
+        holds = Bundle("holds")
 
         def __init__(self) -> None:
             super().__init__()
             self.books = Books()
             self.charge_rows: dict[uuid.UUID, Charge] = {}
             self.session_rows: dict[uuid.UUID, Session] = {}
+            self.hold_rows: dict[uuid.UUID, Hold] = {}
+
+        def available(self, user_id: uuid.UUID) -> int:
+            held = sum(
+                h.amount
+                for h in self.hold_rows.values()
+                if h.user_id == user_id and h.state == "active"
+            )
+            return self.books.balances[user_id] - held
 
         def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
             return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
@@ -115,11 +140,11 @@ def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBa
                 assert tx.id == known_id
                 return None  # a repeat moves nothing
             balance = self.books.balances[user_id]
-            if balance + delta < 0:
+            if self.available(user_id) + delta < 0:
                 try:
                     self.run(operation(user=user_id, amount=amount, reference_id=reference))
                 except tokendb.InsufficientTokens as exc:
-                    assert (exc.balance, exc.requested) == (balance, amount)
+                    assert (exc.balance, exc.requested) == (self.available(user_id), amount)
                     return None
                 raise AssertionError("expected InsufficientTokens")
             tx = self.run(operation(user=user_id, amount=amount, reference_id=reference))
@@ -172,7 +197,7 @@ def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBa
         @rule(session=sessions, tokens=st.integers(min_value=0, max_value=80))
         def add_message(self, session: uuid.UUID, tokens: int) -> None:
             row = self.session_rows[session]
-            balance = self.books.balances[row.user_id]
+            balance = self.available(row.user_id)
             call = tokendb.add_message(session=session, role="user", content="m", tokens=tokens)
             if row.ended:
                 try:
@@ -191,6 +216,95 @@ def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBa
             row.tokens_used += tokens
             self.books.balances[row.user_id] -= tokens
 
+        @rule(target=holds, user=users, amount=amounts)
+        def hold(self, user: uuid.UUID, amount: int) -> Any:
+            available = self.available(user)
+            if amount > available:
+                try:
+                    self.run(tokendb.hold(user=user, amount=amount, ttl=600))
+                except tokendb.InsufficientTokens as exc:
+                    assert (exc.balance, exc.requested) == (available, amount)
+                    return multiple()
+                raise AssertionError("expected InsufficientTokens")
+            held = self.run(tokendb.hold(user=user, amount=amount, ttl=600))
+            assert (held.user_id, held.amount, held.status) == (user, amount, "active")
+            self.hold_rows[held.id] = Hold(held.id, user, amount)
+            return held.id
+
+        @rule(hold=holds, amount=st.integers(min_value=1, max_value=160))
+        def capture(self, hold: uuid.UUID, amount: int) -> None:
+            row = self.hold_rows[hold]
+            call = tokendb.capture(hold=hold, amount=amount)
+            if row.state == "captured":
+                assert row.captured is not None
+                if amount == row.captured[0]:
+                    assert self.run(call).id == row.captured[1]
+                    return
+            if row.state != "active" or amount > row.amount:
+                expected: type[tokendb.TokenDBError] = {
+                    "expired": tokendb.HoldExpired,
+                    "active": tokendb.CaptureExceedsHold,
+                }.get(row.state, tokendb.HoldNotActive)
+                try:
+                    self.run(call)
+                except expected as exc:
+                    if isinstance(exc, tokendb.HoldNotActive):
+                        assert exc.status == row.state
+                    return
+                raise AssertionError(f"expected {expected.__name__}")
+            tx = self.run(call)
+            balance = self.books.balances[row.user_id]
+            assert (tx.amount, tx.balance_after, tx.reference_id) == (
+                -amount,
+                balance - amount,
+                hold,
+            )
+            self.books.balances[row.user_id] = balance - amount
+            row.state, row.captured = "captured", (amount, tx.id)
+            self.charge_rows[tx.id] = Charge(tx.id, row.user_id, amount)
+
+        @rule(hold=holds)
+        def release(self, hold: uuid.UUID) -> None:
+            row = self.hold_rows[hold]
+            if row.state == "captured":
+                try:
+                    self.run(tokendb.release(hold=hold))
+                except tokendb.HoldNotActive as exc:
+                    assert exc.status == "captured"
+                    return
+                raise AssertionError("expected HoldNotActive")
+            released = self.run(tokendb.release(hold=hold))
+            if row.state == "active":
+                row.state = "released"
+            assert released.status == row.state
+
+        @rule(hold=holds)
+        def let_expire(self, hold: uuid.UUID) -> None:
+            """Time passes for one hold: its expiry moves into the past (nothing marks it)."""
+            row = self.hold_rows[hold]
+            if row.state != "active":
+                return
+            self.run(
+                tamper(
+                    owner_url,
+                    "UPDATE token_holds SET expires_at = clock_timestamp() - interval '1 s', "
+                    "created_at = clock_timestamp() - interval '2 s' WHERE id = $1",
+                    hold,
+                )
+            )
+            row.state = "expired"
+
+        @rule()
+        def expire_holds(self) -> None:
+            stored = {
+                h.id: h.status
+                for user in self.books.balances
+                for h in self.run(tokendb.list_holds(user=user, limit=1000))
+            }
+            unmarked = [h for h in self.hold_rows.values() if h.state == "expired"]
+            due = sum(1 for h in unmarked if stored[h.id] == "active")
+            assert self.run(tokendb.expire_holds()) == due
+
         @rule(session=sessions)
         def end_chat(self, session: uuid.UUID) -> None:
             self.run(tokendb.end_chat(session=session))
@@ -202,9 +316,26 @@ def make_machine(loop: asyncio.AbstractEventLoop, owner_url: str) -> type[RuleBa
                 assert self.run(tokendb.get_balance(user=user_id)) == balance
 
         @invariant()
+        def available_balances_and_holds_match_the_model(self) -> None:
+            for user_id in self.books.balances:
+                assert self.run(tokendb.get_available_balance(user=user_id)) == self.available(
+                    user_id
+                )
+                for stored in self.run(tokendb.list_holds(user=user_id, limit=1000)):
+                    row = self.hold_rows[stored.id]
+                    # an expired hold is marked by the user's next debit or hold, or the sweeper
+                    allowed = {"expired", "active"} if row.state == "expired" else {row.state}
+                    assert stored.status in allowed, (stored, row)
+                    if row.captured is not None:
+                        assert (stored.captured_amount, stored.captured_transaction_id) == (
+                            row.captured
+                        )
+
+        @invariant()
         def books_balance(self) -> None:
             assert self.run(tokendb.audit_ledger()) == []
             assert self.run(tokendb.audit_chats()) == []
+            assert self.run(tokendb.audit_holds()) == []
 
         def teardown(self) -> None:
             for session in self.session_rows.values():

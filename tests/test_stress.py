@@ -96,7 +96,8 @@ async def test_concurrent_load_keeps_the_books(stress_db: str, users: int) -> No
     outcomes = workload.model.outcomes
     assert outcomes["operations"] == SIZES.operations
     # Not vacuous: every kind of operation was accepted, and the limits were hit.
-    for kind in ("charge", "top_up", "grant_bonus", "refund", "add_message", "repeat", "verify"):
+    kinds = ("charge", "top_up", "grant_bonus", "refund", "add_message", "repeat", "verify")
+    for kind in (*kinds, "hold", "capture", "release"):
         assert outcomes[f"{kind}: ok"] > 0, kind
     assert outcomes["charge: InsufficientTokens"] + outcomes["add_message: InsufficientTokens"] > 0
     assert outcomes["conflicting_repeat: ReferenceConflict"] > 0

@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 
 import tokendb
-from bench.calls import lone_charge_calls
+from bench.calls import lone_charge_calls, lone_verify_calls
 
 PACKAGE = Path(tokendb.__file__).resolve().parent
 
 CALL_BUDGET = 50
 """Calls into tokendb of one lone ``charge()`` (``python -m bench.calls`` lists them):
 72 across 37 functions before issue 10, 45 across 28 after. Raise it only for a reason."""
+VERIFY_CALL_BUDGET = 30
+"""Calls into tokendb of one ``verify_api_key()`` that looks its key up (the cache off):
+37 across 23 functions before issue 13's fast path, 29 across 19 after."""
 
 
 def module_name(path: Path) -> str:
@@ -154,6 +157,16 @@ async def test_a_lone_charge_makes_few_calls_into_tokendb(tokendb_clean: str, ma
     total = sum(counts.values())
     listing = "\n".join(f"{n:3d} {file}:{name}" for (file, name), n in sorted(counts.items()))
     assert 0 < total <= CALL_BUDGET, f"a lone charge makes {total} calls:\n{listing}"
+
+
+async def test_a_verify_lookup_makes_few_calls_into_tokendb(
+    tokendb_clean: str, make_api_key
+) -> None:
+    _, secret = await make_api_key()
+    counts = await lone_verify_calls(secret)
+    total = sum(counts.values())
+    listing = "\n".join(f"{n:3d} {file}:{name}" for (file, name), n in sorted(counts.items()))
+    assert 0 < total <= VERIFY_CALL_BUDGET, f"a verify lookup makes {total} calls:\n{listing}"
 
 
 @pytest.mark.parametrize("module", ["tokendb._ledger_sql", "tokendb._db"])

@@ -2,7 +2,9 @@
 
 Used by the stress and fault suites (``tests/test_stress.py``). Each worker
 task draws operations (charge, top_up, grant_bonus, refund, add_message,
-idempotent repeats and conflicting repeats, verify_api_key, revoke_api_key)
+idempotent repeats and conflicting repeats, verify_api_key, revoke_api_key,
+and holds: hold, capture, release, some with a ttl short enough to expire
+during the run)
 on random users and records in :class:`Model` what tokendb *accepted*. Every
 operation carries a unique nonce (the ledger row's ``description``, the
 message's ``content``) so that afterwards the database can be compared with
@@ -44,7 +46,11 @@ OP_WEIGHTS = {
     "conflicting_repeat": 3,
     "verify": 18,
     "revoke": 1,
+    "hold": 10,
+    "capture": 6,
+    "release": 4,
 }
+SHORT_TTL = 0.2  # seconds: a hold that expires during the run, nobody sweeping
 STARTING_TOP_UP = 900  # with the signup bonus: 1,000 tokens, so some charges are refused
 KEYS_PER_USER = 3  # key 0 is never revoked (sessions are started from it)
 SESSIONS_PER_USER = 2
@@ -88,6 +94,18 @@ class Sizes:
 
 
 @dataclass
+class Held:
+    """A hold the model knows: its amount, whether it may expire during the run, and how a
+    call resolved it (``None``: not yet; ``captured``: by ``transaction``)."""
+
+    amount: int
+    short: bool
+    resolved: str | None = None
+    transaction: UUID | None = None
+    captured: int | None = None
+
+
+@dataclass
 class Account:
     """What the model knows of one user."""
 
@@ -98,6 +116,8 @@ class Account:
     messages: dict[UUID, int] = field(default_factory=dict)  # accepted message id -> tokens
     keys: list[tuple[UUID, str]] = field(default_factory=list)  # (key id, secret)
     sessions: list[UUID] = field(default_factory=list)
+    holds: dict[UUID, Held] = field(default_factory=dict)  # every hold the model knows
+    open_holds: list[UUID] = field(default_factory=list)  # not resolved by any call yet
 
     def expected_balance(self) -> int:
         return sum(self.rows.values()) - sum(self.messages.values())
@@ -111,6 +131,7 @@ class Model:
     uncertain_keys: set[UUID] = field(default_factory=set)  # a revoke of unknown outcome
     refused_nonces: set[str] = field(default_factory=set)  # must not be in the database
     unknown: list[tuple[str, str, UUID]] = field(default_factory=list)  # (kind, nonce, user)
+    unknown_holds: list[tuple[UUID, UUID, bool]] = field(default_factory=list)  # (ref, user, short)
     outcomes: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
 
@@ -386,6 +407,95 @@ class Workload:
         else:
             self._expect("revoke", value)
 
+    async def _until_known(self, kind: str, call: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
+        """Run an idempotent call, re-sending it while its outcome is unknown."""
+        status, value = await self._call(kind, call)
+        for _ in range(UNKNOWN_RETRIES):
+            if status != "unknown":
+                break
+            self.model.outcomes[f"{kind}: re-sent after unknown outcome"] += 1
+            await asyncio.sleep(0.05)
+            status, value = await self._call(kind, call)
+        return status, value
+
+    async def _op_hold(self, account: Account) -> None:
+        amount, short = self.rng.randint(1, 80), self.rng.random() < 0.3
+        reference, nonce = uuid.uuid4(), self.nonce("hold")
+
+        def call() -> Awaitable[tokendb.TokenHold]:
+            return tokendb.hold(
+                user=account.user_id,
+                amount=amount,
+                ttl=SHORT_TTL if short else 600,
+                reference_id=reference,
+                description=nonce,
+            )
+
+        status, value = await self._until_known("hold", call)
+        if status == "ok":
+            if (value.amount, value.reference_id, value.status) != (amount, reference, "active"):
+                self.model.problems.append(f"hold returned {value!r}")
+            account.holds[value.id] = Held(amount, short)
+            account.open_holds.append(value.id)
+        elif status == "unknown":
+            self.model.unknown_holds.append((reference, account.user_id, short))
+        else:
+            if isinstance(value, tokendb.InsufficientTokens) and not (
+                value.requested == amount and 0 <= value.balance < value.requested
+            ):
+                self.model.problems.append(f"hold: inconsistent {value!r}")
+            self._expect("hold", value, tokendb.InsufficientTokens)
+
+    def _take_open_hold(self, account: Account) -> UUID | None:
+        """An unresolved hold, which no other call will resolve (each is resolved once)."""
+        if not account.open_holds:
+            return None
+        return account.open_holds.pop(self.rng.randrange(len(account.open_holds)))
+
+    async def _op_capture(self, account: Account) -> None:
+        hold_id = self._take_open_hold(account)
+        if hold_id is None:
+            return
+        held = account.holds[hold_id]
+        amount, nonce = self.rng.randint(1, held.amount), self.nonce("capture")
+        status, value = await self._until_known(
+            "capture", lambda: tokendb.capture(hold=hold_id, amount=amount, description=nonce)
+        )
+        if status == "ok":
+            if (value.amount, value.reference_id) != (-amount, hold_id):
+                self.model.problems.append(f"capture of {hold_id} returned {value!r}")
+            account.rows[value.id] = value.amount
+            account.charges.append(value.id)
+            held.resolved, held.transaction, held.captured = "captured", value.id, amount
+        elif status == "unknown":
+            self.model.unknown.append(("capture", nonce, account.user_id))
+            held.resolved = "unknown"
+        else:
+            self.model.refused_nonces.add(nonce)
+            if isinstance(value, tokendb.HoldExpired) and held.short:
+                held.resolved = "expired"
+            elif not isinstance(value, tokendb.DatabaseUnavailable):
+                self.model.problems.append(f"capture of {hold_id} refused: {value!r}")
+            else:
+                account.open_holds.append(hold_id)  # not sent: still open
+
+    async def _op_release(self, account: Account) -> None:
+        hold_id = self._take_open_hold(account)
+        if hold_id is None:
+            return
+        held = account.holds[hold_id]
+        status, value = await self._until_known("release", lambda: tokendb.release(hold=hold_id))
+        if status == "ok":
+            expected = {"released", "expired"} if held.short else {"released"}
+            if value.status not in expected:
+                self.model.problems.append(f"release of {hold_id} returned {value!r}")
+            held.resolved = value.status
+        elif status == "unknown":
+            held.resolved = "unknown"
+        else:
+            self._expect("release", value)
+            account.open_holds.append(hold_id)
+
     # -- afterwards --------------------------------------------------------
 
     async def resolve_unknown(self, conn: asyncpg.Connection) -> None:
@@ -406,12 +516,24 @@ class Workload:
                     account.rows[row["id"]] = row["amount"]
             verdict = "written" if rows else "not written"
             self.model.outcomes[f"unknown outcome resolved as {verdict}"] += 1
+        for reference, user_id, short in self.model.unknown_holds:
+            account = self.model.accounts[user_id]
+            found = await conn.fetchrow(
+                "SELECT id, amount FROM token_holds WHERE user_id = $1 AND reference_id = $2",
+                user_id,
+                reference,
+            )
+            if found is not None:
+                account.holds[found["id"]] = Held(found["amount"], short, resolved="unknown")
+            verdict = "written" if found is not None else "not written"
+            self.model.outcomes[f"unknown hold resolved as {verdict}"] += 1
 
     async def discrepancies(self, conn: asyncpg.Connection) -> list[str]:
         """Everything in which the database and the model disagree (empty when none)."""
         found = list(self.model.problems)
         found += [f"audit_ledger: {d}" for d in await tokendb.audit_ledger()]
         found += [f"audit_chats: {d}" for d in await tokendb.audit_chats()]
+        found += [f"audit_holds: {d}" for d in await tokendb.audit_holds()]
         negative = await conn.fetchval("SELECT count(*) FROM users WHERE token_balance < 0")
         if negative:
             found.append(f"{negative} users with a negative balance")
@@ -462,6 +584,7 @@ class Workload:
                 found.append(f"message {message_id} ({tokens} tokens) not billed: {billed}")
             if not tokens and billed is not None:
                 found.append(f"free message {message_id} billed: {dict(billed)}")
+        found += await self._hold_discrepancies(conn, account)
         stored = {
             row["id"]
             for row in await conn.fetch(
@@ -475,4 +598,49 @@ class Workload:
                 f"user {account.user_id}: messages stored {len(stored)}, "
                 f"model {len(account.messages)} (diff {len(stored ^ set(account.messages))})"
             )
+        return found
+
+    async def _hold_discrepancies(self, conn: asyncpg.Connection, account: Account) -> list[str]:
+        """The user's holds, row by row, against the model: the same holds, each in a state
+        the calls made allow, a capture billed by the row the call returned."""
+        found: list[str] = []
+        rows = {
+            row["id"]: row
+            for row in await conn.fetch(
+                "SELECT id, amount, status, captured_amount, captured_transaction_id, "
+                "expires_at <= clock_timestamp() AS past FROM token_holds WHERE user_id = $1",
+                account.user_id,
+            )
+        }
+        if set(rows) != set(account.holds):
+            found.append(
+                f"user {account.user_id}: holds stored {len(rows)}, model {len(account.holds)} "
+                f"(diff {sorted(map(str, set(rows) ^ set(account.holds)))[:3]})"
+            )
+        for hold_id, held in account.holds.items():
+            row = rows.get(hold_id)
+            if row is None:
+                continue
+            if row["amount"] != held.amount:
+                found.append(f"hold {hold_id}: amount {row['amount']}, model {held.amount}")
+            if held.resolved == "unknown":
+                allowed = {"active", "captured", "released", "expired"}
+            elif held.resolved is None:  # nobody resolved it: active, or expired if short
+                allowed = {"active", "expired"} if held.short else {"active"}
+            elif held.resolved == "expired":  # refused as expired: marked since, or not yet
+                allowed = {"active", "expired"}
+                if not row["past"]:
+                    found.append(f"hold {hold_id} was refused as expired before its expiry")
+            else:
+                allowed = {held.resolved}
+            if row["status"] not in allowed:
+                found.append(f"hold {hold_id}: {row['status']}, model allows {sorted(allowed)}")
+            if row["status"] == "captured":
+                tx = row["captured_transaction_id"]
+                if held.transaction is not None and tx != held.transaction:
+                    found.append(f"hold {hold_id}: captured by {tx}, the call returned another")
+                if account.rows.get(tx) != -row["captured_amount"]:
+                    found.append(f"hold {hold_id}: its capture {tx} is not a row of the model")
+            if row["status"] == "active" and row["past"] and not held.short:
+                found.append(f"hold {hold_id} of 600 s is past its expiry")
         return found

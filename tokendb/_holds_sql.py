@@ -50,7 +50,7 @@ from uuid import UUID
 
 import asyncpg
 
-from tokendb import _db, _keyset, _ledger_sql, _sql
+from tokendb import _db, _keyset, _ledger_sql, _limits_sql, _sql
 from tokendb._rows import to_model
 from tokendb.errors import (
     CaptureExceedsHold,
@@ -69,6 +69,7 @@ __all__ = [
     "CAPTURE",
     "EXPIRE",
     "HOLD",
+    "HOLD_DECIDED",
     "HOLD_REFERENCE_INDEX",
     "PAGES",
     "RELEASE",
@@ -85,13 +86,16 @@ HOLD_REFERENCE_INDEX = "token_holds_reference_key"
 
 
 class Reservation(NamedTuple):
-    """A validated request to hold ``amount`` (> 0) tokens of ``user_id`` for ``ttl``."""
+    """A validated request to hold ``amount`` (> 0) tokens of ``user_id`` for ``ttl``,
+    through ``api_key_id`` (one of the user's keys) for ``model``."""
 
     user_id: UUID
     amount: int
     ttl: timedelta
     description: str | None
     reference_id: UUID | None
+    api_key_id: UUID | None = None
+    model: str | None = None
 
 
 # --- reserving --------------------------------------------------------------------------
@@ -107,11 +111,14 @@ _NEW_HOLD = _sql.insert(
         "description": "$5",
         "expires_at": "clock_timestamp() + $6::interval",  # after the lock
         "created_at": "clock_timestamp()",
+        "api_key_id": "$7",
+        "model": "$8",
     },
     source="reserved",
 )
 
-# $1 user, $2 amount, $3 new hold id, $4 reference, $5 description, $6 ttl.
+# $1 user, $2 amount, $3 new hold id, $4 reference, $5 description, $6 ttl,
+# $7 the API key (one of the user's) or NULL, $8 the model or NULL.
 HOLD = f"""
 WITH prior AS (
     SELECT 1 FROM token_holds WHERE $4::uuid IS NOT NULL AND user_id = $1 AND reference_id = $4
@@ -119,11 +126,21 @@ WITH prior AS (
     UPDATE users                                    -- the user's row lock is taken here
     SET held_tokens = held_tokens + $2
     WHERE id = $1 AND token_balance - held_tokens >= $2 AND NOT EXISTS (SELECT 1 FROM prior)
+      AND ($7::uuid IS NULL OR EXISTS (
+          SELECT 1 FROM api_keys k WHERE k.id = $7 AND k.user_id = $1 AND k.token_limit IS NULL
+      ))                                            -- a limited key: the locked path
     RETURNING id
 )
 {_NEW_HOLD}
 RETURNING *
 """
+"""One hold in one statement: none through a key with a limit (decided under the
+key's lock: :mod:`tokendb._limits_sql`)."""
+
+_UNLIMITED = " AND k.token_limit IS NULL"
+assert HOLD.count(_UNLIMITED) == 1
+HOLD_DECIDED = HOLD.replace(_UNLIMITED, "")
+""":data:`HOLD` whose key's limit the caller decided under the key's lock."""
 
 BY_REFERENCE = "SELECT * FROM token_holds WHERE user_id = $1 AND reference_id = $2"
 
@@ -139,41 +156,53 @@ async def hold(reservation: Reservation) -> TokenHold:
     Raises :class:`InsufficientTokens`, :class:`ReferenceConflict` and
     :class:`NotFound`.
     """
-    user_id, amount, ttl, text, reference = reservation
-    arguments = (user_id, amount, new_id(), reference, text, ttl)
-    rows = await _reserve(_db.write, arguments)
-    if rows:
-        return to_model(TokenHold, rows[0])
-    if reference is not None:
-        existing = await _db.read(BY_REFERENCE, user_id, reference)
-        if existing:
-            return _as_repeat(to_model(TokenHold, existing[0]), amount)
-    found = await _ledger_sql.spendable_or_none(user_id)
-    if found is None:
-        raise NotFound("user", user_id)
-    available, holds = found
-    if available < amount and not holds:
-        raise InsufficientTokens(user_id, available, amount)
-
-    async def body(conn: _db.Connection) -> TokenHold:
-        available = await _ledger_sql.available_under_lock(conn, user_id)
-        if available is None:
-            raise NotFound("user", user_id)
-        rows = await _reserve(conn.fetch, arguments)
+    user_id, amount, ttl, text, reference, key_id, model = reservation
+    arguments = (user_id, amount, new_id(), reference, text, ttl, key_id, model)
+    limited = key_id is not None and _limits_sql.probably_limited(key_id)
+    if not limited:
+        rows = await _reserve(_db.write, HOLD, arguments)
         if rows:
             return to_model(TokenHold, rows[0])
+        if reference is not None:
+            existing = await _db.read(BY_REFERENCE, user_id, reference)
+            if existing:
+                return _as_repeat(to_model(TokenHold, existing[0]), amount)
+        found = await _ledger_sql.spendable_or_none(user_id)
+        if found is None:
+            raise NotFound("user", user_id)
+        if key_id is not None:
+            keys = await _db.read(_ledger_sql.KEY_OWNER, key_id)
+            if not keys or keys[0]["user_id"] != user_id:
+                raise NotFound("API key", key_id)
+            limited = keys[0]["token_limit"] is not None
+        available, holds = found
+        if available < amount and not holds and not limited:
+            raise InsufficientTokens(user_id, available, amount)
+
+    async def body(conn: _db.Connection) -> TokenHold:
+        # Through a key: its row lock first, then the window in a statement of its own.
+        limit = None if key_id is None else await _limits_sql.lock_key(conn, key_id, user_id)
         if reference is not None:
             existing = await conn.fetch(BY_REFERENCE, user_id, reference)
             if existing:
                 return _as_repeat(to_model(TokenHold, existing[0]), amount)
+        if limit is not None:
+            assert key_id is not None
+            await _limits_sql.check(conn, key_id, limit, amount)
+        available = await _ledger_sql.available_under_lock(conn, user_id)
+        if available is None:
+            raise NotFound("user", user_id)
+        rows = await _reserve(conn.fetch, HOLD_DECIDED, arguments)
+        if rows:
+            return to_model(TokenHold, rows[0])
         raise InsufficientTokens(user_id, available, amount)
 
     return await _db.transaction(body)
 
 
-async def _reserve(fetch: Any, arguments: tuple[Any, ...]) -> list[Any]:
+async def _reserve(fetch: Any, statement: str, arguments: tuple[Any, ...]) -> list[Any]:
     try:
-        rows: list[Any] = await fetch(HOLD, *arguments)
+        rows: list[Any] = await fetch(statement, *arguments)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != HOLD_REFERENCE_INDEX:
             raise
@@ -211,6 +240,8 @@ _CAPTURED_USAGE = _ledger_sql.record(
     reference_id="captured.id",  # the hold: one capture per hold, also in the ledger's index
     balance_after="debit.token_balance",
     created_at="clock_timestamp()",
+    api_key_id="captured.api_key_id",  # what the hold was for; its key's limit reserved it
+    model="captured.model",
 )
 
 # $1 hold, $2 amount (1 ≤ amount ≤ the hold's), $3 the usage row's id, $4 description.

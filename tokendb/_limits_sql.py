@@ -2,13 +2,13 @@
 
 An API key with a ``token_limit`` may use at most that many tokens per
 ``limit_period`` (a UTC day, a UTC month, or its whole life). A usage
-movement through such a key (a charge, a chat message) runs in a
+movement through such a key (a charge, a chat message, a hold) runs in a
 transaction that
 
 1. locks the key's row (:data:`LOCK_KEY`, ``FOR UPDATE``), which every
    other limited movement of the key also takes first, so they queue;
-2. reads the window's usage from ``usage_daily`` (:data:`WINDOW`) in a
-   *new statement*: under READ
+2. reads the window's usage from ``usage_daily`` plus the key's active,
+   unexpired holds (:data:`WINDOW`) in a *new statement*: under READ
    COMMITTED its snapshot is taken after the lock was granted, so it sees
    every movement of the key that committed before (a subquery of the
    locking statement would not: its snapshot predates the wait);
@@ -21,7 +21,7 @@ its charge's window the tokens back and a new day starts at 0 by itself.
 
 Unlimited keys and keyless movements never take the key's lock: their
 statements (:data:`tokendb._ledger_sql.MOVE`, :data:`~tokendb._ledger_sql.BATCH`,
-:data:`~tokendb._ledger_sql.ADD_MESSAGE`)
+:data:`~tokendb._ledger_sql.ADD_MESSAGE`, :data:`tokendb._holds_sql.HOLD`)
 move nothing through a key that has a limit, and the caller then takes the
 path above. Which keys have a limit is remembered per process
 (:func:`probably_limited`), so a limited key's movements go straight to the
@@ -50,7 +50,9 @@ __all__ = [
 LOCK_KEY = "SELECT user_id, token_limit, limit_period FROM api_keys WHERE id = $1 FOR UPDATE"
 
 # $1 the key, $2 its period. The UTC day is the database's, as the rollup's
-# (created_at = clock_timestamp()).
+# (created_at = clock_timestamp()). Holds count while active and unexpired: a
+# capture turns one into usage of the same or fewer tokens, so a capture never
+# needs the key's lock and is never refused.
 WINDOW = """
 WITH today AS (SELECT (clock_timestamp() AT TIME ZONE 'UTC')::date AS d)
 SELECT (SELECT coalesce(sum(u.tokens), 0) FROM usage_daily u, today
@@ -58,7 +60,10 @@ SELECT (SELECT coalesce(sum(u.tokens), 0) FROM usage_daily u, today
           AND u.day >= CASE $2::text
                            WHEN 'day' THEN today.d
                            WHEN 'month' THEN today.d - (extract(day FROM today.d)::int - 1)
-                           ELSE '-infinity'::date END) AS used
+                           ELSE '-infinity'::date END)
+     + (SELECT coalesce(sum(h.amount), 0) FROM token_holds h
+        WHERE h.api_key_id = $1 AND h.status = 'active' AND h.expires_at > clock_timestamp())
+       AS used
 """
 
 

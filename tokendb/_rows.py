@@ -4,7 +4,7 @@
 bookkeeping attributes through ``Model.__setattr__`` and calls
 ``to_python_value`` on every UUID, datetime and enum column: about 6 µs a
 row, which is most of what a 50-row ledger page costs above the wire. The
-hydrator of a model is planned once from its fields (:func:`_plan`) and then
+hydrator of a model is planned once from its fields (:func:`hydrator`) and then
 writes the instance's ``__dict__`` directly, converting only what needs it.
 
 The result is the instance ``_init_from_db`` builds, attribute for attribute
@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
-from tortoise.fields.data import CharEnumFieldInstance, DatetimeField, UUIDField
+from tortoise.fields.data import CharEnumFieldInstance, DatetimeField, JSONField, UUIDField
 from tortoise.models import Model
 from tortoise.timezone import get_default_timezone, get_use_tz
 
-__all__ = ["to_model"]
+__all__ = ["hydrator", "to_model"]
 
 M = TypeVar("M", bound=Model)
 Row = Mapping[str, Any] | asyncpg.Record
@@ -37,7 +37,7 @@ def to_model(model: type[M], row: Row, prefix: str = "") -> M:
     With ``prefix``, the row names them ``prefix + column`` (a join that
     returns two models' columns side by side).
     """
-    hydrate: Callable[[Row], M] = _plan(model, prefix)
+    hydrate: Callable[[Row], M] = hydrator(model, prefix)
     try:
         return hydrate(row)
     except KeyError:
@@ -49,16 +49,26 @@ def to_model(model: type[M], row: Row, prefix: str = "") -> M:
 
 
 @functools.cache
-def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
+def hydrator(model: type[M], prefix: str = "", omit: tuple[str, ...] = ()) -> Callable[[Row], M]:
+    """The function that builds ``model`` instances from rows (what :func:`to_model`
+    uses), planned once per arguments; a hot path calls it directly.
+
+    It raises ``KeyError`` on a row that lacks a column (no fallback). With
+    ``omit`` (columns the statement leaves out, :func:`tokendb._sql.select_list`'s
+    ``omit``), the instances lack those attributes and are partial (``save()`` refuses them).
+    """
     meta = model._meta
-    as_is = [(prefix + key, attr) for key, attr, _ in meta.db_native_fields]
+    as_is = [(prefix + key, attr) for key, attr, _ in meta.db_native_fields if key not in omit]
     uuids: list[tuple[str, str]] = []
     datetimes: list[tuple[str, str, Callable[[Any], Any]]] = []
     enums: list[tuple[str, str, Any]] = []
     converted: list[tuple[str, str, Callable[[Any], Any]]] = []
     for key, attr, field in meta.db_default_fields:
-        converted.append((prefix + key, attr, functools.partial(_not_none, field.field_type)))
+        if key not in omit:
+            converted.append((prefix + key, attr, functools.partial(_not_none, field.field_type)))
     for column, attr, field in meta.db_complex_fields:
+        if column in omit:
+            continue
         key = prefix + column
         if type(field) is UUIDField:
             uuids.append((key, attr))
@@ -66,15 +76,18 @@ def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
             datetimes.append((key, attr, field.to_python_value))
         elif isinstance(field, CharEnumFieldInstance):
             enums.append((key, attr, field.enum_type))
+        elif type(field) is JSONField:
+            converted.append((key, attr, _json(field.to_python_value)))
         else:
             converted.append((key, attr, field.to_python_value))
     custom_pk = meta.db_pk_column not in meta.generated_db_fields
+    partial = bool(omit)
     new = model.__new__
 
     def hydrate(row: Row) -> M:
         instance = new(model)
         values = instance.__dict__
-        values["_partial"] = False
+        values["_partial"] = partial
         values["_saved_in_db"] = True
         values["_custom_generated_pk"] = custom_pk
         values["_await_when_save"] = {}
@@ -100,6 +113,37 @@ def _plan(model: type[M], prefix: str) -> Callable[[Row], M]:
         return instance
 
     return hydrate
+
+
+_JSON_MEMO = 1024
+"""Distinct JSON texts remembered per column (a key's scopes: a handful in practice)."""
+
+
+def _json(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``decode`` (``JSONField.to_python_value``), remembering flat lists of strings.
+
+    ``api_keys.permissions`` is one on every lookup of a key, and nearly every
+    key has the same few: a fresh list copied from the remembered one costs a
+    tenth of decoding the text again. Anything else is decoded every time.
+    """
+    memo: dict[str, tuple[str, ...]] = {}
+
+    def convert(value: Any) -> Any:
+        if type(value) is str:
+            known = memo.get(value)
+            if known is not None:
+                return list(known)
+            decoded = decode(value)
+            if (
+                type(decoded) is list
+                and len(memo) < _JSON_MEMO
+                and all(type(item) is str for item in decoded)
+            ):
+                memo[value] = tuple(decoded)
+            return decoded
+        return decode(value)
+
+    return convert
 
 
 def _not_none(convert: Callable[[Any], Any], value: Any) -> Any:

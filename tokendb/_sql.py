@@ -85,13 +85,16 @@ def insert(model: type[Model], values: Mapping[str, str], *, source: str | None 
     return sql if source is None else f"{sql}\nFROM {source}"
 
 
-def select_list(model: type[Model], alias: str, prefix: str) -> str:
-    """``alias.column AS prefixcolumn, …`` for every column of ``model``.
+def select_list(model: type[Model], alias: str, prefix: str, *, omit: tuple[str, ...] = ()) -> str:
+    """``alias.column AS prefixcolumn, …`` for every column of ``model`` but those in ``omit``.
 
-    Read the row back with ``tokendb._rows.to_model(model, row, prefix)``.
+    Read the row back with ``tokendb._rows.to_model(model, row, prefix)``
+    (``tokendb._rows.hydrator(model, prefix, omit=omit)`` when columns are omitted).
     """
     return ", ".join(
-        f"{alias}.{quoted(column)} AS {quoted(prefix + column)}" for column in columns(model)
+        f"{alias}.{quoted(column)} AS {quoted(prefix + column)}"
+        for column in columns(model)
+        if column not in omit
     )
 
 

@@ -34,14 +34,17 @@ __all__ = [
     "CONNECTION_LOST",
     "RETRYABLE",
     "TIMED_OUT",
+    "TRANSLATED",
     "is_connection_loss",
     "message_of",
     "translate",
     "translated",
+    "translates_itself",
 ]
 
 T = TypeVar("T")
 P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Errors that mean "the connection (or server) is gone": nothing about the
 # statement itself was wrong.
@@ -104,6 +107,11 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
     if isinstance(exc, TokenDBError):
         return exc
     sqlstate = getattr(exc, "sqlstate", None)
+    if _behind_a_pooler(exc):
+        return ConfigurationError(
+            f"{message_of(exc)}: the URL goes through a pooler in transaction mode (PgBouncer?); "
+            "add ?pgbouncer=true to it (docs/pgbouncer.md)"
+        )
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return DatabaseTimeout(
             "the statement was cancelled (statement_timeout); nothing was written",
@@ -166,6 +174,24 @@ def translate(exc: BaseException, *, outcome_unknown: bool = False) -> TokenDBEr
     )
 
 
+def _behind_a_pooler(exc: BaseException) -> bool:
+    """True for what PgBouncer in transaction pooling does to a URL without ``?pgbouncer=true``:
+    asyncpg's named statements lost between transactions, timeouts refused at connect."""
+    message = message_of(exc)
+    if isinstance(
+        exc,
+        (
+            asyncpg.exceptions.InvalidSQLStatementNameError,
+            asyncpg.exceptions.DuplicatePreparedStatementError,
+        ),
+    ):
+        return "__asyncpg_" in message
+    return (
+        isinstance(exc, asyncpg.exceptions.ProtocolViolationError)
+        and "unsupported startup parameter" in message
+    )
+
+
 _TRANSLATED: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -191,3 +217,16 @@ def translated(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corouti
 
     wrapper.__tokendb_translated__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+TRANSLATED = _TRANSLATED
+"""What :func:`translated` catches (for :func:`translates_itself`)."""
+
+
+def translates_itself(func: F) -> F:
+    """Mark a public coroutine whose whole body is ``try: … except TRANSLATED as exc:
+    raise translate(exc) from exc``: what :func:`translated` does, without its frame,
+    which every resumption of the call passes through (``verify_api_key``, on every
+    request's path). ``tests/test_public_api.py`` checks the marker."""
+    func.__tokendb_translated__ = True  # type: ignore[attr-defined]
+    return func

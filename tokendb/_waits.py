@@ -52,7 +52,11 @@ class Deadline:
         self._task = task
         self._cancelling = task.cancelling()
         self.expired = False
-        self._watchdog = watchdog = Watchdog.of(task.get_loop())
+        loop = task.get_loop()
+        watchdog = _last  # almost always: one event loop per process (Watchdog.of, inlined)
+        if watchdog is None or watchdog.loop is not loop:
+            watchdog = Watchdog.of(loop)
+        self._watchdog = watchdog
         watchdog.deadlines[self] = watchdog.loop.time() + self._seconds
         if watchdog.timer is None:
             watchdog.timer = watchdog.loop.call_later(TICK, watchdog.check)

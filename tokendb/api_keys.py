@@ -19,8 +19,8 @@ from typing import Any
 from uuid import UUID
 
 from tokendb import _args, _db, _key_cache, _keyset, _limits_sql, _sql, keys
-from tokendb._rows import to_model
-from tokendb._translate import translated
+from tokendb._rows import hydrator, to_model
+from tokendb._translate import TRANSLATED, translate, translated, translates_itself
 from tokendb.errors import (
     ApiKeyExpired,
     ApiKeyRevoked,
@@ -71,9 +71,12 @@ WHERE id = $2
 RETURNING *
 """
 
-# The lookup by hash (unique index) with the user, read-only.
+_BALANCES = ("token_balance", "held_tokens")
+"""The user's columns a verified key does not carry (migration 6's trigger ignores them too)."""
+
+# The lookup by hash (unique index) with the user (without its balance), read-only.
 _LOOKUP = f"""
-SELECT k.*, {_sql.select_list(User, "u", "user_")}, now() AS checked_at
+SELECT k.*, {_sql.select_list(User, "u", "user_", omit=_BALANCES)}, now() AS checked_at
 FROM api_keys k JOIN users u ON u.id = k.user_id
 WHERE k.key_hash = $1
 """
@@ -210,7 +213,7 @@ def _touch_interval(value: Any) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
-@translated
+@translates_itself  # not @translated: one frame fewer on every request's path
 async def verify_api_key(
     *,
     secret: str,
@@ -250,28 +253,38 @@ async def verify_api_key(
         ValidationError: a bad ``permission`` or ``touch_interval``.
         DatabaseUnavailable: the database is unreachable.
     """
-    interval = _touch_interval(touch_interval)
-    if permission is not None:
-        if not isinstance(permission, str):
-            raise ValidationError("permission", "must be a string")
-        permission = _args.exact_str(permission)
-    if not keys.is_well_formed(secret):
-        raise InvalidApiKey()
-    key_hash = keys.hash_key(_args.exact_str(secret))
-    cache = _key_cache.for_lookup()
-    if cache is not None:
-        cached: _Verified | None = cache.get(key_hash)
-        if cached is not None:
-            return await cached.answer(datetime.now(UTC), permission, interval)
-        generation = cache.generation
-    rows = await _db.read(_LOOKUP, key_hash)
-    if not rows:
-        raise InvalidApiKey()
-    row = rows[0]
-    verified = _Verified(to_model(ApiKey, row), to_model(User, row, prefix="user_"))
-    if cache is not None:
+    try:
+        interval = (
+            touch_interval  # every request passes the default: skip the checks
+            if touch_interval is DEFAULT_TOUCH_INTERVAL
+            else _touch_interval(touch_interval)
+        )
+        if permission is not None:
+            if not isinstance(permission, str):
+                raise ValidationError("permission", "must be a string")
+            permission = _args.exact_str(permission)
+        if not keys.is_well_formed(secret):
+            raise InvalidApiKey()
+        key_hash = keys.hash_key(_args.exact_str(secret))
+        cache = _key_cache.for_lookup()
+        if cache is not None:
+            cached: _Verified | None = cache.get(key_hash)
+            if cached is not None:
+                return await cached.answer(datetime.now(UTC), permission, interval, shared=True)
+            generation = cache.generation
+        rows = await _db.read(_LOOKUP, key_hash)
+        if not rows:
+            raise InvalidApiKey()
+        row = rows[0]
+        # The user without its balance is partial: save() refuses it.
+        verified = _Verified(hydrator(ApiKey)(row), hydrator(User, "user_", _BALANCES)(row))
+        if cache is None:
+            # Nobody else holds these instances: hand them out as they are.
+            return await verified.answer(row["checked_at"], permission, interval, shared=False)
         cache.put(key_hash, verified.user_id, verified, generation=generation)
-    return await verified.answer(row["checked_at"], permission, interval)
+        return await verified.answer(row["checked_at"], permission, interval, shared=True)
+    except TRANSLATED as exc:
+        raise translate(exc) from exc
 
 
 def verify_cache_stats() -> _key_cache.CacheStats:
@@ -280,10 +293,6 @@ def verify_cache_stats() -> _key_cache.CacheStats:
     Raises nothing.
     """
     return _key_cache.stats()
-
-
-_BALANCES = ("token_balance", "held_tokens")
-"""The user's columns a verified key does not carry (migration 6's trigger ignores them too)."""
 
 
 class _Verified:
@@ -296,15 +305,16 @@ class _Verified:
     __slots__ = ("key", "user", "user_id")
 
     def __init__(self, key: ApiKey, user: User) -> None:
-        values = user.__dict__
-        for balance in _BALANCES:  # never a balance that may be stale
-            del values[balance]
-        values["_partial"] = True  # save() refuses it
+        # ``user`` comes without its balance (never one that may be stale), partial.
         self.key = key
         self.user = user
         self.user_id: UUID = key.user_id
 
-    async def answer(self, now: datetime, permission: str | None, interval: timedelta) -> ApiKey:
+    async def answer(
+        self, now: datetime, permission: str | None, interval: timedelta, *, shared: bool
+    ) -> ApiKey:
+        """The key, or the refusal, as of ``now``; copies of the instances when ``shared``
+        (cached), else the instances themselves (a lookup's own, handed out once)."""
         key = self.key
         if not key.is_active:
             raise ApiKeyRevoked(key.key_prefix)
@@ -315,7 +325,11 @@ class _Verified:
         # Every refusal is decided above, before the only write: a refused key is not touched.
         if key.last_used_at is None or key.last_used_at < now - interval:
             key.__dict__["last_used_at"] = await _touch(key.id, now, interval)
-        return self._copy()
+        if shared:
+            return self._copy()
+        # What select_related("user") sets (a cache attribute, not a field: no Model.__setattr__).
+        object.__setattr__(key, "_user", self.user)
+        return key
 
     def _copy(self) -> ApiKey:
         key = ApiKey.__new__(ApiKey)

@@ -28,7 +28,7 @@ from tokendb import _args, _db, _holds_sql, _keyset
 from tokendb._holds_sql import Reservation
 from tokendb._translate import translated
 from tokendb.errors import CaptureExceedsHold, NotFound, ValidationError
-from tokendb.models import HoldStatus, TokenHold, TokenTransaction, User
+from tokendb.models import ApiKey, HoldStatus, TokenHold, TokenTransaction, User
 
 __all__ = [
     "MAX_HOLD_TTL",
@@ -46,6 +46,7 @@ MAX_HOLD_TTL = timedelta(hours=24)
 """The longest a hold may live: a completion's stream, with room; the database refuses longer."""
 
 MAX_DESCRIPTION_LENGTH = 1000
+MAX_MODEL_LENGTH = 50
 
 
 def _ttl(value: Any) -> timedelta:
@@ -81,6 +82,8 @@ async def hold(
     ttl: timedelta | int | float,
     reference_id: UUID | str | None = None,
     description: str | None = None,
+    api_key: ApiKey | UUID | str | None = None,
+    model: str | None = None,
 ) -> TokenHold:
     """Reserve ``amount`` tokens of ``user`` for ``ttl``; return the ``active`` hold.
 
@@ -91,11 +94,19 @@ async def hold(
     released or expires, also by concurrent calls. With ``reference_id``, a
     repeat (also a concurrent one) returns the same hold, whatever its state.
 
+    ``api_key`` (one of ``user``'s keys) and ``model`` say what the tokens
+    are held for; :func:`capture` bills its usage row to both. While active,
+    the hold counts against the key's ``token_limit``: a hold that would
+    pass it is refused, decided under the key's row lock; its capture is
+    then never refused by the limit (the hold reserved it).
+
     Raises:
         InsufficientTokens: ``amount`` is more than the available balance
             (``.balance`` is that balance); nothing written.
+        KeyLimitExceeded: ``api_key``'s window (plus its active holds) cannot
+            take ``amount`` more; nothing written.
         ReferenceConflict: ``reference_id`` was used for a hold of another amount.
-        NotFound: unknown user.
+        NotFound: unknown user, or ``api_key`` is not one of ``user``'s keys.
         ValidationError: a malformed argument (``ttl`` out of range, a bool,
             NaN or infinite); nothing written.
         DatabaseUnavailable: the database is unreachable, or the connection was lost
@@ -107,6 +118,8 @@ async def hold(
         _ttl(ttl),
         _args.optional_text(description, "description", max_length=MAX_DESCRIPTION_LENGTH),
         _args.optional_uuid(reference_id, "reference_id"),
+        _args.optional_ref_id(api_key, "api_key", ApiKey),
+        None if model is None else _args.text(model, "model", max_length=MAX_MODEL_LENGTH),
     )
     return await _holds_sql.hold(reservation)
 
@@ -124,7 +137,8 @@ async def capture(
     = the hold's id, ``description`` this one, else the hold's) is written.
     A capture is always affordable: held tokens are part of the balance. A
     repeat with the same amount returns the same row (a retry after an
-    unknown outcome).
+    unknown outcome). The usage row records the hold's API key and model; a
+    key's limit never refuses a capture (the hold counted against it).
 
     Raises:
         HoldExpired: the hold expired (also when nothing marked it yet).

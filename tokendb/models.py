@@ -197,9 +197,15 @@ class TokenHold(Model):
             on_delete=fields.RESTRICT,
         )
     )
+    # What the held tokens are for: the key (counted against its limit) and the model.
+    api_key: fields.ForeignKeyNullableRelation[ApiKey] = fields.ForeignKeyField(
+        "tokendb.ApiKey", related_name=False, null=True, on_delete=fields.RESTRICT
+    )
+    model = fields.CharField(max_length=50, null=True)
 
     user_id: UUID
     captured_transaction_id: UUID | None
+    api_key_id: UUID | None
 
     class Meta:
         table = "token_holds"

@@ -71,7 +71,10 @@ BACKSTOPS = (
     "chat_sessions_tokens_used_nonnegative",
     "chat_messages_tokens_nonnegative",
     "chat_messages_role_valid",
+    # foreign keys of a rule (not just a reference)
+    "token_holds_api_key_owner",
     # unique indexes
+    "api_keys_id_user_key",
     "users_email_lower_key",
     "token_transactions_idempotency_key",
     "token_transactions_user_seq_key",
