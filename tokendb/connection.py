@@ -124,8 +124,17 @@ async def init(
     hit returns and how fresh it is); ``None`` means on unless
     ``TOKENDB_VERIFY_CACHE=off``. It listens for changes on a direct
     connection of its own: ``listen_url``, else ``TOKENDB_LISTEN_URL``, else
-    the database URL itself unless that goes through PgBouncer (then the
-    cache stays off, with a :class:`~tokendb.ConfigurationWarning`).
+    ``TOKENDB_DIRECT_URL``, else the database URL itself unless that goes
+    through PgBouncer (then the cache stays off, with a
+    :class:`~tokendb.ConfigurationWarning`).
+
+    Through PgBouncer in transaction pooling mode, say so in the URL
+    (``?pgbouncer=true``): no named prepared statements are used, and
+    ``statement_timeout``/``lock_timeout`` are not sent at connect (PgBouncer
+    refuses them) but must be the server's defaults for the role or database
+    (``ALTER ROLE app SET statement_timeout = '30s'``); a
+    :class:`~tokendb.ConfigurationWarning` names any that is off or looser
+    than asked (docs/pgbouncer.md).
 
     The pool is opened and the schema checked before returning, so a wrong
     URL or an unmigrated database fails here, not on the first request: in
