@@ -46,6 +46,10 @@ async def test_every_model_hydrates_like_tortoise(
     assert rows
     for row in rows:
         same_instance(_rows.to_model(model, row), model._init_from_db(**row))
+    page = _rows.to_models(model, rows)  # the plan per column layout of a list page
+    assert len(page) == len(rows)
+    for built, row in zip(page, rows, strict=True):
+        same_instance(built, model._init_from_db(**row))
 
 
 async def test_prefixed_columns_hydrate_the_second_model_of_a_join(
@@ -86,3 +90,39 @@ async def test_a_row_missing_columns_falls_back_to_a_partial_instance(
     (row,) = await _db.read("SELECT id, email FROM users WHERE id = $1", user.id)
     partial = _rows.to_model(User, row)
     assert partial._partial and (partial.id, partial.email) == (user.id, user.email)
+
+
+async def test_a_page_of_rows_missing_columns_falls_back_to_partial_instances(
+    tokendb_clean: str, make_user
+) -> None:
+    users = [await make_user(), await make_user()]
+    rows = await _db.read("SELECT id, email FROM users ORDER BY id")
+    page = _rows.to_models(User, rows)
+    assert [(u.id, u.email, u._partial) for u in page] == sorted(
+        (u.id, u.email, True) for u in users
+    )
+    assert _rows.to_models(User, []) == []
+
+
+async def test_a_page_of_mappings_hydrates_row_by_row(tokendb_clean: str, make_user) -> None:
+    """Rows that are not asyncpg records (a dict, a UUID as text) take to_model's path."""
+    user = await make_user()
+    (row,) = await _db.read("SELECT * FROM users WHERE id = $1", user.id)
+    as_text = {**row, "id": str(row["id"])}
+    (built,) = _rows.to_models(User, [as_text])
+    same_instance(built, User._init_from_db(**as_text))
+    assert built.id == user.id
+
+
+async def test_a_page_model_saves_and_compares_like_a_fetched_one(
+    tokendb_clean: str, make_user
+) -> None:
+    user = await make_user()
+    await tokendb.charge(user=user, amount=1)
+    (fast,) = _rows.to_models(User, await _db.read("SELECT * FROM users WHERE id = $1", user.id))
+    fetched = await User.get(id=user.id)
+    assert fast == fetched and hash(fast) == hash(fetched)
+    assert fast.created_at.tzinfo == fetched.created_at.tzinfo
+    fast.name = "Renamed"
+    await fast.save(update_fields=["name"])
+    assert (await User.get(id=user.id)).name == "Renamed"

@@ -17,7 +17,7 @@ from uuid import UUID
 from tortoise.models import Model
 
 from tokendb import _args, _db
-from tokendb._rows import to_model
+from tokendb._rows import to_models
 from tokendb.errors import NotFound
 
 
@@ -111,4 +111,4 @@ async def page(
             owner_id=owner_id,
         )
         rows = await _db.read(following, owner_id, limit, created_at, cursor_id)
-    return [to_model(model, row) for row in rows]
+    return to_models(model, rows)
