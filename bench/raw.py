@@ -14,7 +14,7 @@ from uuid import UUID
 
 import asyncpg
 
-from tokendb import _holds_sql, _ledger_sql, api_keys, keys
+from tokendb import _holds_sql, _ledger_sql, _limits_sql, api_keys, keys, usage
 from tokendb.connection import init_config
 from tokendb.ids import new_id
 
@@ -43,6 +43,36 @@ async def move(pool: asyncpg.Pool, user_id: UUID, delta: int, kind: str) -> asyn
     if row is None:
         raise RuntimeError(f"refused: {user_id} {delta}")
     return row
+
+
+async def charge_limited(
+    pool: asyncpg.Pool, user_id: UUID, key_id: UUID, amount: int
+) -> asyncpg.Record:
+    """A charge through a key with a limit, as tokendb sends it: one transaction that
+    locks the key (:data:`tokendb._limits_sql.LOCK_KEY`), reads its window
+    (:data:`~tokendb._limits_sql.WINDOW`), locks the user
+    (:data:`tokendb._ledger_sql.LOCK_USER`) and debits
+    (:data:`~tokendb._ledger_sql.MOVE_DECIDED`)."""
+    async with pool.acquire() as conn, conn.transaction():
+        key = await conn.fetchrow(_limits_sql.LOCK_KEY, key_id)
+        assert key is not None
+        used = await conn.fetchval(_limits_sql.WINDOW, key_id, key["limit_period"])
+        if used + amount > key["token_limit"]:
+            raise RuntimeError(f"limit: {key_id}")
+        await conn.fetchrow(_ledger_sql.LOCK_USER, user_id)
+        row = await conn.fetchrow(
+            _ledger_sql.MOVE_DECIDED, user_id, -amount, "usage", new_id(), None, None, key_id, None
+        )
+    if row is None:
+        raise RuntimeError(f"refused: {user_id} {amount}")
+    return row
+
+
+async def usage_report(
+    pool: asyncpg.Pool, user_id: UUID, since: Any, until: Any
+) -> list[asyncpg.Record]:
+    """:func:`tokendb.usage_report`'s statement, grouped by day, model and key."""
+    return await pool.fetch(usage._statement(usage.GROUPINGS), user_id, since, until, None, None)
 
 
 async def charge_batch(pool: asyncpg.Pool, user_ids: list[UUID], amount: int) -> list[Any]:
@@ -101,7 +131,9 @@ async def hold_and_capture(
     pool: asyncpg.Pool, user_id: UUID, held: int, used: int, ttl: timedelta
 ) -> asyncpg.Record:
     """One completion: :data:`tokendb._holds_sql.HOLD` then :data:`~tokendb._holds_sql.CAPTURE`."""
-    hold = await pool.fetchrow(_holds_sql.HOLD, user_id, held, new_id(), None, None, ttl)
+    hold = await pool.fetchrow(
+        _holds_sql.HOLD, user_id, held, new_id(), None, None, ttl, None, None
+    )
     if hold is None:
         raise RuntimeError(f"hold refused: {user_id} {held}")
     row = await pool.fetchrow(_holds_sql.CAPTURE, hold["id"], used, new_id(), None)

@@ -21,6 +21,7 @@ import asyncpg
 import tokendb
 from bench import raw
 from bench.harness import Op
+from tokendb import _limits_sql
 from tokendb.api_keys import DEFAULT_TOUCH_INTERVAL
 from tokendb.ids import new_id
 
@@ -269,6 +270,110 @@ async def _charge_many(bench: Bench) -> tuple[Side, Side]:
 
 COLD_KEYS = 2_000
 """Keys the cold scenario rotates through, 30 times what its cache holds: every call misses."""
+
+
+# One API key per user, with a limit per day far above what a run charges ($2).
+_SEED_KEYS = """
+INSERT INTO api_keys (id, user_id, key_hash, key_prefix, name, permissions, is_active,
+                      created_at, token_limit, limit_period)
+SELECT gen_random_uuid(), id, 'bench-' || id, 'sk_live_benc', 'bench', '["*"]'::jsonb, true,
+       clock_timestamp(), $2, CASE WHEN $2::bigint IS NULL THEN NULL ELSE 'day' END
+FROM unnest($1::uuid[]) AS id
+RETURNING id, user_id
+"""
+
+LIMIT = 10**15
+
+
+async def _limited(bench: Bench) -> tuple[Side, Side]:
+    """charge of 1 token through the key (with a limit) of random users."""
+
+    async def side(use_tokendb: bool) -> Side:
+        users = await seed_users(bench, bench.options.users, START_BALANCE)
+        key_of = {
+            row["user_id"]: row["id"] for row in await bench.pool.fetch(_SEED_KEYS, users, LIMIT)
+        }
+        for key in key_of.values():  # a long-running process knows its limited keys
+            _limits_sql.remember(key, limited=True)
+        pick = _picker(users, seed=len(users))
+        moved: Counter[UUID] = Counter()
+
+        async def op(index: int) -> int:
+            user = pick()
+            if use_tokendb:
+                await tokendb.charge(user=user, amount=1, api_key=key_of[user])
+            else:
+                await raw.charge_limited(bench.pool, user, key_of[user], 1)
+            moved[user] += 1
+            return 1
+
+        return Side(op, balances_check(bench, START_BALANCE, moved, -1))
+
+    return await side(True), await side(False)
+
+
+# $1 user, $2 a fresh UUIDv7 as text (the ids' prefix), $3 the balance before, $4 rows,
+# $5 the key. Usage rows of 1 token, three models, in chain order.
+_SEED_USAGE = """
+INSERT INTO token_transactions (id, user_id, amount, type, description, reference_id,
+                                balance_after, created_at, api_key_id, model)
+SELECT (substr($2, 1, 24) || lpad(to_hex(g), 12, '0'))::uuid, $1, -1, 'usage',
+       'bench usage', NULL, $3 - g, clock_timestamp(), $5, 'model-' || (g % 3)
+FROM generate_series(1, $4) AS g
+ORDER BY g
+"""
+# Spread over the last 30 days (the seed row a day before), as the owner with
+# triggers off, then the user's rollup rebuilt: $1 user, $2 rows.
+_SPREAD = """
+UPDATE token_transactions SET created_at = CASE
+    WHEN type = 'usage' THEN now() - interval '30 days'
+        + (('x' || right(replace(id::text, '-', ''), 12))::bit(48)::bigint * (2592000.0 / $2))
+          * interval '1 second'
+    ELSE now() - interval '31 days' END
+WHERE user_id = $1
+"""
+_REBUILD_ROLLUP = """
+INSERT INTO usage_daily (user_id, api_key_id, model, day, tokens, requests)
+SELECT user_id, api_key_id, model, (created_at AT TIME ZONE 'UTC')::date, -sum(amount), count(*)
+FROM token_transactions WHERE user_id = $1 AND type = 'usage'
+GROUP BY 1, 2, 3, 4
+"""
+
+
+async def _usage_report(bench: Bench) -> tuple[Side, Side]:
+    """usage_report of one user with ``history_rows`` usage rows over 30 days."""
+    rows = bench.options.history_rows
+    (user,) = await seed_users(bench, 1, START_BALANCE)
+    (key,) = await bench.pool.fetch(_SEED_KEYS, [user], None)
+    async with bench.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE users SET token_balance = token_balance - $2 WHERE id = $1", user, rows
+        )
+        await conn.execute(_SEED_USAGE, user, str(new_id()), START_BALANCE, rows, key["id"])
+    async with bench.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(_SPREAD, user, rows)
+        await conn.execute("DELETE FROM usage_daily WHERE user_id = $1", user)
+        await conn.execute(_REBUILD_ROLLUP, user)
+    await bench.pool.execute("VACUUM (ANALYZE) usage_daily")
+    until = datetime.now(UTC).date() + timedelta(days=1)
+    since = until - timedelta(days=32)
+    totals: list[int] = []
+
+    async def tokendb_op(index: int) -> int:
+        report = await tokendb.usage_report(user=user, since=since, until=until)
+        totals.append(sum(row.tokens for row in report))
+        return 1
+
+    async def raw_op(index: int) -> int:
+        report = await raw.usage_report(bench.pool, user, since, until)
+        totals.append(sum(row["tokens"] for row in report))
+        return 1
+
+    async def check() -> list[str]:
+        return [f"a report summed to {n}, not {rows}" for n in set(totals) if n != rows]
+
+    return Side(tokendb_op, check), Side(raw_op, check)
 
 
 def _verify(keys: int) -> Callable[[Bench], Awaitable[tuple[Side, Side]]]:
@@ -552,6 +657,24 @@ def all_scenarios() -> list[Scenario]:
             "capture 7 (baseline: the same two statements).",
             _hold_capture,
             target=0.9,
+        ),
+        Scenario(
+            "charge-limited",
+            f"charge · {many} · through a key with a limit",
+            "64 callers charge 1 token of random users through each user's key with a "
+            "daily limit: the key's row lock, the window read after it, the user's lock, the "
+            "debit, in one transaction (baseline: the same statements, raw).",
+            _limited,
+            target=0.8,
+        ),
+        Scenario(
+            "usage-report",
+            "usage_report · {history_rows:,} usage rows over 30 days",
+            "One caller reads one user's usage per day, model and key for 32 days; the "
+            "user has history_rows ledger usage rows (3 models, 1 key) spread over 30 days "
+            "(baseline: the same statement). Issue 14: p50 at most 10 ms.",
+            _usage_report,
+            callers=lambda options: 1,
         ),
         Scenario(
             "list-small",
