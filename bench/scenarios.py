@@ -346,12 +346,14 @@ async def _usage_report(bench: Bench) -> tuple[Side, Side]:
     (user,) = await seed_users(bench, 1, START_BALANCE)
     (key,) = await bench.pool.fetch(_SEED_KEYS, [user], None)
     async with bench.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL statement_timeout = 0")  # a million rows, each checked
         await conn.execute(
             "UPDATE users SET token_balance = token_balance - $2 WHERE id = $1", user, rows
         )
         await conn.execute(_SEED_USAGE, user, str(new_id()), START_BALANCE, rows, key["id"])
     async with bench.pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute("SET LOCAL statement_timeout = 0")
         await conn.execute(_SPREAD, user, rows)
         await conn.execute("DELETE FROM usage_daily WHERE user_id = $1", user)
         await conn.execute(_REBUILD_ROLLUP, user)

@@ -14,6 +14,7 @@ import re
 import sys
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -429,3 +430,26 @@ async def test_holds_list_release_expire_and_the_available_balance(
     bad = await cli("holds", "list", "-u", str(user.id), "--status", "pending")
     assert bad.code == 1 and bad.stderr.startswith("Error: status: must be one of")
     assert (await cli("audit")).code == 0
+
+
+async def test_usage_shows_a_users_usage_per_day_model_and_key(
+    cli: Any, tokendb_clean: str
+) -> None:
+    user = await tokendb.create_user(email="uma@example.com", password="hunter2hunter2", name="U")
+    key, _ = await tokendb.issue_api_key(user=user, name="k")
+    await tokendb.charge(user=user, amount=7, api_key=key, model="gpt-x")
+    await tokendb.charge(user=user, amount=3, model="gpt-y")
+    rows = (await cli("usage", "-u", "uma@example.com", "--by", "model", "--json")).json()
+    assert [(r["day"], r["model"], r["tokens"], r["requests"]) for r in rows] == [
+        (None, "gpt-x", 7, 1),
+        (None, "gpt-y", 3, 1),
+    ]
+    keyed = (await cli("usage", "-u", str(user.id), "--key", str(key.id), "--json")).json()
+    today = datetime.now(UTC).date().isoformat()
+    assert keyed == [
+        {"day": today, "api_key_id": str(key.id), "model": "gpt-x", "tokens": 7, "requests": 1}
+    ]
+    table = await cli("usage", "-u", "uma@example.com")
+    assert "gpt-x" in table.stdout and "gpt-y" in table.stdout
+    bad = await cli("usage", "-u", "uma@example.com", "--since", "yesterday")
+    assert bad.code != 0 and "--since" in bad.stderr

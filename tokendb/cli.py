@@ -22,7 +22,7 @@ import enum
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 from uuid import UUID
@@ -38,6 +38,7 @@ import tokendb
 from tokendb import config, embedded
 from tokendb.errors import TokenDBError
 from tokendb.models import public_fields
+from tokendb.usage import GROUPINGS
 
 __all__ = ["app", "main"]
 
@@ -191,7 +192,7 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(item) for item in value]
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, datetime):
+    if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, (UUID, Path)):
         return str(value)
@@ -778,6 +779,61 @@ def tokens_history(
 
 
 # --- holds ------------------------------------------------------------------------------
+
+
+def _day(value: str | None, default: date, option: str) -> date:
+    if value is None:
+        return default
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a date (YYYY-MM-DD)", param_hint=option
+        ) from None
+
+
+@app.command("usage")
+def usage(
+    ctx: typer.Context,
+    user: UserOption,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="First UTC day, YYYY-MM-DD (default: 30 days ago)."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="UTC day after the last, YYYY-MM-DD (default: tomorrow)."),
+    ] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option("--by", help="Group by day, model or api_key; repeat it (default: all)."),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--key", help="Only this API key's usage (its id).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Only this model's usage.")] = None,
+    wide: WideOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a user's token usage per UTC day, model and API key (net of refunds).
+
+    Example: tokendb usage --user ada@example.com --since 2026-11-01 --by model --json
+    """
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    first = _day(since, tomorrow - timedelta(days=31), "--since")
+    end = _day(until, tomorrow, "--until")
+
+    async def action() -> list[tokendb.UsageRow]:
+        return await tokendb.usage_report(
+            user=await _user_id(user),
+            since=first,
+            until=end,
+            group_by=tuple(by) if by else GROUPINGS,
+            api_key=api_key,
+            model=model,
+        )
+
+    _emit(_run(ctx, action), as_json=as_json, title=f"Usage {first} to {end}", wide=wide)
 
 
 @holds_app.command("list")
