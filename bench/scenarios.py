@@ -283,6 +283,8 @@ RETURNING id, user_id
 """
 
 LIMIT = 10**15
+SEEDING = 3600.0
+"""Seconds a seeding statement may take (the pool's command timeout is tokendb's)."""
 
 
 async def _limited(bench: Bench) -> tuple[Side, Side]:
@@ -350,13 +352,15 @@ async def _usage_report(bench: Bench) -> tuple[Side, Side]:
         await conn.execute(
             "UPDATE users SET token_balance = token_balance - $2 WHERE id = $1", user, rows
         )
-        await conn.execute(_SEED_USAGE, user, str(new_id()), START_BALANCE, rows, key["id"])
+        await conn.execute(
+            _SEED_USAGE, user, str(new_id()), START_BALANCE, rows, key["id"], timeout=SEEDING
+        )
     async with bench.pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL session_replication_role = replica")
         await conn.execute("SET LOCAL statement_timeout = 0")
-        await conn.execute(_SPREAD, user, rows)
+        await conn.execute(_SPREAD, user, rows, timeout=SEEDING)
         await conn.execute("DELETE FROM usage_daily WHERE user_id = $1", user)
-        await conn.execute(_REBUILD_ROLLUP, user)
+        await conn.execute(_REBUILD_ROLLUP, user, timeout=SEEDING)
     await bench.pool.execute("VACUUM (ANALYZE) usage_daily")
     until = datetime.now(UTC).date() + timedelta(days=1)
     since = until - timedelta(days=32)
