@@ -257,7 +257,7 @@ async def test_truncate_empties_the_cache(make_api_key, tokendb_db: str) -> None
     await cached(secret)
     conn = await asyncpg.connect(tokendb_db)  # the owner: only it may TRUNCATE
     try:
-        await conn.execute("TRUNCATE api_keys, chat_sessions, chat_messages")
+        await conn.execute("TRUNCATE users, api_keys CASCADE")  # every table that refers to them
     finally:
         await conn.close()
     await eventually(lambda: refused(secret, tokendb.InvalidApiKey))
