@@ -115,3 +115,20 @@ def test_the_audit_benchmark_seeds_valid_chains_and_times_every_audit() -> None:
     for audit in ("`audit_ledger(user=…)`", "`audit_ledger()`", "1% new rows", "nothing new"):
         assert audit in result.stdout, audit
     assert "python -m bench.audit" in (ROOT / "bench" / "README.md").read_text()
+
+
+def test_the_cpu_benchmark_compares_both_operations_against_raw() -> None:
+    """`python -m bench.cpu` at a tiny size prints a line per operation with both sides."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for operation in ("list_transactions, 50-row page", "charge_many, 64 items"):
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith(operation)]
+        assert "tokendb" in line and "raw" in line, line
+    assert "python -m bench.cpu" in (ROOT / "bench" / "README.md").read_text()
