@@ -359,6 +359,28 @@ async def test_an_expired_hold_frees_its_tokens_without_a_sweeper(lanes: str, fu
     assert (info.value.status, info.value.expired_at) == ("expired", marked.expires_at)
 
 
+async def test_a_list_of_charges_spends_what_an_expired_hold_freed(
+    tokendb_clean: str, funded_user
+) -> None:
+    """charge_many's batch statement counts held tokens until a hold is marked; the
+    items it refused while their user had holds get the second look a lone charge
+    has (expiry takes effect under the lock), so each item has its real outcome."""
+    user, other = await funded_user(balance=100), await funded_user(balance=100)
+    held = await tokendb.hold(user=user, amount=100, ttl=60)
+    await expire_now(tokendb_clean, held)
+    results = await tokendb.charge_many(
+        items=[
+            {"user": user, "amount": 60},
+            {"user": other, "amount": 5},
+            {"user": user, "amount": 50},
+        ]
+    )
+    assert isinstance(results[0], tokendb.TokenTransaction) and results[0].balance_after == 40
+    assert isinstance(results[1], tokendb.TokenTransaction) and results[1].balance_after == 95
+    assert isinstance(results[2], tokendb.InsufficientTokens) and results[2].balance == 40
+    assert [h.status for h in await tokendb.list_holds(user=user)] == [HoldStatus.EXPIRED]
+
+
 async def test_a_hold_with_a_tiny_ttl_expires_by_itself(tokendb_clean: str, funded_user) -> None:
     user = await funded_user(balance=100)
     held = await tokendb.hold(user=user, amount=100, ttl=0.05)
