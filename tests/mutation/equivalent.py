@@ -34,6 +34,7 @@ EQUIVALENT: dict[str, str] = {
     "tokendb/_ledger_sql.py::move: if delta < 0 and available + delta < 0 and not holds: => if delta < 1 and available + delta < 0 and not holds:": _DELTA0,
     "tokendb/_ledger_sql.py::move: if delta < 0 and available + delta < 0 and not holds: => if delta <= 0 and available + delta < 0 and not holds:": _DELTA0,
     'tokendb/_ledger_sql.py::spendable_or_none: return int(rows[0]["token_balance"]) - held, held > 0 => return int(rows[0]["token_balance"]) + held, held > 0': _HELD,
+    "tokendb/_ledger_sql.py::<module>: WHERE user_id = $1 AND status = 'active' AND expires_at <= clock_timestamp() => WHERE user_id = $1 AND status = 'active' AND expires_at < clock_timestamp()": _INSTANT,
     "tokendb/_ledger_sql.py::<module>: WHERE w.rank > 0 => WHERE w.rank >= 0": _RANK,
     "tokendb/_ledger_sql.py::charge_batch: for _ in range(3): => for _ in range( 4):": _RETRIES,
     "tokendb/_ledger_sql.py::charge_batch: for _ in range(3): => for _ in range( 2):": _RETRIES,
