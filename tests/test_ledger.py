@@ -655,3 +655,17 @@ async def test_a_user_without_ledger_rows_has_an_empty_history(tokendb_clean: st
         email="empty@example.com", password="correct horse battery", name="E", signup_bonus=0
     )
     assert await tokendb.list_transactions(user=user) == []
+
+
+async def test_a_charges_model_name_is_at_most_50_characters(
+    tokendb_clean: str, funded_user
+) -> None:
+    """The model a charge is billed to (usage per model) is 1-50 characters: 50
+    are recorded as given; 51 are a ValidationError, and nothing moves."""
+    user = await funded_user(balance=100)
+    charged = await tokendb.charge(user=user, amount=1, model="m" * 50)
+    assert charged.model == "m" * 50
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.charge(user=user, amount=1, model="m" * 51)
+    assert info.value.field == "model"
+    assert await tokendb.get_balance(user=user) == 99
