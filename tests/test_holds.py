@@ -381,6 +381,15 @@ async def test_a_list_of_charges_spends_what_an_expired_hold_freed(
     assert [h.status for h in await tokendb.list_holds(user=user)] == [HoldStatus.EXPIRED]
 
 
+async def test_an_expired_hold_of_a_single_token_frees_it_too(lanes: str, funded_user) -> None:
+    """Any held token, down to one, sends a refused debit to the second look
+    under the lock, where an expired hold stops counting."""
+    user = await funded_user(balance=100)
+    held = await tokendb.hold(user=user, amount=1, ttl=60)
+    await expire_now(lanes, held)
+    assert (await tokendb.charge(user=user, amount=100)).balance_after == 0
+
+
 async def test_a_hold_with_a_tiny_ttl_expires_by_itself(tokendb_clean: str, funded_user) -> None:
     user = await funded_user(balance=100)
     held = await tokendb.hold(user=user, amount=100, ttl=0.05)
