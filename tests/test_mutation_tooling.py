@@ -124,6 +124,8 @@ def test_runs_of_one_module_at_a_time_add_up_to_one_report(
     def mutant(module: str, outcome: str) -> runner.Mutant:
         return runner.Mutant(module, "op", 0, 1, None, (), outcome=outcome, key=module)
 
+    # Results written before runs were recorded per module are added to, not a crash.
+    (tmp_path / "results.json").write_text('{"seconds": 1, "mutants": []}')
     runner.save([mutant("a.py", "killed")], 60, started="2026-01-01 10:00", replace=False)
     runner.save([mutant("b.py", "survived")], 120, started="2026-01-01 11:00", replace=False)
     runner.save([mutant("b.py", "killed")], 120, started="2026-01-01 12:00", replace=False)

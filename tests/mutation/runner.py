@@ -580,4 +580,6 @@ def load() -> tuple[list[Mutant], dict[str, Measured]]:
     """The saved results: the mutants, and when and at which commit each module was run."""
     data = json.loads((RESULTS / "results.json").read_text())
     mutants = [Mutant(**{**m, "tests": tuple(m["tests"])}) for m in data["mutants"]]
-    return mutants, {module: Measured(**run) for module, run in data["runs"].items()}
+    # Results of a run before runs were recorded per module have no "runs".
+    runs = data.get("runs", {})
+    return mutants, {module: Measured(**run) for module, run in runs.items()}
