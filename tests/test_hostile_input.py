@@ -237,6 +237,16 @@ def parameters(world: World) -> dict[str, st.SearchStrategy[Any]]:
         ),
         "include_revoked": st.one_of(st.booleans(), text),
         "items": charge_items(ref, text),
+        "token_limit": st.one_of(AMOUNTS, st.none(), text),
+        "limit_period": st.one_of(enum_values(tokendb.LimitPeriod), st.none()),
+        "since": st.one_of(moments(), st.dates()),
+        "until": st.one_of(moments(), st.dates()),
+        "group_by": st.one_of(
+            st.lists(st.sampled_from(["day", "model", "api_key", "week", ""]), max_size=4),
+            st.tuples(text),
+            text,
+            st.none(),
+        ),
     }
 
 
