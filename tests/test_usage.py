@@ -366,3 +366,83 @@ async def shift_history(
         delta,
     )
     await rebuild_rollup(url)
+
+
+# --- the report against a Python model ----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_CHARGES = st.lists(
+    st.tuples(
+        st.sampled_from([None, 0, 1]),  # which key
+        st.sampled_from([None, "a", "b"]),  # which model
+        st.integers(1, 50),  # tokens
+        st.integers(0, 50),  # refunded of them (0: none)
+        st.booleans(),  # charged on the earlier day
+    ),
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(charges=_CHARGES, data=st.data())
+async def test_the_report_is_what_a_python_model_of_the_ledger_says(
+    tokendb_clean: str, make_api_key, charges, data: st.DataObject
+) -> None:
+    first, _ = await make_api_key()
+    user = first.user_id
+    second, _ = await tokendb.issue_api_key(user=user, name="second")
+    keys = [first.id, second.id]
+    await tokendb.top_up(user=user, amount=10_000)
+    earlier = sorted(charges, key=lambda c: not c[4])  # the earlier day's first
+    expected: dict[tuple[dt.date, uuid.UUID | None, str | None], list[int]] = {}
+    shifted = False
+    for key, model, tokens, refunded, early in earlier:
+        if not early and not shifted:
+            await shift_history(tokendb_clean, user, days=2)  # what came before: 2 days ago
+            shifted = True
+        key_id = None if key is None else keys[key]
+        tx = await tokendb.charge(user=user, amount=tokens, api_key=key_id, model=model)
+        if 0 < refunded <= tokens:
+            await tokendb.refund(transaction=tx, amount=refunded)
+        day = today() - dt.timedelta(days=2 if early else 0)
+        group = expected.setdefault((day, key_id, model), [0, 0])
+        group[0] += tokens - (refunded if 0 < refunded <= tokens else 0)
+        group[1] += 1
+    if not shifted and any(c[4] for c in charges):
+        await shift_history(tokendb_clean, user, days=2)
+    group_by = tuple(data.draw(st.sets(st.sampled_from(tokendb.usage.GROUPINGS)), label="by"))
+    only_key = data.draw(st.sampled_from([None, *keys]), label="api_key")
+    only_model = data.draw(st.sampled_from([None, "a", "b"]), label="model")
+    since = today() - dt.timedelta(days=data.draw(st.integers(0, 3), label="since"))
+    model_rows: dict[tuple[object, ...], list[int]] = {}
+    for (day, key_id, model), (tokens, requests) in expected.items():
+        if not since <= day < tomorrow():
+            continue
+        if (only_key is not None and key_id != only_key) or (
+            only_model is not None and model != only_model
+        ):
+            continue
+        shown = (
+            day if "day" in group_by else None,
+            key_id if "api_key" in group_by else None,
+            model if "model" in group_by else None,
+        )
+        row = model_rows.setdefault(shown, [0, 0])
+        row[0] += tokens
+        row[1] += requests
+    report = await tokendb.usage_report(
+        user=user,
+        since=since,
+        until=tomorrow(),
+        group_by=group_by,
+        api_key=only_key,
+        model=only_model,
+    )
+    assert {(r.day, r.api_key_id, r.model): [r.tokens, r.requests] for r in report} == model_rows
+    assert len(report) == len(model_rows)
