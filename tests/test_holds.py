@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 import tokendb
-from tests.helpers import db_settings, table_counts, tamper
+from tests.helpers import db_settings, holding_row_lock, table_counts, tamper
 from tokendb import _tortoise
 from tokendb.models import HoldStatus
 
@@ -732,3 +732,143 @@ async def test_the_readme_recipe_bills_a_stream_from_its_hold(
         await namespace["bill_stream"](session, 50, broken)
     assert [h.status for h in await tokendb.list_holds(user=user)] == ["released", "captured"]
     assert await tokendb.get_available_balance(user=user) == 96
+
+
+# --- adversarial review (issue 11) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["capture", "add_message"])
+async def test_a_hold_that_expires_while_its_capture_waits_for_the_lock_is_not_captured(
+    tokendb_clean: str, funded_user, make_api_key, via: str
+) -> None:
+    """The capture is sent before ``expires_at`` but gets the user's lock after it."""
+    user, session = await _chat(funded_user, make_api_key)
+    held = await tokendb.hold(user=user, amount=50, ttl=0.6)
+    before = await table_counts()
+    async with holding_row_lock(tokendb_clean, user.id):
+        if via == "capture":
+            call = asyncio.ensure_future(tokendb.capture(hold=held, amount=40))
+        else:
+            call = asyncio.ensure_future(
+                tokendb.add_message(
+                    session=session, role="assistant", content="x", tokens=40, hold=held
+                )
+            )
+        await asyncio.sleep(1.0)
+        assert not call.done()
+    with pytest.raises(tokendb.HoldExpired):
+        await call
+    assert await table_counts() == before
+    assert await tokendb.get_balance(user=user) == 100
+    assert await tokendb.get_available_balance(user=user) == 100
+    assert await tokendb.audit_holds() == []
+
+
+async def test_holds_charges_captures_releases_and_sweeps_race_on_one_user(
+    lanes: str, funded_user
+) -> None:
+    """Everything at once on one user, many connections: nothing is spent twice, nothing
+    overdraws, and the books add up to exactly what the winners report."""
+    user = await funded_user(balance=1000)
+    holds = [await tokendb.hold(user=user, amount=40, ttl=60) for _ in range(10)]
+    short = [await tokendb.hold(user=user, amount=30, ttl=0.3) for _ in range(5)]
+    await asyncio.sleep(0.4)  # the short holds have expired, nobody marked them
+    calls: list[Coroutine[Any, Any, object]] = []
+    for i, h in enumerate(holds):
+        calls += [tokendb.capture(hold=h, amount=10 + i), tokendb.release(hold=h)]
+        calls += [tokendb.capture(hold=h, amount=10 + i)]
+    calls += [tokendb.capture(hold=h, amount=5) for h in short]
+    calls += [tokendb.charge(user=user, amount=70) for _ in range(12)]
+    calls += [tokendb.hold(user=user, amount=50, ttl=60) for _ in range(8)]
+    calls += [tokendb.expire_holds() for _ in range(3)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    unexpected = [
+        r
+        for r in results
+        if isinstance(r, BaseException)
+        and not isinstance(
+            r, (tokendb.InsufficientTokens, tokendb.HoldNotActive, tokendb.HoldExpired)
+        )
+    ]
+    assert unexpected == []
+    rows = {r.id: r.amount for r in results if isinstance(r, tokendb.TokenTransaction)}
+    spent = -sum(rows.values())
+    assert len(rows) <= 10 + 12
+    assert await tokendb.get_balance(user=user) == 1000 - spent
+    new_holds = [r for r in results if isinstance(r, tokendb.TokenHold) and r.amount == 50]
+    assert await tokendb.get_available_balance(user=user) == 1000 - spent - 50 * len(new_holds)
+    states = {h.id: h.status for h in await tokendb.list_holds(user=user, limit=100)}
+    assert all(states[h.id] is HoldStatus.EXPIRED for h in short)
+    for i, h in enumerate(holds):  # captured once, for the amount its winner was told
+        assert states[h.id] in (HoldStatus.CAPTURED, HoldStatus.RELEASED)
+    assert await tokendb.audit_holds() == []
+    assert await tokendb.audit_ledger() == []
+
+
+@pytest.mark.parametrize("amount", [True, False, 0, -1, 2**31, 2**63, 1.0, "5", None])
+async def test_a_bad_capture_amount_writes_nothing(
+    tokendb_clean: str, funded_user, amount: Any
+) -> None:
+    user = await funded_user(balance=100)
+    held = await tokendb.hold(user=user, amount=50, ttl=60)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError):
+        await tokendb.capture(hold=held.id, amount=amount)
+    assert await table_counts() == before
+    assert (await tokendb.capture(hold=held, amount=50)).amount == -50
+
+
+@pytest.mark.parametrize("amount", [True, False, 2**63, None])
+async def test_a_bool_or_huge_hold_amount_writes_nothing(
+    tokendb_clean: str, funded_user, amount: Any
+) -> None:
+    user = await funded_user(balance=100)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError):
+        await tokendb.hold(user=user, amount=amount, ttl=60)
+    assert await table_counts() == before
+
+
+async def test_fifty_concurrent_repeats_of_a_reference_give_one_hold(
+    lanes: str, funded_user
+) -> None:
+    user = await funded_user(balance=100)
+    reference = uuid.uuid4()
+    results = await asyncio.gather(
+        *(tokendb.hold(user=user, amount=10, ttl=60, reference_id=reference) for _ in range(50)),
+        *(tokendb.charge(user=user, amount=10) for _ in range(5)),
+        return_exceptions=True,
+    )
+    holds = results[:50]
+    assert all(isinstance(h, tokendb.TokenHold) for h in holds), holds
+    assert len({h.id for h in holds}) == 1  # type: ignore[union-attr]
+    assert (await tokendb.get_user(user_id=user.id)).held_tokens == 10
+    assert len(await tokendb.list_holds(user=user)) == 1
+
+
+async def test_the_application_role_cannot_capture_with_an_old_usage_row(
+    tokendb_clean: str, app_role: str, funded_user
+) -> None:
+    """A capture is billed by a usage row written for it, not by an earlier charge of
+    the same amount (which would free the held tokens without any new debit)."""
+    user = await funded_user(balance=100)
+    charged = await tokendb.charge(user=user, amount=5)
+    held = await tokendb.hold(user=user, amount=30, ttl=60)
+    conn = await asyncpg.connect(app_role)
+    try:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE token_holds SET status = 'captured', captured_amount = 5, "
+                    "captured_transaction_id = $2 WHERE id = $1",
+                    held.id,
+                    charged.id,
+                )
+                await conn.execute(
+                    "UPDATE users SET held_tokens = held_tokens - 30 WHERE id = $1", user.id
+                )
+        assert getattr(info.value, "constraint_name", None) == "token_holds_books", info.value
+    finally:
+        await conn.close()
+    assert await tokendb.get_balance(user=user) == 95
+    assert await tokendb.get_available_balance(user=user) == 65
