@@ -799,8 +799,16 @@ async def test_holds_charges_captures_releases_and_sweeps_race_on_one_user(
     assert await tokendb.get_available_balance(user=user) == 1000 - spent - 50 * len(new_holds)
     states = {h.id: h.status for h in await tokendb.list_holds(user=user, limit=100)}
     assert all(states[h.id] is HoldStatus.EXPIRED for h in short)
-    for i, h in enumerate(holds):  # captured once, for the amount its winner was told
-        assert states[h.id] in (HoldStatus.CAPTURED, HoldStatus.RELEASED)
+    final = {h.id: h for h in await tokendb.list_holds(user=user, limit=100)}
+    for i, h in enumerate(holds):  # captured once, by the row its winners were told
+        winners = {
+            r.id for r in results[3 * i : 3 * i + 3] if isinstance(r, tokendb.TokenTransaction)
+        }
+        if final[h.id].status is HoldStatus.CAPTURED:
+            assert winners == {final[h.id].captured_transaction_id}
+            assert final[h.id].captured_amount == 10 + i
+        else:
+            assert final[h.id].status is HoldStatus.RELEASED and winners == set()
     assert await tokendb.audit_holds() == []
     assert await tokendb.audit_ledger() == []
 
@@ -872,3 +880,30 @@ async def test_the_application_role_cannot_capture_with_an_old_usage_row(
         await conn.close()
     assert await tokendb.get_balance(user=user) == 95
     assert await tokendb.get_available_balance(user=user) == 65
+
+
+async def test_audit_holds_finds_a_capture_billed_by_an_older_usage_row(
+    tokendb_clean: str, funded_user
+) -> None:
+    user = await funded_user(balance=100)
+    charged = await tokendb.charge(user=user, amount=5)
+    held = await tokendb.hold(user=user, amount=30, ttl=60)
+    assert await tokendb.audit_holds() == []
+    await tamper(
+        tokendb_clean,
+        "UPDATE token_holds SET status = 'captured', captured_amount = 5, resolved_at = now(),"
+        " captured_transaction_id = $2 WHERE id = $1",
+        held.id,
+        charged.id,
+    )
+    await tamper(tokendb_clean, "UPDATE users SET held_tokens = 0 WHERE id = $1", user.id)
+    (found,) = await tokendb.audit_holds()
+    assert (found.user_id, found.broken_captures) == (user.id, 1)
+    await tamper(
+        tokendb_clean,
+        "UPDATE token_holds SET status = 'active', captured_amount = NULL, resolved_at = NULL,"
+        " captured_transaction_id = NULL WHERE id = $1",
+        held.id,
+    )
+    await tamper(tokendb_clean, "UPDATE users SET held_tokens = 30 WHERE id = $1", user.id)
+    assert await tokendb.audit_holds() == []

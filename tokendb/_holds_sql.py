@@ -444,7 +444,7 @@ WITH active AS (
     FROM token_holds h LEFT JOIN token_transactions t ON t.id = h.captured_transaction_id
     WHERE h.status = 'captured'
       AND (t.id IS NULL OR t.user_id <> h.user_id OR t.type <> 'usage'
-           OR t.amount <> -h.captured_amount)
+           OR t.amount <> -h.captured_amount OR t.created_at < h.created_at)
     GROUP BY h.user_id
 )
 SELECT u.id AS user_id, u.token_balance AS balance, u.held_tokens,
@@ -457,4 +457,4 @@ WHERE u.held_tokens <> coalesce(a.held, 0) OR u.held_tokens > u.token_balance
 ORDER BY u.id
 """
 """Every user whose ``held_tokens`` ≠ Σ active holds or exceeds the balance, or who has a
-captured hold its usage row does not bill."""
+captured hold its usage row does not bill (or bills with a row older than the hold)."""
