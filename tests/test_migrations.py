@@ -19,7 +19,10 @@ from tokendb.connection import _upgrade, migrations_location, run_aerich
 from tokendb.testing import test_server_url as admin_server_url
 from tokendb.testing import throwaway_database
 
-MIGRATIONS = sorted(p.name for p in (migrations_location() / "tokendb").glob("*.py"))
+MIGRATIONS = sorted(
+    (p.name for p in (migrations_location() / "tokendb").glob("*.py")),
+    key=lambda name: int(name.split("_", 1)[0]),  # in Aerich's order: 10_ after 9_
+)
 REPO = Path(__file__).parent.parent
 
 CATALOG = """

@@ -973,13 +973,18 @@ async def test_backstops_are_the_named_checks_triggers_and_unique_indexes_of_the
     assert present - generated == set(BACKSTOPS)
 
 
-async def test_each_change_a_cached_verification_depends_on_is_notified(tokendb_db: str) -> None:
+async def test_each_change_a_cached_verification_depends_on_is_notified(
+    tokendb_clean: str,
+) -> None:
     """Migration 6: whoever changes a key or its user (raw SQL here), the verify
     caches hear it at commit on ``tokendb_api_keys``: a changed or deleted key
     by its hash, a changed user as ``u:<id>``, a TRUNCATE as ``*``; verify's
     touch of ``last_used_at`` alone sends nothing. (TRUNCATE users always
     cascades to api_keys, whose trigger sends the same ``*``.) Each change is
-    committed: a rolled-back one notifies nobody."""
+    committed: a rolled-back one notifies nobody. On emptied tables: the
+    TRUNCATE ... CASCADE would take an earlier test's ledger rows and leave
+    its users' balances, which the audit after each test reports."""
+    tokendb_db = tokendb_clean
     heard: asyncio.Queue[str] = asyncio.Queue()
     listener, raw = await asyncpg.connect(tokendb_db), await asyncpg.connect(tokendb_db)
     await listener.add_listener("tokendb_api_keys", lambda *args: heard.put_nowait(args[3]))
