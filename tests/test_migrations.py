@@ -166,7 +166,7 @@ async def recorded(url: str) -> list[tuple[str, int]]:
     try:
         rows = await conn.fetch(
             "SELECT version, count(*) AS n FROM aerich WHERE app = 'tokendb' "
-            "GROUP BY version ORDER BY version"
+            "GROUP BY version ORDER BY split_part(version, '_', 1)::int"
         )
         return [(row["version"], row["n"]) for row in rows]
     finally:
