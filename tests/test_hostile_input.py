@@ -77,7 +77,14 @@ async def _populate(user: tokendb.User, world: World, raw: asyncpg.Connection) -
     message = await tokendb.add_message(session=session, role="user", content="hi", tokens=5)
     ended = await tokendb.start_chat(api_key=key, model="gpt-test")
     await tokendb.end_chat(session=ended)
+    held = await tokendb.hold(user=user, amount=10, ttl=3600)
+    released = await tokendb.release(
+        hold=await tokendb.hold(user=user, amount=10, ttl=3600, reference_id=uuid.uuid4())
+    )
+    captured = await tokendb.hold(user=user, amount=10, ttl=3600)
+    await tokendb.capture(hold=captured, amount=4)
     rows: list[Any] = [user, usage, key, revoked, expired, session, message, ended]
+    rows += [held, released, captured]
     world.objects += rows
     world.ids += [row.id for row in rows]
     world.secrets += [secret, revoked_secret, expired_secret]
@@ -236,6 +243,16 @@ def parameters(world: World) -> dict[str, st.SearchStrategy[Any]]:
             st.timedeltas(), st.floats(allow_nan=True, allow_infinity=True), st.integers(), text
         ),
         "include_revoked": st.one_of(st.booleans(), text),
+        "since_checkpoint": st.one_of(st.booleans(), text),
+        "hold": ref,
+        "ttl": st.one_of(
+            st.timedeltas(),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(),
+            st.sampled_from([0, -1, 86_400, 86_401, 10**12, True]),
+            text,
+        ),
+        "status": enum_values(tokendb.HoldStatus, tokendb.UserRole),
         "items": charge_items(ref, text),
         "token_limit": st.one_of(AMOUNTS, st.none(), text),
         "limit_period": st.one_of(enum_values(tokendb.LimitPeriod), st.none()),
