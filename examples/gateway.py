@@ -21,8 +21,8 @@ leaves a hold that expires by itself after ``HOLD_TTL``.
 """
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
-from typing import Annotated
+from datetime import date, timedelta
+from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import Depends, FastAPI, Query
@@ -42,6 +42,7 @@ from tokendb.contrib.schemas import (
     ChatMessageOut,
     ChatSessionOut,
     TransactionOut,
+    UsageRowOut,
 )
 
 app = FastAPI(
@@ -165,6 +166,26 @@ async def balance(key: ChatKey) -> AvailableBalanceOut:
         balance=await tokendb.get_balance(user=key.user_id),
         available=await tokendb.get_available_balance(user=key.user_id),
     )
+
+
+@app.get("/v1/usage")
+async def usage(
+    key: ChatKey,
+    since: date,
+    until: date,
+    group_by: Annotated[list[Literal["day", "model", "api_key"]] | None, Query()] = None,
+    model: Annotated[str | None, Query(min_length=1, max_length=50)] = None,
+) -> list[UsageRowOut]:
+    """The caller's usage from ``since`` to ``until`` (UTC days, ``until`` exclusive),
+    per ``group_by`` (default: day, model and API key); tokens net of refunds."""
+    rows = await tokendb.usage_report(
+        user=key.user_id,
+        since=since,
+        until=until,
+        group_by=tuple(group_by) if group_by is not None else tokendb.usage.GROUPINGS,
+        model=model,
+    )
+    return [UsageRowOut.model_validate(row) for row in rows]
 
 
 @app.get("/v1/transactions")

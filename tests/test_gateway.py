@@ -11,6 +11,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,6 +82,29 @@ async def test_a_chat_is_billed_over_http(
     assert [row["amount"] for row in older.json()] == [-3]
     assert (await tokendb.get_chat(session=session["id"])).tokens_used == 8
     assert await tokendb.audit_ledger() == [] and await tokendb.audit_chats() == []
+
+
+async def test_the_usage_endpoint_reports_the_callers_usage(
+    client: httpx.AsyncClient, funded_user: Any, make_api_key: Any
+) -> None:
+    _, auth = await customer(funded_user, make_api_key, 100)
+    session = (
+        await client.post("/v1/chat/sessions", json={"model": "echo-1"}, headers=auth)
+    ).json()
+    sent = await client.post(
+        f"/v1/chat/sessions/{session['id']}/messages", json={"content": "hi"}, headers=auth
+    )
+    assert sent.status_code == 200, sent.text
+    today = datetime.now(UTC).date()
+    span = {"since": str(today), "until": str(today + timedelta(days=1))}
+    shown = await client.get("/v1/usage", params={**span, "group_by": "model"}, headers=auth)
+    assert shown.status_code == 200, shown.text
+    assert shown.json() == [
+        {"day": None, "api_key_id": None, "model": "echo-1", "tokens": 1 + 3, "requests": 2}
+    ]
+    backwards = {"since": span["until"], "until": span["since"]}
+    assert (await client.get("/v1/usage", params=backwards, headers=auth)).status_code == 422
+    assert (await client.get("/v1/usage", params=span)).status_code == 401
 
 
 async def test_an_unpaid_reply_is_402_and_only_the_prompt_is_billed(

@@ -8,7 +8,7 @@ models grow. Build them from model instances with
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -27,6 +27,7 @@ __all__ = [
     "HoldOut",
     "IssuedApiKeyOut",
     "TransactionOut",
+    "UsageRowOut",
     "UserOut",
 ]
 
@@ -121,6 +122,17 @@ class HoldIn(BaseModel):
     ttl: float = Field(gt=0, le=24 * 3600, description="Seconds, at most 24 hours.")
     reference_id: UUID | None = None
     description: str | None = Field(default=None, max_length=1000)
+
+
+class UsageRowOut(_Out):
+    """One group of :func:`tokendb.usage_report`: a field not grouped by is ``null``."""
+
+    day: date | None
+    api_key_id: UUID | None
+    model: str | None
+    tokens: int
+    """Tokens used, net of refunds."""
+    requests: int
 
 
 class BalanceOut(BaseModel):
