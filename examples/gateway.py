@@ -44,6 +44,7 @@ from tokendb.contrib.schemas import (
     TransactionOut,
     UsageRowOut,
 )
+from tokendb.usage import GROUPINGS
 
 app = FastAPI(
     title="tokendb gateway example",
@@ -174,16 +175,17 @@ async def usage(
     since: date,
     until: date,
     group_by: Annotated[list[Literal["day", "model", "api_key"]] | None, Query()] = None,
-    model: Annotated[str | None, Query(min_length=1, max_length=50)] = None,
 ) -> list[UsageRowOut]:
     """The caller's usage from ``since`` to ``until`` (UTC days, ``until`` exclusive),
-    per ``group_by`` (default: day, model and API key); tokens net of refunds."""
+    per ``group_by`` (default: day, model and API key); tokens net of refunds. A
+    range that ends before it starts has no usage."""
+    if since > until:
+        return []
     rows = await tokendb.usage_report(
         user=key.user_id,
         since=since,
         until=until,
-        group_by=tuple(group_by) if group_by is not None else tokendb.usage.GROUPINGS,
-        model=model,
+        group_by=tuple(dict.fromkeys(group_by)) if group_by is not None else GROUPINGS,
     )
     return [UsageRowOut.model_validate(row) for row in rows]
 
