@@ -14,7 +14,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokendb.models import HoldStatus, MessageRole, TransactionType, UserRole
+from tokendb.models import HoldStatus, LimitPeriod, MessageRole, TransactionType, UserRole
 
 __all__ = [
     "ApiKeyOut",
@@ -59,6 +59,9 @@ class ApiKeyOut(_Out):
     last_used_at: datetime | None
     expires_at: datetime | None
     created_at: datetime
+    token_limit: int | None = None
+    """At most this many tokens of usage per ``limit_period`` (None: no limit)."""
+    limit_period: LimitPeriod | None = None
 
 
 class IssuedApiKeyOut(ApiKeyOut):
@@ -77,6 +80,9 @@ class TransactionOut(_Out):
     reference_id: UUID | None
     balance_after: int
     created_at: datetime
+    api_key_id: UUID | None = None
+    """The API key a usage row (or a refund, its charge's) paid through."""
+    model: str | None = None
 
 
 class ChatSessionOut(_Out):
@@ -113,6 +119,9 @@ class HoldOut(_Out):
     resolved_at: datetime | None
     captured_amount: int | None
     captured_transaction_id: UUID | None
+    api_key_id: UUID | None = None
+    """The API key the tokens are held for (counted against its limit)."""
+    model: str | None = None
 
 
 class HoldIn(BaseModel):
