@@ -908,3 +908,23 @@ async def test_audit_holds_finds_a_capture_billed_by_an_older_usage_row(
     )
     await tamper(tokendb_clean, "UPDATE users SET held_tokens = 30 WHERE id = $1", user.id)
     assert await tokendb.audit_holds() == []
+
+
+@pytest.mark.parametrize("change", ["api_key_id = NULL", "model = 'other'"])
+async def test_the_application_role_cannot_move_a_hold_off_its_key_or_model(
+    tokendb_clean: str, app_role: str, funded_user, make_api_key, change: str
+) -> None:
+    """A key's active holds count against its limit, and the capture bills the hold's key
+    and model: neither may change once the hold is made."""
+    user = await funded_user(balance=100)
+    key, _ = await make_api_key(user=user)
+    held = await tokendb.hold(user=user, amount=30, ttl=60, api_key=key, model="m")
+    conn = await asyncpg.connect(app_role)
+    try:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.execute(f"UPDATE token_holds SET {change} WHERE id = $1", held.id)
+        assert getattr(info.value, "constraint_name", None) == "token_holds_immutable", info.value
+    finally:
+        await conn.close()
+    (after,) = await tokendb.list_holds(user=user)
+    assert (after.api_key_id, after.model) == (key.id, "m")
