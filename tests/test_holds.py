@@ -928,3 +928,25 @@ async def test_the_application_role_cannot_move_a_hold_off_its_key_or_model(
         await conn.close()
     (after,) = await tokendb.list_holds(user=user)
     assert (after.api_key_id, after.model) == (key.id, "m")
+
+
+async def test_a_second_message_on_a_captured_hold_is_not_taken_for_a_repeat(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    """A repeat is the same message again (a retry after an unknown outcome); another
+    message with the same tokens on a used hold is refused, not answered with the first."""
+    user, session = await _chat(funded_user, make_api_key)
+    held = await tokendb.hold(user=user, amount=50, ttl=60)
+    first = await tokendb.add_message(
+        session=session, role="assistant", content="one", tokens=30, hold=held
+    )
+    again = await tokendb.add_message(
+        session=session, role="assistant", content="one", tokens=30, hold=held
+    )
+    assert again.id == first.id
+    before = await table_counts()
+    with pytest.raises(tokendb.HoldNotActive):
+        await tokendb.add_message(
+            session=session, role="assistant", content="two", tokens=30, hold=held
+        )
+    assert await table_counts() == before
