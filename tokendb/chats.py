@@ -163,8 +163,9 @@ async def add_message(
     guarantees of :func:`tokendb.capture`, in the same statement: the hold
     becomes ``captured`` (its ``captured_transaction_id`` is the message's
     usage row) and the rest of it is released; for 0 tokens it is released.
-    A repeat with a hold captured by a message of this session with the same
-    tokens returns that message.
+    A repeat (a hold captured by a message of this session with the same
+    role, content and tokens) returns that message; another message on a
+    used hold raises :class:`HoldNotActive`.
 
     Through a session whose key has a ``token_limit``, the message is
     refused when the key's window (plus its active holds) cannot take
@@ -262,7 +263,7 @@ async def _heavy_budget(length: int) -> AsyncIterator[None]:
 
 async def _add_captured(arguments: tuple[Any, ...], hold_id: UUID) -> ChatMessage:
     """:data:`_ledger_sql.ADD_MESSAGE_CAPTURE`; when it wrote nothing, why."""
-    _, session_id, _, body, cost, _, owner = arguments
+    _, session_id, role, body, cost, _, owner = arguments
     for _ in range(3):
         try:
             rows = await _db.write(_ledger_sql.ADD_MESSAGE_CAPTURE, *arguments, hold_id)
@@ -281,15 +282,21 @@ async def _add_captured(arguments: tuple[Any, ...], hold_id: UUID) -> ChatMessag
             hold_id, cost, user_id=state[0]["user_id"], field="tokens"
         )
         if found.status is HoldStatus.CAPTURED:
-            earlier = await _db.read(_BILLED_BY, hold_state["tx_reference_id"], session_id, cost)
+            earlier = await _db.read(
+                _BILLED_BY, hold_state["tx_reference_id"], session_id, cost, role, body
+            )
             if not earlier:
                 raise HoldNotActive(hold_id, found.status.value)
             return to_model(ChatMessage, earlier[0])
     raise AssertionError("an active hold refused a message three times")  # pragma: no cover
 
 
-_BILLED_BY = "SELECT * FROM chat_messages WHERE id = $1 AND session_id = $2 AND tokens = $3"
-"""The message a hold's capture billed, if it is of this session with these tokens (a repeat)."""
+_BILLED_BY = (
+    "SELECT * FROM chat_messages"
+    " WHERE id = $1 AND session_id = $2 AND tokens = $3 AND role = $4 AND content = $5"
+)
+"""The message a hold's capture billed, if it is this one again: this session, role, content
+and tokens (a repeat). Another message on a used hold is :class:`HoldNotActive`."""
 
 _SHORT = ("users_token_balance_nonnegative", "users_held_tokens_within_balance")
 """The debit went below zero, or into tokens held by holds (maybe expired ones)."""
