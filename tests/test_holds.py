@@ -950,3 +950,19 @@ async def test_a_second_message_on_a_captured_hold_is_not_taken_for_a_repeat(
             session=session, role="assistant", content="two", tokens=30, hold=held
         )
     assert await table_counts() == before
+
+
+async def test_concurrent_charges_beside_a_hold_are_refused_with_what_is_available(
+    lanes: str, funded_user
+) -> None:
+    user = await funded_user(balance=100)
+    await tokendb.hold(user=user, amount=60, ttl=60)
+    results = await asyncio.gather(
+        *(tokendb.charge(user=user, amount=30) for _ in range(6)), return_exceptions=True
+    )
+    charged = [r for r in results if isinstance(r, tokendb.TokenTransaction)]
+    refused = [r for r in results if isinstance(r, tokendb.InsufficientTokens)]
+    assert (len(charged), len(refused)) == (1, 5), results
+    assert all((r.balance, r.requested) == (10, 30) for r in refused), refused
+    assert charged[0].balance_after == 70
+    assert await tokendb.get_available_balance(user=user) == 10
