@@ -49,10 +49,13 @@ OP_WEIGHTS = {
     "hold": 10,
     "capture": 6,
     "release": 4,
+    "charge_key": 12,
 }
 SHORT_TTL = 0.2  # seconds: a hold that expires during the run, nobody sweeping
 STARTING_TOP_UP = 900  # with the signup bonus: 1,000 tokens, so some charges are refused
 KEYS_PER_USER = 3  # key 0 is never revoked (sessions are started from it)
+KEY_LIMIT = 400  # key 1 of every user spends at most this a day (charge_key)
+MODELS = ("gpt-a", "gpt-b")
 SESSIONS_PER_USER = 2
 CALL_TIMEOUT = 60.0  # seconds: a call that takes longer is a hang, and fails the test
 UNKNOWN_RETRIES = 5  # re-sends of an idempotent call whose outcome was unknown
@@ -118,6 +121,7 @@ class Account:
     sessions: list[UUID] = field(default_factory=list)
     holds: dict[UUID, Held] = field(default_factory=dict)  # every hold the model knows
     open_holds: list[UUID] = field(default_factory=list)  # not resolved by any call yet
+    key_rows: dict[UUID, tuple[UUID, str]] = field(default_factory=dict)  # row -> (key, model)
 
     def expected_balance(self) -> int:
         return sum(self.rows.values()) - sum(self.messages.values())
@@ -164,7 +168,13 @@ class Workload:
             for row in await tokendb.list_transactions(user=user, limit=1000):
                 account.rows[row.id] = row.amount
             for number in range(KEYS_PER_USER):
-                key, secret = await tokendb.issue_api_key(user=user, name=f"key {number}")
+                limited = number == 1
+                key, secret = await tokendb.issue_api_key(
+                    user=user,
+                    name=f"key {number}",
+                    token_limit=KEY_LIMIT if limited else None,
+                    limit_period="day" if limited else None,
+                )
                 account.keys.append((key.id, secret))
             for _ in range(SESSIONS_PER_USER):
                 session = await tokendb.start_chat(api_key=account.keys[0][0], model="gpt-test")
@@ -233,7 +243,8 @@ class Workload:
         account: Account,
         operation: Callable[..., Awaitable[tokendb.TokenTransaction]],
         amount: int,
-    ) -> None:
+    ) -> tokendb.TokenTransaction | None:
+        """Run one idempotent movement to a known outcome; its row when it was accepted."""
         nonce, reference = self.nonce(kind), uuid.uuid4()
 
         def call() -> Awaitable[tokendb.TokenTransaction]:
@@ -254,6 +265,7 @@ class Workload:
             account.referenced.append(value)
             if kind == "charge":
                 account.charges.append(value.id)
+            return value
         elif status == "unknown":
             self.model.unknown.append((kind, nonce, account.user_id))
         else:
@@ -262,10 +274,30 @@ class Workload:
                 value.requested == amount and value.balance < value.requested
             ):
                 self.model.problems.append(f"{kind}: inconsistent {value!r}")
-            self._expect(kind, value, tokendb.InsufficientTokens)
+            if isinstance(value, tokendb.KeyLimitExceeded) and not (
+                value.requested == amount and value.used + value.requested > value.limit
+            ):
+                self.model.problems.append(f"{kind}: inconsistent {value!r}")
+            self._expect(kind, value, tokendb.InsufficientTokens, tokendb.KeyLimitExceeded)
+        return None
 
     async def _op_charge(self, account: Account) -> None:
         await self._movement("charge", account, tokendb.charge, self.rng.randint(1, 60))
+
+    async def _op_charge_key(self, account: Account) -> None:
+        """A charge through one of the user's keys (key 1 has a daily limit), for a model."""
+        key_id = self.rng.choice(account.keys)[0]
+        model = self.rng.choice(MODELS)
+        amount = self.rng.randint(1, 60)
+
+        def charge(**arguments: Any) -> Awaitable[tokendb.TokenTransaction]:
+            return tokendb.charge(api_key=key_id, model=model, **arguments)
+
+        row = await self._movement("charge_key", account, charge, amount)
+        if row is not None:
+            account.key_rows[row.id] = (key_id, model)
+            if (row.api_key_id, row.model) != (key_id, model):
+                self.model.problems.append(f"charge_key: row {row.id} lost its key or model")
 
     async def _op_top_up(self, account: Account) -> None:
         await self._movement("top_up", account, tokendb.top_up, self.rng.randint(1, 80))
@@ -534,6 +566,24 @@ class Workload:
         found += [f"audit_ledger: {d}" for d in await tokendb.audit_ledger()]
         found += [f"audit_chats: {d}" for d in await tokendb.audit_chats()]
         found += [f"audit_holds: {d}" for d in await tokendb.audit_holds()]
+        found += [f"audit_usage: {d}" for d in await tokendb.audit_usage()]
+        over_limit = await conn.fetch(
+            "SELECT u.api_key_id, sum(u.tokens) AS used FROM usage_daily u "
+            "JOIN api_keys k ON k.id = u.api_key_id AND k.token_limit IS NOT NULL "
+            "WHERE u.day = (now() AT TIME ZONE 'UTC')::date "
+            "GROUP BY u.api_key_id HAVING sum(u.tokens) > $1",
+            KEY_LIMIT,
+        )
+        found += [
+            f"key {row['api_key_id']} spent {row['used']} > {KEY_LIMIT}" for row in over_limit
+        ]
+        for account in self.model.accounts.values():
+            for row_id, paid_for in account.key_rows.items():
+                stored = await conn.fetchrow(
+                    "SELECT api_key_id, model FROM token_transactions WHERE id = $1", row_id
+                )
+                if stored is None or (stored["api_key_id"], stored["model"]) != paid_for:
+                    found.append(f"charge_key row {row_id}: stored {stored}, sent {paid_for}")
         negative = await conn.fetchval("SELECT count(*) FROM users WHERE token_balance < 0")
         if negative:
             found.append(f"{negative} users with a negative balance")
