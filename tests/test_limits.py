@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import tokendb
-from tests.helpers import db_settings, table_counts
+from tests.helpers import db_settings, statements_sent, table_counts
 from tests.test_usage import shift_history
 from tokendb import _limits_sql
 from tokendb.http import status_code_for
@@ -242,6 +242,27 @@ async def test_set_api_key_limit_takes_effect(lanes: str, make_api_key) -> None:
     removed = await tokendb.set_api_key_limit(api_key=key, token_limit=None, limit_period=None)
     assert (removed.token_limit, removed.limit_period) == (None, None)  # type: ignore[comparison-overlap]
     await charge(key, 500)
+
+
+async def test_a_limit_set_or_removed_here_routes_the_next_charge_without_a_wasted_statement(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """set_api_key_limit tells this process which path the key's movements take:
+    the next charge does not first send the unlimited statement only to be refused
+    (a limit just set), nor take the key's lock for nothing (a limit just removed)."""
+    key, _ = await make_api_key()
+    await tokendb.top_up(user=key.user_id, amount=1000)
+    with db_settings(coalesce_charges=False):
+        await tokendb.set_api_key_limit(api_key=key, token_limit=500, limit_period="day")
+        with statements_sent() as first:
+            await charge(key, 1)
+        with statements_sent() as known:
+            await charge(key, 1)  # decided under the key's lock: the process knows by now
+        assert len(first) == len(known) > 1, (first, known)
+        await tokendb.set_api_key_limit(api_key=key, token_limit=None, limit_period=None)
+        with statements_sent() as sent:
+            await charge(key, 1)
+        assert len(sent) == 1, sent
 
 
 async def test_another_process_setting_a_limit_is_honoured(
