@@ -25,6 +25,7 @@ _STRICT = "zip(strict=True) checks charge_batch's own contract (one outcome per 
 _EMAIL = "email_validator refuses an address over 254 characters before these checks: the 255 bound cannot be reached either way"
 
 _HELD = "the spendable amount read before the lock is used only when held_tokens is 0 (with holds, the call is decided again under the lock), where balance + held and balance - held agree"
+_OWN_COPY = "a lookup's own instances are held by nobody else: a copy of them (what every cached answer returns) is the same key to its caller"
 _COUNTED = "the outcomes were counted just above (a RuntimeError fails the batch's callers first): zip's strict check cannot fire"
 
 EQUIVALENT: dict[str, str] = {
@@ -42,6 +43,7 @@ EQUIVALENT: dict[str, str] = {
     "tokendb/_ledger_sql.py::<module>: SET token_balance = token_balance - $5, updated_at = clock_timestamp() => SET token_balance = token_balance - $5, updated_at = now()": _CLOCK,
     "tokendb/api_keys.py::<module>: WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2::timestamptz - $3::interval) => WHERE id = $1 AND (last_used_at IS NULL OR last_used_at <= $2::timestamptz - $3::interval)": _INSTANT,
     "tokendb/api_keys.py::issue_api_key: if expiry is not None and expiry <= datetime.now(expiry.tzinfo): => if expiry is not None and expiry < datetime.now(expiry.tzinfo):": _INSTANT,
+    'tokendb/api_keys.py::verify_api_key: return await verified.answer(row["checked_at"], permission, interval, shared=False) => return await verified.answer(row["checked_at"], permission, interval, shared=True)': _OWN_COPY,
     "tokendb/api_keys.py::answer: if key.expires_at is not None and key.expires_at <= now: => if key.expires_at is not None and key.expires_at < now:": _INSTANT,
     "tokendb/api_keys.py::answer: if key.last_used_at is None or key.last_used_at < now - interval: => if key.last_used_at is None or key.last_used_at <= now - interval:": _INSTANT,
     "tokendb/chats.py::<module>: WHERE id = $2 AND is_active AND (expires_at IS NULL OR expires_at > now()) => WHERE id = $2 AND is_active AND (expires_at IS NULL OR expires_at >= now())": _INSTANT,

@@ -64,7 +64,12 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "tokendb/api_keys.py",
-        ("tests/test_api_keys.py", "tests/test_hostile_input.py", "tests/test_limits.py"),
+        (
+            "tests/test_api_keys.py",
+            "tests/test_hostile_input.py",
+            "tests/test_limits.py",
+            "tests/test_verify_cache.py",
+        ),
         always=("tests/test_public_api.py",),
     ),
     Target(
