@@ -322,6 +322,21 @@ async def test_touch_interval_is_0_to_365_days(
     assert info.value.field == "touch_interval"
 
 
+@pytest.mark.parametrize("interval", ["60", True, None, b"60"])
+async def test_a_touch_interval_that_is_not_a_duration_says_what_it_must_be(
+    tokendb_clean: str, make_api_key, interval: object
+) -> None:
+    """A string, a bool or None is not a number of seconds: the refusal names the types
+    accepted (not "a whole number", which a bool or a numeric string would suggest)."""
+    _, secret = await make_api_key()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.verify_api_key(secret=secret, touch_interval=interval)  # type: ignore[arg-type]
+    assert (info.value.field, info.value.reason) == (
+        "touch_interval",
+        "must be a timedelta or a number of seconds",
+    )
+
+
 async def test_list_api_keys_includes_revoked_keys_by_default(
     tokendb_clean: str, make_api_key
 ) -> None:
