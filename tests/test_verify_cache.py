@@ -91,6 +91,26 @@ async def test_each_call_gets_instances_of_its_own(make_api_key) -> None:
         await tokendb.verify_api_key(secret=secret, permission="billing")
 
 
+async def test_the_instances_of_the_lookup_that_fills_the_cache_are_the_callers_own(
+    make_api_key,
+) -> None:
+    """The first verify (a miss, which caches the key) hands out copies too: changing
+    what it returned changes nothing the next verify (a hit) answers."""
+    _, secret = await make_api_key(permissions=["chat"])
+    await synchronised()
+    misses = tokendb.verify_cache_stats().misses
+    first = await tokendb.verify_api_key(secret=secret)
+    assert tokendb.verify_cache_stats().misses == misses + 1  # looked up, then cached
+    first.permissions.append("billing")
+    first.name = "changed"
+    first.user.email = "someone.else@example.com"
+    second = await cached(secret)
+    assert second.permissions == ["chat"] and second.name == "test key"
+    assert second.user.email != "someone.else@example.com"
+    with pytest.raises(tokendb.PermissionDenied):
+        await tokendb.verify_api_key(secret=secret, permission="billing")
+
+
 @pytest.mark.parametrize("hit", [False, True])
 async def test_the_user_never_carries_a_balance(funded_user, hit: bool) -> None:
     """Hit or lookup alike: a cached balance would be stale, so there is none."""
