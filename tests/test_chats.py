@@ -401,18 +401,20 @@ async def test_a_session_ends_after_its_last_message(tokendb_clean: str, chat) -
     assert ended.ended_at is not None and ended.ended_at >= message.created_at
 
 
+@pytest.mark.parametrize("size", [10, 20], ids=["exactly-HEAVY_MESSAGE", "more"])
 async def test_heavy_messages_queue_behind_each_other_not_in_front_of_others(
-    tokendb_clean: str, chat, monkeypatch: pytest.MonkeyPatch
+    tokendb_clean: str, chat, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     """A tenant sending huge messages holds at most ``HEAVY_AT_ONCE`` connections: its next
     heavy message waits in the process (not sent), a light message of another goes on,
-    and each message comes back with its content (which the statement no longer echoes)."""
+    and each message comes back with its content (which the statement no longer echoes).
+    A message of exactly ``HEAVY_MESSAGE`` characters is heavy."""
     monkeypatch.setattr(chats, "HEAVY_MESSAGE", 10)
     monkeypatch.setattr(chats, "HEAVY_AT_ONCE", 1)
     monkeypatch.setattr(chats, "_heavy", weakref.WeakKeyDictionary())  # budgets made anew
     heavy_session, _, heavy_user = await chat()
     light_session, _, _ = await chat()
-    big = "ü" * 20
+    big = "ü" * size
     async with holding_row_lock(tokendb_clean, heavy_user.id) as lock:
         first = asyncio.ensure_future(
             tokendb.add_message(session=heavy_session, role="user", content=big, tokens=1)
