@@ -642,6 +642,21 @@ async def test_add_message_captures_its_tokens_from_the_hold(
     assert await table_counts() == before
 
 
+async def test_add_message_may_capture_the_whole_hold(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    """A message of exactly the hold's amount, given the hold itself, is captured in full."""
+    user, session = await _chat(funded_user, make_api_key)
+    held = await tokendb.hold(user=user, amount=80, ttl=60)
+    message = await tokendb.add_message(
+        session=session, role="assistant", content="all of it", tokens=80, hold=held
+    )
+    (captured,) = await tokendb.list_holds(user=user)
+    assert (captured.status, captured.captured_amount) == (HoldStatus.CAPTURED, 80)
+    assert message.tokens == 80
+    assert await tokendb.get_available_balance(user=user) == 20
+
+
 async def test_add_message_with_zero_tokens_releases_the_hold(
     tokendb_clean: str, funded_user, make_api_key
 ) -> None:

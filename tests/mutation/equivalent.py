@@ -26,6 +26,7 @@ _EMAIL = "email_validator refuses an address over 254 characters before these ch
 
 _HELD = "the spendable amount read before the lock is used only when held_tokens is 0 (with holds, the call is decided again under the lock), where balance + held and balance - held agree"
 _OWN_COPY = "a lookup's own instances are held by nobody else: a copy of them (what every cached answer returns) is the same key to its caller"
+_FREE_MESSAGE = "a message of 0 tokens is never refused for a key's limit (ADD_MESSAGE's `$5 = 0`): with 0 tokens nothing comes back only for an ended or unknown session, so cost > 0 and cost >= 0 agree where this is read"
 _COUNTED = "the outcomes were counted just above (a RuntimeError fails the batch's callers first): zip's strict check cannot fire"
 
 EQUIVALENT: dict[str, str] = {
@@ -46,6 +47,7 @@ EQUIVALENT: dict[str, str] = {
     'tokendb/api_keys.py::verify_api_key: return await verified.answer(row["checked_at"], permission, interval, shared=False) => return await verified.answer(row["checked_at"], permission, interval, shared=True)': _OWN_COPY,
     "tokendb/api_keys.py::answer: if key.expires_at is not None and key.expires_at <= now: => if key.expires_at is not None and key.expires_at < now:": _INSTANT,
     "tokendb/api_keys.py::answer: if key.last_used_at is None or key.last_used_at < now - interval: => if key.last_used_at is None or key.last_used_at <= now - interval:": _INSTANT,
+    'tokendb/chats.py::add_message: if state[0]["ended_at"] is None and cost > 0 and key_id is not None: => if state[0]["ended_at"] is None and cost >= 0 and key_id is not None:': _FREE_MESSAGE,
     "tokendb/chats.py::<module>: WHERE id = $2 AND is_active AND (expires_at IS NULL OR expires_at > now()) => WHERE id = $2 AND is_active AND (expires_at IS NULL OR expires_at >= now())": _INSTANT,
     'tokendb/chats.py::add_message: body = _args.text(content, "content", max_length=MAX_CONTENT_LENGTH, min_length=0, strip=False) => body = _args.text(content, "content", max_length=MAX_CONTENT_LENGTH, min_length= -1, strip=False)': _MINLEN,
     "tokendb/ledger.py::<module>: @dataclass(frozen=True, slots=True) => @dataclass(frozen=True, slots=False)": _SLOTS,

@@ -79,7 +79,13 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "tokendb/chats.py",
-        ("tests/test_chats.py", "tests/test_concurrency.py", "tests/test_hostile_input.py"),
+        (
+            "tests/test_chats.py",
+            "tests/test_concurrency.py",
+            "tests/test_hostile_input.py",
+            "tests/test_holds.py",
+            "tests/test_limits.py",
+        ),
         always=("tests/test_public_api.py",),
     ),
     # Error translation.
