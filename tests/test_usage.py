@@ -15,6 +15,7 @@ import pytest_asyncio
 
 import tokendb
 from tests.helpers import table_counts, tamper
+from tokendb import _ledger_sql
 from tokendb.models import MessageRole, TransactionType
 
 UTC = dt.UTC
@@ -322,6 +323,27 @@ async def test_audit_usage_finds_a_rollup_that_left_the_ledger(
     assert [(d.tokens, d.ledger_tokens) for d in await tokendb.audit_usage()] == [(0, 9)]
     await rebuild_rollup(tokendb_clean)
     assert await tokendb.audit_usage() == []
+
+
+async def test_one_users_usage_audit_reads_only_that_users_rows_whatever_the_plan(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """As audit_ledger's: the per-user usage audit is its own statement, so even the
+    generic plan of a prepared statement finds the user's ledger rows and rollup rows
+    through their indexes instead of reading everyone's."""
+    key, _ = await make_api_key()
+    conn = await asyncpg.connect(tokendb_clean)
+    try:
+        await conn.execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
+        await conn.execute(f"PREPARE audit_usage_user(uuid) AS {_ledger_sql.AUDIT_USAGE_USER}")
+        plan = "\n".join(
+            row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE audit_usage_user('{key.user_id}')")
+        )
+    finally:
+        await conn.close()
+    assert "token_transactions_user_seq_key" in plan, plan
+    assert "usage_daily_group_key" in plan, plan
+    assert plan.count("Index Cond: (user_id = $1)") == 2, plan
 
 
 # --- helpers: time under the test's control ----------------------------------------------

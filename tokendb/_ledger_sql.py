@@ -130,6 +130,7 @@ __all__ = [
     "AUDIT",
     "AUDIT_SINCE_CHECKPOINT",
     "AUDIT_USAGE",
+    "AUDIT_USAGE_USER",
     "AUDIT_USER",
     "BALANCE",
     "BATCH",
@@ -1003,7 +1004,12 @@ SELECT user_id, balance, ledger_sum, broken_links, first_broken FROM off ORDER B
 continue it, or whose balance is not the mark's plus the new amounts; a checkpoint and
 the users' new marks are written in the same statement when there is none."""
 
-AUDIT_USAGE = """
+
+def _audit_usage(user: str | None) -> str:
+    """:data:`AUDIT_USAGE` over everyone (``user`` None) or over the user ``user`` alone."""
+    ledger_rows = "" if user is None else f" AND t.user_id = {user}  -- the (user_id, seq) index"
+    rollup_rows = "" if user is None else f" WHERE user_id = {user}  -- usage_daily_group_key"
+    return f"""
 WITH ledger AS (
     -- A refund counts on its charge's key, model and UTC day (as the rollup books it).
     SELECT t.user_id,
@@ -1014,11 +1020,11 @@ WITH ledger AS (
            -t.amount AS tokens, (t.type = 'usage')::int AS requests
     FROM token_transactions t
     LEFT JOIN token_transactions c ON t.type = 'refund' AND c.id = t.reference_id
-    WHERE t.type IN ('usage', 'refund') AND ($1::uuid IS NULL OR t.user_id = $1)
+    WHERE t.type IN ('usage', 'refund'){ledger_rows}
 ), both_sides AS (
     SELECT user_id, api_key_id, model, day, tokens, requests, 0 AS ledger_tokens,
            0 AS ledger_requests
-    FROM usage_daily WHERE $1::uuid IS NULL OR user_id = $1
+    FROM usage_daily{rollup_rows}
   UNION ALL
     SELECT user_id, api_key_id, model, day, 0, 0, tokens, requests FROM ledger
 )
@@ -1030,8 +1036,16 @@ GROUP BY user_id, api_key_id, model, day
 HAVING sum(tokens) <> sum(ledger_tokens) OR sum(requests) <> sum(ledger_requests)
 ORDER BY user_id, day, api_key_id NULLS FIRST, model NULLS FIRST
 """
-"""Every group of ``usage_daily`` (of everyone, ``$1`` NULL, or of one user) that is not
-what the ledger's usage and refund rows add up to, with both sides."""
+
+
+AUDIT_USAGE = _audit_usage(None)
+"""Every group of ``usage_daily`` that is not what the ledger's usage and refund rows add
+up to, with both sides."""
+
+AUDIT_USAGE_USER = _audit_usage("$1")
+""":data:`AUDIT_USAGE` for the user ``$1`` alone: its own statement, as :data:`AUDIT_USER`
+(a ``$1 IS NULL OR user_id = $1`` form gets a generic plan that reads the whole ledger)."""
+
 
 _COUNTED_MESSAGE = _sql.insert(
     ChatMessage,

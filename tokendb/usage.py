@@ -195,8 +195,10 @@ async def audit_usage(*, user: User | UUID | str | None = None) -> list[UsageDis
         ValidationError: ``user`` is not a user or a UUID.
         DatabaseUnavailable: the database is unreachable.
     """
-    user_id = None if user is None else _args.ref_id(user, "user", User)
-    rows = await _db.read(_ledger_sql.AUDIT_USAGE, user_id)
+    if user is None:
+        rows = await _db.read(_ledger_sql.AUDIT_USAGE)
+    else:
+        rows = await _db.read(_ledger_sql.AUDIT_USAGE_USER, _args.ref_id(user, "user", User))
     return [
         UsageDiscrepancy(
             user_id=row["user_id"],
