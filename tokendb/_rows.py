@@ -15,8 +15,7 @@ lacks a column falls back to ``_init_from_db``, which marks it partial.
 from __future__ import annotations
 
 import functools
-import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -174,102 +173,12 @@ def _not_none(convert: Callable[[Any], Any], value: Any) -> Any:
 def to_models(model: type[M], rows: Sequence[Row]) -> list[M]:
     """:func:`to_model` of every row of one statement's result (a list page).
 
-    The rows of one result share their columns, so the instances are built
-    by a plan made once per column layout (:func:`_layout`): each row's
-    values are picked by position into the instance's ``__dict__`` in one
-    step, and only the enum and datetime columns are converted. The result
-    is the same as :func:`to_model`'s; rows that are not asyncpg records, or
-    lack a column, or do not decode as the plan expects, take that path.
+    The rows of one result share their columns: the model's :func:`hydrator`
+    builds them all, and a result that lacks a column takes :func:`to_model`'s
+    path (partial instances) row by row.
     """
-    if not rows:
-        return []
-    first = rows[0]
-    if isinstance(first, asyncpg.Record):
-        build = _layout(model, tuple(first.keys()))
-        if build is not None and build.fits(first):
-            return build(rows)
-    return [to_model(model, row) for row in rows]
-
-
-class _Layout:
-    """Builds ``model`` instances from records whose columns are in one known order."""
-
-    def __init__(self, model: type[Model], positions: dict[str, int]) -> None:
-        meta = model._meta
-        names: list[str] = []
-        picked: list[int] = []
-        self.uuids: list[str] = []
-        self.datetimes: list[str] = []
-        self.enums: list[tuple[str, dict[Any, Any], Any]] = []
-        self.converted: list[tuple[str, Callable[[Any], Any]]] = []
-        for column, attr, field in (
-            *meta.db_native_fields,
-            *meta.db_default_fields,
-            *meta.db_complex_fields,
-        ):
-            names.append(attr)
-            picked.append(positions[column])
-            if type(field) is UUIDField:
-                self.uuids.append(attr)
-            elif type(field) is DatetimeField and get_use_tz():
-                self.datetimes.append(attr)
-            elif isinstance(field, CharEnumFieldInstance):
-                self.enums.append((attr, field.enum_type._value2member_map_, field.enum_type))
-            elif type(field) is JSONField:
-                self.converted.append((attr, _json(field.to_python_value)))
-            elif (column, attr, field) not in meta.db_native_fields:
-                self.converted.append((attr, field.to_python_value))
-        self.model = model
-        self.names = (*names, "_partial", "_saved_in_db", "_custom_generated_pk")
-        self.bookkeeping = (False, True, meta.db_pk_column not in meta.generated_db_fields)
-        self.pick = operator.itemgetter(*picked)
-        self.zone = get_default_timezone()
-
-    def fits(self, row: Row) -> bool:
-        """Whether ``row``'s values decode as the plan takes them as they are."""
-        values = dict(zip(self.names, self.pick(row), strict=False))
-        return all(isinstance(values[attr], UUID | None) for attr in self.uuids) and all(
-            values[attr] is None
-            or (isinstance(values[attr], datetime) and values[attr].tzinfo is not None)
-            for attr in self.datetimes
-        )
-
-    def __call__(self, rows: Iterable[Row]) -> list[Any]:
-        model, names, bookkeeping, pick, zone = (
-            self.model,
-            self.names,
-            self.bookkeeping,
-            self.pick,
-            self.zone,
-        )
-        datetimes, enums, converted = self.datetimes, self.enums, self.converted
-        new, set_dict = model.__new__, object.__setattr__
-        built = []
-        for row in rows:
-            values = dict(zip(names, pick(row) + bookkeeping))  # noqa: B905 - same lengths
-            values["_await_when_save"] = {}
-            for attr in datetimes:
-                if (value := values[attr]) is not None:
-                    # What DatetimeField does with an aware value.
-                    values[attr] = value.astimezone(zone)
-            for attr, members, enum in enums:
-                if (value := values[attr]) is not None:
-                    try:
-                        values[attr] = members[value]
-                    except KeyError:
-                        values[attr] = enum(value)  # ValueError, as Tortoise raises it
-            if converted:
-                for attr, convert in converted:
-                    values[attr] = convert(values[attr])
-            instance = new(model)
-            set_dict(instance, "__dict__", values)
-            built.append(instance)
-        return built
-
-
-@functools.cache
-def _layout(model: type[Model], columns: tuple[str, ...]) -> _Layout | None:
+    hydrate: Callable[[Row], M] = hydrator(model)
     try:
-        return _Layout(model, {column: index for index, column in enumerate(columns)})
-    except KeyError:  # a column is missing
-        return None
+        return [hydrate(row) for row in rows]
+    except KeyError:
+        return [to_model(model, row) for row in rows]
