@@ -312,6 +312,30 @@ def test_the_cache_is_bounded_and_counts() -> None:
     assert not cache.put("g", "other", "g", generation=generation)  # raced a reconnect
 
 
+def test_the_least_recently_used_key_is_evicted_first() -> None:
+    cache = _key_cache.KeyCache(2)
+    for name in "ab":
+        cache.put(name, "owner", name, generation=cache.generation)
+    assert cache.get("a") == "a"  # now the most recently used
+    cache.put("c", "owner", "c", generation=cache.generation)
+    assert cache.get("b") is None and (cache.get("a"), cache.get("c")) == ("a", "c")
+
+
+@pytest.mark.parametrize(
+    ("others", "expected"), [(_key_cache._LOG_SIZE, True), (_key_cache._LOG_SIZE + 1, False)]
+)
+def test_a_lookup_older_than_the_invalidation_log_is_not_cached(
+    others: int, expected: bool
+) -> None:
+    """Other keys' invalidations do not matter, as long as the log still reaches back to
+    the lookup's start; beyond that it cannot tell, and refuses."""
+    cache = _key_cache.KeyCache(2)
+    generation = cache.generation
+    for number in range(others):
+        cache.invalidate(f"other-{number}")
+    assert cache.put("a", "owner", "a", generation=generation) is expected
+
+
 async def test_the_cache_can_be_turned_off(tokendb_db: str, tokendb_app_url: str) -> None:
     from tokendb import _settings
 
