@@ -214,13 +214,13 @@ class Listener:
         self._echoed_sent_at = float("-inf")
         self._sent: dict[str, float] = {}
         self._sequence = 0
-        self._connected = False
         self._conn: asyncpg.Connection | None = None
         self._task = self.loop.create_task(self._run(), name="tokendb verify cache listener")
 
     def synchronised(self) -> bool:
         """True while hits may be served: connected, heartbeat echoed less than MAX_LAG ago."""
-        return self._connected and time.monotonic() - self._echoed_sent_at < MAX_LAG
+        # Reset to -inf on every disconnect: only a heartbeat of this connection sets it.
+        return time.monotonic() - self._echoed_sent_at < MAX_LAG
 
     def alive(self) -> bool:
         """False once the task ended (stopped, or its loop closed)."""
@@ -237,7 +237,7 @@ class Listener:
 
     def _on_heartbeat(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         sent_at = self._sent.pop(payload, None)
-        if sent_at is not None and self._connected:
+        if sent_at is not None:
             self._echoed_sent_at = max(self._echoed_sent_at, sent_at)
 
     async def _run(self) -> None:
@@ -262,7 +262,6 @@ class Listener:
         # Whatever changed while no one listened is unknown: start empty. Only
         # now, with LISTEN in place, so nothing is missed from here on.
         self.cache.clear()
-        self._connected = True
         self.reconnects += 1
         while True:
             self._sequence += 1
@@ -276,7 +275,6 @@ class Listener:
             await asyncio.sleep(HEARTBEAT)
 
     async def _disconnect(self) -> None:
-        self._connected = False
         self._echoed_sent_at = float("-inf")
         self._sent.clear()
         conn, self._conn = self._conn, None
