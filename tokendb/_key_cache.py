@@ -115,8 +115,8 @@ class KeyCache:
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self.generation = 0
-        self._entries: OrderedDict[str, Any] = OrderedDict()
-        self._owners: dict[str, Hashable] = {}
+        self._entries: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        """Key hash → (``u:<owner>``, the value)."""
         self._log: deque[tuple[int, str]] = deque(maxlen=_LOG_SIZE)
         self.hits = self.misses = self.bypassed = 0
         self.invalidations = self.evictions = 0
@@ -126,13 +126,13 @@ class KeyCache:
 
     def get(self, key_hash: str) -> Any:
         """The cached value, or None (counted as a hit or a miss)."""
-        value = self._entries.get(key_hash)
-        if value is None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
             self.misses += 1
             return None
         self._entries.move_to_end(key_hash)
         self.hits += 1
-        return value
+        return entry[1]
 
     def put(self, key_hash: str, owner: Hashable, value: Any, *, generation: int) -> bool:
         """Cache ``value`` unless it was invalidated since ``generation``; True if cached.
@@ -141,24 +141,22 @@ class KeyCache:
         Invalidations of other keys since ``generation`` do not matter; when
         the log no longer reaches back that far, nothing is cached.
         """
+        user = f"u:{owner}"
         if self.maxsize == 0 or (
-            generation != self.generation and self._invalidated_since(generation, key_hash, owner)
+            generation != self.generation and self._invalidated_since(generation, key_hash, user)
         ):
             return False
-        self._entries[key_hash] = value
+        self._entries[key_hash] = (user, value)
         self._entries.move_to_end(key_hash)
-        self._owners[key_hash] = owner
         while len(self._entries) > self.maxsize:
-            dropped, _ = self._entries.popitem(last=False)
-            del self._owners[dropped]
+            self._entries.popitem(last=False)
             self.evictions += 1
         return True
 
-    def _invalidated_since(self, generation: int, key_hash: str, owner: Hashable) -> bool:
+    def _invalidated_since(self, generation: int, key_hash: str, user: str) -> bool:
         log = self._log
         if not log or log[0][0] > generation + 1:
             return True  # the log lost what happened since
-        user = f"u:{owner}"
         for bumped, payload in reversed(log):
             if bumped <= generation:
                 return False
@@ -168,29 +166,23 @@ class KeyCache:
 
     def invalidate(self, payload: str) -> None:
         """Drop what a notification names: a key hash, ``u:<user id>``, or ``*`` (everything)."""
-        self.generation += 1
-        self._log.append((self.generation, payload))
         self.invalidations += 1
-        if payload == "*":
-            self._entries.clear()
-            self._owners.clear()
-        elif payload.startswith("u:"):
-            owner = payload[2:]
-            for key_hash in [h for h, o in self._owners.items() if str(o) == owner]:
-                self._drop(key_hash)
-        else:
-            self._drop(payload)
+        self._drop(payload)
 
     def clear(self) -> None:
         """Drop everything (and refuse inserts of lookups started before)."""
-        self.generation += 1
-        self._log.append((self.generation, "*"))
-        self._entries.clear()
-        self._owners.clear()
+        self._drop("*")
 
-    def _drop(self, key_hash: str) -> None:
-        if self._entries.pop(key_hash, None) is not None:
-            del self._owners[key_hash]
+    def _drop(self, payload: str) -> None:
+        self.generation += 1
+        self._log.append((self.generation, payload))
+        if payload == "*":
+            self._entries.clear()
+        elif payload.startswith("u:"):
+            for key_hash in [h for h, (user, _) in self._entries.items() if user == payload]:
+                del self._entries[key_hash]
+        else:
+            self._entries.pop(payload, None)
 
 
 class Listener:
