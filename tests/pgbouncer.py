@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from tests.helpers import free_port
+
 __all__ = ["binary", "running", "with_port"]
 
 _START_TIMEOUT = 10.0
@@ -35,13 +37,6 @@ def binary() -> str | None:
     """The ``pgbouncer`` executable (``/usr/sbin`` is not on every PATH), or None."""
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def with_port(url: str, port: int, *, query: str = "") -> str:
@@ -63,7 +58,7 @@ def running(server_url: str, *, pool_size: int = 60) -> Iterator[int]:
         raise RuntimeError("pgbouncer is not installed (apt-get install pgbouncer)")
     parts = urlsplit(server_url)
     host, server_port = parts.hostname or "127.0.0.1", parts.port or 5432
-    port = _free_port()
+    port = free_port()
     folder = Path(tempfile.mkdtemp(prefix="tokendb-pgbouncer-"))
     as_root = os.geteuid() == 0
     try:

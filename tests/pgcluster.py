@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from typing import Any
 import asyncpg
 
 import tokendb
+from tests.helpers import free_port
 from tokendb.connection import InitOptions
 from tokendb.testing import throwaway_database
 
@@ -79,13 +79,6 @@ def _postgres_bin() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class ThrowawayCluster:
     """A PostgreSQL cluster of the test's own, in a temporary folder, on a free port.
 
@@ -98,7 +91,7 @@ class ThrowawayCluster:
         if bindir is None:
             raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found")
         self.bindir = bindir
-        self.port = _free_port()
+        self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="tokendb-cluster-"))
         self.data = self.folder / "data"
         self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
