@@ -110,15 +110,9 @@ __all__ = [
 ]
 
 DEFAULT_TEST_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
-TABLES = (
-    "token_holds",
-    "usage_daily",
-    "chat_messages",
-    "chat_sessions",
-    "token_transactions",
-    "api_keys",
-    "users",
-)
+TABLES = (*schema.TABLES, *schema.READ_ONLY_TABLES)
+"""The tables :func:`truncate_all` and ``tokendb_clean`` empty: all of tokendb's
+but Aerich's and the audit's (its marks go with their users)."""
 _PROBE_TIMEOUT = 3.0
 _server_url_key = pytest.StashKey[str]()
 _pooler_url_key = pytest.StashKey[str | None]()
