@@ -196,8 +196,7 @@ async def set_api_key_limit(
 
 
 def _touch_interval(value: Any) -> timedelta:
-    if value is DEFAULT_TOUCH_INTERVAL:
-        return value  # every request passes the default: skip the checks
+    """A checked ``touch_interval`` (``verify_api_key`` lets the default through unchecked)."""
     if isinstance(value, timedelta):
         value = _args.exact_timedelta(value)
         seconds = value.total_seconds()
