@@ -117,29 +117,30 @@ _NEW_HOLD = _sql.insert(
     source="reserved",
 )
 
+
 # $1 user, $2 amount, $3 new hold id, $4 reference, $5 description, $6 ttl,
 # $7 the API key (one of the user's) or NULL, $8 the model or NULL.
-HOLD = f"""
+def _hold(*, decided: bool) -> str:
+    return f"""
 WITH prior AS (
     SELECT 1 FROM token_holds WHERE $4::uuid IS NOT NULL AND user_id = $1 AND reference_id = $4
 ), reserved AS (
     UPDATE users                                    -- the user's row lock is taken here
     SET held_tokens = held_tokens + $2
     WHERE id = $1 AND token_balance - held_tokens >= $2 AND NOT EXISTS (SELECT 1 FROM prior)
-      AND ($7::uuid IS NULL OR EXISTS (
-          SELECT 1 FROM api_keys k WHERE k.id = $7 AND k.user_id = $1 AND k.token_limit IS NULL
-      ))                                            -- a limited key: the locked path
+      AND {_limits_sql.key_allowed("$7", "$1", decided=decided)}
     RETURNING id
 )
 {_NEW_HOLD}
 RETURNING *
 """
+
+
+HOLD = _hold(decided=False)
 """One hold in one statement: none through a key with a limit (decided under the
 key's lock: :mod:`tokendb._limits_sql`)."""
 
-_UNLIMITED = " AND k.token_limit IS NULL"
-assert HOLD.count(_UNLIMITED) == 1
-HOLD_DECIDED = HOLD.replace(_UNLIMITED, "")
+HOLD_DECIDED = _hold(decided=True)
 """:data:`HOLD` whose key's limit the caller decided under the key's lock."""
 
 BY_REFERENCE = "SELECT * FROM token_holds WHERE user_id = $1 AND reference_id = $2"

@@ -18,7 +18,7 @@ refunds within their charge                 :func:`refund` (lock, then sum)
 a key's limit, decided under its row lock   :func:`_move_under_lock` with
                                             :mod:`tokendb._limits_sql`; the
                                             statements move nothing through a
-                                            limited key (``token_limit IS NULL``)
+                                            limited key (``_limits_sql.LIMITED``)
 the books balance                           :data:`AUDIT`, :data:`AUDIT_USER`,
                                             :data:`AUDIT_SINCE_CHECKPOINT`
 ==========================================  =======================================
@@ -209,9 +209,11 @@ _MOVED = _record(
     model="$8",
 )
 
+
 # $1 user, $2 delta (negative for a debit), $3 type, $4 new row id, $5 reference,
 # $6 description, $7 the API key (one of the user's) or NULL, $8 the model or NULL.
-MOVE = f"""
+def _move(*, decided: bool) -> str:
+    return f"""
 WITH prior AS (
     SELECT 1 FROM token_transactions
     WHERE $5::uuid IS NOT NULL AND $3 <> 'refund'  -- refunds share their charge's id
@@ -220,20 +222,19 @@ WITH prior AS (
     UPDATE users                                    -- the user's row lock is taken here
     SET token_balance = token_balance + $2, updated_at = clock_timestamp()
     WHERE id = $1 AND token_balance - held_tokens + $2 >= 0 AND NOT EXISTS (SELECT 1 FROM prior)
-      AND ($7::uuid IS NULL OR EXISTS (
-          SELECT 1 FROM api_keys k WHERE k.id = $7 AND k.user_id = $1 AND k.token_limit IS NULL
-      ))                                            -- a limited key: the locked path
+      AND {_limits_sql.key_allowed("$7", "$1", decided=decided)}
     RETURNING id, token_balance
 )
 {_MOVED}
 RETURNING *
 """
+
+
+MOVE = _move(decided=False)
 """One movement in one statement: nothing moves through a key with a limit
 (:mod:`tokendb._limits_sql` decides those under the key's lock)."""
 
-_UNLIMITED = " AND k.token_limit IS NULL"
-assert MOVE.count(_UNLIMITED) == 1
-MOVE_DECIDED = MOVE.replace(_UNLIMITED, "")
+MOVE_DECIDED = _move(decided=True)
 """:data:`MOVE` whose key's limit was decided by the caller under the key's lock (or does
 not apply: a refund)."""
 
@@ -412,7 +413,7 @@ BATCH = f"""
 WITH RECURSIVE items AS MATERIALIZED (
     SELECT i.seq, i.user_id, i.amount, i.id, i.reference_id, i.description, i.api_key_id,
            i.model, i.api_key_id IS NULL OR k.user_id IS NOT DISTINCT FROM i.user_id AS key_ok,
-           k.token_limit IS NOT NULL AS limited,  -- decided alone, under the key's lock
+           {_limits_sql.LIMITED} AS limited,  -- decided alone, under the key's lock
            row_number() OVER (PARTITION BY i.user_id ORDER BY i.seq) AS rank
     FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[], $5::text[], $6::uuid[],
                 $7::text[])
@@ -830,7 +831,7 @@ WITH session AS (
     WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
       AND ($8::bool OR $5 = 0 OR NOT EXISTS (
           SELECT 1 FROM api_keys k
-          WHERE k.id = chat_sessions.api_key_id AND k.token_limit IS NOT NULL
+          WHERE k.id = chat_sessions.api_key_id AND {_limits_sql.LIMITED}
       ))
     RETURNING id, user_id, api_key_id, model, tokens_used
 ), debit AS (

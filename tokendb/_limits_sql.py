@@ -22,8 +22,9 @@ its charge's window the tokens back and a new day starts at 0 by itself.
 Unlimited keys and keyless movements never take the key's lock: their
 statements (:data:`tokendb._ledger_sql.MOVE`, :data:`~tokendb._ledger_sql.BATCH`,
 :data:`~tokendb._ledger_sql.ADD_MESSAGE`, :data:`tokendb._holds_sql.HOLD`)
-move nothing through a key that has a limit, and the caller then takes the
-path above. Which keys have a limit is remembered per process
+move nothing through a key that has a limit (:data:`LIMITED`, in MOVE and
+HOLD as :func:`key_allowed`), and the caller then takes the path above.
+Which keys have a limit is remembered per process
 (:func:`probably_limited`), so a limited key's movements go straight to the
 locked path; the hint is never trusted for a decision, only for the route.
 """
@@ -38,14 +39,36 @@ from tokendb.errors import KeyLimitExceeded, NotFound
 from tokendb.models import LimitPeriod
 
 __all__ = [
+    "LIMITED",
     "LOCK_KEY",
     "WINDOW",
     "KeyLimit",
     "check",
+    "key_allowed",
     "lock_key",
     "probably_limited",
     "remember",
 ]
+
+LIMITED = "k.token_limit IS NOT NULL"
+"""SQL: the API key ``k`` has a limit, so nothing moves through it but under its lock."""
+
+
+def key_allowed(key: str, user: str, *, decided: bool) -> str:
+    """SQL: the movement's key ``key`` is NULL, or one of ``user``'s keys, and has no
+    limit unless the caller ``decided`` its limit under the key's lock (:func:`check`).
+
+    The condition of :data:`tokendb._ledger_sql.MOVE` and
+    :data:`tokendb._holds_sql.HOLD` (``decided=False``), and of their
+    ``_DECIDED`` twins sent under the key's lock.
+    """
+    limited = "" if decided else f" AND NOT {LIMITED}"
+    return (
+        f"({key}::uuid IS NULL OR EXISTS (\n"
+        f"          SELECT 1 FROM api_keys k WHERE k.id = {key} AND k.user_id = {user}{limited}\n"
+        "      ))"
+    )
+
 
 LOCK_KEY = "SELECT user_id, token_limit, limit_period FROM api_keys WHERE id = $1 FOR UPDATE"
 
