@@ -26,7 +26,7 @@ from tortoise.transactions import in_transaction
 
 import tokendb
 from tests import books
-from tests.helpers import blocked_backends, migrations_copy
+from tests.helpers import blocked_backends, migrations_copy, tamper
 from tokendb import _db
 from tokendb._translate import translated
 from tokendb.connection import _upgrade
@@ -1023,3 +1023,54 @@ async def test_an_api_keys_id_never_changes(
         )
     assert (await ChatSession.get(id=session.id)).api_key_id == dead.id
     await assert_books_balance(owner)
+
+
+async def test_the_application_role_cannot_move_an_audit_mark_past_a_broken_row(
+    app: asyncpg.Connection, tokendb_clean: str
+) -> None:
+    """The incremental audit (``tokendb audit``'s default) trusts each user's mark:
+    a role that could write marks could move one past a row the owner broke, and
+    the audit would report clean books. Only the audit itself moves them."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    await tokendb.top_up(user=user, amount=10)
+    assert await tokendb.audit_ledger(since_checkpoint=True) == []
+    broken = uuid.uuid4()
+    append = (
+        "INSERT INTO token_transactions (id, user_id, amount, type, balance_after, seq, created_at)"
+        " SELECT $2, $1, 10, 'topup', 10, max(seq) + 1, clock_timestamp()"
+        " FROM token_transactions WHERE user_id = $1"
+    )
+    shift = "UPDATE users SET token_balance = token_balance + $2 WHERE id = $1"
+    await tamper(tokendb_clean, append, user.id, broken)  # restarts the balance: a broken link
+    await tamper(tokendb_clean, shift, user.id, 10)
+    try:
+        forged: list[tuple[Any, ...]] = [
+            (
+                "UPDATE tokendb_audit_marks SET seq = seq + 1, balance_after = 10,"
+                " transaction_id = $2 WHERE user_id = $1",
+                user.id,
+                broken,
+            ),
+            (
+                "INSERT INTO tokendb_audit_marks"
+                " (user_id, seq, balance_after, transaction_id, checkpoint_id)"
+                " VALUES ($1, 3, 10, $2, $2)",
+                uuid.uuid4(),
+                broken,
+            ),
+            ("DELETE FROM tokendb_audit_marks WHERE user_id = $1", user.id),
+            (
+                "INSERT INTO tokendb_audit_checkpoints (id, rows_audited, users_advanced)"
+                " VALUES ($1, 0, 0)",
+                uuid.uuid4(),
+            ),
+        ]
+        for statement, *args in forged:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await app.execute(statement, *args)
+        [found] = await tokendb.audit_ledger(since_checkpoint=True)
+        assert found.user_id == user.id and found.first_broken_transaction == broken
+    finally:
+        await tamper(tokendb_clean, "DELETE FROM token_transactions WHERE id = $1", broken)
+        await tamper(tokendb_clean, shift, user.id, -10)
+    assert await tokendb.audit_ledger(since_checkpoint=True) == []

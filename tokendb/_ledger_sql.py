@@ -936,74 +936,13 @@ async def audit(statement: str, *args: Any) -> list[_db.Record]:
 CHECKPOINTS = "tokendb_audit_checkpoints"
 MARKS = "tokendb_audit_marks"
 
-# $1 the new checkpoint's id. Per user, the rows from its mark on (the marked
-# row itself, then the new ones), in seq order: the marked row must still be
-# the one the mark names, with the same balance_after; each row after it
-# continues the one before (the first new row continues the mark). The balance
-# is then the mark's balance_after plus the new amounts (the audit that set
-# the mark found the older rows clean and summing to it).
-AUDIT_SINCE_CHECKPOINT = f"""
-WITH marked AS (
-    SELECT u.id AS user_id, u.token_balance,
-           m.seq AS mark_seq, m.balance_after AS mark_after, m.transaction_id AS mark_id
-    FROM users u LEFT JOIN {MARKS} m ON m.user_id = u.id
-), audited AS MATERIALIZED (
-    SELECT k.*, c.*
-    FROM marked k CROSS JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE seq > coalesce(k.mark_seq, 0)) AS new_rows,
-               coalesce(sum(amount) FILTER (WHERE seq > coalesce(k.mark_seq, 0)), 0) AS new_sum,
-               count(*) FILTER (WHERE seq = k.mark_seq) AS mark_found,
-               count(*) FILTER (WHERE broken) AS broken_links,
-               (array_agg(id ORDER BY seq) FILTER (WHERE broken))[1] AS first_broken,
-               max(seq) AS last_seq,
-               (array_agg(balance_after) FILTER (WHERE newest))[1] AS last_after,
-               (array_agg(id) FILTER (WHERE newest))[1] AS last_id
-        FROM (
-            SELECT id, seq, amount, balance_after,
-                   lead(seq) OVER w IS NULL AS newest,
-                   (CASE WHEN seq = k.mark_seq
-                         THEN id <> k.mark_id OR balance_after <> k.mark_after
-                         ELSE balance_after <> coalesce(lag(balance_after) OVER w, k.mark_after, 0)
-                                               + amount
-                           OR seq <> coalesce(lag(seq) OVER w, k.mark_seq, 0) + 1
-                           OR (created_at, id) <= (lag(created_at) OVER w, lag(id) OVER w)
-                    END) IS TRUE AS broken
-            FROM token_transactions
-            WHERE user_id = k.user_id AND seq >= coalesce(k.mark_seq, 0)  -- (user_id, seq)
-            WINDOW w AS (ORDER BY seq)
-        ) AS chain
-    ) AS c
-), books AS (
-    SELECT user_id, token_balance AS balance,
-           coalesce(mark_after, 0) + new_sum AS ledger_sum,
-           broken_links + (mark_seq IS NOT NULL AND mark_found = 0)::int AS broken_links,
-           CASE WHEN mark_seq IS NOT NULL AND mark_found = 0 THEN mark_id ELSE first_broken END
-               AS first_broken
-    FROM audited
-), off AS (
-    SELECT * FROM books WHERE balance <> ledger_sum OR broken_links > 0
-), checkpoint AS (                                    -- only when the books are clean
-    INSERT INTO {CHECKPOINTS} (id, created_at, rows_audited, users_advanced)
-    SELECT $1, clock_timestamp(), coalesce(sum(new_rows), 0), count(*) FILTER (WHERE new_rows > 0)
-    FROM audited
-    HAVING NOT EXISTS (SELECT 1 FROM off)
-    RETURNING id
-), advanced AS (
-    INSERT INTO {MARKS} AS m (user_id, seq, balance_after, transaction_id, checkpoint_id)
-    SELECT a.user_id, a.last_seq, a.last_after, a.last_id, checkpoint.id
-    FROM audited a CROSS JOIN checkpoint
-    WHERE a.new_rows > 0
-    ORDER BY a.user_id
-    ON CONFLICT (user_id) DO UPDATE
-        SET seq = excluded.seq, balance_after = excluded.balance_after,
-            transaction_id = excluded.transaction_id, checkpoint_id = excluded.checkpoint_id
-        WHERE m.seq < excluded.seq                    -- a concurrent audit may have gone further
-)
-SELECT user_id, balance, ledger_sum, broken_links, first_broken FROM off ORDER BY user_id
-"""
-"""The books since the stored checkpoint: every user whose rows since their mark do not
-continue it, or whose balance is not the mark's plus the new amounts; a checkpoint and
-the users' new marks are written in the same statement when there is none."""
+AUDIT_SINCE_CHECKPOINT = "SELECT * FROM tokendb_audit_since_checkpoint($1)"
+"""The books since the stored checkpoint ($1 the new checkpoint's id): every user whose rows
+since their mark do not continue it, or whose balance is not the mark's plus the new amounts;
+a checkpoint and the users' new marks are written in the same statement when there is none.
+The statement is the owner's function (migration ``*_audit_marks_owner.py``), the only
+writer of :data:`MARKS` and :data:`CHECKPOINTS`: a role that could write a mark could move
+it past a broken row."""
 
 
 def _audit_usage(user: str | None) -> str:

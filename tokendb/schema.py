@@ -30,6 +30,7 @@ from tokendb.errors import ConfigurationError, ValidationError
 from tokendb.models import ApiKey, ChatMessage, ChatSession, TokenHold, TokenTransaction, User
 
 __all__ = [
+    "AUDIT_FUNCTION",
     "AUDIT_TABLES",
     "BACKSTOPS",
     "READ_ONLY_TABLES",
@@ -48,7 +49,12 @@ TABLES = tuple(
 """tokendb's six tables."""
 
 AUDIT_TABLES = (_ledger_sql.CHECKPOINTS, _ledger_sql.MARKS)
-"""Where ``audit_ledger(since_checkpoint=True)`` keeps its checkpoints and each user's mark."""
+"""Where ``audit_ledger(since_checkpoint=True)`` keeps its checkpoints and each user's mark.
+The application role may read them; only :data:`AUDIT_FUNCTION` (the owner's) writes them."""
+
+AUDIT_FUNCTION = "tokendb_audit_since_checkpoint(uuid)"
+"""The incremental audit, an owner's ``SECURITY DEFINER`` function: the application role
+may run it (:func:`grant_sql`), and it moves a user's mark only past rows it found clean."""
 
 READ_ONLY_TABLES = ("usage_daily",)
 """Tables the application role may read but not write: the database writes them
@@ -264,9 +270,11 @@ def grant_sql(role: str, *, schema: str = "public") -> list[str]:
 
     USAGE on ``schema``; SELECT, INSERT, UPDATE and DELETE on the six tables
     (TRUNCATE is not needed, and the tables refuse it to everyone but their
-    owner); SELECT, INSERT and UPDATE on the incremental audit's checkpoints
-    and marks (:data:`AUDIT_TABLES`); SELECT on :data:`READ_ONLY_TABLES` (the
-    usage rollup, which only the database writes) and on Aerich's table, which
+    owner); SELECT on the incremental audit's checkpoints and marks
+    (:data:`AUDIT_TABLES`) and EXECUTE on the audit that writes them
+    (:data:`AUDIT_FUNCTION`: a role that could write a mark could move it
+    past a broken row); SELECT on :data:`READ_ONLY_TABLES` (the usage rollup,
+    which only the database writes) and on Aerich's table, which
     :func:`check` reads. Nothing else: the tables have no sequences, and the
     role needs no function of its own.
     Raises :class:`~tokendb.errors.ValidationError` for a name PostgreSQL
@@ -281,7 +289,8 @@ def grant_sql(role: str, *, schema: str = "public") -> list[str]:
     return [
         f"GRANT USAGE ON SCHEMA {_identifier(schema)} TO {grantee}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {grantee}",
-        f"GRANT SELECT, INSERT, UPDATE ON {audit_tables} TO {grantee}",
+        f"GRANT SELECT ON {audit_tables} TO {grantee}",
+        f"GRANT EXECUTE ON FUNCTION {AUDIT_FUNCTION} TO {grantee}",
         f"GRANT SELECT ON {', '.join(map(_identifier, READ_ONLY_TABLES))} TO {grantee}",
         f'GRANT SELECT ON "aerich" TO {grantee}',
     ]
