@@ -269,6 +269,26 @@ async def test_audit_reads_what_came_since_its_checkpoint_and_full_reads_everyth
     assert (await cli("audit", "--full")).code == 0
 
 
+async def test_audit_checks_the_usage_rollup_too(
+    cli: Any, tokendb_clean: str, make_api_key: Any
+) -> None:
+    """The CLI runs every audit the suite runs after each test (it left out audit_usage)."""
+    key, _ = await make_api_key()
+    await tokendb.charge(user=key.user_id, amount=9, api_key=key, model="m")
+    assert (await cli("audit")).code == 0
+    shift = "UPDATE usage_daily SET tokens = tokens + $1"
+    try:
+        await tamper(tokendb_clean, shift, 1)
+        broken = await cli("audit", "--json")
+        assert broken.code == 1
+        report = broken.json()
+        assert report["books_balance"] is False
+        assert report["ledger"] == report["chats"] == report["holds"] == []
+        assert [(d["tokens"], d["ledger_tokens"]) for d in report["usage"]] == [(10, 9)]
+    finally:
+        await tamper(tokendb_clean, shift, -1)
+
+
 async def test_demo_seeds_users_with_a_progress_bar_and_balances_the_books(cli: Any) -> None:
     result = await cli("demo", "--users", "25")
     assert result.code == 0, result.stderr

@@ -908,7 +908,7 @@ def audit(
     as_json: JsonOption = False,
 ) -> None:
     """Check the books: balances against the ledger, chats against their billing, held
-    tokens against the holds. Exit 1 if off.
+    tokens against the holds, the usage rollup against the ledger. Exit 1 if off.
 
     The ledger part is incremental: the rows since the last clean audit's
     checkpoint (every row the first time), and a new checkpoint when the books
@@ -926,6 +926,7 @@ def audit(
             "ledger": ledger,
             "chats": await tokendb.audit_chats(),
             "holds": await tokendb.audit_holds(),
+            "usage": await tokendb.audit_usage(),
         }
 
     found = _run(ctx, action, statement_timeout=None)
