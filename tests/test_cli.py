@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 import typer
 from typer.testing import CliRunner
 
 import tokendb
 from tests.helpers import tamper
+from tokendb import schema
 from tokendb.cli import app
 
 
@@ -287,6 +289,39 @@ async def test_audit_checks_the_usage_rollup_too(
         assert [(d["tokens"], d["ledger_tokens"]) for d in report["usage"]] == [(10, 9)]
     finally:
         await tamper(tokendb_clean, shift, -1)
+
+
+def test_grant_sql_prints_the_statements_and_refuses_a_bad_name_in_one_line() -> None:
+    runner = CliRunner()
+    printed = runner.invoke(app, ["grant", "--sql", "gate way"])
+    assert printed.exit_code == 0, printed.output
+    assert printed.output == "".join(f"{s};\n" for s in schema.grant_sql("gate way"))
+    refused = runner.invoke(app, ["grant", "--sql", "x" * 64])
+    assert refused.exit_code == 1
+    assert refused.output.startswith("Error: role: ") and refused.output.count("\n") == 1
+
+
+async def test_grant_lets_an_existing_role_run_dml_and_refuses_a_missing_one(
+    cli: Any, tokendb_clean: str
+) -> None:
+    role = f"tokendb_cli_{uuid.uuid4().hex[:8]}"
+    missing = await cli("grant", role)
+    assert missing.code == 1 and "there is no role" in missing.stderr, missing.stderr
+    owner = await asyncpg.connect(tokendb_clean)
+    try:
+        await owner.execute(f'CREATE ROLE "{role}"')
+        try:
+            granted = await cli("grant", role)
+            assert granted.code == 0, granted.stderr
+            assert f"Granted {role}" in granted.stdout
+            may = "SELECT has_table_privilege($1, $2, $3)"
+            assert await owner.fetchval(may, role, "token_transactions", "INSERT")
+            assert not await owner.fetchval(may, role, "usage_daily", "INSERT")
+        finally:
+            await owner.execute(f'DROP OWNED BY "{role}"')
+            await owner.execute(f'DROP ROLE "{role}"')
+    finally:
+        await owner.close()
 
 
 async def test_demo_seeds_users_with_a_progress_bar_and_balances_the_books(cli: Any) -> None:

@@ -140,7 +140,8 @@ def _usage_error(message: str) -> NoReturn:
 
 
 def _embedded(action: Callable[[], T]) -> T:
-    """Run ``action`` (a blocking call into :mod:`tokendb.embedded`); errors as :func:`_run`."""
+    """Run ``action`` (a blocking call, into :mod:`tokendb.embedded` or pure); errors as
+    :func:`_run`."""
     try:
         return action()
     except TokenDBError as exc:
@@ -395,10 +396,7 @@ def grant(
     from tokendb import schema
 
     if sql:
-        try:
-            statements = schema.grant_sql(role)
-        except TokenDBError as exc:
-            _fail(_escape(str(exc)))
+        statements = _embedded(lambda: schema.grant_sql(role))
         typer.echo("".join(f"{statement};\n" for statement in statements), nl=False)
         return
     state: _State = ctx.ensure_object(_State)
