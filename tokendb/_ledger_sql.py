@@ -779,19 +779,26 @@ WITH new_user AS (
 SELECT * FROM new_user
 """
 
-_MESSAGE = _sql.insert(
-    ChatMessage,
-    {
-        "id": "$1",
-        "session_id": "id",
-        "role": "$3",
-        "content": "$4",
-        "tokens": "$5",
-        "tokens_used_after": "tokens_used",  # the session's total, this message included
-        "created_at": "clock_timestamp()",
-    },
-    source="session",
-)
+
+def _message(source: str) -> str:
+    """``INSERT INTO chat_messages`` of the message, from ``source``: the session's row
+    (``id``, ``tokens_used``) after it counted the message's tokens."""
+    return _sql.insert(
+        ChatMessage,
+        {
+            "id": "$1",
+            "session_id": "id",
+            "role": "$3",
+            "content": "$4",
+            "tokens": "$5",
+            "tokens_used_after": "tokens_used",  # the session's total, this message included
+            "created_at": "clock_timestamp()",
+        },
+        source=source,
+    )
+
+
+_MESSAGE = _message("session")
 
 
 def _message_usage(source: str) -> str:
@@ -987,20 +994,6 @@ AUDIT_USAGE_USER = _audit_usage("$1")
 (a ``$1 IS NULL OR user_id = $1`` form gets a generic plan that reads the whole ledger)."""
 
 
-_COUNTED_MESSAGE = _sql.insert(
-    ChatMessage,
-    {
-        "id": "$1",
-        "session_id": "id",
-        "role": "$3",
-        "content": "$4",
-        "tokens": "$5",
-        "tokens_used_after": "tokens_used",
-        "created_at": "clock_timestamp()",
-    },
-    source="counted",
-)
-
 # chats.add_message with a hold: the parameters of ADD_MESSAGE, and $8 the hold.
 # Locks the session row, then the user row, then the hold: the order of
 # ADD_MESSAGE and of every statement on holds. The hold is captured for the
@@ -1038,7 +1031,7 @@ WITH session AS MATERIALIZED (
     WHERE s.id = $2
     RETURNING s.id, s.tokens_used
 ), message AS (
-    {_COUNTED_MESSAGE}
+    {_message("counted")}
     RETURNING *
 ), usage AS (
     {_message_usage("debit, session WHERE $5 > 0")}
