@@ -250,21 +250,8 @@ _CAPTURED_USAGE = _ledger_sql.record(
 # balance's free part and amount leaves the balance: amount ≤ held ≤ balance,
 # so it is always affordable.
 CAPTURE = f"""
-WITH {_LOCK_HOLDER}, captured AS (
-    UPDATE token_holds h
-    SET status = 'captured', captured_amount = $2, captured_transaction_id = $3
-    FROM locked
-    WHERE h.id = $1 AND h.user_id = locked.id AND h.status = 'active'
-      AND h.expires_at > clock_timestamp() AND h.amount >= $2
-    RETURNING h.*
-), debit AS (
-    UPDATE users u
-    SET token_balance = u.token_balance - $2, held_tokens = u.held_tokens - captured.amount,
-        updated_at = clock_timestamp()
-    FROM captured
-    WHERE u.id = captured.user_id
-    RETURNING u.id, u.token_balance
-)
+WITH {_LOCK_HOLDER},
+{_ledger_sql.capturing(hold="$1", tokens="$2", transaction="$3", holder="locked")}
 {_CAPTURED_USAGE}
 RETURNING *
 """

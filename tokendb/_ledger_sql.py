@@ -154,6 +154,7 @@ __all__ = [
     "audit",
     "available_under_lock",
     "balance_or_none",
+    "capturing",
     "charge_batch",
     "charge_coalesced",
     "move",
@@ -191,6 +192,35 @@ def _record(source: str, **values: str) -> str:
 
 record = _record
 """For the ledger rows other statements write (a hold's capture: :mod:`tokendb._holds_sql`)."""
+
+
+def capturing(*, hold: str, tokens: str, transaction: str, holder: str) -> str:
+    """The CTEs ``captured`` (the hold, ``RETURNING h.*``) and ``debit`` (its user:
+    ``id``, ``token_balance``) of a hold's capture: every statement that captures one.
+
+    The hold ``hold`` of the locked user ``holder`` (a CTE with its ``id``) is
+    captured for ``tokens`` (released for 0) only while active and unexpired and
+    when it covers them; its user's held tokens drop by the hold's amount, the
+    balance by ``tokens``, and the usage row is ``transaction``. Otherwise
+    neither CTE writes (the statement's ledger row follows ``debit``).
+    """
+    return f"""captured AS (
+    UPDATE token_holds h
+    SET status = CASE WHEN {tokens} > 0 THEN 'captured' ELSE 'released' END,
+        captured_amount = nullif({tokens}, 0),
+        captured_transaction_id = CASE WHEN {tokens} > 0 THEN {transaction}::uuid END
+    FROM {holder}
+    WHERE h.id = {hold} AND h.user_id = {holder}.id AND h.status = 'active'
+      AND h.expires_at > clock_timestamp() AND h.amount >= {tokens}
+    RETURNING h.*
+), debit AS (
+    UPDATE users u
+    SET token_balance = u.token_balance - {tokens}, held_tokens = u.held_tokens - captured.amount,
+        updated_at = clock_timestamp()
+    FROM captured
+    WHERE u.id = captured.user_id
+    RETURNING u.id, u.token_balance
+)"""
 
 
 # --- one movement -----------------------------------------------------------------------
@@ -1009,23 +1039,7 @@ WITH session AS MATERIALIZED (
 ), holder AS MATERIALIZED (
     SELECT u.id FROM users u JOIN session ON u.id = session.user_id
     FOR UPDATE OF u
-), captured AS (
-    UPDATE token_holds h
-    SET status = CASE WHEN $5 > 0 THEN 'captured' ELSE 'released' END,
-        captured_amount = nullif($5, 0),
-        captured_transaction_id = CASE WHEN $5 > 0 THEN $6::uuid END
-    FROM holder
-    WHERE h.id = $8 AND h.user_id = holder.id AND h.status = 'active'
-      AND h.expires_at > clock_timestamp() AND h.amount >= $5
-    RETURNING h.user_id, h.amount
-), debit AS (
-    UPDATE users u
-    SET token_balance = u.token_balance - $5, held_tokens = u.held_tokens - captured.amount,
-        updated_at = clock_timestamp()
-    FROM captured
-    WHERE u.id = captured.user_id
-    RETURNING u.id, u.token_balance
-), counted AS (
+), {capturing(hold="$8", tokens="$5", transaction="$6", holder="holder")}, counted AS (
     UPDATE chat_sessions s SET tokens_used = s.tokens_used + $5
     FROM debit
     WHERE s.id = $2
