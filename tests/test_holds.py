@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 
 import tokendb
-from tests.helpers import db_settings, holding_row_lock, table_counts, tamper
-from tokendb import _tortoise
+from tests.helpers import db_settings, holding_row_lock, statements_sent, table_counts, tamper
+from tokendb import _holds_sql, _ledger_sql, _tortoise
 from tokendb.models import HoldStatus
 
 
@@ -981,3 +981,26 @@ async def test_concurrent_charges_beside_a_hold_are_refused_with_what_is_availab
     assert all((r.balance, r.requested) == (10, 30) for r in refused), refused
     assert charged[0].balance_after == 70
     assert await tokendb.get_available_balance(user=user) == 10
+
+
+async def test_each_hot_call_that_succeeds_sends_one_statement(
+    tokendb_clean: str, funded_user, make_api_key
+) -> None:
+    """hold, capture and add_message (with and without a hold, through an unlimited
+    key) are one statement each when they succeed: no read before, none after."""
+    user, session = await _chat(funded_user, make_api_key)
+    with statements_sent() as sent:
+        held = await tokendb.hold(user=user, amount=10, ttl=60, api_key=session.api_key_id)
+    assert sent == [_holds_sql.HOLD]
+    with statements_sent() as sent:
+        await tokendb.capture(hold=held, amount=4)
+    assert sent == [_holds_sql.CAPTURE]
+    with statements_sent() as sent:
+        await tokendb.add_message(session=session, role="user", content="hi", tokens=3)
+    assert sent == [_ledger_sql.ADD_MESSAGE]
+    held = await tokendb.hold(user=user, amount=10, ttl=60)
+    with statements_sent() as sent:
+        await tokendb.add_message(
+            session=session, role="assistant", content="yo", tokens=5, hold=held
+        )
+    assert sent == [_ledger_sql.ADD_MESSAGE_CAPTURE]
