@@ -7,6 +7,7 @@ here. After each test that uses it, the books must balance.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -63,14 +64,8 @@ async def raw(tokendb_db: str) -> AsyncIterator[asyncpg.Connection]:
     Whatever it does happens inside a transaction that is rolled back, so
     backstop tests cannot leave broken books behind.
     """
-    conn = await asyncpg.connect(tokendb_db)
-    tx = conn.transaction()
-    await tx.start()
-    try:
+    async with _rolled_back(tokendb_db) as conn:
         yield conn
-    finally:
-        await tx.rollback()
-        await conn.close()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -108,7 +103,24 @@ async def app_role(tokendb_db: str, tokendb_app_url: str) -> AsyncIterator[str]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def app_raw(app_role: str) -> AsyncIterator[asyncpg.Connection]:
     """Like ``raw``, as the application role tokendb runs as: DML only, not the owner."""
+    async with _rolled_back(app_role) as conn:
+        yield conn
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def app(app_role: str, tokendb_clean: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the application role, outside any transaction: what it sends commits."""
     conn = await asyncpg.connect(app_role)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _rolled_back(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to ``url`` inside a transaction that is rolled back on the way out."""
+    conn = await asyncpg.connect(url)
     tx = conn.transaction()
     await tx.start()
     try:

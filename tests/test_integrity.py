@@ -45,16 +45,6 @@ from tokendb.testing import test_server_url as admin_url
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def app(app_role: str, tokendb_clean: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection as the application role, outside any transaction: what it sends commits."""
-    conn = await asyncpg.connect(app_role)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
 async def owner(tokendb_clean: str) -> AsyncIterator[asyncpg.Connection]:
     """The owner's connection, to read the books."""
     conn = await asyncpg.connect(tokendb_clean)

@@ -7,11 +7,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import tokendb
 from tests.helpers import table_counts, tamper
@@ -27,16 +26,6 @@ def today() -> dt.date:
 
 def tomorrow() -> dt.date:
     return today() + dt.timedelta(days=1)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def app(app_role: str, tokendb_clean: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection as the application role: what it sends commits."""
-    conn = await asyncpg.connect(app_role)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @contextlib.contextmanager
