@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-import tokendb
+from tests.helpers import audit_books
 from tokendb import embedded
 from tokendb.schema import AUDIT_TABLES, TABLES
 
@@ -51,10 +51,8 @@ async def books_balance_after_each_test(request: pytest.FixtureRequest) -> Async
     """
     yield
     if "tokendb_db" in request.fixturenames:
-        assert await tokendb.audit_ledger() == []
-        assert await tokendb.audit_chats() == []
-        assert await tokendb.audit_holds() == []
-        assert await tokendb.audit_usage() == []
+        found = await audit_books()
+        assert not any(found.values()), found
 
 
 @pytest_asyncio.fixture(loop_scope="session")

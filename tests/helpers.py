@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+import tokendb
 from tokendb import _db, _key_cache, _settings
 from tokendb.connection import migrations_location
 from tokendb.ids import new_id
@@ -45,6 +46,17 @@ async def table_counts(conn: asyncpg.Connection | None = None) -> dict[str, Any]
     """
     rows = await conn.fetch(STATE_SQL) if conn is not None else await _db.read(STATE_SQL)
     return dict(rows[0])
+
+
+async def audit_books() -> dict[str, list[Any]]:
+    """What every audit tokendb has finds, by name (all empty when the books balance):
+    the suite checks it after each test, the workloads after each run."""
+    return {
+        "audit_ledger": await tokendb.audit_ledger(),
+        "audit_chats": await tokendb.audit_chats(),
+        "audit_holds": await tokendb.audit_holds(),
+        "audit_usage": await tokendb.audit_usage(),
+    }
 
 
 async def tamper(url: str, sql: str, *args: object) -> None:

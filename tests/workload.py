@@ -34,6 +34,7 @@ from uuid import UUID
 import asyncpg
 
 import tokendb
+from tests.helpers import audit_books
 from tokendb import MessageRole
 
 OP_WEIGHTS = {
@@ -563,10 +564,7 @@ class Workload:
     async def discrepancies(self, conn: asyncpg.Connection) -> list[str]:
         """Everything in which the database and the model disagree (empty when none)."""
         found = list(self.model.problems)
-        found += [f"audit_ledger: {d}" for d in await tokendb.audit_ledger()]
-        found += [f"audit_chats: {d}" for d in await tokendb.audit_chats()]
-        found += [f"audit_holds: {d}" for d in await tokendb.audit_holds()]
-        found += [f"audit_usage: {d}" for d in await tokendb.audit_usage()]
+        found += [f"{audit}: {d}" for audit, rows in (await audit_books()).items() for d in rows]
         over_limit = await conn.fetch(
             "SELECT u.api_key_id, sum(u.tokens) AS used FROM usage_daily u "
             "JOIN api_keys k ON k.id = u.api_key_id AND k.token_limit IS NOT NULL "
