@@ -15,9 +15,10 @@ from tokendb.testing import test_server_url as server_url
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(*args: str) -> subprocess.CompletedProcess[str]:
+def bench(*args: str, module: str = "bench") -> subprocess.CompletedProcess[str]:
+    """``python -m module *args`` in the project's root (``bench`` or one of its modules)."""
     return subprocess.run(
-        [sys.executable, "-m", "bench", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -103,14 +104,7 @@ TINY_AUDIT = ("--rows", "2000", "--users", "20", "--samples", "10", "--full-runs
 def test_the_audit_benchmark_seeds_valid_chains_and_times_every_audit() -> None:
     """`python -m bench.audit` at a tiny size: its seeded ledger audits clean (it
     exits 1 otherwise) and it reports each audit, incremental ones included."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.audit", "--server-url", server_url(), *TINY_AUDIT],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = bench("--server-url", server_url(), *TINY_AUDIT, module="bench.audit")
     assert result.returncode == 0, result.stderr
     for audit in ("`audit_ledger(user=…)`", "`audit_ledger()`", "1% new rows", "nothing new"):
         assert audit in result.stdout, audit
@@ -119,14 +113,7 @@ def test_the_audit_benchmark_seeds_valid_chains_and_times_every_audit() -> None:
 
 def test_the_cpu_benchmark_compares_both_operations_against_raw() -> None:
     """`python -m bench.cpu` at a tiny size prints a line per operation with both sides."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", "5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = bench("5", module="bench.cpu")
     assert result.returncode == 0, result.stderr
     for operation in ("list_transactions, 50-row page", "charge_many, 64 items"):
         (line,) = [line for line in result.stdout.splitlines() if line.startswith(operation)]
