@@ -253,14 +253,8 @@ class Workload:
                 user=account.user_id, amount=amount, description=nonce, reference_id=reference
             )
 
-        status, value = await self._call(kind, call)
         # A reference_id makes a retry safe: re-send until the outcome is known.
-        for _ in range(UNKNOWN_RETRIES):
-            if status != "unknown":
-                break
-            self.model.outcomes[f"{kind}: re-sent after unknown outcome"] += 1
-            await asyncio.sleep(0.05)
-            status, value = await self._call(kind, call)
+        status, value = await self._until_known(kind, call)
         if status == "ok":
             account.rows[value.id] = value.amount
             account.referenced.append(value)
