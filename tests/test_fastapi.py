@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 import tokendb
 from tests.helpers import asgi_client
+from tokendb import holds
 from tokendb.contrib import schemas
 from tokendb.contrib.fastapi import exception_handlers, lifespan, require_api_key
 from tokendb.models import public_fields
@@ -48,6 +49,16 @@ async def test_the_hold_schemas_take_a_hold_and_give_it_back(funded_user: Any) -
     for bad in ({"amount": 0, "ttl": 1}, {"amount": 1, "ttl": 0}, {"amount": 1, "ttl": 86401}):
         with pytest.raises(pydantic.ValidationError):
             schemas.HoldIn.model_validate(bad)
+    # The schema's limits are tokendb.hold's: at the edge, both accept; past it, both refuse.
+    longest = holds.MAX_HOLD_TTL.total_seconds()
+    text = "x" * holds.MAX_DESCRIPTION_LENGTH
+    edge: dict[str, Any] = {"amount": 1, "ttl": longest, "description": text}
+    schemas.HoldIn.model_validate(edge)
+    for past in ({"ttl": longest + 1}, {"description": text + "x"}):
+        with pytest.raises(pydantic.ValidationError):
+            schemas.HoldIn.model_validate(edge | past)
+        with pytest.raises(tokendb.ValidationError):
+            await tokendb.hold(user=user, **(edge | past))
     await tokendb.release(hold=held)
 
 

@@ -14,6 +14,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokendb._args import INT4_MAX
+from tokendb.holds import MAX_DESCRIPTION_LENGTH, MAX_HOLD_TTL
 from tokendb.models import HoldStatus, LimitPeriod, MessageRole, TransactionType, UserRole
 
 __all__ = [
@@ -127,10 +129,12 @@ class HoldOut(_Out):
 class HoldIn(BaseModel):
     """A request to hold tokens: the keyword arguments of :func:`tokendb.hold` but the user."""
 
-    amount: int = Field(gt=0, le=2**31 - 1)
-    ttl: float = Field(gt=0, le=24 * 3600, description="Seconds, at most 24 hours.")
+    amount: int = Field(gt=0, le=INT4_MAX)
+    ttl: float = Field(
+        gt=0, le=MAX_HOLD_TTL.total_seconds(), description="Seconds, at most 24 hours."
+    )
     reference_id: UUID | None = None
-    description: str | None = Field(default=None, max_length=1000)
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_LENGTH)
 
 
 class UsageRowOut(_Out):
