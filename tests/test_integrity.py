@@ -16,6 +16,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,7 +30,7 @@ from tests import books
 from tests.helpers import blocked_backends, migrations_copy, tamper
 from tokendb import _db
 from tokendb._translate import translated
-from tokendb.connection import _upgrade
+from tokendb.connection import _upgrade, run_aerich
 from tokendb.models import (
     ApiKey,
     ChatMessage,
@@ -1064,3 +1065,65 @@ async def test_the_application_role_cannot_move_an_audit_mark_past_a_broken_row(
         await tamper(tokendb_clean, "DELETE FROM token_transactions WHERE id = $1", broken)
         await tamper(tokendb_clean, shift, user.id, -10)
     assert await tokendb.audit_ledger(since_checkpoint=True) == []
+
+
+async def _granted(conn: asyncpg.Connection, sql: str, role: str) -> tuple[Any, ...]:
+    row = await conn.fetchrow(sql, role)
+    assert row is not None
+    return tuple(row)
+
+
+async def test_a_role_granted_before_migration_12_loses_the_marks_and_gains_the_audit(
+    tmp_path: Path,
+) -> None:
+    """``tokendb grant`` used to give INSERT and UPDATE on the audit's tables:
+    migration 12 takes them back from every role that has them and lets those
+    roles run the audit instead; its downgrade gives them back."""
+    role = f"tokendb_old_app_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_url())
+    await admin.execute(f'CREATE ROLE "{role}"')
+    tables = (
+        "SELECT has_table_privilege($1, 'tokendb_audit_marks', 'INSERT'),"
+        " has_table_privilege($1, 'tokendb_audit_checkpoints', 'UPDATE'),"
+        " has_table_privilege($1, 'tokendb_audit_marks', 'SELECT')"
+    )
+    audit = "SELECT has_function_privilege($1, 'tokendb_audit_since_checkpoint(uuid)', 'EXECUTE')"
+    try:
+        async with throwaway_database(admin_url(), prefix="tokendb_grant") as url:
+            await _upgrade(url, migrations_copy(tmp_path, upto=11))
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(
+                    "GRANT SELECT, INSERT, UPDATE"
+                    f' ON tokendb_audit_marks, tokendb_audit_checkpoints TO "{role}"'
+                )
+                await tokendb.migrate(url)
+                assert await _granted(conn, tables, role) == (False, False, True)
+                assert await conn.fetchval(audit, role)
+                await conn.execute(f'SET ROLE "{role}"')
+                assert (
+                    await conn.fetch(
+                        "SELECT * FROM tokendb_audit_since_checkpoint($1)", uuid.uuid4()
+                    )
+                    == []
+                )
+                await conn.execute("RESET ROLE")
+                missing = f"tokendb_never_granted_{uuid.uuid4().hex[:8]}"
+                await conn.execute(f'CREATE ROLE "{missing}"')
+                try:
+                    assert await _granted(conn, tables, missing) == (False, False, False)
+                    assert not await conn.fetchval(audit, missing)
+                finally:
+                    await conn.execute(f'DROP ROLE "{missing}"')
+
+                async def downgrade(command: Any) -> list[str]:
+                    result: list[str] = await command.downgrade(version=12, delete=False)
+                    return result
+
+                await run_aerich(url, downgrade)
+                assert await _granted(conn, tables, role) == (True, True, True)
+            finally:
+                await conn.close()
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
