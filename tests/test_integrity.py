@@ -1127,3 +1127,38 @@ async def test_a_role_granted_before_migration_12_loses_the_marks_and_gains_the_
     finally:
         await admin.execute(f'DROP ROLE "{role}"')
         await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "model"), [("same", "other"), (None, "m"), ("another", "m")], ids=str
+)
+async def test_a_capture_is_billed_to_its_holds_key_and_model(
+    app: asyncpg.Connection,
+    owner: asyncpg.Connection,
+    funded_user: Any,
+    make_api_key: Any,
+    key: str | None,
+    model: str,
+) -> None:
+    """A hold counts against its key's limit and names a model (both immutable,
+    migration 11): a capture by a usage row billed to another key or model (or to
+    none) would free the key's hold and book the tokens elsewhere."""
+    user = await funded_user(balance=100)
+    held_key, _ = await make_api_key(user=user)
+    other_key, _ = await make_api_key(user=user)
+    held = await tokendb.hold(user=user, amount=30, ttl=60, api_key=held_key, model="m")
+    billed_key = {"same": held_key, "another": other_key, None: None}[key]
+    charged = await tokendb.charge(user=user, amount=5, api_key=billed_key, model=model)
+    with refused("token_holds_books"):
+        async with app.transaction():
+            await app.execute(
+                "UPDATE token_holds SET status = 'captured', captured_amount = 5, "
+                "captured_transaction_id = $2 WHERE id = $1",
+                held.id,
+                charged.id,
+            )
+            await app.execute(
+                "UPDATE users SET held_tokens = held_tokens - 30 WHERE id = $1", user.id
+            )
+    assert await tokendb.get_available_balance(user=user) == 65
+    await assert_books_balance(owner)
