@@ -1004,3 +1004,13 @@ async def test_each_hot_call_that_succeeds_sends_one_statement(
             session=session, role="assistant", content="yo", tokens=5, hold=held
         )
     assert sent == [_ledger_sql.ADD_MESSAGE_CAPTURE]
+
+
+async def test_a_refused_hold_costs_two_statements(tokendb_clean: str, funded_user) -> None:
+    """As a refused charge: the refusal and the balance read that explains it, no
+    locked second attempt (the user has no holds that may have expired)."""
+    user = await funded_user(balance=5)
+    with statements_sent() as sent, pytest.raises(tokendb.InsufficientTokens) as refused:
+        await tokendb.hold(user=user, amount=6, ttl=60)
+    assert sent == [_holds_sql.HOLD, _ledger_sql.BALANCE]
+    assert (refused.value.balance, refused.value.requested) == (5, 6)

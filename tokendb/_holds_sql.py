@@ -56,7 +56,6 @@ from tokendb.errors import (
     CaptureExceedsHold,
     HoldExpired,
     HoldNotActive,
-    InsufficientTokens,
     NotFound,
     ReferenceConflict,
 )
@@ -159,8 +158,7 @@ async def hold(reservation: Reservation) -> TokenHold:
     """
     user_id, amount, ttl, text, reference, key_id, model = reservation
     arguments = (user_id, amount, new_id(), reference, text, ttl, key_id, model)
-    limited = key_id is not None and _limits_sql.probably_limited(key_id)
-    if not limited:
+    if key_id is None or not _limits_sql.probably_limited(key_id):  # else: the locked path
         rows = await _reserve(_db.write, HOLD, arguments)
         if rows:
             return to_model(TokenHold, rows[0])
@@ -168,35 +166,22 @@ async def hold(reservation: Reservation) -> TokenHold:
             existing = await _db.read(BY_REFERENCE, user_id, reference)
             if existing:
                 return _as_repeat(to_model(TokenHold, existing[0]), amount)
-        found = await _ledger_sql.spendable_or_none(user_id)
-        if found is None:
-            raise NotFound("user", user_id)
-        if key_id is not None:
-            keys = await _db.read(_ledger_sql.KEY_OWNER, key_id)
-            if not keys or keys[0]["user_id"] != user_id:
-                raise NotFound("API key", key_id)
-            limited = keys[0]["token_limit"] is not None
-        available, holds = found
-        if available < amount and not holds and not limited:
-            raise InsufficientTokens(user_id, available, amount)
+        await _ledger_sql.refused(user_id, key_id, amount)
 
     async def body(conn: _db.Connection) -> TokenHold:
-        # Through a key: its row lock first, then the window in a statement of its own.
-        limit = None if key_id is None else await _limits_sql.lock_key(conn, key_id, user_id)
-        if reference is not None:
+        async def repeat() -> TokenHold | None:
+            if reference is None:
+                return None
             existing = await conn.fetch(BY_REFERENCE, user_id, reference)
-            if existing:
-                return _as_repeat(to_model(TokenHold, existing[0]), amount)
-        if limit is not None:
-            assert key_id is not None
-            await _limits_sql.check(conn, key_id, limit, amount)
-        available = await _ledger_sql.available_under_lock(conn, user_id)
-        if available is None:
-            raise NotFound("user", user_id)
-        rows = await _reserve(conn.fetch, HOLD_DECIDED, arguments)
-        if rows:
-            return to_model(TokenHold, rows[0])
-        raise InsufficientTokens(user_id, available, amount)
+            return _as_repeat(to_model(TokenHold, existing[0]), amount) if existing else None
+
+        async def write() -> TokenHold | None:
+            rows = await _reserve(conn.fetch, HOLD_DECIDED, arguments)
+            return to_model(TokenHold, rows[0]) if rows else None
+
+        return await _ledger_sql.decide_under_lock(
+            conn, user_id=user_id, key_id=key_id, requested=amount, repeat=repeat, write=write
+        )
 
     return await _db.transaction(body)
 

@@ -104,8 +104,8 @@ is append-only (a trigger).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -157,13 +157,17 @@ __all__ = [
     "capturing",
     "charge_batch",
     "charge_coalesced",
+    "decide_under_lock",
     "move",
     "record",
     "refund",
+    "refused",
     "spendable_or_none",
 ]
 
 IDEMPOTENCY_INDEX = "token_transactions_idempotency_key"
+
+T = TypeVar("T")
 
 Outcome: TypeAlias = TokenTransaction | TokenDBError
 """What one movement of a batch came to: its row, or the error its call raises."""
@@ -338,6 +342,20 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
         existing = await _db.read(BY_REFERENCE, user_id, kind.value, reference)
         if existing:
             return _as_repeat(to_model(TokenTransaction, existing[0]), delta)
+    await refused(user_id, key_id, requested if delta < 0 else 0)
+    return await _move_under_lock(arguments, requested)
+
+
+async def refused(user_id: UUID, key_id: UUID | None, debit: int) -> None:
+    """Why a one-statement :data:`MOVE` or :data:`tokendb._holds_sql.HOLD` of ``debit``
+    tokens (0: a credit) wrote nothing, when it was no repeat.
+
+    Raises :class:`NotFound` (the user, or a key not the user's) and
+    :class:`InsufficientTokens` (short, and no holds that may have expired).
+    Returns when the call must be decided again under the locks
+    (:func:`decide_under_lock`): the key has a limit, or the balance covers the
+    debit after all (a credit landed), or the user has holds, maybe expired.
+    """
     found = await spendable_or_none(user_id)
     if found is None:
         raise NotFound("user", user_id)
@@ -346,12 +364,43 @@ async def move(movement: Movement, kind: TransactionType) -> TokenTransaction:
         if not keys or keys[0]["user_id"] != user_id:
             raise NotFound("API key", key_id)
         if keys[0]["token_limit"] is not None:
-            return await _move_under_lock(arguments, requested)  # decided under the key's lock
+            return  # decided under the key's lock
     available, holds = found
-    if delta < 0 and available + delta < 0 and not holds:
-        raise InsufficientTokens(user_id, available, requested)
-    # Enough after all (a credit landed), or holds that may have expired.
-    return await _move_under_lock(arguments, requested)
+    if available < debit and not holds:
+        raise InsufficientTokens(user_id, available, debit)
+
+
+async def decide_under_lock(
+    conn: _db.Connection,
+    *,
+    user_id: UUID,
+    key_id: UUID | None,
+    requested: int,
+    repeat: Callable[[], Awaitable[T | None]],
+    write: Callable[[], Awaitable[T | None]],
+) -> T:
+    """A debit or a hold of ``requested`` tokens decided with the rows locked, in order:
+    the key's row (when through a key), a ``repeat`` of the reference (its row,
+    or None), the key's limit (:func:`tokendb._limits_sql.check`), the user's
+    row with its expired holds freed (:func:`available_under_lock`), then the
+    ``write`` (its row, or None: :class:`InsufficientTokens` on that balance).
+
+    Raises :class:`NotFound`, :class:`KeyLimitExceeded`, :class:`InsufficientTokens`.
+    """
+    limit = None if key_id is None else await _limits_sql.lock_key(conn, key_id, user_id)
+    earlier = await repeat()
+    if earlier is not None:
+        return earlier
+    if limit is not None:
+        assert key_id is not None
+        await _limits_sql.check(conn, key_id, limit, requested)
+    available = await available_under_lock(conn, user_id)
+    if available is None:
+        raise NotFound("user", user_id)
+    written = await write()
+    if written is not None:
+        return written
+    raise InsufficientTokens(user_id, available, requested)
 
 
 async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenTransaction:
@@ -367,20 +416,21 @@ async def _move_under_lock(arguments: tuple[Any, ...], requested: int) -> TokenT
     user_id, delta, kind, _, reference, _, key_id, _ = arguments
 
     async def body(conn: _db.Connection) -> TokenTransaction:
-        limit = None if key_id is None else await _limits_sql.lock_key(conn, key_id, user_id)
-        if reference is not None:
+        async def repeat() -> TokenTransaction | None:
+            if reference is None:
+                return None
             existing = await conn.fetchrow(BY_REFERENCE, user_id, kind, reference)
-            if existing is not None:
-                return _as_repeat(to_model(TokenTransaction, existing), delta)
-        if limit is not None:
-            await _limits_sql.check(conn, key_id, limit, requested)
-        available = await available_under_lock(conn, user_id)
-        if available is None:
-            raise NotFound("user", user_id)
-        row = await conn.fetchrow(MOVE_DECIDED, *arguments)
-        if row is not None:
-            return to_model(TokenTransaction, row)
-        raise InsufficientTokens(user_id, available, requested)
+            if existing is None:
+                return None
+            return _as_repeat(to_model(TokenTransaction, existing), delta)
+
+        async def write() -> TokenTransaction | None:
+            row = await conn.fetchrow(MOVE_DECIDED, *arguments)
+            return None if row is None else to_model(TokenTransaction, row)
+
+        return await decide_under_lock(
+            conn, user_id=user_id, key_id=key_id, requested=requested, repeat=repeat, write=write
+        )
 
     with _args.fits_integer_column("amount"):
         return await _db.transaction(body)
