@@ -17,6 +17,7 @@ the ledger and returns the groups where the two differ.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class UsageRow:
     requests: int
 
 
+@functools.cache  # at most 8 groupings
 def _statement(groups: tuple[str, ...]) -> str:
     shown = ", ".join(
         f"{column} AS {column}" if name in groups else f"NULL::{kind} AS {column}"
@@ -71,9 +73,6 @@ WHERE user_id = $1 AND day >= $2 AND day < $3
 HAVING count(*) > 0
 ORDER BY {ordered}
 """
-
-
-_STATEMENTS: dict[tuple[str, ...], str] = {}
 
 
 def _groups(value: Any) -> tuple[str, ...]:
@@ -142,10 +141,7 @@ async def usage_report(
     groups = _groups(group_by)
     key_id = _args.optional_ref_id(api_key, "api_key", ApiKey)
     model_name = None if model is None else _args.text(model, "model", max_length=50)
-    statement = _STATEMENTS.get(groups)
-    if statement is None:
-        statement = _STATEMENTS[groups] = _statement(groups)
-    rows = await _db.read(statement, user_id, start, end, key_id, model_name)
+    rows = await _db.read(_statement(groups), user_id, start, end, key_id, model_name)
     if not rows:
         await _keyset.require_owner("users", "user", user_id)
         if key_id is not None:
