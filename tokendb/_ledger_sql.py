@@ -15,10 +15,13 @@ user's row lock held                        delta >= 0``), :data:`BATCH` (the wa
 a repeated ``reference_id`` moves nothing   :data:`MOVE` (``prior``), :data:`BATCH`
 a ledger row's columns                      :func:`_record` (from the model)
 refunds within their charge                 :func:`refund` (lock, then sum)
-a key's limit, decided under its row lock   :func:`_move_under_lock` with
-                                            :mod:`tokendb._limits_sql`; the
-                                            statements move nothing through a
+a key's limit, decided under its row lock   :func:`decide_under_lock` (charges,
+                                            holds) with :mod:`tokendb._limits_sql`;
+                                            the statements move nothing through a
                                             limited key (``_limits_sql.LIMITED``)
+a refusal explained, then decided locked    :func:`refused`, :func:`decide_under_lock`
+a hold's capture                            :func:`capturing` (``CAPTURE``,
+                                            :data:`ADD_MESSAGE_CAPTURE`)
 the books balance                           :data:`AUDIT`, :data:`AUDIT_USER`,
                                             :data:`AUDIT_SINCE_CHECKPOINT`
 ==========================================  =======================================
