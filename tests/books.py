@@ -75,6 +75,18 @@ SELECT 'session key of its user', s.id::text FROM chat_sessions s
 UNION ALL
 SELECT 'email normalised and shaped', id::text FROM users
     WHERE email <> lower(btrim(email)) OR email !~ '{_EMAIL_SHAPE}'
+UNION ALL
+SELECT 'held tokens = sum of active holds', u.id::text FROM users u
+    WHERE u.held_tokens <> coalesce(
+        (SELECT sum(amount) FROM token_holds WHERE user_id = u.id AND status = 'active'), 0)
+UNION ALL
+SELECT 'a capture is a new usage row of the hold, its key and model', h.id::text
+    FROM token_holds h LEFT JOIN token_transactions t ON t.id = h.captured_transaction_id
+    WHERE h.status = 'captured' AND (
+        t.id IS NULL OR t.user_id <> h.user_id OR t.type <> 'usage'
+        OR t.amount <> -h.captured_amount OR t.created_at < h.created_at
+        OR t.api_key_id IS DISTINCT FROM coalesce(h.api_key_id, t.api_key_id)
+        OR t.model IS DISTINCT FROM coalesce(h.model, t.model))
 """
 
 

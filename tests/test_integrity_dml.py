@@ -1,12 +1,15 @@
 """Random DML as the application role, committed or rolled back: the books hold after each commit.
 
 Hypothesis sends sequences of transactions, each of one to three statements
-that insert, update or delete random columns of the five tables (and TRUNCATE
-them), with values drawn from the rows that exist: plausible movements
-(a balance and its ledger row together) as well as made-up ones. Whatever
-commits, the invariants of README's "Guarantees" hold (:mod:`tests.books`),
-nothing that was written to the ledger changes, and revoked or expired keys
-never verify again.
+that insert, update or delete random columns of the six tables (and TRUNCATE
+them), of the usage rollup and of the incremental audit's tables, with values
+drawn from the rows that exist: plausible movements (a balance and its ledger
+row together, a hold and the user's held tokens, a capture) as well as
+made-up ones, and NOTIFYs on the verify cache's channel. Whatever commits,
+the invariants of README's "Guarantees" hold (:mod:`tests.books`), every
+audit tokendb has finds nothing (the incremental one too: it must agree with
+the full one), nothing that was written to the ledger changes, and revoked
+or expired keys never verify again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from hypothesis import strategies as st
 
 import tokendb
 from tests import books
+from tests.helpers import audit_books
 from tokendb.testing import truncate_all
 
 AMOUNTS = [1, 5, 40, 100, -1, -5, -40, 0, 2**31 - 1]
@@ -47,6 +51,7 @@ class World:
     sessions: list[uuid.UUID] = field(default_factory=list)
     messages: list[uuid.UUID] = field(default_factory=list)
     ledger: list[uuid.UUID] = field(default_factory=list)
+    holds: list[uuid.UUID] = field(default_factory=list)
     secrets: dict[uuid.UUID, str] = field(default_factory=dict)
 
     async def refresh(self, conn: asyncpg.Connection) -> None:
@@ -64,6 +69,7 @@ class World:
         self.ledger = [
             r["id"] for r in await conn.fetch("SELECT id FROM token_transactions ORDER BY id")
         ]
+        self.holds = [r["id"] for r in await conn.fetch("SELECT id FROM token_holds ORDER BY id")]
 
 
 def pick(data: st.DataObject, items: list[Any], fallback: Any = None) -> Any:
@@ -92,6 +98,8 @@ def statements(data: st.DataObject, world: World) -> list[str]:
     session = literal(pick(data, world.sessions))
     message = literal(pick(data, world.messages))
     row = literal(pick(data, world.ledger))
+    hold = literal(pick(data, world.holds))
+    model = literal(data.draw(st.sampled_from([None, "m", "other"])))
     amount = data.draw(st.sampled_from(AMOUNTS))
     at = data.draw(st.sampled_from(TIMES))
     kind = data.draw(st.sampled_from(KINDS))
@@ -105,7 +113,15 @@ def statements(data: st.DataObject, world: World) -> list[str]:
     reference = data.draw(st.sampled_from(["NULL", message, row, literal(uuid.uuid4())]))
     table = data.draw(
         st.sampled_from(
-            ["users", "api_keys", "token_transactions", "chat_sessions", "chat_messages"]
+            [
+                "users",
+                "api_keys",
+                "token_transactions",
+                "chat_sessions",
+                "chat_messages",
+                "token_holds",
+                "usage_daily",
+            ]
         )
     )
     movement = [  # a balance and its ledger row, as tokendb writes them
@@ -115,6 +131,38 @@ def statements(data: st.DataObject, world: World) -> list[str]:
         f"{amount}, {reference}, {at})",
     ]
     billed = _billed_message(session, tokens % 50)
+    attributed = [  # a usage row billed to a key and a model, and a refund of a charge
+        f"UPDATE users SET token_balance = {newest} - {tokens % 50 + 1} WHERE id = {user}",
+        f"INSERT INTO token_transactions (user_id, amount, type, balance_after, api_key_id, "
+        f"model) VALUES ({user}, -{tokens % 50 + 1}, 'usage', {newest} - {tokens % 50 + 1}, "
+        f"{data.draw(st.sampled_from([key, 'NULL']))}, {model})",
+    ]
+    refund = [
+        f"UPDATE users SET token_balance = {newest} + 1 WHERE id = {user}",
+        f"INSERT INTO token_transactions (user_id, amount, type, balance_after, reference_id, "
+        f"api_key_id, model) SELECT {user}, 1, 'refund', {newest} + 1, {row}, "
+        + data.draw(st.sampled_from(["api_key_id, model", f"{key}, {model}"]))
+        + f" FROM token_transactions WHERE id = {row}",
+    ]
+    held = [  # a hold and the user's held tokens, as tokendb writes them
+        f"UPDATE users SET held_tokens = held_tokens + {tokens % 50 + 1} WHERE id = {user}",
+        f"INSERT INTO token_holds (id, user_id, amount, status, expires_at, created_at, "
+        f"api_key_id, model) VALUES ({literal(uuid.uuid4())}, {user}, {tokens % 50 + 1}, "
+        f"'active', clock_timestamp() + interval '1 min', clock_timestamp(), "
+        f"{data.draw(st.sampled_from([key, 'NULL']))}, {model})",
+    ]
+    holder = f"(SELECT user_id FROM token_holds WHERE id = {hold})"
+    captured = [  # a capture: the hold's tokens charged by a new usage row
+        f"UPDATE users SET token_balance = token_balance - 1, held_tokens = held_tokens - "
+        f"(SELECT amount FROM token_holds WHERE id = {hold}) WHERE id = {holder}",
+        f"INSERT INTO token_transactions (id, user_id, amount, type, balance_after, api_key_id, "
+        f"model) SELECT {literal(uuid.uuid4())}, u.id, -1, 'usage', u.token_balance, "
+        + data.draw(st.sampled_from(["h.api_key_id, h.model", f"{key}, {model}"]))
+        + f" FROM users u JOIN token_holds h ON h.user_id = u.id WHERE h.id = {hold}",
+        f"UPDATE token_holds SET status = 'captured', captured_amount = 1, "
+        f"captured_transaction_id = (SELECT id FROM token_transactions WHERE user_id = "
+        f"{holder} ORDER BY seq DESC LIMIT 1) WHERE id = {hold}",
+    ]
     new_session = [
         f"INSERT INTO chat_sessions (user_id, api_key_id, model) VALUES ({user}, {key}, 'm')"
     ]
@@ -131,8 +179,8 @@ def statements(data: st.DataObject, world: World) -> list[str]:
         # ids: a rename, and two users trading ids in one statement
         [f"UPDATE users SET id = {literal(uuid.uuid4())} WHERE id = {user}"],
         [
-            f"UPDATE users SET id = CASE id WHEN {user} THEN {literal(uuid.uuid4())} "
-            f"ELSE {user} END WHERE id IN ({user}, {other})"
+            f"UPDATE users SET id = CASE id WHEN {user} THEN {literal(uuid.uuid4())}::uuid "
+            f"ELSE {user}::uuid END WHERE id IN ({user}, {other})"
         ],
         # the ledger: made-up rows, and movements that add up
         [
@@ -183,12 +231,49 @@ def statements(data: st.DataObject, world: World) -> list[str]:
         [f"UPDATE chat_messages SET content = 'redacted' WHERE id = {message}"],
         [f"UPDATE chat_messages SET tokens = {tokens} WHERE id = {message}"],
         [f"DELETE FROM chat_messages WHERE id = {message}"],
+        # this round: attribution, holds, limits, the rollup, the audit's marks, the cache
+        attributed,
+        refund,
+        held,
+        captured,
+        [f"UPDATE token_holds SET api_key_id = {key}, model = {model} WHERE id = {hold}"],
+        [
+            f"UPDATE token_holds SET status = "
+            f"{literal(data.draw(st.sampled_from(['released', 'expired', 'active'])))}"
+            f" WHERE id = {hold}"
+        ],
+        [f"UPDATE token_holds SET user_id = {user}, amount = {tokens} WHERE id = {hold}"],
+        [f"UPDATE users SET held_tokens = held_tokens + {amount} WHERE id = {user}"],
+        [f"DELETE FROM token_holds WHERE id = {hold}"],
+        [
+            f"UPDATE api_keys SET token_limit = {max(amount, 1)}, limit_period = "
+            f"{literal(data.draw(st.sampled_from(['day', 'month', 'total'])))} WHERE id = {key}"
+        ],
+        [f"UPDATE usage_daily SET tokens = tokens + {amount} WHERE user_id = {user}"],
+        [
+            f"INSERT INTO usage_daily (user_id, api_key_id, model, day, tokens, requests) "
+            f"VALUES ({user}, {key}, {model}, current_date, {tokens}, 1)"
+        ],
+        [f"DELETE FROM usage_daily WHERE user_id = {user}"],
+        [
+            "UPDATE tokendb_audit_marks m SET seq = t.seq, balance_after = t.balance_after, "
+            "transaction_id = t.id FROM token_transactions t "
+            f"WHERE t.id = {row} AND m.user_id = t.user_id"
+        ],
+        [
+            "INSERT INTO tokendb_audit_marks (user_id, seq, balance_after, transaction_id, "
+            f"checkpoint_id) SELECT user_id, seq, balance_after, id, id FROM token_transactions "
+            f"WHERE id = {row}"
+        ],
+        [f"DELETE FROM tokendb_audit_marks WHERE user_id = {user}"],
+        [f"SELECT pg_notify('tokendb_api_keys', {literal(key_hash)})"],
+        ["SELECT pg_notify('tokendb_api_keys', '*')"],
         # the escape hatches that are no more
         [f"TRUNCATE {table} CASCADE"],
         ["SET LOCAL tokendb.allow_truncate = on", "TRUNCATE token_transactions"],
     ]
     # Mostly one change per transaction, so that enough of them commit.
-    plausible = [movement, movement, movement, billed, billed, billed, new_session]
+    plausible = [movement, movement, billed, billed, new_session, attributed, held, captured]
     chosen: list[str] = []
     for _ in range(data.draw(st.sampled_from([1, 1, 1, 2, 3]))):
         chosen += data.draw(st.sampled_from(choices + plausible))
@@ -216,7 +301,8 @@ def _billed_message(session: str, tokens: int) -> list[str]:
 
 
 async def seed(world: World) -> None:
-    """Two users, each with a live and a revoked key and a chat with messages."""
+    """Two users, each with a live and a revoked key, a chat with messages, a charge through
+    the live key and two active holds (one through that key)."""
     for name in ("ada", "bob"):
         user = await tokendb.create_user(
             email=f"{name}-{uuid.uuid4().hex[:6]}@example.com", password="long enough", name=name
@@ -229,6 +315,9 @@ async def seed(world: World) -> None:
         session = await tokendb.start_chat(api_key=live, model="m")
         for tokens in (3, 0, 9):
             await tokendb.add_message(session=session, role="user", content="hi", tokens=tokens)
+        await tokendb.charge(user=user, amount=7, api_key=live, model="m")
+        await tokendb.hold(user=user, amount=20, ttl=600, api_key=live, model="m")
+        await tokendb.hold(user=user, amount=10, ttl=600)
 
 
 @given(data=st.data())
@@ -274,6 +363,8 @@ async def test_random_dml_as_the_application_role_never_breaks_the_books(
             now = await books.Snapshot.take(owner)
             assert await books.problems(owner) == [], sent
             assert now.broken_since(before) == [], sent
+            assert await tokendb.audit_ledger(since_checkpoint=True) == [], sent
+            assert all(found == [] for found in (await audit_books()).values()), sent
             for key_id in (*now.revoked, *now.expired):
                 if key_id in world.secrets:
                     with pytest.raises(tokendb.InvalidApiKey):
