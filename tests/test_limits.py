@@ -415,3 +415,29 @@ async def test_the_database_refuses_a_hold_on_another_users_key(
             key.id,
         )
     assert info.value.constraint_name == "token_holds_api_key_owner"
+
+
+async def test_a_message_through_a_limited_key_captures_only_a_hold_made_through_that_key(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """A hold made without the key was never counted against its limit, so capturing it
+    through a limited key's session would spend past the limit: refused, nothing written.
+    A hold made through the key (counted when it was made) is captured as usual."""
+    key = await limited_key(make_api_key, 10)
+    session = await tokendb.start_chat(api_key=key, model="m")
+    keyless = await tokendb.hold(user=key.user_id, amount=50, ttl=60)
+    before = await table_counts()
+    with pytest.raises(tokendb.ValidationError) as info:
+        await tokendb.add_message(
+            session=session, role=MessageRole.ASSISTANT, content="x", tokens=50, hold=keyless
+        )
+    assert info.value.field == "hold"
+    assert await table_counts() == before
+    await tokendb.release(hold=keyless)
+    held = await tokendb.hold(user=key.user_id, amount=10, ttl=60, api_key=key, model="m")
+    message = await tokendb.add_message(
+        session=session, role=MessageRole.ASSISTANT, content="y", tokens=10, hold=held
+    )
+    assert message.tokens == 10
+    with pytest.raises(tokendb.KeyLimitExceeded):
+        await charge(key, 1)

@@ -1088,6 +1088,10 @@ ADD_MESSAGE_CAPTURE = f"""
 WITH session AS MATERIALIZED (
     SELECT id, user_id, api_key_id, model FROM chat_sessions
     WHERE id = $2 AND ended_at IS NULL AND {_sql.owned_by("$7")}
+      AND NOT EXISTS (  -- a limited key spends only what was held through it (and counted)
+          SELECT 1 FROM api_keys k WHERE k.id = chat_sessions.api_key_id AND {_limits_sql.LIMITED}
+             AND NOT EXISTS (SELECT 1 FROM token_holds h WHERE h.id = $8 AND h.api_key_id = k.id)
+      )
     FOR UPDATE
 ), holder AS MATERIALIZED (
     SELECT u.id FROM users u JOIN session ON u.id = session.user_id

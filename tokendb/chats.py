@@ -48,6 +48,7 @@ from tokendb.errors import (
     HoldNotActive,
     InsufficientTokens,
     NotFound,
+    ValidationError,
 )
 from tokendb.ids import new_id
 from tokendb.models import (
@@ -181,7 +182,9 @@ async def add_message(
         HoldNotActive: the hold was released or captured already (``.status``).
         CaptureExceedsHold: ``tokens`` is more than the hold; nothing stored.
         NotFound: unknown session or hold, or another user's.
-        ValidationError: a bad role, content or token count.
+        ValidationError: a bad role, content or token count; or, through a key with
+            a token limit, a hold not made through that key (``field="hold"``: it was
+            never counted against the limit); nothing stored.
         DatabaseUnavailable: the database is unreachable, or the connection was lost
             (``.outcome_unknown`` once the write was sent).
     """
@@ -281,6 +284,17 @@ async def _add_captured(arguments: tuple[Any, ...], hold_id: UUID) -> ChatMessag
         found, hold_state = await _holds_sql.refused(
             hold_id, cost, user_id=state[0]["user_id"], field="tokens"
         )
+        key_id = state[0]["api_key_id"]
+        if (
+            found.status is HoldStatus.ACTIVE
+            and found.api_key_id != key_id
+            and await _db.read(_LIMITED_KEY, key_id)
+        ):
+            raise ValidationError(
+                "hold",
+                "the session's key has a token limit: capture a hold made through it "
+                "(hold(api_key=...)), which counted against the limit",
+            )
         if found.status is HoldStatus.CAPTURED:
             earlier = await _db.read(
                 _BILLED_BY, hold_state["tx_reference_id"], session_id, cost, role, body
@@ -290,6 +304,8 @@ async def _add_captured(arguments: tuple[Any, ...], hold_id: UUID) -> ChatMessag
             return to_model(ChatMessage, earlier[0])
     raise AssertionError("an active hold refused a message three times")  # pragma: no cover
 
+
+_LIMITED_KEY = f"SELECT 1 FROM api_keys k WHERE k.id = $1 AND {_limits_sql.LIMITED}"
 
 _BILLED_BY = (
     "SELECT * FROM chat_messages"
