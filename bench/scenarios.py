@@ -581,6 +581,7 @@ def all_scenarios() -> list[Scenario]:
             "One caller sends batches of charges; baseline: the same batch statement by hand "
             "(the ceiling coalescing approaches).",
             _charge_many,
+            target=0.9,
             callers=lambda options: 1,
         ),
         Scenario(
@@ -687,6 +688,7 @@ def all_scenarios() -> list[Scenario]:
             "list_transactions · {small_history_rows:,} rows",
             "One caller reads the newest page (50 rows) of a user with a short history.",
             _list_page(lambda options: options.small_history_rows),
+            target=0.9,
             callers=lambda options: 1,
         ),
         Scenario(
@@ -695,6 +697,7 @@ def all_scenarios() -> list[Scenario]:
             "The same page of a user with a long history: keyset pagination on the "
             "(user_id, created_at DESC, id DESC) index costs the same.",
             _list_page(lambda options: options.history_rows),
+            target=0.9,
             callers=lambda options: 1,
         ),
     ]

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import asyncpg
 from tortoise.backends.base.client import BaseDBAsyncClient, TransactionalDBClient
 
-from tokendb import _settings, _tortoise, _waits
+from tokendb import _pool, _settings, _tortoise, _waits
 from tokendb._translate import RETRYABLE, is_connection_loss, translate
 from tokendb.errors import TokenDBError
 
@@ -125,6 +125,7 @@ async def _fetch(
         except Exception as exc:
             failure = exc
         finally:
+            _pool.release_unchanged(conn)  # only tokendb's statement ran on it
             await _waits.release(pool, conn, timeout)
         if writing:
             # The statement may have reached the server before the connection
@@ -175,6 +176,7 @@ async def connection() -> AsyncIterator[Connection]:
     try:
         yield conn
     finally:
+        _pool.release_unchanged(conn)  # held by tokendb's code only (not exported)
         await _waits.release(pool, conn, timeout)
 
 

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from dotenv import find_dotenv, load_dotenv
 
+from tokendb import _pool
 from tokendb.errors import ConfigurationError
 
 __all__ = [
@@ -180,6 +181,8 @@ def tortoise_config(
     ``?pgbouncer=true`` (:data:`PGBOUNCER_PARAMETER`) says the URL goes through
     PgBouncer in transaction pooling mode: asyncpg's statement cache is turned
     off (``statement_cache_size=0``) and the parameter is not sent to the server.
+    The pool's connections are :class:`tokendb._pool.Connection`: asyncpg's,
+    skipping the reset query after tokendb's own statements.
     ``min_size``/``max_size`` given here win over the URL, and the defaults
     (:data:`DEFAULT_POOL_MIN_SIZE`, :data:`DEFAULT_POOL_MAX_SIZE`) apply when
     neither says. ``variable`` names the setting the URL came from, for errors.
@@ -237,6 +240,9 @@ def tortoise_config(
         # statement cache sends the unnamed statement with each query instead.
         credentials["statement_cache_size"] = 0
     _asyncpg_parameters(credentials, variable)
+    # No reset round trip when a connection goes back to the pool after
+    # tokendb's own statements (tokendb._pool); the full reset after any other.
+    credentials["connection_class"] = _pool.Connection
     for key, given, default in (
         ("minsize", min_size, DEFAULT_POOL_MIN_SIZE),
         ("maxsize", max_size, DEFAULT_POOL_MAX_SIZE),
