@@ -845,3 +845,38 @@ async def test_other_users_latency_barely_moves_while_one_users_row_is_locked(
         f"p99 {locked_p99 * 1000:.1f} ms locked, {free_p99 * 1000:.1f} ms not"
     )
     assert await tokendb.get_balance(user=held) == 1000  # every call for it gave up uncharged
+
+
+async def test_a_user_found_locked_goes_alone_and_no_later_batch_waits_for_its_row(
+    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a batch has waited out the lane's patience for a locked row, that user's next
+    calls skip the lane (alone, each waiting for the row with the normal lock timeout), so
+    the next batches do not wait for the row again; a call that goes through ends it."""
+    skipping: list[int] = []
+    write_when_sent = _db.write_when_sent
+
+    def counted(sql: str, arguments: Any) -> Any:
+        if sql is _ledger_sql.BATCH_SKIPPING:
+            skipping.append(1)
+        return write_when_sent(sql, arguments)
+
+    monkeypatch.setattr(_db, "write_when_sent", counted)
+    monkeypatch.setattr(ledger, "_locked_users", {})
+    first, held, a, b = [await funded_user(balance=100) for _ in range(4)]
+    async with holding_row_lock(tokendb_clean, held.id) as lock:
+        waiting = []
+        for _ in range(3):
+            lone = started(tokendb.charge(user=first, amount=1))
+            await asyncio.sleep(0)  # in flight: the next three form a batch
+            batch = [started(tokendb.charge(user=u, amount=1)) for u in (held, a, b)]
+            await asyncio.wait([lone, *batch[1:]], timeout=30)
+            assert all(call.done() for call in (lone, *batch[1:]))
+            waiting.append(batch[0])
+        assert not any(call.done() for call in waiting)
+        assert len(skipping) == 1, "a later batch waited for the locked row again"
+        assert set(ledger._locked_users) == {held.id}
+        await blocked_backends(lock, like=f"%{_ledger_sql.MOVE.strip()[:20]}%", count=3)
+    assert sorted([(await call).balance_after for call in waiting]) == [97, 98, 99]
+    assert ledger._locked_users == {}
+    assert [await tokendb.get_balance(user=u) for u in (first, held, a, b)] == [97] * 4

@@ -622,7 +622,11 @@ async def charge_batch(movements: Sequence[Movement]) -> list[Outcome]:
 
 
 async def charge_coalesced(
-    movements: Sequence[Movement], *, given_up: Callable[[int], bool], patience: float
+    movements: Sequence[Movement],
+    *,
+    given_up: Callable[[int], bool],
+    patience: float,
+    found_locked: Callable[[set[UUID]], None] | None = None,
 ) -> list[Outcome | None]:
     """Charge ``movements`` as one statement without waiting for locks longer than
     ``patience`` seconds; one outcome each, None for a movement not decided here.
@@ -636,7 +640,8 @@ async def charge_coalesced(
     caller gave up before the statement was sent (``given_up(i)``, asked
     once a connection is held) are left out, and None too. A statement
     refused as a whole leaves every movement to its caller alone: the item at
-    fault then fails on its own. Never raises (except
+    fault then fails on its own. ``found_locked`` is told the users left out
+    because their rows stayed locked. Never raises (except
     :class:`asyncio.CancelledError`).
     """
     ids = [new_id() for _ in movements]  # in arrival order: the chain's tie-breaker
@@ -689,6 +694,15 @@ async def charge_coalesced(
         )
         for index, decision in zip(sent, decided, strict=True):
             outcomes[index] = decision
+        if failure is None and statement is BATCH_SKIPPING and found_locked is not None:
+            answered = {row["seq"] for row in rows}  # an item's seq: its place among those sent
+            found_locked(
+                {
+                    movements[index].user_id
+                    for seq, index in enumerate(sent, start=1)
+                    if seq not in answered
+                }
+            )
         break
     return outcomes
 

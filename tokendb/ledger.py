@@ -27,6 +27,7 @@ is append-only (a trigger). :func:`audit_ledger` checks the books.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,10 +86,44 @@ holds the lane, and a batch waits for a locked row, before the others go on
 take longer, :data:`tokendb._group_commit.PATIENCE_FACTOR` times their usual time)."""
 
 
+LOCKED_ALONE = 5.0
+"""Seconds for which the charges of a user whose row a coalesced batch found locked
+(past the lane's patience) skip the lane and go alone, each its own statement with the
+normal ``lock_timeout``, unless one of them goes through sooner: later batches then do not
+wait for that row again (each such wait holds a whole batch up for the lane's patience)."""
+
+_locked_users: dict[UUID, float] = {}
+"""Users whose rows a batch found locked, and until when (``time.monotonic()``) their
+charges go alone; for every event loop of the process (a row lock is not one loop's)."""
+_LOCKED_USERS_KEPT = 1024
+"""Past this many entries, the expired ones are dropped when another is added."""
+
+
+def _found_locked(user_ids: set[UUID]) -> None:
+    now = time.monotonic()
+    if len(_locked_users) > _LOCKED_USERS_KEPT:
+        for user_id in [user for user, until in _locked_users.items() if until <= now]:
+            del _locked_users[user_id]
+    for user_id in user_ids:
+        _locked_users[user_id] = now + LOCKED_ALONE
+
+
+def _locked_lately(user_id: UUID) -> bool:
+    until = _locked_users.get(user_id)
+    if until is None:
+        return False
+    if until > time.monotonic():
+        return True
+    del _locked_users[user_id]
+    return False
+
+
 async def _coalesced_batch(
     movements: Sequence[Movement], given_up: Callable[[int], bool], patience: float
 ) -> list[Outcome | Alone]:
-    outcomes = await _ledger_sql.charge_coalesced(movements, given_up=given_up, patience=patience)
+    outcomes = await _ledger_sql.charge_coalesced(
+        movements, given_up=given_up, patience=patience, found_locked=_found_locked
+    )
     return [ALONE if outcome is None else outcome for outcome in outcomes]
 
 
@@ -167,6 +202,12 @@ async def charge(
     )
     if lane is None:
         return await _ledger_sql.move(movement, TransactionType.USAGE)
+    if _locked_users and _locked_lately(movement.user_id):
+        # A batch found this user's row locked lately: alone, it waits for the row
+        # without holding up a batch (and the lane) for the lane's patience again.
+        charged = await _ledger_sql.move(movement, TransactionType.USAGE)
+        _locked_users.pop(movement.user_id, None)  # its row was free again
+        return charged
     client, settings = lane
     return await _CHARGES.call(movement, lane=client, group=settings)
 
