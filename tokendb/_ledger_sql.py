@@ -114,7 +114,7 @@ from uuid import UUID
 import asyncpg
 
 from tokendb import _args, _db, _keyset, _limits_sql, _sql
-from tokendb._rows import to_model
+from tokendb._rows import hydrator, to_model
 from tokendb._translate import RETRYABLE, TIMED_OUT, translate
 from tokendb.errors import (
     InsufficientTokens,
@@ -741,6 +741,7 @@ def _outcomes(
     skipping locked rows, was locked) is ``unlocked``: :class:`NotFound`, or
     None (undecided: alone, too)."""
     by_seq = {row["seq"]: row for row in rows}
+    charged_row = hydrator(TokenTransaction, "row_")  # the batch's rows all hold its columns
     moved: dict[tuple[UUID, UUID], TokenTransaction] = {}
     outcomes: list[Outcome | None] = []
     for seq, (user_id, amount, _, reference, key_id, _) in enumerate(movements, start=1):
@@ -755,7 +756,7 @@ def _outcomes(
             _limits_sql.remember(key_id, limited=True)
             outcomes.append(None)  # alone, as if it had come alone
         elif row["outcome"] == "moved":
-            charged = to_model(TokenTransaction, row, "row_")
+            charged = charged_row(row)
             if reference is not None:
                 moved[user_id, reference] = charged
             outcomes.append(charged)
