@@ -714,6 +714,22 @@ async def test_attack_10_an_application_role_that_cannot_read_aerich_is_told_to_
 # --- around the triggers: what else the application role can send -------------------------------
 
 
+async def test_a_temp_type_named_record_does_not_change_the_books_refusal(
+    app: asyncpg.Connection,
+) -> None:
+    """The books trigger's own refusal, not a type error from a TEMP ``record``
+    (found by review: migration 14 declared ``bad record``)."""
+    user = await tokendb.create_user(email=email(), password="long enough", name="n")
+    with refused("users_balance_follows_ledger"):
+        async with app.transaction():
+            await app.execute("CREATE TYPE pg_temp.record AS (x int)")
+            await app.execute(  # a ledger row without its balance
+                "INSERT INTO token_transactions (user_id, amount, type, balance_after) "
+                "VALUES ($1, 5, 'topup', 105)",
+                user.id,
+            )
+
+
 async def test_temp_objects_do_not_stand_in_for_tokendbs_in_the_triggers(
     app: asyncpg.Connection, owner: asyncpg.Connection
 ) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tortoise.transactions import in_transaction
@@ -76,3 +79,79 @@ async def test_session_state_left_by_the_application_never_reaches_tokendb(
         # and tokendb's releases, skipping the reset, leave it so for the application
         _, found = await client.execute_query("SELECT current_setting('application_name') AS name")
         assert found[0]["name"] != "leaked"
+
+
+async def test_tokendb_inside_the_callers_transaction_leaves_it_the_full_reset(
+    tokendb_db: str, resets: list[str]
+) -> None:
+    """The caller's connection is the caller's: tokendb's statements in it never mark it."""
+    async with in_transaction() as client:
+        await _db.read("SELECT 1")
+        await _db.write("SELECT 1")
+        await tokendb.list_users(limit=1)
+        await _db.transaction(lambda conn: conn.fetch("SELECT 1"))
+        await client.execute_query("SELECT 1")
+    assert len(resets) == 1 and "RESET ALL" in resets[0], resets
+
+
+_SESSION_STATE = re.compile(
+    r"set_config\([^)]*,\s*false\)|(?:^|;)\s*SET\s+(?!LOCAL\b)"
+    r"|\bLISTEN\s+\w|pg_advisory_lock\(|pg_try_advisory_lock\(|\bDECLARE\s+\w+\s+CURSOR"
+    r"|\bCREATE\s+TEMP|\bPREPARE\s+TRANSACTION",
+    re.IGNORECASE,
+)
+"""SQL that leaves session state on a connection (what asyncpg's reset query clears)."""
+
+
+def _sql_texts(source: str) -> list[str]:
+    """The string constants of a module but its docstrings (f-strings' literal parts too)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+def test_no_statement_tokendb_sends_on_the_pool_leaves_session_state() -> None:
+    """The reset is skipped after tokendb's statements only because none leaves state:
+    no string in a module that sends statements through the pool holds such SQL (the
+    verify cache's LISTEN runs on its own connection, outside the pool)."""
+    package = Path(tokendb.__file__).parent
+    own_connection = {"_key_cache.py"}  # asyncpg.connect(): never a pooled connection
+    found = {
+        (path.name, match.group(0))
+        for path in sorted(package.glob("*.py"))
+        if path.name not in own_connection and "_db." in path.read_text()
+        for text in _sql_texts(path.read_text())
+        for match in _SESSION_STATE.finditer(text)
+    }
+    # migrate()'s lock: on a connection of its own Tortoise context, never through _db
+    # (that pool's connections get asyncpg's full reset).
+    assert found == {("connection.py", "pg_advisory_lock(")}
+    # The pattern does find what it is for.
+    for leaves_state in (
+        "SELECT set_config('jit', 'off', false)",
+        "SET statement_timeout = 0",
+        "SET SESSION lock_timeout TO 0",
+        "LISTEN tokendb",
+        "SELECT pg_advisory_lock(1)",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "CREATE TEMP TABLE t (x int)",
+        "SET ROLE app",
+        "SELECT 1; SET search_path = x",
+    ):
+        assert _SESSION_STATE.search(leaves_state), leaves_state
+    assert not _SESSION_STATE.search("SELECT set_config('lock_timeout', $8, true)")
+    assert not _SESSION_STATE.search("UPDATE users SET token_balance = token_balance + 1")
+    assert not _SESSION_STATE.search("SET LOCAL lock_timeout = '1s'")

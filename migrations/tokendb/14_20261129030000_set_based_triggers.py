@@ -32,7 +32,7 @@ SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 
 CREATE OR REPLACE FUNCTION "tokendb_ledger_books"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    bad record;
+    bad pg_catalog.record;  -- never a TEMP type of that name
 BEGIN
     -- "inserted" is the statement's new rows (a transition table: no TEMP
     -- table can stand in for it). Each touched user's balance is its newest
@@ -83,7 +83,7 @@ $$;
 CREATE OR REPLACE FUNCTION "tokendb_usage_rollup"() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
-    bad record;
+    bad pg_catalog.record;  -- never a TEMP type of that name
 BEGIN
     -- A usage row's key is its user's (token_transactions_api_key_owner).
     SELECT i."api_key_id" AS key_id, i."user_id" AS owner_id INTO bad
