@@ -15,7 +15,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 import tokendb
-from tests.helpers import db_settings, statements_sent, table_counts
+from tests.helpers import (
+    blocked_backends,
+    db_settings,
+    holding_row_lock,
+    statements_sent,
+    table_counts,
+)
 from tests.test_usage import shift_history
 from tokendb import _limits_sql
 from tokendb.http import status_code_for
@@ -441,3 +447,20 @@ async def test_a_message_through_a_limited_key_captures_only_a_hold_made_through
     assert message.tokens == 10
     with pytest.raises(tokendb.KeyLimitExceeded):
         await charge(key, 1)
+
+
+async def test_a_limited_charge_holding_its_key_lets_a_foreign_key_check_of_it_through(
+    tokendb_clean: str, make_api_key
+) -> None:
+    """A limited charge locks its key, then waits for its user's row; the transaction
+    holding that row (a chat message billed through the key, say) then writes a ledger
+    row naming the key, whose foreign key check locks the key FOR KEY SHARE. With the
+    key locked FOR UPDATE that was a deadlock (tests/test_stress.py, hot users)."""
+    key = await limited_key(make_api_key, 1_000)
+    async with holding_row_lock(tokendb_clean, key.user_id) as other:
+        charging = asyncio.ensure_future(charge(key, 5))
+        await blocked_backends(other, like="%FROM users WHERE id = $1 FOR UPDATE%")
+        # The lock a foreign key check of a ledger row naming the key takes: granted
+        # at once (NOWAIT: no waiting until deadlock detection picks a victim).
+        await other.execute("SELECT 1 FROM api_keys WHERE id = $1 FOR KEY SHARE NOWAIT", key.id)
+    assert (await charging).amount == -5
