@@ -880,3 +880,60 @@ async def test_a_user_found_locked_goes_alone_and_no_later_batch_waits_for_its_r
     assert sorted([(await call).balance_after for call in waiting]) == [97, 98, 99]
     assert ledger._locked_users == {}
     assert [await tokendb.get_balance(user=u) for u in (first, held, a, b)] == [97] * 4
+
+
+async def test_calls_queued_while_a_batch_waits_for_a_locked_row_do_not_wait_for_it_again(
+    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The locked user's next call, queued while the first batch waited for its row, is
+    left out of the next batch (sent alone) once that row is known to be locked
+    (found by review: that batch waited the lane's patience again)."""
+    skipping: list[int] = []
+    second_wave: list[asyncio.Task[Any]] = []
+    write_when_sent = _db.write_when_sent
+    first, held, a, b, c, d = [await funded_user(balance=100) for _ in range(6)]
+
+    def counted(sql: str, arguments: Any) -> Any:
+        if sql is _ledger_sql.BATCH_SKIPPING:
+            skipping.append(1)
+        if sql is _ledger_sql.BATCH_PATIENT and not second_wave:
+            # While the first batch waits for the row, the locked user's next call and
+            # two others queue: they form the next batch.
+            second_wave.extend(started(tokendb.charge(user=u, amount=1)) for u in (held, c, d))
+        return write_when_sent(sql, arguments)
+
+    monkeypatch.setattr(_db, "write_when_sent", counted)
+    monkeypatch.setattr(ledger, "_locked_users", {})
+    async with holding_row_lock(tokendb_clean, held.id):
+        lone = started(tokendb.charge(user=first, amount=1))
+        await asyncio.sleep(0)  # in flight: the next three form a batch
+        batch = [started(tokendb.charge(user=u, amount=1)) for u in (held, a, b)]
+        await asyncio.wait([lone, *batch[1:]], timeout=30)
+        assert len(second_wave) == 3  # queued while that batch waited
+        await asyncio.wait(second_wave[1:], timeout=30)
+        assert all(call.done() for call in (lone, *batch[1:], *second_wave[1:]))
+        assert not batch[0].done() and not second_wave[0].done()
+    await asyncio.gather(*batch, *second_wave)
+    assert len(skipping) == 1, f"{len(skipping)} batches waited for the locked row"
+    assert await tokendb.get_balance(user=held) == 98
+
+
+async def test_a_user_marked_locked_is_unmarked_by_its_next_decided_call(
+    tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SKIP LOCKED an unknown user's item has no row either, so it is marked like a
+    locked one; its next call, alone, is decided (NotFound) and ends the mark."""
+    monkeypatch.setattr(ledger, "_locked_users", {})
+    first, held, a = [await funded_user(balance=100) for _ in range(3)]
+    async with holding_row_lock(tokendb_clean, held.id):
+        lone = started(tokendb.charge(user=first, amount=1))
+        await asyncio.sleep(0)
+        batch = [started(tokendb.charge(user=u, amount=1)) for u in (held, UNKNOWN_USER, a)]
+        await asyncio.wait([lone, *batch[1:]], timeout=30)
+        assert set(ledger._locked_users) == {held.id, UNKNOWN_USER}
+        with pytest.raises(tokendb.NotFound):
+            await tokendb.charge(user=UNKNOWN_USER, amount=1)
+        assert set(ledger._locked_users) == {held.id}
+    await batch[0]  # sent alone by the batch's ALONE
+    await tokendb.charge(user=held, amount=1)  # alone too, and through: the mark ends
+    assert ledger._locked_users == {}

@@ -37,7 +37,7 @@ from tokendb import _args, _db, _keyset, _ledger_sql, _limits_sql, _settings
 from tokendb._group_commit import ALONE, Alone, GroupCommit
 from tokendb._ledger_sql import Movement, Outcome
 from tokendb._translate import translated
-from tokendb.errors import NotFound, TokenDBError, ValidationError
+from tokendb.errors import DatabaseTimeout, NotFound, TokenDBError, ValidationError
 from tokendb.ids import new_id
 from tokendb.models import ApiKey, TokenTransaction, TransactionType, User
 
@@ -107,8 +107,8 @@ _LOCKED_USERS_KEPT = 1024
 def _found_locked(user_ids: set[UUID]) -> None:
     now = time.monotonic()
     if len(_locked_users) > _LOCKED_USERS_KEPT:
-        for user_id in [user for user, until in _locked_users.items() if until <= now]:
-            del _locked_users[user_id]
+        for user_id in [user for user, until in list(_locked_users.items()) if until <= now]:
+            _locked_users.pop(user_id, None)
     for user_id in user_ids:
         _locked_users[user_id] = now + LOCKED_ALONE
 
@@ -119,15 +119,20 @@ def _locked_lately(user_id: UUID) -> bool:
         return False
     if until > time.monotonic():
         return True
-    del _locked_users[user_id]
+    _locked_users.pop(user_id, None)
     return False
 
 
 async def _coalesced_batch(
     movements: Sequence[Movement], given_up: Callable[[int], bool], patience: float
 ) -> list[Outcome | Alone]:
+    def left_out(index: int) -> bool:
+        # A caller who gave up, or a user found locked since this batch's calls queued:
+        # that caller sends its charge alone (ALONE), the batch does not wait for the row.
+        return given_up(index) or (bool(_locked_users) and _locked_lately(movements[index].user_id))
+
     outcomes = await _ledger_sql.charge_coalesced(
-        movements, given_up=given_up, patience=patience, found_locked=_found_locked
+        movements, given_up=left_out, patience=patience, found_locked=_found_locked
     )
     return [ALONE if outcome is None else outcome for outcome in outcomes]
 
@@ -210,7 +215,13 @@ async def charge(
     if _locked_users and _locked_lately(movement.user_id):
         # A batch found this user's row locked lately: alone, it waits for the row
         # without holding up a batch (and the lane) for the lane's patience again.
-        charged = await _ledger_sql.move(movement, TransactionType.USAGE)
+        try:
+            charged = await _ledger_sql.move(movement, TransactionType.USAGE)
+        except DatabaseTimeout:
+            raise  # the row may still be locked
+        except TokenDBError:
+            _locked_users.pop(movement.user_id, None)  # decided under the row: it was free
+            raise
         _locked_users.pop(movement.user_id, None)  # its row was free again
         return charged
     client, settings = lane
