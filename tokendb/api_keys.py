@@ -177,7 +177,11 @@ async def set_api_key_limit(
     refunds, read from the ledger's rollup: nothing is reset by a job), plus
     the key's active holds, plus the request would exceed it. The change
     applies to every movement that starts after it returns; usage already
-    booked stays, even past a lowered limit.
+    booked stays, even past a lowered limit. Movements through the key that
+    started before the change and are still in flight (waiting for their
+    user's row, say) commit under the old rule and are not counted by a
+    movement decided under the new limit before they commit: right after a
+    limit is set or lowered, the window may pass it by what was in flight.
 
     Raises:
         NotFound: unknown key.
