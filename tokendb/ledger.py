@@ -69,17 +69,12 @@ def _validated(
     api_key: Any = None,
     model: Any = None,
 ) -> Movement:
-    # The optional ones are mostly None: no call for them then (every charge passes here).
     return Movement(
         _args.ref_id(user, "user", User),
         _args.positive_amount(amount),
-        None
-        if description is None
-        else _args.text(
-            description, "description", max_length=MAX_DESCRIPTION_LENGTH, min_length=0
-        ),
-        None if reference_id is None else _args.uuid_value(reference_id, "reference_id"),
-        None if api_key is None else _args.ref_id(api_key, "api_key", ApiKey),
+        _args.optional_text(description, "description", max_length=MAX_DESCRIPTION_LENGTH),
+        _args.optional_uuid(reference_id, "reference_id"),
+        _args.optional_ref_id(api_key, "api_key", ApiKey),
         None if model is None else _args.text(model, "model", max_length=MAX_MODEL_LENGTH),
     )
 
