@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from tests.helpers import audit_books
-from tokendb import embedded
+from tokendb import embedded, ledger
 from tokendb.schema import AUDIT_TABLES, TABLES
 
 pytest_plugins = ["pytester"]  # tests/test_testing.py runs downstream suites
@@ -39,6 +39,15 @@ def embedded_data_dir() -> Iterator[Path]:
         if embedded.is_available():
             embedded.stop_server(path / "data")
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_user_marked_locked() -> Iterator[None]:
+    """Each test starts with no user marked locked by an earlier test's batch (the mark
+    is process-wide and lasts seconds: it would change which path a call takes)."""
+    ledger._locked_users.clear()
+    yield
+    ledger._locked_users.clear()
 
 
 @pytest_asyncio.fixture(autouse=True, loop_scope="session")

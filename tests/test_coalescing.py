@@ -922,7 +922,8 @@ async def test_a_user_marked_locked_is_unmarked_by_its_next_decided_call(
     tokendb_clean: str, funded_user, coalescing_on, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under SKIP LOCKED an unknown user's item has no row either, so it is marked like a
-    locked one; its next call, alone, is decided (NotFound) and ends the mark."""
+    locked one; its call, sent alone, is decided (NotFound) and ends the mark, as any
+    decided call of a marked user does; the locked user's stays until its call goes through."""
     monkeypatch.setattr(ledger, "_locked_users", {})
     first, held, a = [await funded_user(balance=100) for _ in range(3)]
     async with holding_row_lock(tokendb_clean, held.id):
@@ -930,10 +931,14 @@ async def test_a_user_marked_locked_is_unmarked_by_its_next_decided_call(
         await asyncio.sleep(0)
         batch = [started(tokendb.charge(user=u, amount=1)) for u in (held, UNKNOWN_USER, a)]
         await asyncio.wait([lone, *batch[1:]], timeout=30)
-        assert set(ledger._locked_users) == {held.id, UNKNOWN_USER}
+        # Its item, left undecided, went alone at once (ALONE): NotFound ended the mark.
+        with pytest.raises(tokendb.NotFound):
+            await batch[1]
+        assert set(ledger._locked_users) == {held.id}
         with pytest.raises(tokendb.NotFound):
             await tokendb.charge(user=UNKNOWN_USER, amount=1)
         assert set(ledger._locked_users) == {held.id}
-    await batch[0]  # sent alone by the batch's ALONE
-    await tokendb.charge(user=held, amount=1)  # alone too, and through: the mark ends
+    await batch[0]  # sent alone by the batch's ALONE, and through: the mark ends
+    assert ledger._locked_users == {}
+    await tokendb.charge(user=held, amount=1)
     assert ledger._locked_users == {}

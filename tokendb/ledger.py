@@ -26,9 +26,8 @@ is append-only (a trigger). :func:`audit_ledger` checks the books.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -118,6 +117,32 @@ def _locked_lately(user_id: UUID) -> bool:
     return False
 
 
+def _charge_alone(movement: Movement) -> Coroutine[Any, Any, TokenTransaction]:
+    """One charge as its own statement: the lane's ``run_one``, and a marked user's call.
+
+    While users are marked (rarely), a decided outcome ends its user's mark; otherwise
+    it is :func:`tokendb._ledger_sql.move` itself, without a coroutine around it (every
+    lone charge comes here).
+    """
+    if _locked_users:
+        return _charge_alone_unmarking(movement)
+    return _ledger_sql.move(movement, TransactionType.USAGE)
+
+
+async def _charge_alone_unmarking(movement: Movement) -> TokenTransaction:
+    try:
+        charged = await _ledger_sql.move(movement, TransactionType.USAGE)
+    except DatabaseTimeout:
+        raise  # not decided: the row may still be locked
+    except TokenDBError:
+        if _locked_users:
+            _locked_users.pop(movement.user_id, None)
+        raise
+    if _locked_users:
+        _locked_users.pop(movement.user_id, None)
+    return charged
+
+
 async def _coalesced_batch(
     movements: Sequence[Movement], given_up: Callable[[int], bool], patience: float
 ) -> list[Outcome | Alone]:
@@ -133,7 +158,7 @@ async def _coalesced_batch(
 
 
 _CHARGES: GroupCommit[Movement, TokenTransaction] = GroupCommit(
-    run_one=functools.partial(_ledger_sql.move, kind=TransactionType.USAGE),
+    run_one=_charge_alone,
     run_batch=_coalesced_batch,
     max_batch=MAX_BATCH,
     patience=PATIENCE,
@@ -210,15 +235,7 @@ async def charge(
     if _locked_users and _locked_lately(movement.user_id):
         # A batch found this user's row locked lately: alone, it waits for the row
         # without holding up a batch (and the lane) for the lane's patience again.
-        try:
-            charged = await _ledger_sql.move(movement, TransactionType.USAGE)
-        except DatabaseTimeout:
-            raise  # the row may still be locked
-        except TokenDBError:
-            _locked_users.pop(movement.user_id, None)  # decided under the row: it was free
-            raise
-        _locked_users.pop(movement.user_id, None)  # its row was free again
-        return charged
+        return await _charge_alone(movement)
     client, settings = lane
     return await _CHARGES.call(movement, lane=client, group=settings)
 
