@@ -942,3 +942,17 @@ async def test_a_user_marked_locked_is_unmarked_by_its_next_decided_call(
     assert ledger._locked_users == {}
     await tokendb.charge(user=held, amount=1)
     assert ledger._locked_users == {}
+
+
+def test_the_marks_of_locked_users_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past _LOCKED_USERS_KEPT entries, marking drops the expired ones."""
+    monkeypatch.setattr(ledger, "_locked_users", {})
+    expired = [uuid.uuid4() for _ in range(ledger._LOCKED_USERS_KEPT + 1)]
+    ledger._found_locked(set(expired))
+    for user_id in expired:
+        ledger._locked_users[user_id] = 0.0  # long past
+    fresh = uuid.uuid4()
+    ledger._found_locked({fresh})
+    assert list(ledger._locked_users) == [fresh]
+    assert ledger._locked_lately(fresh)
+    assert not ledger._locked_lately(uuid.uuid4())

@@ -155,3 +155,16 @@ def test_no_statement_tokendb_sends_on_the_pool_leaves_session_state() -> None:
     assert not _SESSION_STATE.search("SELECT set_config('lock_timeout', $8, true)")
     assert not _SESSION_STATE.search("UPDATE users SET token_balance = token_balance + 1")
     assert not _SESSION_STATE.search("SET LOCAL lock_timeout = '1s'")
+
+
+def test_marking_another_kind_of_connection_is_a_no_op() -> None:
+    """A connection of a pool tokendb did not configure (or a proxy already released,
+    whose attributes are gone) has no skip_next_reset: marking it never raises, and
+    asyncpg's full reset stays."""
+
+    class Detached:
+        def __getattr__(self, name: str) -> object:
+            raise AttributeError(name)  # as asyncpg's proxy once released
+
+    _pool.release_unchanged(object())
+    _pool.release_unchanged(Detached())

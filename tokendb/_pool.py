@@ -52,7 +52,7 @@ class Connection(asyncpg.Connection):
         return query
 
 
-def release_unchanged(conn: asyncpg.Connection) -> None:
+def release_unchanged(conn: object) -> None:
     """Declare that ``conn`` (a pool's proxy, about to be released) ran only tokendb's
     statements, which leave no session state. Never raises: a connection of another
     class, or one the pool already took back, keeps asyncpg's full reset."""
